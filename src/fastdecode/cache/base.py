@@ -1,0 +1,181 @@
+"""The one storage mechanism behind every cache policy, and the interface the model sees.
+
+Storage is static: per layer, ``sink`` slots followed by a ring of ``ring`` slots, written
+by index. A policy is three numbers (sinks S, window W, compress_every R) and a position
+mode; what is held after any number of tokens follows from those alone, so a step needs no
+host-side bookkeeping and no Python-side growth.
+
+Positions (see DESIGN.md). Every key is rotated once, when it is written, at its position
+in the text. Window keys are contiguous in the text, so the query-to-window distance is the
+same in text and in cache positions: queries score the window rotated at their own text
+position. Only sinks differ: in ``cache`` mode a query scores the sinks rotated at its own
+*cache* slot (``min(t, S) + window tokens held``), which is exactly the paper's
+re-rotated cache at O(1) cost per token; in ``absolute`` mode at its text position.
+
+The model talks to a cache through three calls::
+
+    plan = cache.plan_prefill(t0, T)      # or cache.plan_decode(t) with t on the device
+    keys, values = cache.update(layer, k, v, plan)   # write new k/v, get what to attend
+    attention.attend(q, q_sink, keys, values, plan)
+
+Lazy eviction (R > 1): once S + W + R tokens would be held, the window is cut back to W
+in one go, so at most S + W + R - 1 are held between steps; R = 1 is strict eviction.
+The ring holds W + R slots: room for the largest window a query can see, itself included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import CacheConfig
+from ..errors import InputError
+
+
+@dataclass
+class Plan:
+    """Everything one forward pass needs to know about positions and visibility."""
+
+    q_pos: torch.Tensor  # int64 [T]: text positions of the new tokens (queries and new keys)
+    q_pos_sink: torch.Tensor | None  # int64 [T]: where queries score sink keys; None if S=0
+    mask: torch.Tensor  # bool [T, Nk]: key visible to query
+    key_is_sink: torch.Tensor | None  # bool [Nk] (prefill); None in decode (first S columns)
+    write_src: torch.Tensor | None = None  # prefill: which new tokens are stored...
+    write_dst: torch.Tensor | None = None  # ...and in which slots
+    decode_slot: torch.Tensor | None = None  # decode: the slot of the new token, int64 [1]
+
+
+class KVCache:
+    """Sinks + ring storage for all layers. Subclasses only set S, W, R and the mode."""
+
+    name = "base"
+
+    def __init__(self, cfg: CacheConfig, *, sink: int, window: int, compress_every: int,
+                 num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device="cpu", position_offset: int = 0):
+        self.cfg = cfg
+        # Added to every rotary position: a stream whose first token sits at this absolute
+        # position (tests use ~10^7 to check that angles lose no accuracy).
+        self.position_offset = position_offset
+        self.sink, self.window, self.compress_every = sink, window, compress_every
+        self.position_mode = cfg.position_mode
+        self.ring = window + compress_every
+        self.slots = self.sink + self.ring
+        shape = (num_layers, num_kv_heads, self.slots, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._sink_ar = torch.arange(self.sink, device=device)
+        self._ring_ar = torch.arange(self.ring, device=device)
+
+    # ----- policy arithmetic (works on host ints and device tensors alike) -------------
+    def window_held(self, m):
+        """Window (non-sink) tokens held after ``m`` non-sink tokens have been added."""
+        W, R = self.window, self.compress_every
+        if isinstance(m, torch.Tensor):
+            return torch.where(m <= W, m, W + torch.remainder(m - W, R))
+        return m if m <= W else W + (m - W) % R
+
+    def _query_bounds(self, ti: torch.Tensor):
+        """For queries at text positions ``ti``: lowest visible window position, and the
+        position at which they score the sinks."""
+        held_before = self.window_held((ti - self.sink).clamp_min(0))
+        lo = ti - held_before
+        if self.position_mode == "cache":
+            pos_sink = torch.clamp(ti, max=self.sink) + held_before
+        else:
+            pos_sink = ti
+        return lo, pos_sink + self.position_offset
+
+    def _slot_tokens(self, t_last: torch.Tensor | int) -> torch.Tensor:
+        """Text position held by every slot once tokens ``0..t_last`` are written; -1 if empty."""
+        S, C = self.sink, self.ring
+        sink_j = torch.where(self._sink_ar <= t_last, self._sink_ar, -1)
+        j = t_last - torch.remainder(t_last - S - self._ring_ar, C)
+        ring_j = torch.where(j >= S, j, -1)
+        return torch.cat((sink_j, ring_j))
+
+    def _mask(self, keys_j: torch.Tensor, ti: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        kj = keys_j[None, :]
+        visible_window = (kj >= self.sink) & (kj >= lo[:, None])
+        return (kj >= 0) & (kj <= ti[:, None]) & ((kj < self.sink) | visible_window)
+
+    def slot_of(self, t):
+        S = self.sink
+        if isinstance(t, torch.Tensor):
+            return torch.where(t < S, t, S + torch.remainder(t - S, self.ring))
+        return t if t < S else S + (t - S) % self.ring
+
+    # ----- the interface the model uses ------------------------------------------------
+    def check_room(self, t_end: int) -> None:
+        """Raise if feeding tokens up to position ``t_end`` (exclusive) cannot be held."""
+
+    def plan_prefill(self, t0: int, T: int) -> Plan:
+        """Plan for feeding tokens ``t0 .. t0+T-1`` after ``t0`` tokens are in the cache."""
+        if T < 1:
+            raise InputError("cannot prefill an empty chunk")
+        self.check_room(t0 + T)
+        dev = self.k.device
+        ti = torch.arange(t0, t0 + T, device=dev)
+        lo, pos_sink = self._query_bounds(ti)
+        keys_j = torch.cat((self._slot_tokens(t0 - 1), ti))
+        # Store the chunk's sinks, and of its window tokens only the last `ring` (older
+        # ones would be overwritten in the same scatter).
+        keep = (ti < self.sink) | (ti >= t0 + T - self.ring)
+        src = torch.nonzero(keep).flatten()
+        return Plan(
+            q_pos=ti + self.position_offset,
+            q_pos_sink=pos_sink if self.sink else None,
+            mask=self._mask(keys_j, ti, lo),
+            key_is_sink=(keys_j >= 0) & (keys_j < self.sink) if self.sink else None,
+            write_src=src,
+            write_dst=self.slot_of(ti[src]),
+        )
+
+    def plan_decode(self, t: torch.Tensor) -> Plan:
+        """Plan for one token at position ``t`` (int64 tensor [1], on the cache's device).
+
+        Pure tensor arithmetic: no host sync, same shapes every step (CUDA-graph safe).
+        """
+        lo, pos_sink = self._query_bounds(t)
+        return Plan(
+            q_pos=t + self.position_offset,
+            q_pos_sink=pos_sink if self.sink else None,
+            mask=self._mask(self._slot_tokens(t[0]), t, lo),
+            key_is_sink=None,
+            decode_slot=self.slot_of(t),
+        )
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: Plan):
+        """Store new keys/values ``[Hkv, T, D]`` and return the keys/values to attend over."""
+        kc, vc = self.k[layer], self.v[layer]
+        if plan.decode_slot is not None:
+            kc.index_copy_(1, plan.decode_slot, k)
+            vc.index_copy_(1, plan.decode_slot, v)
+            return kc, vc
+        keys = torch.cat((kc, k), dim=1)
+        values = torch.cat((vc, v), dim=1)
+        kc.index_copy_(1, plan.write_dst, k.index_select(1, plan.write_src))
+        vc.index_copy_(1, plan.write_dst, v.index_select(1, plan.write_src))
+        return keys, values
+
+    def reset(self) -> None:
+        """Forget everything (the buffers are reused; stale slots are never visible)."""
+
+    # ----- introspection (host side; for tests, diagnostics and reports) ----------------
+    def held_positions(self, t: int) -> list[int]:
+        """Text positions held, in cache order, after ``t`` tokens have been fed."""
+        if t <= 0:
+            return []
+        sinks = list(range(min(t, self.sink)))
+        held = self.window_held(max(t - self.sink, 0))
+        return sinks + list(range(t - held, t))
+
+    def max_held(self) -> int:
+        """Most tokens ever held between steps."""
+        return self.sink + self.window + self.compress_every - 1
+
+    def bytes_per_token_read(self, elem_size: int | None = None) -> int:
+        """KV bytes a decode step reads at steady state (every slot of every layer)."""
+        size = elem_size or self.k.element_size()
+        return 2 * self.k.numel() * size

@@ -1,0 +1,20 @@
+"""Dense cache: every token, preallocated to ``max_len``; feeding past it is an error."""
+
+from ..errors import InputError
+from .base import KVCache
+
+
+class DenseCache(KVCache):
+    name = "dense"
+
+    def __init__(self, cfg, **shape):
+        # A window one short of max_len plus one ring slot of room: max_len slots in all.
+        super().__init__(cfg, sink=0, window=cfg.max_len - 1, compress_every=1, **shape)
+
+    def check_room(self, t_end: int) -> None:
+        if t_end > self.cfg.max_len:
+            raise InputError(f"the dense cache holds {self.cfg.max_len} tokens; feeding "
+                             f"{t_end} needs a larger max_len or a bounded policy")
+
+    def max_held(self) -> int:
+        return self.cfg.max_len

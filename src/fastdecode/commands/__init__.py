@@ -1,0 +1,1 @@
+"""CLI commands and the argument groups they share."""

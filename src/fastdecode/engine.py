@@ -1,0 +1,123 @@
+"""Prefill, decode step and generation over a model and its cache.
+
+The decoder keeps the position ``t`` (tokens fed so far) on the host, where it is known
+without a sync, and mirrors it into a device scalar for the decode step, so the step itself
+is pure device work on static buffers: it can be compiled and captured as a CUDA graph
+(:mod:`fastdecode.compile`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .cache import KVCache, make_cache
+from .config import CacheConfig
+from .errors import ConfigError, InputError
+from .models.transformer import Transformer
+
+
+class Decoder:
+    def __init__(self, model: Transformer, cache: KVCache, chunk_size: int = 512):
+        if chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model, self.cache, self.chunk_size = model, cache, chunk_size
+        dev = model.device
+        self.t = 0
+        self.tok_buf = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos_buf = torch.zeros(1, dtype=torch.long, device=dev)
+        self.step_fn = self.eager_step  # replaced by fastdecode.compile for compiled modes
+
+    @classmethod
+    def build(cls, model: Transformer, cache_cfg: CacheConfig, **kw) -> "Decoder":
+        return cls(model, make_cache(cache_cfg, model.spec, model.dtype, model.device), **kw)
+
+    def reset(self) -> None:
+        self.t = 0
+
+    def _as_ids(self, tokens) -> torch.Tensor:
+        ids = torch.as_tensor(tokens, dtype=torch.long).flatten().to(self.model.device)
+        if ids.numel() == 0:
+            raise InputError("empty prompt: give at least one token")
+        return ids
+
+    @torch.no_grad()
+    def prefill(self, tokens: Sequence[int] | torch.Tensor, all_logits: bool = False):
+        """Feed ``tokens`` in chunks. Returns the last token's logits [V], or all [T, V].
+
+        Chunks leave the cache exactly as feeding the tokens one by one would.
+        """
+        ids = self._as_ids(tokens)
+        self.cache.check_room(self.t + ids.numel())
+        outs = []
+        for start in range(0, ids.numel(), self.chunk_size):
+            chunk = ids[start:start + self.chunk_size]
+            plan = self.cache.plan_prefill(self.t, chunk.numel())
+            logits = self.model(chunk, self.cache, plan)
+            self.t += chunk.numel()
+            outs.append(logits if all_logits else logits[-1:])
+        return torch.cat(outs) if all_logits else outs[-1][0]
+
+    def eager_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step on device buffers (the function compile/graphs wrap)."""
+        plan = self.cache.plan_decode(pos)
+        return self.model(tok, self.cache, plan)[0]
+
+    @torch.no_grad()
+    def step(self, token) -> torch.Tensor:
+        """Feed one token (int or device tensor [1]); returns its logits [V].
+
+        The result stays valid after later steps (compiled paths copy it out)."""
+        self.cache.check_room(self.t + 1)
+        if isinstance(token, torch.Tensor):
+            self.tok_buf.copy_(token.reshape(1))
+        else:
+            self.tok_buf.fill_(int(token))
+        self.pos_buf.fill_(self.t)
+        logits = self.step_fn(self.tok_buf, self.pos_buf)
+        self.t += 1
+        return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token (int64 tensor [1], on the logits' device): greedy when temperature == 0."""
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    scores = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
+        kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cum = torch.softmax(sorted_scores, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_scores, -1) > top_p  # keep the first over top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, -1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def generate(decoder: Decoder, prompt: Sequence[int], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, eos_token_id: int | None = None) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` generated token ids (stops after ``eos_token_id``)."""
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=decoder.model.device).manual_seed(seed)
+    logits = decoder.prefill(prompt)
+    for i in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, gen)
+        tok = int(nxt)
+        yield tok
+        if tok == eos_token_id or i == max_new_tokens - 1:
+            return
+        logits = decoder.step(nxt)

@@ -1,0 +1,25 @@
+"""Errors that fastdecode raises for bad input.
+
+Every error a user can cause derives from :class:`FastdecodeError`; the CLI prints its
+message (one line, naming the problem) and exits with status 2 instead of a traceback.
+"""
+
+
+class FastdecodeError(Exception):
+    """Base class for errors caused by bad input or a bad environment."""
+
+
+class ConfigError(FastdecodeError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class ModelLoadError(FastdecodeError):
+    """A model name is unknown, or its files are missing or malformed."""
+
+
+class InputError(FastdecodeError, ValueError):
+    """A prompt, token sequence or data source cannot be used."""
+
+
+class DeviceError(FastdecodeError):
+    """The requested device or dtype cannot run here."""

@@ -1,0 +1,87 @@
+"""Model loading: a name (real model or shape preset) or a local directory -> LoadedModel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DeviceError, ModelLoadError
+from . import presets, weights
+from .spec import ModelSpec
+from .tokenizer import Tokenizer
+from .transformer import Transformer
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Transformer
+    tokenizer: Tokenizer | None
+    source: str  # what was loaded: a name, a path, or "random:<preset>"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"device {device!r} is not a valid torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} was asked for, but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device type {dev.type!r} is not supported (cpu, cuda)")
+    return dev
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Raise DeviceError if ``device`` cannot run ``dtype`` (tries a tiny matmul)."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"{torch.cuda.get_device_name(device)} does not support bfloat16; "
+                          "use float16 or float32")
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        torch.nn.functional.layer_norm(a @ a, (4,))
+    except RuntimeError as e:
+        raise DeviceError(f"dtype {dtype} cannot run on {device}: {e}") from None
+
+
+def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | None = "cpu",
+               random_weights: bool = False, seed: int = 0) -> LoadedModel:
+    """Load ``name``: a shape preset (random weights), ``smollm2-135m``, a GGUF file, or a
+    local Hugging Face directory. ``random_weights`` keeps the shapes and randomises values."""
+    dev = resolve_device(device)
+    check_dtype(dtype, dev)
+    tok = None
+    if name in presets.SHAPE_PRESETS:
+        spec = presets.SHAPE_PRESETS[name]()
+        random_weights = True
+        if spec.family == "gpt_neox" and spec.vocab_size >= 50277:
+            tok = Tokenizer.from_file(presets.NEOX_TOKENIZER, spec.eos_token_id, spec.bos_token_id)
+        state = None
+    elif name == "smollm2-135m":
+        spec, state, tok = weights.load_gguf(weights.smollm2_gguf_path())
+    elif Path(name).suffix == ".gguf":
+        spec, state, tok = weights.load_gguf(name)
+    elif Path(name).is_dir():
+        spec, state, tok = weights.load_hf_dir(name)
+    elif Path(name).exists():
+        raise ModelLoadError(f"{name} is neither a model directory nor a .gguf file")
+    else:
+        raise ModelLoadError(f"unknown model {name!r}: not a local path, and not one of "
+                             f"{', '.join(presets.ALL_NAMES)}")
+    if random_weights:
+        state = weights.random_state(spec, seed=seed, dtype=dtype, device=dev)
+    with torch.device("meta"):
+        model = Transformer(spec)
+    model = model.to_empty(device=dev).to(dtype)
+    model.load_canonical(state)
+    model.eval().requires_grad_(False)
+    source = f"random:{name}" if random_weights else name
+    return LoadedModel(spec, model, tok, source)
+
+
+__all__ = ["LoadedModel", "ModelSpec", "Transformer", "Tokenizer", "load_model",
+           "resolve_device", "check_dtype"]

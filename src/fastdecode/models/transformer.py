@@ -1,0 +1,163 @@
+"""One lean decoder for both families, batch 1.
+
+GPT-NeoX/Pythia: LayerNorm, parallel residual (x + attn(ln1 x) + mlp(ln2 x)), partial
+rotary, GELU MLP, biases, untied head. Llama: RMSNorm, sequential residual, SwiGLU,
+grouped-query attention, usually tied embeddings.
+
+Parameter names are the canonical checkpoint names used by the loaders and quantizers:
+``embed.weight``, ``layers.{i}.norm1/norm2``, ``layers.{i}.attn.qkv`` (rows: q heads, k
+heads, v heads), ``layers.{i}.attn.out``, ``layers.{i}.mlp.up`` (Llama: gate rows then up
+rows), ``layers.{i}.mlp.down``, ``norm``, ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import rope
+from ..attention import attend
+from ..cache.base import KVCache, Plan
+from .spec import ModelSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(spec: ModelSpec) -> nn.Module:
+    if spec.family == "gpt_neox":
+        return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
+    return RMSNorm(spec.hidden_size, spec.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        D = spec.head_dim
+        self.qkv = nn.Linear(spec.hidden_size, (spec.num_heads + 2 * spec.num_kv_heads) * D,
+                             bias=spec.has_bias)
+        self.out = nn.Linear(spec.num_heads * D, spec.hidden_size, bias=spec.has_bias)
+
+    def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink):
+        s = self.spec
+        T, D = x.shape[0], s.head_dim
+        qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D).transpose(0, 1)
+        q, k, v = qkv.split((s.num_heads, s.num_kv_heads, s.num_kv_heads), dim=0)
+        q_win = rope.apply(q, *rot)
+        q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
+        keys, values = cache.update(layer, rope.apply(k, *rot), v.contiguous(), plan)
+        o = attend(q_win, q_sink, keys, values, plan, cache.sink)
+        return self.out(o.transpose(0, 1).reshape(T, s.num_heads * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gated = spec.family == "llama"
+        width = spec.intermediate_size * (2 if self.gated else 1)
+        self.up = nn.Linear(spec.hidden_size, width, bias=spec.has_bias)
+        self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.has_bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, index: int):
+        super().__init__()
+        self.index = index
+        self.parallel = spec.parallel_residual
+        self.norm1 = make_norm(spec)
+        self.norm2 = make_norm(spec)
+        self.attn = Attention(spec)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cache, plan, rot, rot_sink):
+        a = self.attn(self.norm1(x), self.index, cache, plan, rot, rot_sink)
+        if self.parallel:
+            return x + a + self.mlp(self.norm2(x))
+        x = x + a
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
+        self.norm = make_norm(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("freqs", rope.inv_freq(spec.rotary_dim, spec.rope_theta),
+                             persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) would cast the float64 rotary frequencies too; rebuild them instead.
+        super()._apply(fn, recurse)
+        if self.spec.tie_embeddings:  # to_empty()/to() may untie; tie again
+            self.lm_head.weight = self.embed.weight
+        self.freqs = rope.inv_freq(self.spec.rotary_dim, self.spec.rope_theta,
+                                   device=self.embed.weight.device)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, plan: Plan) -> torch.Tensor:
+        """Logits [T, vocab] for ``tokens`` [T] at the positions ``plan`` gives."""
+        x = self.embed(tokens)
+        rot = rope.cos_sin(plan.q_pos, self.freqs, x.dtype)
+        rot_sink = (rope.cos_sin(plan.q_pos_sink, self.freqs, x.dtype)
+                    if plan.q_pos_sink is not None else None)
+        for layer in self.layers:
+            x = layer(x, cache, plan, rot, rot_sink)
+        return self.lm_head(self.norm(x))
+
+    def load_canonical(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load canonical tensors (see module doc); casts to this model's dtype."""
+        from ..errors import ModelLoadError
+
+        state = dict(state)
+        if self.spec.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        own = self.state_dict()
+        if self.spec.tie_embeddings:
+            own.pop("lm_head.weight", None)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise ModelLoadError(f"checkpoint does not match the model: missing {missing[:5]}"
+                                 f"{'...' if len(missing) > 5 else ''}, unexpected "
+                                 f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, tensor in state.items():
+            if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+                raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(own[name].shape)}")
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in state:
+                    p.copy_(state[name].to(p.dtype))

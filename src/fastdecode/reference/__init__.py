@@ -1,0 +1,1 @@
+"""Slow, obviously-correct implementations used only as test oracles."""
