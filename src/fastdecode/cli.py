@@ -9,7 +9,7 @@ import sys
 
 from .errors import FastdecodeError
 
-COMMANDS = ("generate",)
+COMMANDS = ("generate", "quantize",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ class LoadedModel:
     model: Transformer
     tokenizer: Tokenizer | None
     source: str  # what was loaded: a name, a path, or "random:<preset>"
+    quant: object | None = None  # the QuantConfig applied, if any
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -63,6 +64,8 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
         state = None
     elif name == "smollm2-135m":
         spec, state, tok = weights.load_gguf(weights.smollm2_gguf_path())
+    elif Path(name).is_dir() and _is_quantized(name):
+        return _load_quantized(name, dtype, dev)
     elif Path(name).suffix == ".gguf":
         spec, state, tok = weights.load_gguf(name)
     elif Path(name).is_dir():
@@ -81,6 +84,24 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
     model.eval().requires_grad_(False)
     source = f"random:{name}" if random_weights else name
     return LoadedModel(spec, model, tok, source)
+
+
+def _is_quantized(path) -> bool:
+    from ..quant.checkpoint import is_quantized_dir
+
+    return is_quantized_dir(path)
+
+
+def _load_quantized(path: str, dtype: torch.dtype, dev: torch.device) -> LoadedModel:
+    from ..quant.checkpoint import load_quantized_into, read_quantized
+
+    spec, cfg, state, tok_file = read_quantized(path)
+    with torch.device("meta"):
+        model = Transformer(spec)
+    model = load_quantized_into(model, cfg, state, dtype, dev)
+    model.eval().requires_grad_(False)
+    tok = Tokenizer.from_file(tok_file, spec.eos_token_id, spec.bos_token_id) if tok_file else None
+    return LoadedModel(spec, model, tok, path, quant=cfg)
 
 
 __all__ = ["LoadedModel", "ModelSpec", "Transformer", "Tokenizer", "load_model",

@@ -1,0 +1,31 @@
+"""`fastdecode quantize`: write a weight-only quantized checkpoint any command can load."""
+
+from __future__ import annotations
+
+from .common import add_model_args, load
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model's linears and save the checkpoint")
+    add_model_args(p)
+    p.add_argument("--recipe", required=True,
+                   help="int8 | int8-mlp | int4-mlp-g128 | int4-g64 | int4-attn-g128 | ... "
+                        "(append +head to quantize the output head too)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..quant import QuantConfig, quantize_model
+    from ..quant.checkpoint import save_quantized
+
+    cfg = QuantConfig.parse(args.recipe)  # validate before the (slow) load
+    lm = load(args)
+    if lm.quant is not None:
+        from ..errors import InputError
+
+        raise InputError(f"{args.model} is already quantized ({lm.quant.name})")
+    names = quantize_model(lm.model, cfg)
+    out = save_quantized(lm, cfg, args.out)
+    print(f"quantized {len(names)} linears with {cfg.name}; wrote {out}")
+    return 0

@@ -1,0 +1,86 @@
+"""Weight-only quantization: recipes (config) -> apply (pure function) -> storage modules.
+
+A recipe names the format and which linears it touches, e.g. ``int8``, ``int8-mlp``,
+``int4-mlp-g128``, ``int4-g64``, ``int4-attn-g128``, ``int8-mlp_up``. The output head and the
+embeddings stay in the model dtype unless the recipe ends in ``+head``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from ..errors import ConfigError
+from .int4 import GROUP_SIZES, Int4Linear
+from .int8 import Int8Linear
+
+# Filters: which canonical linear names a recipe touches (lm_head only with +head).
+FILTERS = {
+    "all": re.compile(r"layers\.\d+\.(attn\.(qkv|out)|mlp\.(up|down))$"),
+    "mlp": re.compile(r"layers\.\d+\.mlp\.(up|down)$"),
+    "mlp_up": re.compile(r"layers\.\d+\.mlp\.up$"),
+    "attn": re.compile(r"layers\.\d+\.attn\.(qkv|out)$"),
+}
+KINDS = {"int8": Int8Linear, "int4": Int4Linear}
+_RECIPE = re.compile(r"^(int8|int4)(?:-(all|mlp|mlp_up|attn))?(?:-g(\d+))?(\+head)?$")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    kind: str  # int8 | int4
+    filter: str = "all"
+    group_size: int = 128  # int4 only
+    head: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"quantization kind {self.kind!r} is not one of {tuple(KINDS)}")
+        if self.filter not in FILTERS:
+            raise ConfigError(f"filter {self.filter!r} is not one of {tuple(FILTERS)}")
+        if self.kind == "int4" and self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"int4 group size {self.group_size} is not one of {GROUP_SIZES}")
+
+    @classmethod
+    def parse(cls, recipe: str) -> "QuantConfig":
+        m = _RECIPE.match(recipe.strip())
+        if not m:
+            raise ConfigError(f"unknown quantization recipe {recipe!r}; expected e.g. int8, "
+                              "int8-mlp, int4-mlp-g128, int4-g64+head (filters: "
+                              f"{', '.join(FILTERS)}; int4 groups: {GROUP_SIZES})")
+        kind, filt, group, head = m.groups()
+        if kind == "int8" and group:
+            raise ConfigError(f"recipe {recipe!r}: int8 is per-channel and takes no group size")
+        return cls(kind, filt or "all", int(group) if group else 128, bool(head))
+
+    @property
+    def name(self) -> str:
+        g = f"-g{self.group_size}" if self.kind == "int4" else ""
+        return f"{self.kind}-{self.filter}{g}{'+head' if self.head else ''}"
+
+    def matches(self, module_name: str) -> bool:
+        if module_name == "lm_head":
+            return self.head
+        return bool(FILTERS[self.filter].search(module_name))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """Replace matching nn.Linear modules in place; returns the names replaced."""
+    cls = KINDS[cfg.kind]
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and cfg.matches(name)]
+    if cfg.head and getattr(model.spec, "tie_embeddings", False):
+        raise ConfigError("+head with tied embeddings would quantize the embeddings too; "
+                          "not supported")
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls.from_linear(lin, group_size=cfg.group_size))
+    return [n for n, _ in targets]
+
+
+__all__ = ["QuantConfig", "quantize_model", "Int8Linear", "Int4Linear", "FILTERS"]
