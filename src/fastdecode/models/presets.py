@@ -17,7 +17,7 @@ def _pythia_2_8b() -> ModelSpec:
 
 def _tiny(family: str, **over) -> ModelSpec:
     base = dict(family=family, vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
-                num_kv_heads=4, intermediate_size=64, rotary_dim=8 if family == "gpt_neox" else 8,
+                num_kv_heads=4, intermediate_size=64, rotary_dim=8,
                 rope_theta=10000.0, norm_eps=1e-5, max_position=2048,
                 tie_embeddings=family == "llama")
     if family == "llama":
@@ -36,6 +36,11 @@ SHAPE_PRESETS = {
         eos_token_id=0),
     "tiny-neox": lambda: _tiny("gpt_neox"),
     "tiny-llama": lambda: _tiny("llama"),
+    # Wide enough for every int4 group size (in_features a multiple of 256).
+    "small-neox": lambda: _tiny("gpt_neox", hidden_size=256, intermediate_size=512,
+                                num_heads=8, num_kv_heads=8, rotary_dim=8),
+    "small-llama": lambda: _tiny("llama", hidden_size=256, intermediate_size=512,
+                                 num_heads=8, num_kv_heads=2, rotary_dim=32),
 }
 
 # Real weights available offline.

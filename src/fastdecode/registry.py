@@ -1,0 +1,79 @@
+"""The one registry of named configurations: unit tests, benchmarks and budgets all read it.
+
+A configuration is what a user would switch on for one decode run: the cache policy, the
+weight quantization recipe, the KV storage, and the compile mode. Speed is measured on
+Pythia-2.8B shapes (``speed_cache``); perplexity on the bundled SmolLM2-135M with the
+same policy at the window the paper uses for a 1k cache (``ppl_cache``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .config import CacheConfig, CompileConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    speed_cache: CacheConfig
+    ppl_cache: CacheConfig
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    quant: str | None = None  # a recipe for fastdecode.quant.QuantConfig.parse
+    dtype: str = "bfloat16"
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "speed_cache": self.speed_cache.to_dict(),
+                "ppl_cache": self.ppl_cache.to_dict(), "compile": self.compile.mode,
+                "quant": self.quant, "dtype": self.dtype, "description": self.description}
+
+
+def _streaming(window: int, ppl_window: int, **kw) -> tuple[CacheConfig, CacheConfig]:
+    return (CacheConfig(policy="streaming", sink=4, window=window, **kw),
+            CacheConfig(policy="streaming", sink=4, window=ppl_window, **kw))
+
+
+_STREAM = _streaming(2048, 1020)
+
+
+def _configs() -> list[RunConfig]:
+    graphs, compiled, eager = CompileConfig("graphs"), CompileConfig("default"), CompileConfig()
+    out = [
+        RunConfig("bf16-dense-graphs", CacheConfig(policy="dense", max_len=4096),
+                  CacheConfig(policy="dense", max_len=8192), graphs,
+                  description="dense KV (no eviction), compiled + graphed"),
+        RunConfig("bf16-stream-eager", *_STREAM, eager, description="4+2048 streaming, eager"),
+        RunConfig("bf16-stream-compiled", *_STREAM, compiled,
+                  description="4+2048 streaming, torch.compile without graphs"),
+        RunConfig("bf16-stream-graphs", *_STREAM, graphs,
+                  description="4+2048 streaming, compiled + CUDA graph"),
+        RunConfig("int8-all-graphs", *_STREAM, graphs, quant="int8",
+                  description="int8 weight-only, all linears"),
+        RunConfig("int4-mlp-g128-graphs", *_STREAM, graphs, quant="int4-mlp-g128",
+                  description="int4 g128 weight-only, MLP only"),
+        RunConfig("int4-mlp-g64-graphs", *_STREAM, graphs, quant="int4-mlp-g64",
+                  description="int4 g64 weight-only, MLP only"),
+        RunConfig("lazy-r32-graphs", *_streaming(2048, 1020, compress_every=32), graphs,
+                  description="lazy eviction every 32 tokens"),
+    ]
+    # The 2048 window is bf16-stream-graphs.
+    for w, pw in ((512, 252), (1024, 508)):
+        out.append(RunConfig(f"window-{w}-graphs", *_streaming(w, pw), graphs,
+                             description=f"4+{w} streaming, compiled + graphed"))
+    return out
+
+
+CONFIGS: dict[str, RunConfig] = {c.name: c for c in _configs()}
+
+
+def get(name: str) -> RunConfig:
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ConfigError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}") from None
+
+
+def with_cache(cfg: RunConfig, **changes) -> RunConfig:
+    return replace(cfg, speed_cache=replace(cfg.speed_cache, **changes))

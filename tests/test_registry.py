@@ -1,0 +1,54 @@
+"""Every registered configuration runs on small random models and stays faithful:
+unquantized ones equal the reference StreamingLLM, quantized ones stay near it."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fastdecode import registry
+from fastdecode.cache import make_cache
+from fastdecode.engine import Decoder
+from fastdecode.errors import ConfigError
+from fastdecode.models import load_model
+from fastdecode.quant import QuantConfig, quantize_model
+from fastdecode.reference.streaming import streaming_logits
+
+
+def shrink(cache):
+    """The same policy at test scale: windows of a few tokens, lazy R kept but small."""
+    if cache.policy == "dense":
+        return replace(cache, max_len=64)
+    return replace(cache, window=5 + cache.window % 3, compress_every=min(cache.compress_every, 4))
+
+
+@pytest.mark.parametrize("name", sorted(registry.CONFIGS))
+@pytest.mark.parametrize("family", ["small-neox", "small-llama"])
+def test_config_runs_and_matches_reference(name, family):
+    cfg = registry.get(name)
+    cache_cfg = shrink(cfg.speed_cache)
+    base = load_model(family)
+    toks = torch.randint(0, base.spec.vocab_size, (30,), generator=torch.Generator().manual_seed(1))
+    window = None if cache_cfg.policy == "dense" else cache_cfg.window
+    ref = streaming_logits(base.model, toks, cache_cfg.sink, window, cache_cfg.compress_every,
+                           cache_cfg.position_mode)
+    lm = load_model(family)
+    if cfg.quant:
+        quantize_model(lm.model, QuantConfig.parse(cfg.quant))
+    dec = Decoder(lm.model, make_cache(cache_cfg, lm.spec), chunk_size=7)
+    out = torch.cat([dec.prefill(toks[:17], all_logits=True),
+                     torch.stack([dec.step(int(t)) for t in toks[17:]])])
+    assert torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (0.5 if cfg.quant and "int4" in cfg.quant else 0.05 if cfg.quant else 1e-5)
+
+
+def test_registry_names_and_errors():
+    assert {"bf16-stream-graphs", "int8-all-graphs", "int4-mlp-g128-graphs",
+            "lazy-r32-graphs"} <= set(registry.CONFIGS)
+    for cfg in registry.CONFIGS.values():
+        assert cfg.to_dict()["name"] == cfg.name
+        if cfg.quant:
+            QuantConfig.parse(cfg.quant)
+    with pytest.raises(ConfigError, match="unknown configuration"):
+        registry.get("bf16-nonsense")
