@@ -44,7 +44,8 @@ def test_quant_linear_equals_dequantized_reference(kind, seed, T, bias):
     lin = torch.nn.Linear(64, 24, bias=bias)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(24, 64, generator=gen))
-    q = Int8Linear.from_linear(lin) if kind == "int8" else Int4Linear.from_linear(lin, group_size=32)
+    q = (Int8Linear.from_linear(lin) if kind == "int8"
+         else Int4Linear.from_linear(lin, group_size=32))
     x = torch.randn(T, 64, generator=gen)
     ref = x.double() @ q.dequantized().double().T
     if bias:

@@ -43,7 +43,7 @@ class QuantConfig:
             raise ConfigError(f"int4 group size {self.group_size} is not one of {GROUP_SIZES}")
 
     @classmethod
-    def parse(cls, recipe: str) -> "QuantConfig":
+    def parse(cls, recipe: str) -> QuantConfig:
         m = _RECIPE.match(recipe.strip())
         if not m:
             raise ConfigError(f"unknown quantization recipe {recipe!r}; expected e.g. int8, "
@@ -83,4 +83,23 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> list[str]:
     return [n for n, _ in targets]
 
 
-__all__ = ["QuantConfig", "quantize_model", "Int8Linear", "Int4Linear", "FILTERS"]
+def set_backend(model: nn.Module, backend: str = "auto") -> None:
+    """Choose the kernel every quantized linear of ``model`` uses.
+
+    ``auto``: ``reference`` off CUDA; on CUDA the fastest measured on the H100 (see
+    docs/quant.md): ``triton`` for int8, and for int4 ``AUTO_INT4`` below.
+    """
+    for mod in model.modules():
+        if isinstance(mod, (Int8Linear, Int4Linear)):
+            choice = backend
+            if backend == "auto":
+                if not mod.weight.is_cuda:
+                    choice = "reference"
+                else:
+                    choice = "triton" if mod.kind == "int8" else AUTO_INT4
+            mod.set_backend(choice)
+
+
+AUTO_INT4 = "tinygemm"
+
+__all__ = ["set_backend", "QuantConfig", "quantize_model", "Int8Linear", "Int4Linear", "FILTERS"]

@@ -8,7 +8,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..errors import ModelLoadError

@@ -48,6 +48,8 @@ def dequantize_int4(packed, scale, zero, group_size: int) -> torch.Tensor:
 
 class Int4Linear(nn.Module):
     kind = "int4"
+    backend = "reference"  # or "triton" / "tinygemm" (see quant/kernels.py)
+    _tinygemm = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, group_size: int,
                  device=None):
@@ -67,7 +69,7 @@ class Int4Linear(nn.Module):
                                  requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, group_size: int = 128, **_) -> "Int4Linear":
+    def from_linear(cls, lin: nn.Linear, group_size: int = 128, **_) -> Int4Linear:
         w = lin.weight.detach()
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, w.dtype, group_size,
                 w.device)
@@ -82,7 +84,29 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize_int4(self.weight, self.scale, self.zero, self.group_size)
 
+    def set_backend(self, backend: str) -> None:
+        if backend not in ("reference", "triton", "tinygemm"):
+            raise ConfigError(f"int4 backend {backend!r} is not one of reference, triton, "
+                              "tinygemm")
+        self._tinygemm = None
+        if backend == "tinygemm":
+            if not self.weight.is_cuda:
+                raise ConfigError("the tinygemm int4 backend needs the model on CUDA")
+            from .kernels import to_tinygemm
+
+            self._tinygemm = to_tinygemm(self.weight, self.scale, self.zero)
+        self.backend = backend
+
     def forward(self, x):
+        if self.backend == "tinygemm":
+            w, szs = self._tinygemm
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), w, self.group_size, szs)
+            y = y.to(x.dtype)
+            return y + self.bias if self.bias is not None else y
+        if self.backend == "triton" and x.is_cuda and x.shape[0] == 1:
+            from .kernels import int4_gemv
+
+            return int4_gemv(x, self.weight, self.scale, self.zero, self.bias, self.group_size)
         return F.linear(x, self.dequantized().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 
 def quantize_int8(w: torch.Tensor):
     """w [out, in] -> (int8 [out, in], float32 scale [out])."""
@@ -28,6 +30,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class Int8Linear(nn.Module):
     kind = "int8"
+    backend = "reference"  # or "triton" (see quant/kernels.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None):
         super().__init__()
@@ -39,7 +42,7 @@ class Int8Linear(nn.Module):
                                  requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, **_) -> "Int8Linear":
+    def from_linear(cls, lin: nn.Linear, **_) -> Int8Linear:
         w = lin.weight.detach()
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, w.dtype, w.device)
         q, scale = quantize_int8(w)
@@ -52,7 +55,16 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scale)
 
+    def set_backend(self, backend: str) -> None:
+        if backend not in ("reference", "triton"):
+            raise ConfigError(f"int8 backend {backend!r} is not one of reference, triton")
+        self.backend = backend
+
     def forward(self, x):
+        if self.backend == "triton" and x.is_cuda and x.shape[0] == 1:
+            from .kernels import int8_gemv
+
+            return int8_gemv(x, self.weight, self.scale, self.bias)
         w = self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
         return F.linear(x, w, self.bias)
 
