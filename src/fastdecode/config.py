@@ -8,6 +8,7 @@ from .errors import ConfigError
 
 POLICIES = ("dense", "window", "streaming")
 POSITION_MODES = ("cache", "absolute")
+KV_DTYPES = ("auto", "int8")
 COMPILE_MODES = ("none", "default", "graphs")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -31,12 +32,16 @@ class CacheConfig:
     compress_every: int = 1
     position_mode: str = "cache"
     max_len: int = 4096  # dense only
+    kv_dtype: str = "auto"  # "auto" (the model dtype) | "int8" (per-head, per-token scales)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ConfigError(f"cache policy {self.policy!r} is not one of {POLICIES}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv_dtype {self.kv_dtype!r} is not one of {KV_DTYPES}")
         if self.position_mode not in POSITION_MODES:
-            raise ConfigError(f"position mode {self.position_mode!r} is not one of {POSITION_MODES}")
+            raise ConfigError(f"position mode {self.position_mode!r} is not one of "
+                              f"{POSITION_MODES}")
         for name, value in (("sink", self.sink), ("window", self.window),
                             ("compress_every", self.compress_every), ("max_len", self.max_len)):
             if not isinstance(value, int) or isinstance(value, bool):

@@ -30,7 +30,7 @@ class Decoder:
         self.step_fn = self.eager_step  # replaced by fastdecode.compile for compiled modes
 
     @classmethod
-    def build(cls, model: Transformer, cache_cfg: CacheConfig, **kw) -> "Decoder":
+    def build(cls, model: Transformer, cache_cfg: CacheConfig, **kw) -> Decoder:
         return cls(model, make_cache(cache_cfg, model.spec, model.dtype, model.device), **kw)
 
     def reset(self) -> None:

@@ -55,6 +55,8 @@ def _configs() -> list[RunConfig]:
                   description="int4 g128 weight-only, MLP only"),
         RunConfig("int4-mlp-g64-graphs", *_STREAM, graphs, quant="int4-mlp-g64",
                   description="int4 g64 weight-only, MLP only"),
+        RunConfig("int8kv-graphs", *_streaming(2048, 1020, kv_dtype="int8"), graphs,
+                  description="int8 KV cache (per-head, per-token scales)"),
         RunConfig("lazy-r32-graphs", *_streaming(2048, 1020, compress_every=32), graphs,
                   description="lazy eviction every 32 tokens"),
     ]

@@ -15,8 +15,8 @@ re-rotated cache at O(1) cost per token; in ``absolute`` mode at its text positi
 The model talks to a cache through three calls::
 
     plan = cache.plan_prefill(t0, T)      # or cache.plan_decode(t) with t on the device
-    keys, values = cache.update(layer, k, v, plan)   # write new k/v, get what to attend
-    attention.attend(q, q_sink, keys, values, plan)
+    kv = cache.update(layer, k, v, plan)   # write new k/v, get what to attend over
+    attention.attend(q, q_sink, kv, plan, cache.sink)
 
 Lazy eviction (R > 1): once S + W + R tokens would be held, the window is cut back to W
 in one go, so at most S + W + R - 1 are held between steps; R = 1 is strict eviction.
@@ -31,6 +31,7 @@ import torch
 
 from ..config import CacheConfig
 from ..errors import InputError
+from .storage import KV, STORAGES
 
 
 @dataclass
@@ -63,8 +64,7 @@ class KVCache:
         self.ring = window + compress_every
         self.slots = self.sink + self.ring
         shape = (num_layers, num_kv_heads, self.slots, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.storage = STORAGES[cfg.kv_dtype](shape, dtype, device)
         self._sink_ar = torch.arange(self.sink, device=device)
         self._ring_ar = torch.arange(self.ring, device=device)
 
@@ -115,7 +115,7 @@ class KVCache:
         if T < 1:
             raise InputError("cannot prefill an empty chunk")
         self.check_room(t0 + T)
-        dev = self.k.device
+        dev = self._sink_ar.device
         ti = torch.arange(t0, t0 + T, device=dev)
         lo, pos_sink = self._query_bounds(ti)
         keys_j = torch.cat((self._slot_tokens(t0 - 1), ti))
@@ -146,18 +146,29 @@ class KVCache:
             decode_slot=self.slot_of(t),
         )
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: Plan):
-        """Store new keys/values ``[Hkv, T, D]`` and return the keys/values to attend over."""
-        kc, vc = self.k[layer], self.v[layer]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> KV:
+        """Store new keys/values ``[Hkv, T, D]`` and return what to attend over.
+
+        Decode writes first and reads the buffer (the ring has room for the new token);
+        prefill attends over [buffer, chunk] and then stores the chunk. Either way the new
+        tokens are seen exactly as stored (int8 storage: quantized)."""
+        st = self.storage
         if plan.decode_slot is not None:
-            kc.index_copy_(1, plan.decode_slot, k)
-            vc.index_copy_(1, plan.decode_slot, v)
-            return kc, vc
-        keys = torch.cat((kc, k), dim=1)
-        values = torch.cat((vc, v), dim=1)
-        kc.index_copy_(1, plan.write_dst, k.index_select(1, plan.write_src))
-        vc.index_copy_(1, plan.write_dst, v.index_select(1, plan.write_src))
-        return keys, values
+            st.write(layer, plan.decode_slot, k, v)
+            return st.read(layer)
+        new = st.encode(k, v)
+        kv = st.concat(st.read(layer), new)
+        st.write_encoded(layer, plan.write_dst, new, plan.write_src)
+        return kv
+
+    @property
+    def k(self) -> torch.Tensor:
+        """The stored keys [L, Hkv, slots, D] (int8 codes for int8 storage)."""
+        return self.storage.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.storage.v
 
     def reset(self) -> None:
         """Forget everything (the buffers are reused; stale slots are never visible)."""
@@ -175,7 +186,6 @@ class KVCache:
         """Most tokens ever held between steps."""
         return self.sink + self.window + self.compress_every - 1
 
-    def bytes_per_token_read(self, elem_size: int | None = None) -> int:
-        """KV bytes a decode step reads at steady state (every slot of every layer)."""
-        size = elem_size or self.k.element_size()
-        return 2 * self.k.numel() * size
+    def bytes_per_token_read(self) -> int:
+        """KV bytes a decode step reads (every slot of every layer, scales included)."""
+        return self.storage.nbytes()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import POLICIES, POSITION_MODES, CacheConfig, parse_dtype
+from ..config import KV_DTYPES, POLICIES, POSITION_MODES, CacheConfig, parse_dtype
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -29,13 +29,15 @@ def add_cache_args(p: argparse.ArgumentParser, policy: str = "streaming") -> Non
                    help="lazy eviction: evict back to the window every R tokens (1 = strict)")
     g.add_argument("--position-mode", choices=POSITION_MODES, default="cache")
     g.add_argument("--max-len", type=int, default=8192, help="dense cache capacity")
+    g.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
+                   help="KV storage: the model dtype, or int8 with per-head, per-token scales")
 
 
 def cache_config(args) -> CacheConfig:
     sink = args.sink if args.policy == "streaming" else 0
     return CacheConfig(policy=args.policy, sink=sink, window=args.window,
                        compress_every=args.compress_every, position_mode=args.position_mode,
-                       max_len=args.max_len)
+                       max_len=args.max_len, kv_dtype=args.kv_dtype)
 
 
 def load(args):

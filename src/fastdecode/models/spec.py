@@ -38,10 +38,10 @@ class ModelSpec:
     def has_bias(self) -> bool:
         return self.family == "gpt_neox"
 
-    def with_(self, **changes) -> "ModelSpec":
+    def with_(self, **changes) -> ModelSpec:
         return replace(self, **changes)
 
-    def validate(self) -> "ModelSpec":
+    def validate(self) -> ModelSpec:
         problems = []
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {FAMILIES}")
@@ -64,7 +64,7 @@ class ModelSpec:
         return self
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelSpec":
+    def from_hf_config(cls, cfg: dict) -> ModelSpec:
         """Build a spec from a Hugging Face ``config.json`` dict (GPTNeoX or Llama)."""
         model_type = cfg.get("model_type")
         try:
@@ -72,10 +72,12 @@ class ModelSpec:
                 heads = cfg["num_attention_heads"]
                 head_dim = cfg["hidden_size"] // heads
                 if not cfg.get("use_parallel_residual", True):
-                    raise ModelLoadError("GPT-NeoX with use_parallel_residual=false is not supported")
+                    raise ModelLoadError("GPT-NeoX with use_parallel_residual=false "
+                                         "is not supported")
                 act = cfg.get("hidden_act", "gelu")
                 if act != "gelu":
-                    raise ModelLoadError(f"GPT-NeoX hidden_act {act!r} is not supported (only 'gelu')")
+                    raise ModelLoadError(f"GPT-NeoX hidden_act {act!r} is not supported "
+                                         "(only 'gelu')")
                 rope = cfg.get("rope_parameters") or {}
                 rotary_pct = cfg.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))
                 theta = cfg.get("rotary_emb_base", rope.get("rope_theta", 10000.0))
@@ -106,7 +108,8 @@ class ModelSpec:
                     raise ModelLoadError(f"Llama hidden_act {act!r} is not supported (only 'silu')")
                 rope = cfg.get("rope_parameters") or {}
                 scaling = cfg.get("rope_scaling") or {}
-                kind = scaling.get("rope_type", scaling.get("type")) or rope.get("rope_type", "default")
+                kind = (scaling.get("rope_type", scaling.get("type"))
+                        or rope.get("rope_type", "default"))
                 if kind not in (None, "default"):
                     raise ModelLoadError(f"rope scaling {kind!r} is not supported")
                 theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))

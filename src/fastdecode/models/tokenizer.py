@@ -14,7 +14,7 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
 
     @classmethod
-    def from_file(cls, path: str | Path, eos_token_id=None, bos_token_id=None) -> "Tokenizer":
+    def from_file(cls, path: str | Path, eos_token_id=None, bos_token_id=None) -> Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         try:

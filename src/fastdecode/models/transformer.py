@@ -56,8 +56,8 @@ class Attention(nn.Module):
         q, k, v = qkv.split((s.num_heads, s.num_kv_heads, s.num_kv_heads), dim=0)
         q_win = rope.apply(q, *rot)
         q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
-        keys, values = cache.update(layer, rope.apply(k, *rot), v.contiguous(), plan)
-        o = attend(q_win, q_sink, keys, values, plan, cache.sink)
+        kv = cache.update(layer, rope.apply(k, *rot), v.contiguous(), plan)
+        o = attend(q_win, q_sink, kv, plan, cache.sink)
         return self.out(o.transpose(0, 1).reshape(T, s.num_heads * D))
 
 

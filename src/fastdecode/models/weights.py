@@ -97,7 +97,8 @@ def load_hf_dir(path: str | Path):
     except KeyError as e:
         raise ModelLoadError(f"{path}: checkpoint lacks tensor {e.args[0]!r}") from None
     except RuntimeError as e:
-        raise ModelLoadError(f"{path}: a tensor has the wrong shape for config.json ({e})") from None
+        raise ModelLoadError(f"{path}: a tensor has the wrong shape for config.json "
+                             f"({e})") from None
     tok = None
     if (path / "tokenizer.json").is_file():
         tok = Tokenizer.from_file(path / "tokenizer.json", spec.eos_token_id, spec.bos_token_id)
@@ -165,7 +166,8 @@ def load_gguf(path: str | Path):
         bos_token_id=field("tokenizer.ggml.bos_token_id"),
         eos_token_id=field("tokenizer.ggml.eos_token_id"),
     ).validate()
-    state = {"embed.weight": tensors["token_embd.weight"], "norm.weight": tensors["output_norm.weight"]}
+    state = {"embed.weight": tensors["token_embd.weight"],
+             "norm.weight": tensors["output_norm.weight"]}
     if not spec.tie_embeddings:
         state["lm_head.weight"] = tensors["output.weight"]
     for i in range(spec.num_layers):

@@ -1,0 +1,94 @@
+"""How a cache stores keys and values: in the model dtype, or int8 with per-head,
+per-token scales. Every policy takes either (``CacheConfig.kv_dtype``)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class KV(NamedTuple):
+    """What attention reads: keys/values [Hkv, N, D], and for int8 storage their scales
+    [Hkv, N] (float32) such that ``key = k * k_scale[..., None]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_scale is None:
+            return self.k, self.v
+        return (self.k.float() * self.k_scale[..., None], self.v.float() * self.v_scale[..., None])
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 codes, float32 scale [...]): symmetric, one scale per row."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp(min=1e-8) / 127.0
+    return torch.round(xf / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class DenseStorage:
+    def __init__(self, shape, dtype, device):
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(1, slots, k)
+        self.v[layer].index_copy_(1, slots, v)
+
+    def read(self, layer: int) -> KV:
+        return KV(self.k[layer], self.v[layer])
+
+    def encode(self, k, v) -> KV:
+        return KV(k, v)
+
+    def write_encoded(self, layer, slots, new: KV, src: torch.Tensor) -> None:
+        self.write(layer, slots, new.k.index_select(1, src), new.v.index_select(1, src))
+
+    @staticmethod
+    def concat(a: KV, b: KV) -> KV:
+        return KV(torch.cat((a.k, b.k), 1), torch.cat((a.v, b.v), 1))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
+
+
+class Int8Storage(DenseStorage):
+    """int8 codes plus a float32 scale per (layer, head, slot): half the bytes of bf16."""
+
+    def __init__(self, shape, dtype, device):
+        self.k = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+        self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+
+    def encode(self, k, v) -> KV:
+        (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+        return KV(kq, vq, ks, vs)
+
+    def write(self, layer, slots, k, v) -> None:
+        self.write_encoded(layer, slots, self.encode(k, v), None)
+
+    def write_encoded(self, layer, slots, new: KV, src) -> None:
+        pick = (lambda t: t) if src is None else (lambda t: t.index_select(1, src))
+        self.k[layer].index_copy_(1, slots, pick(new.k))
+        self.v[layer].index_copy_(1, slots, pick(new.v))
+        self.k_scale[layer].index_copy_(1, slots, pick(new.k_scale))
+        self.v_scale[layer].index_copy_(1, slots, pick(new.v_scale))
+
+    def read(self, layer: int) -> KV:
+        return KV(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer])
+
+    @staticmethod
+    def concat(a: KV, b: KV) -> KV:
+        return KV(*(torch.cat((x, y), 1) for x, y in zip(a, b)))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.k, self.v, self.k_scale, self.v_scale))
+
+
+STORAGES = {"auto": DenseStorage, "int8": Int8Storage}
