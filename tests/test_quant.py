@@ -118,3 +118,19 @@ def test_checkpoint_round_trip(tmp_path, recipe):
     toks = torch.arange(12) % lm.spec.vocab_size
     torch.testing.assert_close(dense_logits(back.model, toks), dense_logits(lm.model, toks),
                                rtol=0, atol=0)
+
+
+def test_int8_inductor_formulation_equals_reference():
+    """The scale-after-matmul form (bf16 only) computes the same function as the reference."""
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 256, generator=gen) * 0.02)
+    mod = Int8Linear.from_linear(lin.to(torch.bfloat16))
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    ref = x.double() @ mod.dequantized().double().T + mod.bias.double()
+    mod.set_backend("inductor")
+    rel = ((mod(x).double() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2
+    with pytest.raises(ConfigError):
+        mod.set_backend("cublas")

@@ -59,8 +59,8 @@ def test_int4_gemv_matches_reference(N, g, groups, seed, bias):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind,backend", [("int8", "triton"), ("int4", "triton"),
-                                          ("int4", "tinygemm")])
+@pytest.mark.parametrize("kind,backend", [("int8", "triton"), ("int8", "inductor"),
+                                          ("int4", "triton"), ("int4", "tinygemm")])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_cuda_backends_match_reference(kind, backend, rows):
     torch.manual_seed(0)

@@ -87,7 +87,7 @@ def set_backend(model: nn.Module, backend: str = "auto") -> None:
     """Choose the kernel every quantized linear of ``model`` uses.
 
     ``auto``: ``reference`` off CUDA; on CUDA the fastest measured on the H100 (see
-    docs/quant.md): ``triton`` for int8, and for int4 ``AUTO_INT4`` below.
+    docs/quant.md and perf/results/h100-quant-gemv.json): ``AUTO_INT8`` / ``AUTO_INT4``.
     """
     for mod in model.modules():
         if isinstance(mod, (Int8Linear, Int4Linear)):
@@ -96,10 +96,14 @@ def set_backend(model: nn.Module, backend: str = "auto") -> None:
                 if not mod.weight.is_cuda:
                     choice = "reference"
                 else:
-                    choice = "triton" if mod.kind == "int8" else AUTO_INT4
+                    choice = AUTO_INT8 if mod.kind == "int8" else AUTO_INT4
             mod.set_backend(choice)
 
 
+# H100, Pythia-2.8B shapes, 128 GEMVs in a CUDA graph (scripts/gpu_quant_bench.py):
+# int8: inductor 1.55 ms < ours (Triton) 1.68 ms; int4 g128: tinygemm 1.55 ms <
+# torchao tile_packed_to_4d (same kernel, compiled) 1.72 ms < ours 1.84 ms. bf16: 2.42 ms.
+AUTO_INT8 = "inductor"
 AUTO_INT4 = "tinygemm"
 
 __all__ = ["set_backend", "QuantConfig", "quantize_model", "Int8Linear", "Int4Linear", "FILTERS"]

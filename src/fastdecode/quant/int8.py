@@ -30,7 +30,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class Int8Linear(nn.Module):
     kind = "int8"
-    backend = "reference"  # or "triton" (see quant/kernels.py)
+    backend = "reference"  # or "triton" / "inductor" (see quant/kernels.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None):
         super().__init__()
@@ -56,8 +56,9 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.weight, self.scale)
 
     def set_backend(self, backend: str) -> None:
-        if backend not in ("reference", "triton"):
-            raise ConfigError(f"int8 backend {backend!r} is not one of reference, triton")
+        if backend not in ("reference", "triton", "inductor"):
+            raise ConfigError(f"int8 backend {backend!r} is not one of reference, triton, "
+                              "inductor")
         self.backend = backend
 
     def forward(self, x):
@@ -65,6 +66,12 @@ class Int8Linear(nn.Module):
             from .kernels import int8_gemv
 
             return int8_gemv(x, self.weight, self.scale, self.bias)
+        if self.backend == "inductor" and x.dtype == torch.bfloat16:
+            # Scale after the matmul: under torch.compile a one-row input becomes one fused
+            # reduction over the int8 weight (fp32 accumulation, scaled before the store).
+            # bfloat16 only: in float16 an unfused matmul could overflow before the scale.
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
+            return y + self.bias if self.bias is not None else y
         w = self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
         return F.linear(x, w, self.bias)
 

@@ -5,6 +5,9 @@ Backends (``module.backend``):
 - ``reference``: dequantize the weight, then ``F.linear`` — every device; the oracle.
 - ``triton``: our batch-1 GEMV kernels (quant/triton_gemv.py) for one-row inputs on CUDA;
   other inputs fall back to ``reference``.
+- ``inductor`` (int8 only): ``linear(x, w.to(bf16)) * scale``, which torch.compile turns
+  into one fused int8 reduction for one-row inputs (torchao's int8 weight-only formulation);
+  bfloat16 only.
 - ``tinygemm`` (int4 only): PyTorch's own ``_weight_int4pack_mm`` (the kernel torchao's
   ``tile_packed_to_4d`` format runs on), CUDA + bfloat16.
 """
@@ -15,7 +18,7 @@ import functools
 
 import torch
 
-BACKENDS = ("reference", "triton", "tinygemm")
+BACKENDS = ("reference", "triton", "inductor", "tinygemm")
 
 
 @functools.cache
