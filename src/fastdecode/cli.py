@@ -9,7 +9,7 @@ import sys
 
 from .errors import FastdecodeError
 
-COMMANDS = ("generate", "quantize",)
+COMMANDS = ("generate", "quantize", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

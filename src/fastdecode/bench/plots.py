@@ -1,0 +1,100 @@
+"""PNG plots from benchmark history: TPOT-PPL Pareto front, TPOT vs window, TPOT over
+commits. Used by ``fastdecode report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .history import Run
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both TPOT and PPL (lower is better)."""
+    front = []
+    for name, t, p in points:
+        if not any((t2 <= t and p2 <= p) and (t2 < t or p2 < p) for _, t2, p2 in points):
+            front.append(name)
+    return front
+
+
+def plot_pareto(run: Run, out: Path) -> Path | None:
+    pts = [(c, m["tpot_ms"], m["ppl_ratio"]) for c, m in run.results.items()
+           if "tpot_ms" in m and "ppl_ratio" in m]
+    if not pts:
+        return None
+    plt = _plt()
+    front = set(pareto_front(pts))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, t, p in pts:
+        ax.scatter(t, p, color="C3" if name in front else "C0", zorder=3)
+        ax.annotate(name, (t, p), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    fr = sorted((t, p) for n, t, p in pts if n in front)
+    ax.plot([t for t, _ in fr], [p for _, p in fr], color="C3", lw=1, label="Pareto front")
+    ax.set_xlabel("TPOT, median (ms/token)")
+    ax.set_ylabel("PPL / bf16 streaming PPL")
+    ax.set_title(f"Speed vs accuracy per configuration ({run.gpu}, {run.commit or 'uncommitted'})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def window_series() -> dict[str, int]:
+    """Registry configurations that differ only in the window: name -> window."""
+    from .. import registry
+
+    return {c.name: c.speed_cache.window for c in registry.CONFIGS.values()
+            if c.compile.mode == "graphs" and not c.quant and c.speed_cache.policy == "streaming"
+            and c.speed_cache.kv_dtype == "auto" and c.speed_cache.compress_every == 1}
+
+
+def plot_window(run: Run, out: Path) -> Path | None:
+    series = window_series()
+    pts = sorted((series[c], m["tpot_ms"]) for c, m in run.results.items()
+                 if c in series and "tpot_ms" in m)
+    if len(pts) < 2:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([w for w, _ in pts], [t for _, t in pts], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("window W (sinks + W cached tokens)")
+    ax.set_ylabel("TPOT, median (ms/token)")
+    ax.set_title(f"Decode time vs window, bf16, graphed ({run.gpu})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def plot_history(runs: list[Run], out: Path) -> Path | None:
+    if not runs:
+        return None
+    plt = _plt()
+    configs = sorted({c for r in runs for c in r.results})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [f"{i}:{r.commit[:7] or '?'}" for i, r in enumerate(runs)]
+    for c in configs:
+        xs = [i for i, r in enumerate(runs) if "tpot_ms" in r.results.get(c, {})]
+        ax.plot(xs, [runs[i].results[c]["tpot_ms"] for i in xs], marker="o", label=c)
+    ax.set_xticks(range(len(runs)), labels, rotation=45, fontsize=7)
+    ax.set_ylabel("TPOT, median (ms/token)")
+    ax.set_title(f"TPOT over commits ({runs[-1].gpu})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
