@@ -40,7 +40,17 @@ class Decoder:
         ids = torch.as_tensor(tokens, dtype=torch.long).flatten().to(self.model.device)
         if ids.numel() == 0:
             raise InputError("empty prompt: give at least one token")
+        self._check_id(int(ids.min()))
+        self._check_id(int(ids.max()))
         return ids
+
+    def _check_id(self, tok: int) -> None:
+        # Host-side values only: an out-of-range id would fail deep in the embedding (on
+        # CUDA, as a device-side assert that kills the context).
+        vocab = self.model.spec.vocab_size
+        if not 0 <= tok < vocab:
+            raise InputError(f"token id {tok} is out of range for the model's vocabulary "
+                             f"(0..{vocab - 1}); is the tokenizer the model's?")
 
     @torch.no_grad()
     def prefill(self, tokens: Sequence[int] | torch.Tensor, all_logits: bool = False):
@@ -73,6 +83,7 @@ class Decoder:
         if isinstance(token, torch.Tensor):
             self.tok_buf.copy_(token.reshape(1))
         else:
+            self._check_id(int(token))
             self.tok_buf.fill_(int(token))
         self.pos_buf.fill_(self.t)
         logits = self.step_fn(self.tok_buf, self.pos_buf)

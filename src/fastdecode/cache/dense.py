@@ -16,5 +16,11 @@ class DenseCache(KVCache):
             raise InputError(f"the dense cache holds {self.cfg.max_len} tokens; feeding "
                              f"{t_end} needs a larger max_len or a bounded policy")
 
+    def held_positions(self, t: int) -> list[int]:
+        # Nothing is ever evicted; the generic ring arithmetic would report token 0 gone
+        # once exactly max_len tokens fill the buffer.
+        self.check_room(t)
+        return list(range(max(t, 0)))
+
     def max_held(self) -> int:
         return self.cfg.max_len

@@ -72,6 +72,9 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
         spec, state, tok = weights.load_hf_dir(name)
     elif Path(name).exists():
         raise ModelLoadError(f"{name} is neither a model directory nor a .gguf file")
+    elif "/" in name or "\\" in name or name.startswith((".", "~")):
+        # Looks like a path, not a name: say so rather than list the known names.
+        raise ModelLoadError(f"model path {name} does not exist")
     else:
         raise ModelLoadError(f"unknown model {name!r}: not a local path, and not one of "
                              f"{', '.join(presets.ALL_NAMES)}")

