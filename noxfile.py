@@ -4,7 +4,12 @@
     nox -s lint     ruff only
     nox -s demo     generate (and, once it exists, streaming perplexity) with the bundled
                     SmolLM2-135M on the CPU
-    nox -s gpu      pytest -m gpu in the *current* environment (run on a CUDA machine)
+    nox -s gpu      the GPU suite in the *current* environment (a CUDA machine): gpu-marked
+                    tests, then tests/perf with budgets, history saved under
+                    perf/history/<gpu class>/
+    nox -s compare  the latest perf run vs the baseline of the same GPU class (fails on a
+                    regression beyond the noise margin); ``-- --record-baseline N`` records
+                    the mean of the last N runs as the baseline
 
 Arguments after ``--`` go to pytest (tests, gpu) or replace the demo prompt (demo).
 
@@ -94,13 +99,42 @@ def demo(session: nox.Session) -> None:
                     "command yet (fastdecode.cli.COMMANDS)")
 
 
+GPU_CLASS = ("import sys, torch\n"
+             "from fastdecode.bench.history import gpu_class\n"
+             "if not torch.cuda.is_available(): sys.exit('CUDA is not available')\n"
+             "print(gpu_class(torch.cuda.get_device_name(0)))")
+
+
+def _gpu_class(session: nox.Session) -> str:
+    out = session.run("python", "-c", GPU_CLASS, silent=True, env={"PYTHONPATH": "src"})
+    return out.strip().splitlines()[-1]
+
+
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """GPU-marked tests in the current environment (install the project there first).
+    """GPU suite in the current environment (torch with CUDA, transformers, pytest,
+    pytest-benchmark, hypothesis there; the project from src/). Fails without CUDA: the
+    gpu tests would otherwise all skip and look green.
 
-    Fails when CUDA is not available: gpu tests would otherwise all skip and pass."""
-    session.run("python", "-c",
-                "import sys, torch; ok = torch.cuda.is_available(); "
-                "print('CUDA:', torch.cuda.get_device_name(0) if ok else 'not available'); "
-                "sys.exit(0 if ok else 1)")
-    session.run("pytest", "-m", "gpu", "tests", *session.posargs, env=_env())
+    1. gpu-marked correctness tests (graphed vs eager, quantized kernels vs reference);
+    2. tests/perf: every registry configuration timed, scored and held to its budget in
+       perf/budgets.toml; the run is saved as JSON under perf/history/<gpu class>/."""
+    cls = _gpu_class(session)
+    env = {**_env(), "PYTHONPATH": "src"}
+    session.run("pytest", "-m", "gpu", "tests", "--ignore=tests/perf", "-p", "no:cacheprovider",
+                env=env)
+    session.run("pytest", "tests/perf", "-m", "gpu", "-p", "no:cacheprovider",
+                f"--benchmark-storage=file://perf/history/{cls}", "--benchmark-autosave",
+                "--benchmark-columns=median,mean,iqr,rounds", *session.posargs, env=env)
+
+
+@nox.session(venv_backend="none")
+def compare(session: nox.Session) -> None:
+    """Latest perf run vs the baseline of the same GPU class (perf/baselines/<class>.json,
+    else the previous run); fails on a regression beyond the noise margin."""
+    cls = _gpu_class(session) if not session.posargs or "--storage" not in session.posargs \
+        else None
+    args = list(session.posargs)
+    if cls:
+        args = ["--storage", f"perf/history/{cls}", *args]
+    session.run("python", "-m", "fastdecode.bench.compare", *args, env={"PYTHONPATH": "src"})
