@@ -1,0 +1,290 @@
+"""Perplexity on long text through a KV-cache policy: token by token, and exact in parallel.
+
+Convention (the paper's ``eval_long_ppl``): ``N`` tokens are fed, one after the other, and
+after feeding token ``t`` the model is scored on token ``t + 1``: ``nll[t] = -log
+p(x[t+1] | what step t attends to)``; PPL = exp(mean nll). A text of ``N + 1`` tokens gives
+``N`` scores.
+
+Modes:
+
+- ``dense``: full attention, nothing evicted (a dense cache of ``N`` tokens);
+- ``window``: the last ``W`` tokens (lazily with ``compress_every = R``), no sinks;
+- ``streaming``: ``S`` sinks + the last ``W`` tokens (StreamingLLM), strict or lazy;
+- ``recompute``: sliding window with re-computation (:mod:`.recompute`), the oracle.
+
+Methods, all exact (equal up to floating-point rounding; tests hold them within 1e-4
+relative in PPL):
+
+- ``token``: :meth:`Decoder.step` per token, as the paper's evaluation does;
+- ``parallel`` (default): the text fed in chunks through :meth:`Decoder.prefill` with
+  ``all_logits``. Each chunk attends over [cache buffer, chunk] with a per-query
+  banded-plus-sink mask and the exact cache/absolute positions (see ``cache/base.py``),
+  and leaves the cache as token-by-token feeding would; so every query sees exactly what
+  it would have seen at its own step. The NLL is taken per chunk in float32 (the logits of
+  all N tokens are never held at once). For ``recompute``, ``parallel`` batches contexts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import KV_DTYPES, POSITION_MODES, CacheConfig
+from ..engine import Decoder
+from ..errors import ConfigError, InputError
+from ..models.transformer import Transformer
+from . import recompute as rc
+
+MODES = ("dense", "window", "streaming", "recompute")
+METHODS = ("parallel", "token")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to evaluate: the mode, its cache numbers and the method."""
+
+    mode: str = "streaming"
+    sink: int = 4
+    window: int = 1020
+    compress_every: int = 1
+    position_mode: str = "cache"
+    kv_dtype: str = "auto"
+    method: str = "parallel"
+    chunk_size: int = 512  # parallel: tokens per forward pass
+    recompute_batch: int | None = None  # recompute/parallel: contexts per pass (None: auto)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is not one of {METHODS}")
+        if self.position_mode not in POSITION_MODES:
+            raise ConfigError(f"position mode {self.position_mode!r} is not one of "
+                              f"{POSITION_MODES}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv_dtype {self.kv_dtype!r} is not one of {KV_DTYPES}")
+        for name in ("sink", "window", "compress_every", "chunk_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+        if self.sink < 0 or self.window < 1 or self.compress_every < 1 or self.chunk_size < 1:
+            raise ConfigError("need sink >= 0, window >= 1, compress_every >= 1, "
+                              f"chunk_size >= 1; got {self.sink}, {self.window}, "
+                              f"{self.compress_every}, {self.chunk_size}")
+        if self.recompute_batch is not None and self.recompute_batch < 1:
+            raise ConfigError(f"recompute_batch must be >= 1, got {self.recompute_batch}")
+        if self.mode == "window" and self.sink:
+            raise ConfigError(f"mode window keeps no sinks (sink={self.sink}); use mode "
+                              "streaming for sinks + window")
+        if self.mode == "recompute":
+            if self.compress_every != 1:
+                raise ConfigError("recompute re-encodes every context; compress_every "
+                                  f"(={self.compress_every}) does not apply")
+            if self.kv_dtype != "auto":
+                raise ConfigError("recompute keeps no cache; kv_dtype does not apply")
+
+    def cache_config(self, n_tokens: int) -> CacheConfig | None:
+        """The cache this mode runs through (``None`` for recompute)."""
+        if self.mode == "dense":
+            return CacheConfig(policy="dense", sink=0, max_len=max(n_tokens, 1),
+                               position_mode=self.position_mode, kv_dtype=self.kv_dtype)
+        if self.mode == "recompute":
+            return None
+        return CacheConfig(policy=self.mode, sink=self.sink if self.mode == "streaming" else 0,
+                           window=self.window, compress_every=self.compress_every,
+                           position_mode=self.position_mode, kv_dtype=self.kv_dtype)
+
+    @property
+    def label(self) -> str:
+        """A short name: ``dense``, ``window-1024``, ``streaming-4+1020``, ``...-R32``,
+        ``recompute-1024`` or ``recompute-4+1020``."""
+        if self.mode == "dense":
+            return "dense"
+        if self.mode == "window" or (self.mode == "recompute" and not self.sink):
+            base = f"{self.mode}-{self.window}"
+        else:
+            base = f"{self.mode}-{self.sink}+{self.window}"
+        if self.compress_every > 1:
+            base += f"-R{self.compress_every}"
+        if self.position_mode != "cache" and self.mode != "recompute":
+            base += f"-{self.position_mode}"
+        if self.kv_dtype != "auto":
+            base += f"-kv{self.kv_dtype}"
+        return base
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attended(spec: EvalSpec, n: int, cache=None) -> np.ndarray:
+    """Keys the query of step ``t`` attends to (itself included), for t in 0..n-1.
+
+    Derived from the cache arithmetic (``KVCache.window_held``): before step ``t`` the
+    cache holds ``min(t, S)`` sinks and ``window_held(t - S)`` window tokens."""
+    t = torch.arange(n, dtype=torch.long)
+    if spec.mode == "dense":
+        return (t + 1).numpy()
+    if spec.mode == "recompute":
+        return torch.clamp(t + 1, max=spec.sink + spec.window + 1).numpy()
+    if cache is None:
+        from ..cache import make_cache
+
+        cfg = spec.cache_config(n)
+        cache = make_cache(cfg, _ShapeOnly, torch.float32, "cpu")
+    S = cache.sink
+    held = cache.window_held(torch.clamp(t - S, min=0))
+    return (torch.clamp(t, max=S) + held + 1).numpy()
+
+
+class _ShapeOnly:  # the smallest spec make_cache accepts (for the arithmetic alone)
+    num_layers = num_kv_heads = head_dim = 1
+
+
+@dataclass
+class PPLResult:
+    spec: EvalSpec
+    nll: np.ndarray  # float64 [N]: nll[t] = -log p(x[t+1] | step t's context)
+    kv_len: np.ndarray  # int64 [N]: keys step t attends to
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.nll.size)
+
+    @property
+    def mean_nll(self) -> float:
+        return float(self.nll.mean())
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.mean_nll)
+
+    def segment_ppl(self, size: int) -> list[float]:
+        """exp(mean nll) over consecutive segments of ``size`` scored tokens (the last
+        one may be shorter)."""
+        return segment_ppl(self.nll, size)
+
+    @property
+    def dropped(self) -> np.ndarray:
+        """Tokens that left the attention span between step t-1 and step t."""
+        return dropped_tokens(self.kv_len)
+
+
+def segment_ppl(nll: np.ndarray, size: int) -> list[float]:
+    if size < 1:
+        raise ConfigError(f"segment size must be >= 1, got {size}")
+    return [math.exp(float(np.mean(nll[s:s + size]))) for s in range(0, len(nll), size)]
+
+
+def dropped_tokens(kv_len: np.ndarray) -> np.ndarray:
+    prev = np.concatenate(([0], kv_len[:-1]))
+    return (prev + 1 - kv_len).astype(np.int64)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="tok", leave=False,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
+             desc: str | None = None) -> PPLResult:
+    """Feed ``ids[:-1]`` and score each next token (see the module doc)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    if ids.numel() < 2:
+        raise InputError(f"need at least 2 tokens to score one, got {ids.numel()}")
+    vocab = model.spec.vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise InputError(f"token ids must be in 0..{vocab - 1} for this model, got "
+                         f"{int(ids.min())}..{int(ids.max())}; is the tokenizer the model's?")
+    dev = model.device
+    ids = ids.to(dev)
+    n = ids.numel() - 1
+    x, y = ids[:-1], ids[1:]
+    nll = torch.empty(n, dtype=torch.float32, device=dev)
+    bar = _progress(n, progress, desc or spec.label)
+    _sync(dev)
+    start = time.perf_counter()
+    info: dict = {}
+    cache = None
+    try:
+        if spec.mode == "recompute":
+            info = _recompute(model, ids, spec, nll, bar)
+        else:
+            dec = Decoder.build(model, spec.cache_config(n), chunk_size=spec.chunk_size)
+            cache = dec.cache
+            if spec.method == "parallel":
+                for s in range(0, n, spec.chunk_size):
+                    e = min(s + spec.chunk_size, n)
+                    logits = dec.prefill(x[s:e], all_logits=True)
+                    nll[s:e] = F.cross_entropy(logits.float(), y[s:e], reduction="none")
+                    bar.update(e - s)
+            else:
+                for t in range(n):
+                    logits = dec.step(x[t:t + 1])
+                    nll[t] = F.cross_entropy(logits.float()[None], y[t:t + 1])
+                    bar.update(1)
+        _sync(dev)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    out = nll.double().cpu().numpy()
+    if not np.isfinite(out).all():
+        bad = int(np.flatnonzero(~np.isfinite(out))[0])
+        raise FloatingPointError(f"{spec.label}: non-finite NLL at step {bad} (overflow in "
+                                 f"{model.dtype}? try float32)")
+    return PPLResult(spec, out, attended(spec, n, cache).astype(np.int64), seconds, info)
+
+
+def _recompute(model, ids, spec: EvalSpec, nll, bar) -> dict:
+    S, W = spec.sink, spec.window
+    n = ids.numel() - 1
+    y = ids[1:]
+    L = S + W + 1
+    dense = CacheConfig(policy="dense", sink=0, max_len=L)
+    if spec.method == "token":
+        dec = Decoder.build(model, dense, chunk_size=spec.chunk_size)
+        for t in range(n):
+            dec.reset()
+            logits = dec.prefill(rc.context_ids(ids, t, S, W))
+            nll[t] = F.cross_entropy(logits.float()[None], y[t:t + 1])
+            bar.update(1)
+        return {}
+    # Contexts of steps 0 .. L-1 are the prefixes of the text: one dense chunked pass.
+    head = min(n, L)
+    dec = Decoder.build(model, dense, chunk_size=spec.chunk_size)
+    for s in range(0, head, spec.chunk_size):
+        e = min(s + spec.chunk_size, head)
+        logits = dec.prefill(ids[s:e], all_logits=True)
+        nll[s:e] = F.cross_entropy(logits.float(), y[s:e], reduction="none")
+        bar.update(e - s)
+    # Steps L .. n-1: full-length contexts [0:S] + [t-W : t+1], batched.
+    batch = spec.recompute_batch or rc.auto_batch(L, ids.device)
+    sinks = ids[:S]
+    offs = torch.arange(-W, 1, device=ids.device)
+    for s in range(head, n, batch):
+        e = min(s + batch, n)
+        steps = torch.arange(s, e, device=ids.device)
+        win = ids[steps[:, None] + offs[None, :]]  # [B, W+1]
+        ctx = torch.cat((sinks.expand(e - s, S), win), dim=1) if S else win
+        logits = rc.last_logits_batched(model, ctx)
+        nll[s:e] = F.cross_entropy(logits.float(), y[s:e], reduction="none")
+        bar.update(e - s)
+    return {"recompute_batch": batch, "context_len": L}
+
+
+__all__ = ["EvalSpec", "PPLResult", "MODES", "METHODS", "evaluate", "attended",
+           "segment_ppl", "dropped_tokens"]
