@@ -9,7 +9,7 @@ import sys
 
 from .errors import FastdecodeError
 
-COMMANDS = ("generate", "quantize", "report")
+COMMANDS = ("generate", "quantize", "report", "ppl", "diagnose", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

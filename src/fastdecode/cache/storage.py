@@ -34,10 +34,18 @@ class DenseStorage:
     def __init__(self, shape, dtype, device):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layer_idx = torch.arange(shape[0], device=device)
+
+    def _put(self, buf: torch.Tensor, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """``buf[layer][:, slots] = x`` (x: [H, n, ...]) as one index_put_ on the whole
+        buffer. Not index_copy_ on the view ``buf[layer]``: torch.compile cannot re-inplace a
+        mutation made through a view of a graph input: it would copy the layer's cache out
+        and the whole cache back every step. An index_put_ on the buffer is done in place."""
+        buf[self._layer_idx[layer:layer + 1], :, slots] = x.transpose(0, 1)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(1, slots, k)
-        self.v[layer].index_copy_(1, slots, v)
+        self._put(self.k, layer, slots, k)
+        self._put(self.v, layer, slots, v)
 
     def read(self, layer: int) -> KV:
         return KV(self.k[layer], self.v[layer])
@@ -64,6 +72,7 @@ class Int8Storage(DenseStorage):
         self.v = torch.zeros(shape, dtype=torch.int8, device=device)
         self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
         self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+        self._layer_idx = torch.arange(shape[0], device=device)
 
     def encode(self, k, v) -> KV:
         (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
@@ -74,10 +83,8 @@ class Int8Storage(DenseStorage):
 
     def write_encoded(self, layer, slots, new: KV, src) -> None:
         pick = (lambda t: t) if src is None else (lambda t: t.index_select(1, src))
-        self.k[layer].index_copy_(1, slots, pick(new.k))
-        self.v[layer].index_copy_(1, slots, pick(new.v))
-        self.k_scale[layer].index_copy_(1, slots, pick(new.k_scale))
-        self.v_scale[layer].index_copy_(1, slots, pick(new.v_scale))
+        for buf, x in zip((self.k, self.v, self.k_scale, self.v_scale), new):
+            self._put(buf, layer, slots, pick(x))
 
     def read(self, layer: int) -> KV:
         return KV(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer])

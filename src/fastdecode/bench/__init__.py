@@ -1,0 +1,1 @@
+"""Benchmarks: decode timing (tpot), peers (HF transformers), history, compare, plots."""

@@ -1,0 +1,434 @@
+"""Decode timing: TPOT at steady state, prefill, totals, memory and achieved bandwidth.
+
+How a figure is taken (DESIGN.md, "Measuring"):
+
+- Per-token times come from the device's own clock: one CUDA event is recorded before each
+  decode step and one after the last, with no host sync in between (on the CPU, where every
+  op is synchronous, ``time.perf_counter``). The decode loop is greedy and keeps the token on
+  the device (:meth:`fastdecode.compile.CompiledStep.greedy`'s loop).
+- Steady state: the first ``warmup_tokens`` steps are discarded, and so is every step taken
+  before the cache is full (position < S + W - 1 for a bounded cache). The statistics are over
+  what is left; ``steady`` says whether that was possible at all (short runs fall back to
+  all post-warm-up steps and say so).
+- Achieved bandwidth = bytes a step must read (every weight matrix once, the embedding row
+  aside, plus every KV slot of every layer) / median TPOT, printed next to the device's
+  copy bandwidth measured in the same process (a 1 GiB device-to-device copy, counting
+  bytes read and written), and the floor that bandwidth implies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import CacheConfig
+from ..errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- clocks
+class Clock:
+    """CUDA events on a CUDA device, ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def marks(self, n: int) -> list:
+        if self.cuda:
+            return [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        return [0.0] * n
+
+    def record(self, marks: list, i: int) -> None:
+        if self.cuda:
+            marks[i].record()
+        else:
+            marks[i] = time.perf_counter()
+
+    def deltas_ms(self, marks: list) -> list[float]:
+        if self.cuda:
+            marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def timed(self, fn: Callable[[], object]) -> tuple[object, float]:
+        """Run ``fn`` and return (its result, milliseconds), synchronised on both ends."""
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        return out, (time.perf_counter() - t0) * 1e3
+
+
+def stats_ms(times: list[float]) -> dict:
+    if not times:
+        return {"n": 0}
+    s = sorted(times)
+    p90 = s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
+    return {"mean": statistics.fmean(s), "median": statistics.median(s), "p90": p90,
+            "min": s[0], "max": s[-1], "std": statistics.pstdev(s), "n": len(s)}
+
+
+# ----------------------------------------------------------------------------- environment
+def git_info() -> dict:
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=root, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", None
+    return {"commit": commit or os.environ.get("FASTDECODE_GIT_COMMIT", ""), "dirty": dirty}
+
+
+def env_info(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": str(device), **git_info()}
+    for mod in ("transformers", "triton"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            info[mod] = None
+    if torch.device(device).type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, sm_count=p.multi_processor_count,
+                    gpu_mem_gb=p.total_memory / 1e9, cuda=torch.version.cuda,
+                    capability=f"{p.major}.{p.minor}")
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,"
+                                  "clocks.max.mem", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip()
+            info["nvidia_smi"] = out.splitlines()[0] if out else None
+        except (OSError, subprocess.SubprocessError):
+            info["nvidia_smi"] = None
+    else:
+        info["gpu"] = None
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def device_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> dict:
+    """Copy bandwidth (bytes read + written per second, device to device) and read
+    bandwidth (a sum over the same buffer) in GB/s; medians over ``reps`` CUDA-event-timed
+    runs. On the CPU: not measured (None)."""
+    if torch.device(device).type != "cuda":
+        return {"copy_gbps": None, "read_gbps": None}
+    n = nbytes // 2
+    src = torch.randn(n, device=device, dtype=torch.float32).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    acc = torch.empty((), device=device, dtype=torch.float32)
+    clock = Clock(device)
+
+    def med(fn):
+        for _ in range(3):
+            fn()
+        marks = clock.marks(2 * reps)
+        for i in range(reps):
+            clock.record(marks, 2 * i)
+            fn()
+            clock.record(marks, 2 * i + 1)
+        d = clock.deltas_ms(marks)
+        return statistics.median(d[0::2])
+
+    copy_ms = med(lambda: dst.copy_(src))
+    read_ms = med(lambda: torch.sum(src, dim=0, dtype=torch.float32, out=acc))
+    return {"copy_gbps": 2 * nbytes / copy_ms / 1e6, "read_gbps": nbytes / read_ms / 1e6,
+            "copy_ms": copy_ms, "read_ms": read_ms, "buffer_bytes": nbytes}
+
+
+# ----------------------------------------------------------------------------- bytes
+def bytes_per_token(model, cache) -> dict:
+    """Bytes one decode step must read: every parameter once (the embedding table only for
+    its one row, unless it is also the output head) plus every KV slot of every layer."""
+    seen, weights = set(), 0
+    embed = model.embed.weight
+    head = model.lm_head.weight
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or t is model.freqs:
+            continue
+        seen.add(id(t))
+        if t is embed and embed is not head:
+            weights += embed.shape[1] * embed.element_size()
+            continue
+        weights += t.numel() * t.element_size()
+    kv = cache.bytes_per_token_read()
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+# ----------------------------------------------------------------------------- one run
+@dataclass
+class DecodeRun:
+    """The figures of one configuration of our engine."""
+
+    mode: str
+    gemv: str
+    attention: str
+    cache: dict
+    prompt_len: int
+    decode_len: int
+    warmup_tokens: int
+    tpot_ms: dict = field(default_factory=dict)
+    all_tokens_ms: dict = field(default_factory=dict)
+    steady: bool = False
+    steady_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    compile_s: float = 0.0
+    tokens_per_s: float = 0.0
+    tokens_per_s_total: float = 0.0
+    peak_mem_gb: float | None = None
+    bytes_per_token: dict = field(default_factory=dict)
+    achieved_gbps: float | None = None
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def full_from(cache) -> int:
+    """First decode position at which a bounded cache is full (0 for dense)."""
+    if cache.name == "dense":
+        return 0
+    return cache.sink + cache.window - 1
+
+
+def time_decode(step, decoder, first_token, n: int, warmup_tokens: int, *,
+                run_one: Callable[[], None] | None = None) -> tuple[list[float], int]:
+    """Decode ``n`` greedy tokens from the decoder's position, one clock mark per step.
+    Returns (per-token ms, position of the first step)."""
+    dev = decoder.model.device
+    clock = Clock(dev)
+    run_one = run_one or step.run_one
+    decoder.cache.check_room(decoder.t + n)
+    if isinstance(first_token, torch.Tensor):
+        decoder.tok_buf.copy_(first_token.reshape(1))
+    else:
+        decoder.tok_buf.fill_(int(first_token))
+    start = decoder.t
+    decoder.pos_buf.fill_(start)
+    marks = clock.marks(n + 1)
+    with torch.no_grad():
+        for i in range(n):
+            clock.record(marks, i)
+            run_one()
+        clock.record(marks, n)
+    times = clock.deltas_ms(marks)
+    decoder.t += n
+    return times, start
+
+
+def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_tokens: int,
+            run_one=None, mode: str | None = None, gemv: str | None = None,
+            compile_s: float = 0.0, reset_peak: bool = True) -> DecodeRun:
+    """Reset the decoder, prefill ``prompt`` (timed), decode ``decode_len`` tokens (timed per
+    token) and gather the figures."""
+    dev = decoder.model.device
+    clock = Clock(dev)
+    cache = decoder.cache
+    if reset_peak and clock.cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    decoder.reset()
+    t_start = time.perf_counter()
+    clock.sync()
+    logits, prefill_ms = clock.timed(lambda: decoder.prefill(prompt))
+    first = torch.argmax(logits, dim=-1, keepdim=True)
+    t_dec = time.perf_counter()
+    times, start = time_decode(step, decoder, first, decode_len, warmup_tokens, run_one=run_one)
+    clock.sync()
+    t_end = time.perf_counter()
+    ff = full_from(cache)
+    steady_idx = [i for i in range(decode_len) if i >= warmup_tokens and start + i >= ff]
+    mode = mode or step.mode
+    run = DecodeRun(mode=mode, gemv=gemv or step.gemv,
+                    attention="eager" if mode == "none" else step.attention,
+                    cache=cache.cfg.to_dict(),
+                    prompt_len=int(prompt.numel()), decode_len=decode_len,
+                    warmup_tokens=warmup_tokens, compile_s=compile_s)
+    run.steady = bool(steady_idx)
+    if not steady_idx:
+        steady_idx = list(range(min(warmup_tokens, decode_len - 1), decode_len))
+        run.notes.append(f"cache not full before the last step (full from position {ff}); "
+                         "statistics over all post-warm-up steps")
+    sel = [times[i] for i in steady_idx]
+    run.steady_tokens = len(sel)
+    run.tpot_ms = stats_ms(sel)
+    run.all_tokens_ms = stats_ms(times)
+    run.prefill_ms = prefill_ms
+    run.decode_ms = (t_end - t_dec) * 1e3
+    run.total_ms = (t_end - t_start) * 1e3
+    run.tokens_per_s = 1e3 / run.tpot_ms["median"]
+    run.tokens_per_s_total = decode_len / (run.total_ms / 1e3)
+    if clock.cuda:
+        run.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 1e9
+    run.bytes_per_token = bytes_per_token(decoder.model, cache)
+    run.achieved_gbps = run.bytes_per_token["total"] / run.tpot_ms["median"] / 1e6
+    return run
+
+
+def random_prompt(n: int, vocab: int, seed: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).to(device)
+
+
+def build_and_compile(lm, cache_cfg: CacheConfig, mode: str, gemv: str = "auto",
+                      chunk_size: int = 512, attention: str = "auto"):
+    """A fresh decoder for ``cache_cfg`` and its compiled step; returns (decoder, step,
+    seconds spent compiling, tuning and capturing)."""
+    from ..compile import compile_decoder
+    from ..engine import Decoder
+
+    dec = Decoder.build(lm.model, cache_cfg, chunk_size=chunk_size)
+    clock = Clock(lm.model.device)
+    step, ms = clock.timed(lambda: compile_decoder(dec, mode, gemv=gemv,
+                                                   attention=attention))
+    if mode == "default":  # compiles lazily: compile now, at the current position
+        def first():
+            dec.pos_buf.fill_(dec.t)
+            dec.tok_buf.fill_(0)
+            step.run_one()
+        _, ms2 = clock.timed(first)
+        ms += ms2
+    return dec, step, ms / 1e3
+
+
+# ----------------------------------------------------------------------------- checks
+@torch.no_grad()
+def compare_steps(ref_dec, dec, prompt: torch.Tensor, n: int) -> dict:
+    """Teacher-forced comparison of two decoders over ``n`` steps after the same prefill:
+    both are fed the reference's greedy tokens; logits compared each step."""
+    ref_dec.reset()
+    dec.reset()
+    a = ref_dec.prefill(prompt)
+    b = dec.prefill(prompt)
+    rel, maxabs, agree = [], [], 0
+    tok = torch.argmax(a, -1, keepdim=True)
+    for _ in range(n):
+        a = ref_dec.step(tok).float()
+        b = dec.step(tok).float()
+        rel.append(((a - b).norm() / a.norm().clamp_min(1e-30)).item())
+        maxabs.append((a - b).abs().max().item())
+        agree += int(torch.argmax(a) == torch.argmax(b))
+        tok = torch.argmax(a, -1, keepdim=True)
+    return {"steps": n, "max_rel_err": max(rel), "mean_rel_err": statistics.fmean(rel),
+            "max_abs_err": max(maxabs), "argmax_agree": agree}
+
+
+# ----------------------------------------------------------------------------- profile
+def kernel_category(name: str) -> str:
+    """Rough grouping of a decode step's kernels (inductor names list the fused aten ops;
+    ours and cuBLAS's are matched by name)."""
+    low = name.lower()
+    if any(k in low for k in ("split_kernel", "combine_kernel", "bmm", "softmax", "sdpa",
+                              "flash", "attention", "fmha")):
+        return "attention"
+    if any(k in low for k in ("index_put", "scatter", "index_copy")):
+        return "cache_write"
+    if low.startswith(("triton_red", "triton_per")) and "mm" in low:
+        return "gemv"
+    if any(k in low for k in ("gemv", "gemm", "cublas", "xmma", "cutlass", "nvjet", "sm90_")):
+        return "gemv"
+    if "layer_norm" in low or "rsqrt" in low:
+        return "norm"
+    if low.startswith("triton_poi"):
+        return "pointwise"
+    return "other"
+
+
+def profile_steps(run_one: Callable[[], None], steps: int, trace_path: str | None,
+                  device: torch.device) -> dict:
+    """torch.profiler over ``steps`` decode steps; exports a Chrome trace (``.json`` or
+    ``.json.gz``) and returns a kernel summary per step (top kernels, time by category)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if torch.device(device).type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    clock = Clock(device)
+    for _ in range(2):
+        run_one()
+    clock.sync()
+    with profile(activities=acts, record_shapes=False) as prof:
+        marks = clock.marks(steps + 1)
+        for i in range(steps):
+            clock.record(marks, i)
+            run_one()
+        clock.record(marks, steps)
+        clock.sync()
+    step_ms = statistics.median(clock.deltas_ms(marks))
+    if trace_path:
+        Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_path))
+    kernels: dict[str, list] = {}
+    for ev in prof.events():
+        if clock.cuda:  # device kernels (also those replayed from a CUDA graph)
+            if "CUDA" not in str(getattr(ev, "device_type", "")):
+                continue
+            dur = ev.time_range.elapsed_us()
+        else:  # CPU: top-level ops
+            if getattr(ev, "cpu_parent", None) is not None:
+                continue
+            dur = ev.cpu_time_total
+        if not dur:
+            continue
+        k = kernels.setdefault(ev.name, [0.0, 0])
+        k[0] += dur
+        k[1] += 1
+    total_us = sum(v[0] for v in kernels.values())
+    cats: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        c = kernel_category(name)
+        cats[c] = cats.get(c, 0.0) + us / steps / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:30]
+    launches = sum(v[1] for v in kernels.values()) / steps
+    busy_ms = total_us / steps / 1e3
+    return {"steps": steps, "trace": str(trace_path) if trace_path else None,
+            "step_ms": step_ms, "kernel_ms_per_step": busy_ms,
+            "kernels_per_step": launches,
+            "idle_ms_per_step": step_ms - busy_ms,
+            "by_category_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": n[:160], "ms_per_step": us / steps / 1e3,
+                             "calls_per_step": c / steps, "category": kernel_category(n)}
+                            for n, (us, c) in top]}
+
+
+# ----------------------------------------------------------------------------- targets
+def target(name: str, value: float | None, limit: float, lower_is_better: bool) -> dict:
+    if value is None:
+        return {"name": name, "value": None, "target": limit, "met": None}
+    met = value <= limit if lower_is_better else value >= limit
+    miss = 0.0 if met else (value - limit if lower_is_better else limit - value)
+    rel = 0.0 if met else miss / limit
+    return {"name": name, "value": value, "target": limit, "met": met, "miss_by": miss,
+            "miss_by_rel": rel}
+
+
+def write_json(path: str | os.PathLike, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+
+
+def check_lengths(prompt_len: int, decode_len: int, warmup_tokens: int) -> None:
+    if prompt_len < 1:
+        raise ConfigError(f"--prompt-len must be >= 1, got {prompt_len}")
+    if decode_len < 2:
+        raise ConfigError(f"--decode-len must be >= 2, got {decode_len}")
+    if not 0 <= warmup_tokens < decode_len:
+        raise ConfigError(f"--warmup-tokens must be in [0, decode-len), got {warmup_tokens}")

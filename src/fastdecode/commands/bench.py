@@ -1,0 +1,347 @@
+"""`fastdecode bench`: decode speed (TPOT at steady state) of one configuration, with peers,
+variants, sweeps and a profile in the same run; writes one JSON record.
+
+    fastdecode bench --model pythia-2.8b --random-weights --prompt-len 4096 --decode-len 256 \\
+        --sink 4 --window 2048 --compile graphs --peers hf-eager,hf-static-compile \\
+        --json out.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+from ..config import COMPILE_MODES
+from ..errors import ConfigError
+from .common import add_cache_args, add_model_args, cache_config, load
+
+
+def _csv(kind):
+    def parse(text: str):
+        if not text:
+            return []
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"cannot parse {text!r} as a comma-separated list") from None
+    return parse
+
+
+def add_parser(sub) -> None:
+    from ..compile import ATTENTION_MODES, GEMV_MODES
+
+    p = sub.add_parser("bench", help="time decoding (TPOT, prefill, memory, bandwidth) with "
+                                     "peers, sweeps and a profile; write a JSON record")
+    add_model_args(p)
+    add_cache_args(p)
+    g = p.add_argument_group("decode path")
+    g.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                   help="none (eager) | default (torch.compile) | graphs (compiled + CUDA "
+                        "graph; CUDA only). Default: graphs on CUDA, default on the CPU")
+    g.add_argument("--gemv", choices=GEMV_MODES, default="auto",
+                   help="one-row matmuls: inductor reductions (reduction) or cuBLAS (extern); "
+                        "auto = reduction on CUDA")
+    g.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
+                   help="decode attention in compiled CUDA steps: our fused Triton kernel "
+                        "(triton) or what inductor makes of attention.attend (inductor); "
+                        "auto = triton on CUDA")
+    g.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    g = p.add_argument_group("lengths")
+    g.add_argument("--prompt-len", type=int, default=None,
+                   help="prompt tokens (random ids); default: sink + window (cache full)")
+    g.add_argument("--decode-len", type=int, default=256, help="decode steps timed")
+    g.add_argument("--warmup-tokens", type=int, default=32,
+                   help="first decode steps discarded from the statistics")
+    g = p.add_argument_group("in the same run")
+    g.add_argument("--peers", type=_csv(str), default=[],
+                   help="comma list of hf-eager, hf-static-compile")
+    g.add_argument("--peer-prompt-len", type=int, default=None,
+                   help="prompt for the peers (dense caches); default: the window, so their "
+                        "KV length matches ours at steady state")
+    g.add_argument("--peer-decode-len", type=int, default=64)
+    g.add_argument("--peer-warmup-tokens", type=int, default=8)
+    g.add_argument("--variants", type=_csv(str), default=[],
+                   help="more runs of our engine on the same shapes: MODE[:GEMV[:ATTENTION]], "
+                        "e.g. none,default,graphs:extern,graphs:reduction:inductor")
+    g.add_argument("--check", type=int, default=0, metavar="N",
+                   help="compare the main path's logits with the eager path over N steps")
+    g.add_argument("--sweep-windows", type=_csv(int), default=[],
+                   help="comma list of windows to time too (each compiled anew)")
+    g.add_argument("--sweep-prompts", type=_csv(int), default=[],
+                   help="comma list of prompt lengths to time too (prefill and TPOT)")
+    g.add_argument("--sweep-decode-len", type=int, default=64)
+    g.add_argument("--sweep-warmup-tokens", type=int, default=8)
+    g.add_argument("--profile", default=None, metavar="TRACE",
+                   help="export a Chrome trace (.json or .json.gz) of a few decode steps and "
+                        "put a kernel summary in the record")
+    g.add_argument("--profile-steps", type=int, default=5)
+    g = p.add_argument_group("targets (recorded with the miss, if any)")
+    g.add_argument("--target-tpot-ms", type=float, default=None)
+    g.add_argument("--target-vs-static", type=float, default=None,
+                   help="minimum speed-up over hf-static-compile")
+    g.add_argument("--target-vs-eager", type=float, default=None,
+                   help="minimum speed-up over hf-eager")
+    p.add_argument("--json", default=None, help="write the record here")
+    p.set_defaults(run=run)
+
+
+class _Log:
+    def __call__(self, *parts) -> None:
+        print(*parts, flush=True)
+
+
+def _run_line(name: str, r: dict) -> str:
+    t = r.get("tpot_ms", {})
+    if "error" in r:
+        return f"{name:34s} FAILED: {r['error'][:120]}"
+    bw = r.get("achieved_gbps")
+    return (f"{name:34s} {t.get('median', float('nan')):8.3f} {t.get('mean', float('nan')):8.3f}"
+            f" {t.get('p90', float('nan')):8.3f} {r.get('prefill_ms', float('nan')):9.1f}"
+            f" {(bw or float('nan')):8.0f} {r.get('compile_s', 0.0):7.1f}")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..bench import tpot
+    from ..bench.peers import PEERS, run_peers
+    from ..compile import resolve_attention, resolve_gemv
+    from ..engine import Decoder
+
+    log = _Log()
+    cfg = cache_config(args)
+    bounded = cfg.policy != "dense"
+    S = cfg.sink if cfg.policy == "streaming" else 0
+    prompt_len = args.prompt_len if args.prompt_len is not None else (
+        S + cfg.window if bounded else min(cfg.max_len // 2, 2048))
+    tpot.check_lengths(prompt_len, args.decode_len, args.warmup_tokens)
+    for peer in args.peers:
+        if peer not in PEERS:
+            raise ConfigError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
+    if args.sweep_windows and not bounded:
+        raise ConfigError("--sweep-windows needs a bounded cache (streaming or window)")
+    variants = []
+    for v in args.variants:
+        mode, gemv, attention = (v.split(":") + ["", ""])[:3]
+        if mode not in COMPILE_MODES:
+            raise ConfigError(f"variant {v!r}: mode must be one of {COMPILE_MODES}")
+        variants.append((mode, gemv or "auto", attention or "auto"))
+
+    lm = load(args)
+    dev = lm.model.device
+    mode = args.compile or ("graphs" if dev.type == "cuda" else "default")
+    if not bounded:
+        lm_room = cfg.max_len
+        need = prompt_len + args.decode_len
+        if need > lm_room:
+            raise ConfigError(f"the dense cache holds {lm_room} tokens; prompt + decode need "
+                              f"{need}")
+    record: dict = {"kind": "fastdecode.bench", "version": 1,
+                    "command": "fastdecode " + " ".join(sys.argv[1:]) if sys.argv else "",
+                    "config": {"model": args.model, "source": lm.source,
+                               "dtype": str(lm.model.dtype).replace("torch.", ""),
+                               "cache": cfg.to_dict(), "compile": mode,
+                               "gemv": resolve_gemv(args.gemv, dev) if mode != "none" else "eager",
+                               "attention": resolve_attention(args.attention, dev)
+                               if mode != "none" else "eager",
+                               "prompt_len": prompt_len, "decode_len": args.decode_len,
+                               "warmup_tokens": args.warmup_tokens,
+                               "chunk_size": args.chunk_size, "seed": args.seed},
+                    "env": tpot.env_info(dev)}
+
+    def save():
+        if args.json:
+            tpot.write_json(args.json, record)
+
+    log(f"device: {record['env'].get('gpu') or record['env'].get('cpu')}  torch "
+        f"{torch.__version__}  model {lm.source} {record['config']['dtype']}")
+    bw = tpot.device_bandwidth(dev)
+    record["device_bandwidth"] = bw
+    if bw["copy_gbps"]:
+        log(f"device copy bandwidth {bw['copy_gbps']:.0f} GB/s (read+write), "
+            f"read bandwidth {bw['read_gbps']:.0f} GB/s")
+    save()
+
+    prompt = tpot.random_prompt(prompt_len, lm.spec.vocab_size, args.seed, dev)
+    t0 = time.perf_counter()
+    dec, step, compile_s = tpot.build_and_compile(lm, cfg, mode, args.gemv, args.chunk_size,
+                                                  args.attention)
+    log(f"main: compiled ({mode}, gemv={step.gemv}, attention={step.attention}) in "
+        f"{compile_s:.1f} s")
+    main = tpot.measure(step, dec, prompt=prompt, decode_len=args.decode_len,
+                        warmup_tokens=args.warmup_tokens, compile_s=compile_s).to_dict()
+    b = main["bytes_per_token"]
+    if bw["copy_gbps"]:
+        main["copy_gbps"] = bw["copy_gbps"]
+        main["floor_ms"] = b["total"] / bw["copy_gbps"] / 1e6
+        main["fraction_of_copy_bw"] = main["achieved_gbps"] / bw["copy_gbps"]
+    record["result"] = main
+    log(f"main: TPOT median {main['tpot_ms']['median']:.3f} ms over {main['steady_tokens']} "
+        f"steady tokens; prefill {main['prefill_ms']:.1f} ms; {b['total'] / 1e9:.2f} GB/token "
+        f"-> {main['achieved_gbps']:.0f} GB/s")
+    save()
+
+    def set_targets() -> list:
+        out = []
+        med = main["tpot_ms"]["median"]
+        if args.target_tpot_ms is not None:
+            out.append(tpot.target("tpot_ms", med, args.target_tpot_ms, True))
+        for flag, peer in ((args.target_vs_static, "hf-static-compile"),
+                           (args.target_vs_eager, "hf-eager")):
+            if flag is not None:
+                ratio = record.get("peers", {}).get(peer, {}).get("ratio_vs_ours")
+                out.append(tpot.target(f"speedup_vs_{peer}", ratio, flag, False))
+        if out:
+            record["targets"] = out
+        return out
+
+    set_targets()
+    if args.check:
+        ref = Decoder.build(lm.model, cfg, chunk_size=args.chunk_size)
+        chk_prompt = prompt[: min(prompt_len, 512)]
+        record["check"] = tpot.compare_steps(ref, dec, chk_prompt, args.check)
+        record["check"].update(reference="eager", compared=f"{mode}/{step.gemv}",
+                               dtype=record["config"]["dtype"])
+        log(f"check vs eager: {record['check']}")
+        del ref
+        save()
+
+    if args.profile:
+        try:
+            dec.reset()
+            dec.prefill(prompt)
+            dec.cache.check_room(dec.t + args.profile_steps + 4)
+            dec.pos_buf.fill_(dec.t)
+            record["profile"] = tpot.profile_steps(step.run_one, args.profile_steps,
+                                                   args.profile, dev)
+            if step.graph is not None:
+                dec.pos_buf.fill_(dec.t)
+                trace2 = args.profile.replace(".json", "-nograph.json")
+                record["profile_nograph"] = tpot.profile_steps(
+                    lambda: step.fn(dec.tok_buf, dec.pos_buf), args.profile_steps, trace2, dev)
+            pr = record["profile"]
+            log(f"profile: {pr['kernels_per_step']:.0f} kernels/step, kernel time "
+                f"{pr['kernel_ms_per_step']:.3f} ms of {pr['step_ms']:.3f} ms/step; by category "
+                + ", ".join(f"{k} {v:.3f}" for k, v in pr["by_category_ms"].items()))
+        except Exception as e:  # noqa: BLE001
+            record["profile"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"profile FAILED: {e}")
+        save()
+
+    if args.sweep_prompts:
+        rows = []
+        for P in args.sweep_prompts:
+            try:
+                if not bounded and P + args.sweep_decode_len > cfg.max_len:
+                    raise ConfigError(f"prompt {P} does not fit the dense cache")
+                pr = tpot.random_prompt(P, lm.spec.vocab_size, args.seed + P, dev)
+                r = tpot.measure(step, dec, prompt=pr, decode_len=args.sweep_decode_len,
+                                 warmup_tokens=args.sweep_warmup_tokens).to_dict()
+                r["notes"].append("the main decoder, reset and prefilled anew")
+            except Exception as e:  # noqa: BLE001
+                r = {"prompt_len": P, "error": f"{type(e).__name__}: {e}"[:1000]}
+            rows.append(r)
+            log(_run_line(f"prompt {P}", r))
+        record["sweep_prompts"] = rows
+        save()
+
+    peers = {}
+    if args.peers:
+        ppl = args.peer_prompt_len or (cfg.window if bounded else prompt_len)
+        pprompt = tpot.random_prompt(ppl, lm.spec.vocab_size, args.seed, dev)
+        peers = run_peers(args.peers, lm.spec, lm.model.dtype, dev, pprompt,
+                          args.peer_decode_len, args.peer_warmup_tokens, log=log)
+        for r in peers.values():
+            if "tpot_ms" in r:
+                r["ratio_vs_ours"] = r["tpot_ms"]["median"] / main["tpot_ms"]["median"]
+        record["peers"] = peers
+        set_targets()
+        save()
+
+    record["variants"] = {}
+    for vmode, vgemv, vattn in variants:
+        name = "none" if vmode == "none" else (f"{vmode}:{resolve_gemv(vgemv, dev)}:"
+                                               f"{resolve_attention(vattn, dev)}")
+        try:
+            if (vmode == "default" and mode == "graphs" and resolve_gemv(vgemv, dev) == step.gemv
+                    and resolve_attention(vattn, dev) == step.attention):
+                def run_one(step=step, dec=dec):
+                    step.fn(dec.tok_buf, dec.pos_buf)
+                r = tpot.measure(step, dec, prompt=prompt, decode_len=args.decode_len,
+                                 warmup_tokens=args.warmup_tokens, run_one=run_one,
+                                 mode="default", gemv=step.gemv,
+                                 compile_s=compile_s).to_dict()
+                r["notes"].append("the main step's compiled function, run without its graph")
+            else:
+                vd, vs, vc = tpot.build_and_compile(lm, cfg, vmode, vgemv, args.chunk_size,
+                                                    vattn)
+                n = args.decode_len if vmode != "none" else min(args.decode_len,
+                                                                 args.warmup_tokens + 32)
+                r = tpot.measure(vs, vd, prompt=prompt, decode_len=n,
+                                 warmup_tokens=min(args.warmup_tokens, n // 2),
+                                 compile_s=vc).to_dict()
+                del vd, vs
+            r["vs_main"] = r["tpot_ms"]["median"] / main["tpot_ms"]["median"]
+            record["variants"][name] = r
+            log(f"variant {name}: TPOT median {r['tpot_ms']['median']:.3f} ms")
+        except Exception as e:  # noqa: BLE001 - keep the rest of the run
+            record["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"variant {name} FAILED: {e}")
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
+
+    if args.sweep_windows:
+        rows = []
+        del dec, step
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        for W in args.sweep_windows:
+            try:
+                wcfg = dataclasses.replace(cfg, window=W)
+                wd, ws, wc = tpot.build_and_compile(lm, wcfg, mode, args.gemv, args.chunk_size,
+                                                    args.attention)
+                wp = tpot.random_prompt(S + W, lm.spec.vocab_size, args.seed + W, dev)
+                r = tpot.measure(ws, wd, prompt=wp, decode_len=args.sweep_decode_len,
+                                 warmup_tokens=args.sweep_warmup_tokens, compile_s=wc).to_dict()
+                if bw["copy_gbps"]:
+                    r["floor_ms"] = r["bytes_per_token"]["total"] / bw["copy_gbps"] / 1e6
+                del wd, ws
+            except Exception as e:  # noqa: BLE001
+                r = {"window": W, "error": f"{type(e).__name__}: {e}"[:1000]}
+            r["window"] = W
+            rows.append(r)
+            log(_run_line(f"window {W}", r))
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            record["sweep_windows"] = rows
+            save()
+
+    targets = set_targets()
+    save()
+
+    # ---------------------------------------------------------------- table
+    log("")
+    log(f"{'run':34s} {'median':>8s} {'mean':>8s} {'p90':>8s} {'prefill':>9s} {'GB/s':>8s} "
+        f"{'comp_s':>7s}   (ms)")
+    log(_run_line(f"ours {mode}:{record['config']['gemv']}:{record['config']['attention']}",
+                  main))
+    for name, r in record.get("variants", {}).items():
+        log(_run_line(f"ours {name}", r))
+    for name, r in peers.items():
+        line = _run_line(name, r)
+        if "ratio_vs_ours" in r:
+            line += f"   x{r['ratio_vs_ours']:.1f} slower than ours"
+        log(line)
+    if bw["copy_gbps"]:
+        log(f"floor at copy bandwidth: {main['floor_ms']:.3f} ms/token; achieved "
+            f"{main['fraction_of_copy_bw'] * 100:.0f}% of {bw['copy_gbps']:.0f} GB/s")
+    for t in targets:
+        state = "met" if t["met"] else ("n/a" if t["met"] is None else
+                                        f"MISSED by {t['miss_by']:.3g} ({t['miss_by_rel']:.0%})")
+        log(f"target {t['name']}: {t['value'] if t['value'] is None else round(t['value'], 3)}"
+            f" vs {t['target']}: {state}")
+    log(f"total bench time {time.perf_counter() - t0:.0f} s")
+    return 0
+

@@ -1,0 +1,431 @@
+"""Compiled and CUDA-graphed decode steps: ``--compile none|default|graphs``.
+
+- ``none``: :meth:`Decoder.eager_step` as written (one kernel launch per op).
+- ``default``: the step compiled by ``torch.compile`` (inductor, ``fullgraph=True``, static
+  shapes). Works on the CPU too (that is what CI tests).
+- ``graphs`` (CUDA only): the same compiled step, warmed up on a side stream and captured
+  by hand as one ``torch.cuda.CUDAGraph`` over the decoder's static buffers: the token
+  ``tok_buf`` and position ``pos_buf`` (int64 [1] on the device), the cache buffers (written
+  in place, by index, inside the graph) and a static logits output. A step is then two
+  small host-to-device fills and one replay: no host sync, no per-op launches.
+
+Why by hand, not ``mode="reduce-overhead"``: cudagraph trees treat the caches as inputs
+they may copy or re-record on, and hand outputs back that the next replay overwrites
+("accessing tensor output of CUDAGraphs that has been overwritten"). Here the graph owns
+one output buffer, :meth:`CompiledStep.__call__` returns a *clone* of it (so logits a caller
+keeps stay valid), and the fast greedy loop (:meth:`CompiledStep.greedy`) never reads it at
+all: the captured step also writes the greedy next token into ``tok_buf`` and advances
+``pos_buf`` on the device, so consecutive replays chain with no host work in between.
+
+Matrix-vector products (batch-1 decode is all GEMVs): ``gemv="reduction"`` rewrites every
+one-row ``mm``/``addmm`` (and inductor does the same for one-row ``bmm`` in attention) as a
+multiply + sum reduction that inductor emits as its own Triton kernel, with the bias,
+activation and residual adds fused into it and the launch parameters tuned by coordinate
+descent (gpt-fast's setting; inductor only does this itself for bias-free ``mm``, and our
+Pythia linears have biases). ``gemv="extern"`` leaves them to cuBLAS. ``auto``: reduction
+on CUDA, extern on CPU. The choice and its measured effect are in docs/gpu.md.
+
+Warm-up and capture never disturb what the cache holds: both run at the decoder's current
+position ``t``, whose slot holds nothing a later query can see (the ring has room for the
+new token, see cache/base.py) and is overwritten by the next real step or the prefill.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from .config import CompileConfig
+from .errors import ConfigError, DeviceError
+
+GEMV_MODES = ("auto", "reduction", "extern")
+
+aten = torch.ops.aten
+
+# The compiled step is one code object traced once per decoder (each has its own cache
+# buffers and static shapes): allow many before dynamo gives up and runs eagerly.
+_RECOMPILE_LIMIT = 256
+
+
+def greedy_step(decoder, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One decode step that also advances the device state: returns the logits [V] of the
+    token in ``tok`` at position ``pos``, then writes the greedy next token into ``tok``
+    and ``pos + 1`` into ``pos``. This is the function that is compiled and captured."""
+    logits = decoder.eager_step(tok, pos)
+    tok.copy_(torch.argmax(logits, dim=-1, keepdim=True))
+    pos.add_(1)
+    return logits
+
+
+# ----------------------------------------------------------------------------- backend
+def _is_one_row(x: torch.Tensor) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return x.dim() == 2 and statically_known_true(x.shape[0] == 1)
+
+
+def _gemv(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """[1, K] @ [K, N] as a float32 multiply + reduction over K (inductor: one Triton
+    reduction kernel reading each weight row once; consumers fuse into it).
+
+    The activation goes through an identity ``as_strided`` first, which inductor lowers by
+    realizing its input: whatever computed ``x`` (GELU, a LayerNorm) is then computed once
+    into a small buffer instead of being inlined into the reduction, where it would be
+    recomputed for every one of the N output rows (measured on the H100: the down
+    projection with GELU inlined ran at 1.2 TB/s; see docs/gpu.md)."""
+    x = aten.as_strided(x, x.shape, x.stride(), x.storage_offset())
+    return (x.float().unsqueeze(2) * w_t.float().unsqueeze(0)).sum(dim=1)
+
+
+def _decompositions(reduction_gemv: bool) -> dict:
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    if not reduction_gemv:
+        return table
+    base_addmm, base_mm = table.get(aten.addmm.default), table.get(aten.mm.default)
+
+    def addmm(bias, mat1, mat2, *, beta=1, alpha=1):
+        if not _is_one_row(mat1) or not mat1.dtype.is_floating_point:
+            return base_addmm(bias, mat1, mat2, beta=beta, alpha=alpha) if base_addmm \
+                else NotImplemented
+        out = _gemv(mat1, mat2)
+        if alpha != 1:
+            out = out * alpha
+        b = bias.float()
+        out = out + (b if beta == 1 else b * beta)
+        return out.to(mat1.dtype)
+
+    def mm(mat1, mat2):
+        if not _is_one_row(mat1) or not mat1.dtype.is_floating_point:
+            return base_mm(mat1, mat2) if base_mm else NotImplemented
+        return _gemv(mat1, mat2).to(mat1.dtype)
+
+    table[aten.addmm.default] = addmm
+    table[aten.mm.default] = mm
+    return table
+
+
+def resolve_gemv(gemv: str, device: torch.device) -> str:
+    if gemv not in GEMV_MODES:
+        raise ConfigError(f"gemv {gemv!r} is not one of {GEMV_MODES}")
+    if gemv == "auto":
+        return "reduction" if device.type == "cuda" else "extern"
+    return gemv
+
+
+def inductor_backend(gemv: str) -> Callable:
+    """A torch.compile backend: inductor with our GEMV decomposition (``reduction``) or
+    cuBLAS/BLAS (``extern``). The FX-graph and AOT caches are off for it: their keys do not
+    cover a custom decomposition table, so a cached graph of the other variant could be
+    served."""
+    from torch._inductor.compile_fx import compile_fx
+
+    reduction = gemv == "reduction"
+    table = _decompositions(reduction)
+    patches = {"coordinate_descent_tuning": reduction, "fx_graph_cache": False,
+               "triton.unique_kernel_names": True}
+
+    def backend(gm, example_inputs):
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, config_patches=patches, decompositions=table)
+
+    return backend
+
+
+def _raise_recompile_limits() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), _RECOMPILE_LIMIT))
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit,
+                                              4 * _RECOMPILE_LIMIT)
+
+
+# ----------------------------------------------------------------------------- attention
+# Decode attention for the compiled CUDA path. Inductor turns attention.attend's one-query
+# case into 4-5 kernels per layer (sink scores, window scores, a softmax over every slot in
+# one program per head, probabilities @ values); this is the same arithmetic in two:
+# split-K over the slots with an online softmax (one program per head and slice of slots),
+# then a combine over the slices. Keys and values are read once; scores and probabilities
+# stay in float32. Used only inside steps compiled with attention="triton" (see
+# attention.attend): eager decoding never takes it, so it stays the reference.
+ATTENTION_MODES = ("auto", "triton", "inductor")
+_TRACE_ATTENTION = "inductor"  # what attention.attend uses while torch.compile traces a step
+
+
+def fused_decode_attention():
+    """The fused decode-attention op if the step being traced asked for it, else None
+    (called by attention.attend while dynamo traces; the op is registered beforehand)."""
+    return torch.ops.fastdecode.decode_attention if _TRACE_ATTENTION == "triton" else None
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    if attention not in ATTENTION_MODES:
+        raise ConfigError(f"attention {attention!r} is not one of {ATTENTION_MODES}")
+    if attention == "auto":
+        return "triton" if device.type == "cuda" else "inductor"
+    if attention == "triton" and device.type != "cuda":
+        raise DeviceError("the fused decode-attention kernel runs on CUDA only "
+                          "(use --attention inductor)")
+    return attention
+
+
+_MIN_PER = 64  # fewest slots one program takes; the grid has a program per head and slice
+
+
+def _attention_configs(triton):
+    """Slots per program, slots per loop step, warps: tuned per (N, D, G) on first use."""
+    return [triton.Config({"PER": per, "BLOCK_N": bn}, num_warps=w)
+            for per, bn, w in ((64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4),
+                               (128, 64, 8), (256, 64, 4), (256, 64, 8), (256, 128, 8),
+                               (512, 128, 8), (64, 16, 2))]
+
+
+@functools.cache
+def _decode_attention_op():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(q_ptr, qs_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
+                     N, NSPLIT, stride_kh, stride_kn, stride_vh, stride_vn, scale,
+                     G: tl.constexpr, D: tl.constexpr, S: tl.constexpr, PER: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (h, sp) covers slots [sp * PER, sp * PER + PER) of query head h; the grid
+        # has N / _MIN_PER slices, so with PER > _MIN_PER the later programs see no slot and
+        # write the neutral partial (m = -1e30, l = 0, acc = 0), which the combine ignores.
+        h = tl.program_id(0)
+        sp = tl.program_id(1)
+        hk = h // G
+        rd = tl.arange(0, BLOCK_D)
+        md = rd < D
+        q = tl.load(q_ptr + h * D + rd, mask=md, other=0.0).to(tl.float32)
+        qs = tl.load(qs_ptr + h * D + rd, mask=md, other=0.0).to(tl.float32)
+        m_i = tl.full((), -1e30, tl.float32)
+        l_i = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for n0 in range(0, PER, BLOCK_N):
+            rn = sp * PER + n0 + tl.arange(0, BLOCK_N)
+            mn = rn < N
+            m2 = mn[:, None] & md[None, :]
+            kk = tl.load(k_ptr + hk * stride_kh + rn[:, None] * stride_kn + rd[None, :],
+                         mask=m2, other=0.0)
+            vv = tl.load(v_ptr + hk * stride_vh + rn[:, None] * stride_vn + rd[None, :],
+                         mask=m2, other=0.0)
+            vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
+            kf = kk.to(tl.float32)
+            sc = tl.sum(kf * q[None, :], axis=1)
+            if sp * PER + n0 < S:  # only the first block holds the sinks
+                sc = tl.where(rn < S, tl.sum(kf * qs[None, :], axis=1), sc)
+            sc = tl.where(vis, sc * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * vv.to(tl.float32), axis=0)
+            m_i = m_new
+        tl.store(m_ptr + h * NSPLIT + sp, m_i)
+        tl.store(l_ptr + h * NSPLIT + sp, l_i)
+        tl.store(acc_ptr + (h * NSPLIT + sp) * D + rd, acc, mask=md)
+
+    tuned_split = triton.autotune(configs=_attention_configs(triton), key=["N", "D", "G"])(
+        split_kernel)
+
+    @triton.jit
+    def combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
+                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        h = tl.program_id(0)
+        rs = tl.arange(0, BLOCK_S)
+        ms = rs < NSPLIT
+        rd = tl.arange(0, BLOCK_D)
+        md = rd < D
+        m = tl.load(m_ptr + h * NSPLIT + rs, mask=ms, other=-1e30)
+        l_ = tl.load(l_ptr + h * NSPLIT + rs, mask=ms, other=0.0)
+        w = tl.exp(m - tl.max(m, axis=0))
+        acc = tl.load(acc_ptr + (h * NSPLIT + rs)[:, None] * D + rd[None, :],
+                      mask=ms[:, None] & md[None, :], other=0.0)
+        o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_, axis=0)
+        tl.store(o_ptr + h * D + rd, o.to(o_ptr.dtype.element_ty), mask=md)
+
+    def launch(q, q_sink, k, v, mask, num_sink: int, scale: float) -> torch.Tensor:
+        Hq, _, D = q.shape
+        Hkv, N, _ = k.shape
+        q2 = q.reshape(Hq, D).contiguous()
+        qs2 = q_sink.reshape(Hq, D).contiguous()
+        mask1 = mask.reshape(-1).contiguous()
+        if k.stride(-1) != 1 or v.stride(-1) != 1:
+            k, v = k.contiguous(), v.contiguous()
+        nsplit = triton.cdiv(N, _MIN_PER)
+        f32 = torch.float32
+        m = torch.empty(Hq, nsplit, dtype=f32, device=q.device)
+        l_ = torch.empty(Hq, nsplit, dtype=f32, device=q.device)
+        acc = torch.empty(Hq, nsplit, D, dtype=f32, device=q.device)
+        out = torch.empty(Hq, 1, D, dtype=q.dtype, device=q.device)
+        block_d = triton.next_power_of_2(D)
+        args = (q2, qs2, k, v, mask1, m, l_, acc, N, nsplit, k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), scale)
+        meta = dict(G=Hq // Hkv, D=D, S=num_sink, BLOCK_D=block_d)
+        if q.is_cuda:  # tuned on first use for each (N, D, G): before any graph capture
+            tuned_split[(Hq, nsplit)](*args, **meta)
+        else:  # Triton's interpreter (tests): one fixed configuration
+            split_kernel[(Hq, nsplit)](*args, **meta, PER=2 * _MIN_PER, BLOCK_N=32)
+        combine_kernel[(Hq,)](m, l_, acc, out, nsplit, D=D,
+                              BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d,
+                              num_warps=4)
+        return out
+
+    @torch.library.custom_op("fastdecode::decode_attention", mutates_args=())
+    def decode_attention(q: torch.Tensor, q_sink: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, mask: torch.Tensor, num_sink: int,
+                         scale: float) -> torch.Tensor:
+        return launch(q, q_sink, k, v, mask, num_sink, scale)
+
+    @decode_attention.register_fake
+    def _(q, q_sink, k, v, mask, num_sink, scale):
+        return torch.empty_like(q)
+
+    return decode_attention
+
+
+# ----------------------------------------------------------------------------- steps
+class CompiledStep:
+    """A decoder's step in one of the three modes.
+
+    ``step(tok_buf, pos_buf) -> logits`` is what :attr:`Decoder.step_fn` calls;
+    :meth:`greedy` decodes ``n`` tokens greedily on the device with no host sync.
+    """
+
+    def __init__(self, decoder, mode: str = "none", gemv: str = "auto",
+                 attention: str = "auto", warmup: int = 3):
+        CompileConfig(mode)  # validates the mode
+        self.decoder, self.mode = decoder, mode
+        dev = decoder.model.device
+        self.gemv = resolve_gemv(gemv, dev) if mode != "none" else "eager"
+        self.attention = resolve_attention(attention, dev) if mode != "none" else "eager"
+        if self.attention == "triton":
+            _decode_attention_op()  # registers torch.ops.fastdecode.decode_attention
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_logits: torch.Tensor | None = None
+        if mode == "graphs" and dev.type != "cuda":
+            raise DeviceError("--compile graphs captures a CUDA graph and needs the model on "
+                              f"a CUDA device; this model is on {dev} (use --compile default)")
+        if mode == "none":
+            self._fn = functools.partial(greedy_step, decoder)
+            return
+        _raise_recompile_limits()
+        self._fn = torch.compile(functools.partial(greedy_step, decoder), fullgraph=True,
+                                 dynamic=False, backend=inductor_backend(self.gemv))
+        if mode == "graphs":
+            self._capture(warmup)
+
+    def fn(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The (compiled) greedy step, not graphed; always under no_grad (grad mode is part
+        of what a compiled function is specialised on)."""
+        global _TRACE_ATTENTION
+        prev, _TRACE_ATTENTION = _TRACE_ATTENTION, self.attention
+        try:
+            with torch.no_grad():
+                return self._fn(tok, pos)
+        finally:
+            _TRACE_ATTENTION = prev
+
+    # -- capture
+    @torch.no_grad()
+    def _capture(self, warmup: int) -> None:
+        dec = self.decoder
+        dec.cache.check_room(dec.t + 1)
+        dev = dec.model.device
+        t = dec.t
+
+        def reset():  # every warm-up writes the same (invisible) slot, see module doc
+            dec.tok_buf.fill_(0)
+            dec.pos_buf.fill_(t)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 1)):  # the first call compiles and tunes
+                reset()
+                self.fn(dec.tok_buf, dec.pos_buf)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        reset()
+        with torch.cuda.graph(graph):
+            out = self.fn(dec.tok_buf, dec.pos_buf)
+        torch.cuda.synchronize(dev)
+        reset()
+        self.graph, self.static_logits = graph, out
+
+    # -- Decoder.step_fn
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            if self.mode == "none":
+                return self.decoder.eager_step(tok, pos)
+            return self.fn(tok, pos)
+        dec = self.decoder
+        if tok is not dec.tok_buf:
+            dec.tok_buf.copy_(tok.reshape(1))
+        if pos is not dec.pos_buf:
+            dec.pos_buf.copy_(pos.reshape(1))
+        self.graph.replay()
+        return self.static_logits.clone()  # the graph overwrites its output next replay
+
+    def run_one(self) -> None:
+        """One greedy step on the decoder's buffers (tok_buf, pos_buf advance on device)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn(self.decoder.tok_buf, self.decoder.pos_buf)
+
+    # -- fast greedy loop
+    @torch.no_grad()
+    def greedy(self, first_token: torch.Tensor | int, n: int, *, record: bool = True,
+               events: list | None = None) -> torch.Tensor | None:
+        """Feed ``first_token`` at the decoder's position, then ``n - 1`` greedy successors.
+
+        Returns the ``n`` greedy tokens that follow (int64 [n] on the device), or None with
+        ``record=False``. No host sync: the token and position stay on the device. With
+        ``events`` (n + 1 CUDA events) event ``i`` is recorded before step ``i`` and the last
+        after the final step, so per-token times come from the device's own clock.
+        """
+        dec = self.decoder
+        if n < 1:
+            return torch.empty(0, dtype=torch.long, device=dec.model.device) if record else None
+        dec.cache.check_room(dec.t + n)
+        if isinstance(first_token, torch.Tensor):
+            dec.tok_buf.copy_(first_token.reshape(1))
+        else:
+            dec.tok_buf.fill_(int(first_token))
+        dec.pos_buf.fill_(dec.t)
+        out = torch.empty(n, dtype=torch.long, device=dec.model.device) if record else None
+        for i in range(n):
+            if events is not None:
+                events[i].record()
+            self.run_one()
+            if record:
+                out[i:i + 1].copy_(dec.tok_buf)
+        if events is not None:
+            events[n].record()
+        dec.t += n
+        return out
+
+
+def compile_decoder(decoder, mode: str = "none", *, gemv: str = "auto",
+                    attention: str = "auto", warmup: int = 3) -> CompiledStep:
+    """Set ``decoder.step_fn`` for ``mode`` (none | default | graphs) and return the step.
+
+    ``graphs`` compiles, tunes and captures at once (at the decoder's current position), so
+    the call takes as long as the compilation; ``default`` compiles on the first step."""
+    step = CompiledStep(decoder, mode, gemv=gemv, attention=attention, warmup=warmup)
+    decoder.step_fn = decoder.eager_step if mode == "none" else step
+    decoder.compiled = step
+    return step
+
+
+__all__ = ["CompiledStep", "compile_decoder", "greedy_step", "inductor_backend", "GEMV_MODES",
+           "ATTENTION_MODES", "resolve_gemv", "resolve_attention", "fused_decode_attention"]
