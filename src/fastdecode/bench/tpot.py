@@ -33,6 +33,7 @@ import torch
 
 from ..config import CacheConfig
 from ..errors import ConfigError
+from ..eval.record import git_info
 
 
 # ----------------------------------------------------------------------------- clocks
@@ -82,19 +83,6 @@ def stats_ms(times: list[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- environment
-def git_info() -> dict:
-    root = Path(__file__).resolve().parents[3]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=root, capture_output=True, text=True,
-                                    timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", None
-    return {"commit": commit or os.environ.get("FASTDECODE_GIT_COMMIT", ""), "dirty": dirty}
-
-
 def env_info(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), **git_info()}

@@ -4,6 +4,7 @@ per-token NLL went."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -18,19 +19,23 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 
 def git_info(root: Path = _REPO_ROOT) -> dict:
     """Commit and dirtiness of the checkout this package runs from (read only: no index
-    refresh), or {} outside a git checkout."""
+    refresh); outside a git checkout, $FASTDECODE_GIT_COMMIT if set (copies of the tree
+    on a benchmark machine), else {}."""
+    fallback = ({"commit": os.environ["FASTDECODE_GIT_COMMIT"], "dirty": None}
+                if os.environ.get("FASTDECODE_GIT_COMMIT") else {})
+
     def git(*args):
         return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args],
                               capture_output=True, text=True, timeout=10)
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode:
-            return {}
+            return fallback
         status = git("status", "--porcelain", "--untracked-files=no")
         return {"commit": head.stdout.strip(),
                 "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return fallback
 
 
 def environment(device: torch.device | str | None = None) -> dict:
