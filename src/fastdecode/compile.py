@@ -1,9 +1,14 @@
-"""Compiled and CUDA-graphed decode steps: ``--compile none|default|graphs``.
+"""Compiled and CUDA-graphed decode steps: ``--compile none|default|graphs`` and
+``--kernels auto|fused|inductor``.
 
 - ``none``: :meth:`Decoder.eager_step` as written (one kernel launch per op).
-- ``default``: the step compiled by ``torch.compile`` (inductor, ``fullgraph=True``, static
-  shapes). Works on the CPU too (that is what CI tests).
-- ``graphs`` (CUDA only): the same compiled step, warmed up on a side stream and captured
+- ``default``: the step made of compiled kernels, launched one by one. With
+  ``kernels="inductor"`` (the default off CUDA): ``torch.compile`` (inductor,
+  ``fullgraph=True``, static shapes); works on the CPU too (that is what CI tests). With
+  ``kernels="fused"`` (the default on CUDA): our own Triton step (:mod:`fastdecode.fused`:
+  five launches per GPT-NeoX layer, no torch.compile, set up in seconds rather than the
+  ~100 s inductor takes for Pythia-2.8B).
+- ``graphs`` (CUDA only): the same step, warmed up on a side stream and captured
   by hand as one ``torch.cuda.CUDAGraph`` over the decoder's static buffers: the token
   ``tok_buf`` and position ``pos_buf`` (int64 [1] on the device), the cache buffers (written
   in place, by index, inside the graph) and a static logits output. A step is then two
@@ -41,6 +46,7 @@ from .config import CompileConfig
 from .errors import ConfigError, DeviceError
 
 GEMV_MODES = ("auto", "reduction", "extern")
+KERNEL_MODES = ("auto", "fused", "inductor")
 
 aten = torch.ops.aten
 
@@ -133,6 +139,32 @@ def inductor_backend(gemv: str) -> Callable:
             return compile_fx(gm, example_inputs, config_patches=patches, decompositions=table)
 
     return backend
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_kernels(kernels: str, mode: str, decoder) -> str:
+    """``eager`` for mode none; else ``fused`` or ``inductor`` (``auto``: fused on CUDA
+    when the model is supported, inductor otherwise)."""
+    if kernels not in KERNEL_MODES:
+        raise ConfigError(f"kernels {kernels!r} is not one of {KERNEL_MODES}")
+    if mode == "none":
+        return "eager"
+    dev = decoder.model.device
+    if kernels == "auto":
+        if dev.type != "cuda":
+            return "inductor"
+        from .fused import unsupported_reason
+
+        return "inductor" if unsupported_reason(decoder) else "fused"
+    if kernels == "fused" and dev.type != "cuda" and not _interpreting():
+        raise DeviceError("the fused decode step runs Triton kernels on CUDA (on the CPU only "
+                          "under TRITON_INTERPRET=1, for tests); use --kernels inductor")
+    return kernels
 
 
 def _raise_recompile_limits() -> None:
@@ -300,19 +332,28 @@ class CompiledStep:
     """
 
     def __init__(self, decoder, mode: str = "none", gemv: str = "auto",
-                 attention: str = "auto", warmup: int = 3):
-        CompileConfig(mode)  # validates the mode
+                 attention: str = "auto", warmup: int = 3, kernels: str = "auto"):
+        CompileConfig(mode, kernels)  # validates the mode
         self.decoder, self.mode = decoder, mode
         dev = decoder.model.device
-        self.gemv = resolve_gemv(gemv, dev) if mode != "none" else "eager"
-        self.attention = resolve_attention(attention, dev) if mode != "none" else "eager"
-        if self.attention == "triton":
-            _decode_attention_op()  # registers torch.ops.fastdecode.decode_attention
+        self.kernels = resolve_kernels(kernels, mode, decoder)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_logits: torch.Tensor | None = None
         if mode == "graphs" and dev.type != "cuda":
             raise DeviceError("--compile graphs captures a CUDA graph and needs the model on "
                               f"a CUDA device; this model is on {dev} (use --compile default)")
+        if self.kernels == "fused":
+            from .fused import FusedStep
+
+            self.gemv = self.attention = "fused"
+            self._fn = FusedStep(decoder)
+            if mode == "graphs":
+                self._capture(warmup)
+            return
+        self.gemv = resolve_gemv(gemv, dev) if mode != "none" else "eager"
+        self.attention = resolve_attention(attention, dev) if mode != "none" else "eager"
+        if self.attention == "triton":
+            _decode_attention_op()  # registers torch.ops.fastdecode.decode_attention
         if mode == "none":
             self._fn = functools.partial(greedy_step, decoder)
             return
@@ -366,7 +407,8 @@ class CompiledStep:
         if self.graph is None:
             if self.mode == "none":
                 return self.decoder.eager_step(tok, pos)
-            return self.fn(tok, pos)
+            out = self.fn(tok, pos)
+            return out.clone() if self.kernels == "fused" else out  # a static buffer
         dec = self.decoder
         if tok is not dec.tok_buf:
             dec.tok_buf.copy_(tok.reshape(1))
@@ -416,16 +458,20 @@ class CompiledStep:
 
 
 def compile_decoder(decoder, mode: str = "none", *, gemv: str = "auto",
-                    attention: str = "auto", warmup: int = 3) -> CompiledStep:
-    """Set ``decoder.step_fn`` for ``mode`` (none | default | graphs) and return the step.
+                    attention: str = "auto", warmup: int = 3,
+                    kernels: str = "auto") -> CompiledStep:
+    """Set ``decoder.step_fn`` for ``mode`` (none | default | graphs) and ``kernels``
+    (auto | fused | inductor) and return the step.
 
     ``graphs`` compiles, tunes and captures at once (at the decoder's current position), so
     the call takes as long as the compilation; ``default`` compiles on the first step."""
-    step = CompiledStep(decoder, mode, gemv=gemv, attention=attention, warmup=warmup)
+    step = CompiledStep(decoder, mode, gemv=gemv, attention=attention, warmup=warmup,
+                        kernels=kernels)
     decoder.step_fn = decoder.eager_step if mode == "none" else step
     decoder.compiled = step
     return step
 
 
 __all__ = ["CompiledStep", "compile_decoder", "greedy_step", "inductor_backend", "GEMV_MODES",
+           "KERNEL_MODES", "resolve_kernels",
            "ATTENTION_MODES", "resolve_gemv", "resolve_attention", "fused_decode_attention"]

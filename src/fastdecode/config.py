@@ -10,6 +10,7 @@ POLICIES = ("dense", "window", "streaming")
 POSITION_MODES = ("cache", "absolute")
 KV_DTYPES = ("auto", "int8")
 COMPILE_MODES = ("none", "default", "graphs")
+KERNEL_MODES = ("auto", "fused", "inductor")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -64,14 +65,19 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """How the decode step runs: ``none`` (eager), ``default`` (torch.compile), ``graphs``
-    (torch.compile, then the step captured as a CUDA graph; CUDA only)."""
+    """How the decode step runs: ``none`` (eager), ``default`` (compiled kernels launched
+    one by one), ``graphs`` (the step captured as one CUDA graph; CUDA only). ``kernels``:
+    whose kernels make the step: ``fused`` (our Triton step, fastdecode.fused), ``inductor``
+    (torch.compile of the eager step), ``auto`` (fused on CUDA, inductor elsewhere)."""
 
     mode: str = "none"
+    kernels: str = "auto"
 
     def __post_init__(self):
         if self.mode not in COMPILE_MODES:
             raise ConfigError(f"compile mode {self.mode!r} is not one of {COMPILE_MODES}")
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"kernels {self.kernels!r} is not one of {KERNEL_MODES}")
 
 
 def parse_dtype(name: str):

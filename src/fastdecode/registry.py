@@ -27,6 +27,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"name": self.name, "speed_cache": self.speed_cache.to_dict(),
                 "ppl_cache": self.ppl_cache.to_dict(), "compile": self.compile.mode,
+                "kernels": self.compile.kernels,
                 "quant": self.quant, "dtype": self.dtype, "description": self.description}
 
 
@@ -46,15 +47,18 @@ def _configs() -> list[RunConfig]:
                   description="dense KV (no eviction), compiled + graphed"),
         RunConfig("bf16-stream-eager", *_STREAM, eager, description="4+2048 streaming, eager"),
         RunConfig("bf16-stream-compiled", *_STREAM, compiled,
-                  description="4+2048 streaming, torch.compile without graphs"),
+                  description="4+2048 streaming, compiled kernels launched one by one (no "
+                              "CUDA graph; on CUDA the fused Triton step)"),
         RunConfig("bf16-stream-graphs", *_STREAM, graphs,
-                  description="4+2048 streaming, compiled + CUDA graph"),
+                  description="4+2048 streaming, fused step captured as a CUDA graph"),
         RunConfig("int8-all-graphs", *_STREAM, graphs, quant="int8",
                   description="int8 weight-only, all linears"),
         RunConfig("int4-mlp-g128-graphs", *_STREAM, graphs, quant="int4-mlp-g128",
                   description="int4 g128 weight-only, MLP only"),
         RunConfig("int4-mlp-g64-graphs", *_STREAM, graphs, quant="int4-mlp-g64",
                   description="int4 g64 weight-only, MLP only"),
+        RunConfig("int4-all-g128-graphs", *_STREAM, graphs, quant="int4-g128",
+                  description="int4 g128 weight-only, all linears (not the head)"),
         RunConfig("int8kv-graphs", *_streaming(2048, 1020, kv_dtype="int8"), graphs,
                   description="int8 KV cache (per-head, per-token scales)"),
         RunConfig("lazy-r32-graphs", *_streaming(2048, 1020, compress_every=32), graphs,

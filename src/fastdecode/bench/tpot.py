@@ -166,6 +166,7 @@ class DecodeRun:
     gemv: str
     attention: str
     cache: dict
+    kernels: str = ""
     prompt_len: int
     decode_len: int
     warmup_tokens: int
@@ -244,7 +245,7 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
     mode = mode or step.mode
     run = DecodeRun(mode=mode, gemv=gemv or step.gemv,
                     attention="eager" if mode == "none" else step.attention,
-                    cache=cache.cfg.to_dict(),
+                    cache=cache.cfg.to_dict(), kernels=getattr(step, "kernels", ""),
                     prompt_len=int(prompt.numel()), decode_len=decode_len,
                     warmup_tokens=warmup_tokens, compile_s=compile_s)
     run.steady = bool(steady_idx)
@@ -274,7 +275,7 @@ def random_prompt(n: int, vocab: int, seed: int, device) -> torch.Tensor:
 
 
 def build_and_compile(lm, cache_cfg: CacheConfig, mode: str, gemv: str = "auto",
-                      chunk_size: int = 512, attention: str = "auto"):
+                      chunk_size: int = 512, attention: str = "auto", kernels: str = "auto"):
     """A fresh decoder for ``cache_cfg`` and its compiled step; returns (decoder, step,
     seconds spent compiling, tuning and capturing)."""
     from ..compile import compile_decoder
@@ -283,8 +284,8 @@ def build_and_compile(lm, cache_cfg: CacheConfig, mode: str, gemv: str = "auto",
     dec = Decoder.build(lm.model, cache_cfg, chunk_size=chunk_size)
     clock = Clock(lm.model.device)
     step, ms = clock.timed(lambda: compile_decoder(dec, mode, gemv=gemv,
-                                                   attention=attention))
-    if mode == "default":  # compiles lazily: compile now, at the current position
+                                                   attention=attention, kernels=kernels))
+    if mode == "default":  # compiles (or tunes) lazily: do it now, at the current position
         def first():
             dec.pos_buf.fill_(dec.t)
             dec.tok_buf.fill_(0)

@@ -29,7 +29,7 @@ def _csv(kind):
 
 
 def add_parser(sub) -> None:
-    from ..compile import ATTENTION_MODES, GEMV_MODES
+    from ..compile import ATTENTION_MODES, GEMV_MODES, KERNEL_MODES
 
     p = sub.add_parser("bench", help="time decoding (TPOT, prefill, memory, bandwidth) with "
                                      "peers, sweeps and a profile; write a JSON record")
@@ -37,15 +37,20 @@ def add_parser(sub) -> None:
     add_cache_args(p)
     g = p.add_argument_group("decode path")
     g.add_argument("--compile", choices=COMPILE_MODES, default=None,
-                   help="none (eager) | default (torch.compile) | graphs (compiled + CUDA "
-                        "graph; CUDA only). Default: graphs on CUDA, default on the CPU")
+                   help="none (eager) | default (compiled kernels, launched one by one) | "
+                        "graphs (the step captured as one CUDA graph; CUDA only). Default: "
+                        "graphs on CUDA, default on the CPU")
+    g.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
+                   help="whose kernels make the step: fused (our Triton step) or inductor "
+                        "(torch.compile of the eager step; --gemv/--attention apply); auto = "
+                        "fused on CUDA, inductor on the CPU")
     g.add_argument("--gemv", choices=GEMV_MODES, default="auto",
-                   help="one-row matmuls: inductor reductions (reduction) or cuBLAS (extern); "
-                        "auto = reduction on CUDA")
+                   help="with --kernels inductor, one-row matmuls: inductor reductions "
+                        "(reduction) or cuBLAS (extern); auto = reduction on CUDA")
     g.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
-                   help="decode attention in compiled CUDA steps: our fused Triton kernel "
-                        "(triton) or what inductor makes of attention.attend (inductor); "
-                        "auto = triton on CUDA")
+                   help="with --kernels inductor, decode attention in compiled CUDA steps: "
+                        "a Triton kernel (triton) or what inductor makes of attention.attend "
+                        "(inductor); auto = triton on CUDA")
     g.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
     g = p.add_argument_group("lengths")
     g.add_argument("--prompt-len", type=int, default=None,
@@ -62,8 +67,9 @@ def add_parser(sub) -> None:
     g.add_argument("--peer-decode-len", type=int, default=64)
     g.add_argument("--peer-warmup-tokens", type=int, default=8)
     g.add_argument("--variants", type=_csv(str), default=[],
-                   help="more runs of our engine on the same shapes: MODE[:GEMV[:ATTENTION]], "
-                        "e.g. none,default,graphs:extern,graphs:reduction:inductor")
+                   help="more runs of our engine on the same shapes: "
+                        "MODE[:KERNELS[:GEMV[:ATTENTION]]], e.g. "
+                        "none,default,graphs:inductor,graphs:inductor:extern")
     g.add_argument("--check", type=int, default=0, metavar="N",
                    help="compare the main path's logits with the eager path over N steps")
     g.add_argument("--sweep-windows", type=_csv(int), default=[],
@@ -86,6 +92,11 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def step_kernels_fused(record: dict) -> bool:
+    return record["config"].get("kernels") == "fused" or any(
+        k.endswith(":fused") for k in record.get("variants", {}))
+
+
 class _Log:
     def __call__(self, *parts) -> None:
         print(*parts, flush=True)
@@ -106,7 +117,7 @@ def run(args) -> int:
 
     from ..bench import tpot
     from ..bench.peers import PEERS, run_peers
-    from ..compile import resolve_attention, resolve_gemv
+    from ..compile import resolve_attention, resolve_gemv, resolve_kernels
     from ..engine import Decoder
 
     log = _Log()
@@ -121,12 +132,17 @@ def run(args) -> int:
             raise ConfigError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
     if args.sweep_windows and not bounded:
         raise ConfigError("--sweep-windows needs a bounded cache (streaming or window)")
+    from ..compile import GEMV_MODES, KERNEL_MODES
+
     variants = []
     for v in args.variants:
-        mode, gemv, attention = (v.split(":") + ["", ""])[:3]
-        if mode not in COMPILE_MODES:
-            raise ConfigError(f"variant {v!r}: mode must be one of {COMPILE_MODES}")
-        variants.append((mode, gemv or "auto", attention or "auto"))
+        mode, kern, gemv, attention = (v.split(":") + ["", "", ""])[:4]
+        if mode not in COMPILE_MODES or (kern or "auto") not in KERNEL_MODES \
+                or (gemv or "auto") not in GEMV_MODES:
+            raise ConfigError(f"variant {v!r}: expected MODE[:KERNELS[:GEMV[:ATTENTION]]] with "
+                              f"MODE in {COMPILE_MODES}, KERNELS in {KERNEL_MODES}, GEMV in "
+                              f"{GEMV_MODES}")
+        variants.append((mode, kern or "auto", gemv or "auto", attention or "auto"))
 
     lm = load(args)
     dev = lm.model.device
@@ -142,6 +158,7 @@ def run(args) -> int:
                     "config": {"model": args.model, "source": lm.source,
                                "dtype": str(lm.model.dtype).replace("torch.", ""),
                                "cache": cfg.to_dict(), "compile": mode,
+                               "kernels": args.kernels,
                                "gemv": resolve_gemv(args.gemv, dev) if mode != "none" else "eager",
                                "attention": resolve_attention(args.attention, dev)
                                if mode != "none" else "eager",
@@ -166,9 +183,10 @@ def run(args) -> int:
     prompt = tpot.random_prompt(prompt_len, lm.spec.vocab_size, args.seed, dev)
     t0 = time.perf_counter()
     dec, step, compile_s = tpot.build_and_compile(lm, cfg, mode, args.gemv, args.chunk_size,
-                                                  args.attention)
-    log(f"main: compiled ({mode}, gemv={step.gemv}, attention={step.attention}) in "
-        f"{compile_s:.1f} s")
+                                                  args.attention, args.kernels)
+    record["config"].update(kernels=step.kernels, gemv=step.gemv, attention=step.attention)
+    log(f"main: compiled ({mode}, kernels={step.kernels}, gemv={step.gemv}, "
+        f"attention={step.attention}) in {compile_s:.1f} s")
     main = tpot.measure(step, dec, prompt=prompt, decode_len=args.decode_len,
                         warmup_tokens=args.warmup_tokens, compile_s=compile_s).to_dict()
     b = main["bytes_per_token"]
@@ -260,12 +278,15 @@ def run(args) -> int:
         save()
 
     record["variants"] = {}
-    for vmode, vgemv, vattn in variants:
-        name = "none" if vmode == "none" else (f"{vmode}:{resolve_gemv(vgemv, dev)}:"
-                                               f"{resolve_attention(vattn, dev)}")
+    for vmode, vkern, vgemv, vattn in variants:
+        vk = resolve_kernels(vkern, vmode, dec)
+        name = ("none" if vmode == "none" else f"{vmode}:fused" if vk == "fused" else
+                f"{vmode}:inductor:{resolve_gemv(vgemv, dev)}:{resolve_attention(vattn, dev)}")
         try:
-            if (vmode == "default" and mode == "graphs" and resolve_gemv(vgemv, dev) == step.gemv
-                    and resolve_attention(vattn, dev) == step.attention):
+            same = vk == step.kernels and (vk == "fused" or (
+                resolve_gemv(vgemv, dev) == step.gemv
+                and resolve_attention(vattn, dev) == step.attention))
+            if vmode == "default" and mode == "graphs" and same:
                 def run_one(step=step, dec=dec):
                     step.fn(dec.tok_buf, dec.pos_buf)
                 r = tpot.measure(step, dec, prompt=prompt, decode_len=args.decode_len,
@@ -275,7 +296,7 @@ def run(args) -> int:
                 r["notes"].append("the main step's compiled function, run without its graph")
             else:
                 vd, vs, vc = tpot.build_and_compile(lm, cfg, vmode, vgemv, args.chunk_size,
-                                                    vattn)
+                                                    vattn, vkern)
                 n = args.decode_len if vmode != "none" else min(args.decode_len,
                                                                  args.warmup_tokens + 32)
                 r = tpot.measure(vs, vd, prompt=prompt, decode_len=n,
@@ -301,7 +322,7 @@ def run(args) -> int:
             try:
                 wcfg = dataclasses.replace(cfg, window=W)
                 wd, ws, wc = tpot.build_and_compile(lm, wcfg, mode, args.gemv, args.chunk_size,
-                                                    args.attention)
+                                                    args.attention, args.kernels)
                 wp = tpot.random_prompt(S + W, lm.spec.vocab_size, args.seed + W, dev)
                 r = tpot.measure(ws, wd, prompt=wp, decode_len=args.sweep_decode_len,
                                  warmup_tokens=args.sweep_warmup_tokens, compile_s=wc).to_dict()
@@ -319,14 +340,20 @@ def run(args) -> int:
             save()
 
     targets = set_targets()
+    if step_kernels_fused(record):
+        from ..fused import tune
+
+        record["tuned_launches"] = tune.chosen()
     save()
 
     # ---------------------------------------------------------------- table
     log("")
     log(f"{'run':34s} {'median':>8s} {'mean':>8s} {'p90':>8s} {'prefill':>9s} {'GB/s':>8s} "
         f"{'comp_s':>7s}   (ms)")
-    log(_run_line(f"ours {mode}:{record['config']['gemv']}:{record['config']['attention']}",
-                  main))
+    main_name = (f"ours {mode}:fused" if record["config"]["kernels"] == "fused" else
+                 f"ours {mode}:inductor:{record['config']['gemv']}:"
+                 f"{record['config']['attention']}")
+    log(_run_line(main_name, main))
     for name, r in record.get("variants", {}).items():
         log(_run_line(f"ours {name}", r))
     for name, r in peers.items():

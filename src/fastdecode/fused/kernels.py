@@ -1,0 +1,330 @@
+"""Triton kernels of the fused decode step (batch 1, one token): a GEMV with its norm,
+activation, bias and residual fused in, rotary + cache write, and split-K attention.
+
+Every kernel mirrors a piece of the eager model (``models/transformer.py``,
+``attention.attend``) and is held equal to it by ``tests/test_fused.py`` (Triton's
+interpreter on the CPU, compiled on CUDA). They accumulate in float32 and round to the
+model dtype where the eager model rounds (after a norm, after a linear, after the
+activation), so the two paths differ by accumulation order only.
+
+Weight formats (``FMT``): 0 = float (the model dtype), 1 = int8 codes with a float scale per
+row and group of ``GROUP`` inputs (per-channel int8 is one group of K), 2 = int4, two codes
+per byte along K (low nibble first), ``w = (q - 8) * scale + zero`` per row and group.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _norm_stats(x_ptr, K: tl.constexpr, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, rstd) of x[0:K] for LayerNorm (NORM=1), (0, 1/rms) for RMSNorm (NORM=2)."""
+    rk = tl.arange(0, BLOCK_K)
+    mean = 0.0
+    if NORM == 1:
+        acc = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            acc += tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=0) / K
+    acc2 = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        m = k0 + rk < K
+        d = tl.load(x_ptr + k0 + rk, mask=m, other=0.0).to(tl.float32) - mean
+        acc2 += tl.where(m, d * d, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / K + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _load_x(x_ptr, idx, mask, mean, rstd, nw_ptr, nb_ptr, NORM: tl.constexpr):
+    """x[idx] as float32, normalised and rounded to the model dtype like the eager norm
+    module (LayerNorm: affine in float32 then one rounding; RMSNorm: normalise, round,
+    scale by the weight, round)."""
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    if NORM == 1:
+        w = tl.load(nw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(nb_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        xf = ((xf - mean) * rstd * w + b).to(dt).to(tl.float32)
+    elif NORM == 2:
+        w = tl.load(nw_ptr + idx, mask=mask, other=0.0)
+        xf = (w * (xf * rstd).to(dt)).to(dt).to(tl.float32)
+    return xf
+
+
+@triton.jit
+def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, mean, rstd, nw_ptr,
+              nb_ptr, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 [BLOCK_N]: (normalised x) . dequantised W[rows, :]."""
+    NGRP: tl.constexpr = K // GROUP
+    if FMT == 2:
+        # int4: per chunk of BLOCK_K inputs (a whole number of groups), the codes at even
+        # and odd k against x at even and odd k, summed per group, then scale and zero:
+        # sum_k w_k x_k = sum_g [s_g * sum_k (q_k - 8) x_k + z_g * sum_k x_k].
+        HALF: tl.constexpr = BLOCK_K // 2
+        NG: tl.constexpr = BLOCK_K // GROUP
+        rh = tl.arange(0, HALF)
+        rg = tl.arange(0, NG)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mh = k0 + 2 * rh < K
+            p = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + rh)[None, :],
+                        mask=mrow[:, None] & mh[None, :], other=8 + (8 << 4))
+            lo = (p & 0xF).to(tl.float32) - 8.0
+            hi = (p >> 4).to(tl.float32) - 8.0
+            ke = k0 + 2 * rh
+            xe = _load_x(x_ptr, ke, mh, mean, rstd, nw_ptr, nb_ptr, NORM)
+            xo = _load_x(x_ptr, ke + 1, mh, mean, rstd, nw_ptr, nb_ptr, NORM)
+            dot = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :],
+                                    (BLOCK_N, NG, GROUP // 2)), axis=2)
+            sx = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), axis=1)
+            g = k0 // GROUP + rg
+            mg = mrow[:, None] & (g < NGRP)[None, :]
+            s = tl.load(s_ptr + rows[:, None] * NGRP + g[None, :], mask=mg,
+                        other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows[:, None] * NGRP + g[None, :], mask=mg,
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(s * dot + z * sx[None, :], axis=1)
+        return acc
+    else:
+        rk = tl.arange(0, BLOCK_K)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            mk = kk < K
+            x = _load_x(x_ptr, kk, mk, mean, rstd, nw_ptr, nb_ptr, NORM)
+            w = tl.load(w_ptr + rows[:, None] * K + kk[None, :],
+                        mask=mrow[:, None] & mk[None, :], other=0).to(tl.float32)
+            if FMT == 1:  # int8: BLOCK_K divides GROUP, so the chunk has one scale per row
+                s = tl.load(s_ptr + rows * NGRP + k0 // GROUP, mask=mrow, other=0.0)
+                w = w * s.to(tl.float32)[:, None]
+            acc2 += w * x[None, :]
+        return tl.sum(acc2, axis=1)
+
+
+# ----------------------------------------------------------------------------- GEMV
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, eps,
+                N, NSPLIT, OUT_GAP,
+                K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+                NORM: tl.constexpr, ACT2: tl.constexpr, GLU: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[row'] = [r[row] +] act(norm(x) . W[row] [+ b[row]]) for ``BLOCK_N`` rows a program.
+
+    Rows ``>= NSPLIT`` form a second segment (GPT-NeoX's parallel residual computes q/k/v
+    and the MLP's up projection from the same x, normalised by two LayerNorms): they take
+    the second norm's parameters (``nw[K:2K]``, ``nb[K:2K]``), the activation ``ACT2``
+    (1 = exact GELU) and are stored ``OUT_GAP`` further on. A program never straddles
+    NSPLIT (the host picks BLOCK_N to divide it). GLU (Llama's MLP): the output has N rows,
+    W has 2N (gate rows, then up rows), ``y = silu(gate) * up``. Residual: ``r`` may be
+    ``y`` itself (each program reads and writes only its own rows).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mrow = rows < N
+    seg2 = (pid * BLOCK_N >= NSPLIT).to(tl.int32)
+    mean = 0.0
+    rstd = 1.0
+    if NORM != 0:
+        mean, rstd = _norm_stats(x_ptr, K, eps, NORM, BLOCK_K)
+    nw = nw_ptr + seg2 * K
+    nb = nb_ptr + seg2 * K
+    acc = _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K, mean, rstd, nw, nb,
+                    FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+    dt = y_ptr.dtype.element_ty
+    if GLU:
+        up = _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows + N, mrow, K, mean, rstd, nw, nb,
+                       FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+            up += tl.load(b_ptr + N + rows, mask=mrow, other=0.0).to(tl.float32)
+        g = acc.to(dt).to(tl.float32)
+        g = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        acc = g * up.to(dt).to(tl.float32)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+        if ACT2 == 1:
+            acc = tl.where(seg2 != 0, _gelu(acc.to(dt).to(tl.float32)), acc)
+    if HAS_RES:
+        r = tl.load(r_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+        acc = r + acc.to(dt).to(tl.float32)
+    tl.store(y_ptr + rows + seg2 * OUT_GAP, acc.to(dt), mask=mrow)
+
+
+# ----------------------------------------------------------------------------- rotary + cache
+
+
+@triton.jit
+def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                      layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Rotate the new token's queries and keys and store its key/value.
+
+    ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
+    (window, sink) x (cos, sin), already rounded to the model dtype as eager rope does.
+    Programs ``< HQ`` write ``q[0, h]`` (rotated at the token's text position) and, with
+    sinks, ``q[1, h]`` (rotated where it scores the sinks); the next HKV programs rotate key
+    head h at the text position and write it and value head h into ``slot`` of ``layer``
+    (int8 storage: codes and one scale per head, as ``cache.storage.quantize_int8``).
+    """
+    p = tl.program_id(0)
+    rd = tl.arange(0, BLOCK_D)
+    md = rd < D
+    first = rd < HALF
+    rot = rd < 2 * HALF
+    partner = tl.where(first, rd + HALF, rd - HALF)
+    ci = tl.where(first, rd, rd - HALF)
+    sign = tl.where(first, -1.0, 1.0)
+    x = tl.load(qkv_ptr + p * D + rd, mask=md, other=0.0)
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    xp = tl.load(qkv_ptr + p * D + partner, mask=rot, other=0.0).to(tl.float32)
+    c = tl.load(cs_ptr + ci, mask=rot, other=1.0)
+    s = tl.load(cs_ptr + HALF + ci, mask=rot, other=0.0)
+    out = tl.where(rot, xf * c + sign * xp * s, xf).to(dt)
+    if p < HQ:
+        tl.store(q_ptr + p * D + rd, out, mask=md)
+        if HAS_SINK:
+            c2 = tl.load(cs_ptr + 2 * HALF + ci, mask=rot, other=1.0)
+            s2 = tl.load(cs_ptr + 3 * HALF + ci, mask=rot, other=0.0)
+            tl.store(q_ptr + HQ * D + p * D + rd,
+                     tl.where(rot, xf * c2 + sign * xp * s2, xf).to(dt), mask=md)
+    elif p < HQ + HKV:
+        h = p - HQ
+        slot = tl.load(slot_ptr)
+        base = ((layer * HKV + h) * SLOTS + slot) * D
+        vv = tl.load(qkv_ptr + (p + HKV) * D + rd, mask=md, other=0.0)
+        if KV_INT8:
+            kf = out.to(tl.float32)
+            vf = vv.to(tl.float32)
+            ksc = tl.maximum(tl.max(tl.abs(kf), axis=0), 1e-8) / 127.0
+            vsc = tl.maximum(tl.max(tl.abs(vf), axis=0), 1e-8) / 127.0
+            kq = tl.minimum(tl.maximum(_round(kf / ksc), -127.0), 127.0)
+            vq = tl.minimum(tl.maximum(_round(vf / vsc), -127.0), 127.0)
+            tl.store(k_ptr + base + rd, kq.to(tl.int8), mask=md)
+            tl.store(v_ptr + base + rd, vq.to(tl.int8), mask=md)
+            tl.store(ks_ptr + (layer * HKV + h) * SLOTS + slot, ksc)
+            tl.store(vs_ptr + (layer * HKV + h) * SLOTS + slot, vsc)
+        else:
+            tl.store(k_ptr + base + rd, out, mask=md)
+            tl.store(v_ptr + base + rd, vv, mask=md)
+
+
+@triton.jit
+def _round(x):
+    """Round half to even (torch.round), for float32 |x| < 2**22."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@triton.jit
+def _qk(q0, q1, k_ptr, rn, mn, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    k0 = tl.load(k_ptr + rn[:, None] * D + tl.arange(0, D0)[None, :], mask=mn[:, None],
+                 other=0.0).to(tl.float32)
+    sc = tl.sum(k0 * q0[None, :], axis=1)
+    if D1 > 0:
+        r1 = D0 + tl.arange(0, D1)
+        k1 = tl.load(k_ptr + rn[:, None] * D + r1[None, :],
+                     mask=mn[:, None] & (r1 < D)[None, :], other=0.0).to(tl.float32)
+        sc += tl.sum(k1 * q1[None, :], axis=1)
+    return sc
+
+
+@triton.jit
+def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
+                      layer, SLOTS, NSPLIT, PER, scale,
+                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      D0: tl.constexpr, D1: tl.constexpr, S: tl.constexpr,
+                      KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Partial softmax attention of query head h over slots [sp*PER, sp*PER + PER).
+
+    The head dim is read as two power-of-two chunks (D0 + D1 >= D; 80 = 64 + 16) so no
+    lane is wasted. Slots ``< S`` are the sinks, scored with the sink-position query
+    ``q[1, h]``; the rest with ``q[0, h]``. ``mask``: int8 [SLOTS], 1 = visible. Writes the
+    running max, the sum of exp and the unnormalised output for the combine kernel.
+    """
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    hk = h // (HQ // HKV)
+    base = (layer * HKV + hk) * SLOTS
+    q0 = tl.load(q_ptr + h * D + tl.arange(0, D0)).to(tl.float32)
+    r1 = D0 + tl.arange(0, D1)
+    q1 = tl.load(q_ptr + h * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
+    m_i = tl.full((), -1e30, tl.float32)
+    l_i = tl.zeros((), tl.float32)
+    acc0 = tl.zeros((D0,), tl.float32)
+    acc1 = tl.zeros((D1,), tl.float32)
+    start = sp * PER
+    for n0 in range(0, PER, BLOCK_N):
+        rn = start + n0 + tl.arange(0, BLOCK_N)
+        mn = (rn < SLOTS) & (rn < start + PER)
+        sc = _qk(q0, q1, k_ptr + base * D, rn, mn, D, D0, D1)
+        if S > 0:
+            if start + n0 < S:
+                qs0 = tl.load(q_ptr + (HQ + h) * D + tl.arange(0, D0)).to(tl.float32)
+                qs1 = tl.load(q_ptr + (HQ + h) * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
+                sc = tl.where(rn < S, _qk(qs0, qs1, k_ptr + base * D, rn, mn, D, D0, D1), sc)
+        if KV_INT8:
+            sc = sc * tl.load(ks_ptr + base + rn, mask=mn, other=0.0)
+        vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
+        sc = tl.where(vis, sc * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        if KV_INT8:
+            p = p * tl.load(vs_ptr + base + rn, mask=mn, other=0.0)
+        v0 = tl.load(v_ptr + (base + rn)[:, None] * D + tl.arange(0, D0)[None, :],
+                     mask=mn[:, None], other=0.0).to(tl.float32)
+        acc0 = acc0 * alpha + tl.sum(p[:, None] * v0, axis=0)
+        if D1 > 0:
+            v1 = tl.load(v_ptr + (base + rn)[:, None] * D + r1[None, :],
+                         mask=mn[:, None] & (r1 < D)[None, :], other=0.0).to(tl.float32)
+            acc1 = acc1 * alpha + tl.sum(p[:, None] * v1, axis=0)
+        m_i = m_new
+    o = h * NSPLIT + sp
+    tl.store(m_ptr + o, m_i)
+    tl.store(l_ptr + o, l_i)
+    tl.store(acc_ptr + o * D + tl.arange(0, D0), acc0)
+    if D1 > 0:
+        tl.store(acc_ptr + o * D + r1, acc1, mask=r1 < D)
+
+
+@triton.jit
+def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """o[h] = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m): the softmax
+    over all slots from the partials, rounded once to the model dtype."""
+    h = tl.program_id(0)
+    rs = tl.arange(0, BLOCK_S)
+    ms = rs < NSPLIT
+    rd = tl.arange(0, BLOCK_D)
+    md = rd < D
+    m = tl.load(m_ptr + h * NSPLIT + rs, mask=ms, other=-1e30)
+    l_ = tl.load(l_ptr + h * NSPLIT + rs, mask=ms, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    acc = tl.load(acc_ptr + (h * NSPLIT + rs)[:, None] * D + rd[None, :],
+                  mask=ms[:, None] & md[None, :], other=0.0)
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_, axis=0)
+    tl.store(o_ptr + h * D + rd, o.to(o_ptr.dtype.element_ty), mask=md)

@@ -1,0 +1,192 @@
+"""The fused decode step: one token through the model as a fixed list of Triton launches
+over static buffers, with no torch.compile.
+
+Per GPT-NeoX layer (parallel residual) five launches:
+
+1. GEMV over [qkv; up] with both LayerNorms and GELU fused (x -> q/k/v and the MLP
+   activation),
+2. rotary on q and k + the cache write (and int8 KV quantization),
+3. split-K attention over every slot (sinks scored at their own query position),
+4. the combine of the splits (-> the attention output, next to the MLP activation),
+5. GEMV over [out | down] with the bias and the residual add fused.
+
+Llama layers (sequential residual, SwiGLU) take seven: qkv (RMSNorm fused), rotary/cache,
+attention, combine, out + residual, gate/up (RMSNorm and SiLU-gating fused), down +
+residual. Linears whose formats differ (e.g. int4 MLP with bf16 attention) are launched
+apart. Then the final norm + head GEMV, the greedy argmax and the position advance.
+
+Setup work per step (positions, visibility, cos/sin) is the cache's own ``plan_decode``
+and ``rope.cos_sin`` in float64: a few small kernels once per step, shared by all layers.
+The step has ``greedy_step``'s contract (:mod:`fastdecode.compile`): it returns the
+logits (a static buffer) and writes the greedy next token into ``tok`` and ``pos + 1``
+into ``pos``, so it can be captured as one CUDA graph and replayed back to back.
+
+Kernel launch parameters are chosen per shape by timing the candidates on the device on
+first use (:mod:`fastdecode.fused.tune`); under Triton's interpreter (CPU tests) a fixed
+small configuration is used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import rope
+from ..errors import ConfigError
+from . import tune
+from .weights import FLOAT, INT4, INT8, LayerWeights, Packed, layer_weights
+
+NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+
+
+def unsupported_reason(decoder) -> str | None:
+    """Why the fused step cannot run this decoder, or None if it can."""
+    from torch import nn
+
+    from ..quant.int4 import Int4Linear
+    from ..quant.int8 import Int8Linear
+
+    m = decoder.model
+    kinds = (nn.Linear, Int8Linear, Int4Linear)
+    for name, mod in m.named_modules():
+        if name.endswith(("qkv", "out", "up", "down")) or name == "lm_head":
+            if not isinstance(mod, kinds):
+                return f"{name} is a {type(mod).__name__}"
+    if m.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {m.dtype}"
+    return None
+
+
+class FusedStep:
+    """``step(tok, pos) -> logits`` for one decoder (its model, cache and buffers)."""
+
+    def __init__(self, decoder):
+        reason = unsupported_reason(decoder)
+        if reason:
+            raise ConfigError(f"the fused decode step does not support this model: {reason}")
+        self.decoder = decoder
+        model, cache, spec = decoder.model, decoder.cache, decoder.model.spec
+        self.model, self.cache, self.spec = model, cache, spec
+        dev, dt = model.device, model.dtype
+        H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.HQ, self.HKV, self.D = H, Hkv, D
+        self.n_qkv = (H + 2 * Hkv) * D
+        self.hd = H * D
+        inter = spec.intermediate_size
+        self.layers: list[LayerWeights] = layer_weights(model)
+        self.norm_kind = NORM_LAYER if spec.family == "gpt_neox" else NORM_RMS
+        fw = model.norm.weight.detach()
+        self.final_norm = (torch.stack((fw, fw)),
+                           torch.stack((model.norm.bias.detach(),) * 2)
+                           if getattr(model.norm, "bias", None) is not None else None)
+        self.head = _head(model)
+        # Static buffers: residual stream, [qkv | attention out | MLP activation], rotated
+        # queries (window, sink), attention partials, cos/sin, logits.
+        self.x = torch.empty(spec.hidden_size, dtype=dt, device=dev)
+        self.buf = torch.empty(self.n_qkv + self.hd + inter, dtype=dt, device=dev)
+        self.q = torch.empty(2, H, D, dtype=dt, device=dev)
+        self.logits = torch.empty(spec.vocab_size, dtype=dt, device=dev)
+        self.slots = cache.slots
+        splits = tune.max_splits(cache.slots)  # the tuner picks how many it uses
+        self.m = torch.empty(H, splits, dtype=torch.float32, device=dev)
+        self.l = torch.empty(H, splits, dtype=torch.float32, device=dev)
+        self.acc = torch.empty(H, splits, D, dtype=torch.float32, device=dev)
+        self.half = spec.rotary_dim // 2
+        self.d0 = 1 << (D.bit_length() - 1)
+        rest = D - self.d0
+        # Second chunk of the head dim (80 = 64 + 16); a power-of-two head dim still gets a
+        # one-lane chunk, fully masked, since Triton has no empty ranges.
+        self.d1 = 1 if rest == 0 else 1 << (rest - 1).bit_length()
+        self.kv_int8 = cache.storage.k.dtype == torch.int8
+        st = cache.storage
+        self.kv = (st.k, st.v, getattr(st, "k_scale", st.k), getattr(st, "v_scale", st.v))
+        self.scale = 1.0 / math.sqrt(D)
+        self.eps = spec.norm_eps
+
+    # ------------------------------------------------------------------ launches
+    def _gemv(self, p: Packed, x, y, *, norm=NORM_NONE, norms=None, nsplit=None, gap=0,
+              act2=0, glu=False, res=None):
+        n = p.n // 2 if glu else p.n
+        nw, nb = norms if norms is not None else (x, None)
+        tune.gemv(x, p, y, res, nw, nb if nb is not None else nw, self.eps, n=n,
+                  nsplit=n if nsplit is None else nsplit, gap=gap, norm=norm, act2=act2,
+                  glu=glu)
+
+    def _attention(self, i: int, plan_mask, slot, cs) -> None:
+        k, v, ks, vs = self.kv
+        tune.rope_write(self.buf, self.q, cs, slot, k, v, ks, vs, i, self.slots, self.HQ,
+                        self.HKV, self.D, self.half, self.cache.sink > 0, self.kv_int8)
+        tune.attention(self.q, k, v, ks, vs, plan_mask, self.m, self.l, self.acc,
+                       self.buf[self.n_qkv:self.n_qkv + self.hd], i, self.slots, self.HQ,
+                       self.HKV, self.D, self.d0, self.d1, self.cache.sink, self.kv_int8,
+                       self.scale)
+
+    def _layer(self, i: int, lw: LayerWeights, mask, slot, cs) -> None:
+        x, buf, nq, hd = self.x, self.buf, self.n_qkv, self.hd
+        attn_out, act = buf[nq:nq + hd], buf[nq + hd:]
+        if self.spec.parallel_residual:
+            if lw.a is not None:  # [qkv; up]: rows >= nq take LayerNorm 2 and GELU
+                self._gemv(lw.a, x, buf, norm=NORM_LAYER, norms=lw.norms, nsplit=nq, gap=hd,
+                           act2=1)
+            else:
+                self._gemv(lw.qkv, x, buf, norm=NORM_LAYER, norms=lw.norms)
+                self._gemv(lw.up, x, act, norm=NORM_LAYER, norms=lw.norms, nsplit=0, act2=1)
+            self._attention(i, mask, slot, cs)
+            if lw.b is not None:  # [out | down] over [attention out | activation]
+                self._gemv(lw.b, buf[nq:], x, res=x)
+            else:
+                self._gemv(lw.out, attn_out, x, res=x)
+                self._gemv(lw.down, act, x, res=x)
+            return
+        self._gemv(lw.qkv, x, buf, norm=NORM_RMS, norms=lw.norms)
+        self._attention(i, mask, slot, cs)
+        self._gemv(lw.out, attn_out, x, res=x)
+        self._gemv(lw.up, x, act, norm=NORM_RMS, norms=lw.norms, nsplit=0, glu=True)
+        self._gemv(lw.down, act, x, res=x)
+
+    @torch.no_grad()
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        plan = self.cache.plan_decode(pos)
+        dt = self.model.dtype
+        freqs = self.model.freqs
+        cos, sin = rope.cos_sin(plan.q_pos, freqs, dt)
+        if plan.q_pos_sink is not None:
+            cos_s, sin_s = rope.cos_sin(plan.q_pos_sink, freqs, dt)
+        else:
+            cos_s, sin_s = cos, sin
+        cs = torch.cat((cos, sin, cos_s, sin_s)).float()
+        mask = plan.mask.reshape(-1).view(torch.int8)
+        slot = plan.decode_slot
+        torch.index_select(self.model.embed.weight, 0, tok, out=self.x.view(1, -1))
+        for i, lw in enumerate(self.layers):
+            self._layer(i, lw, mask, slot, cs)
+        self._gemv(self.head, self.x, self.logits, norm=self.norm_kind, norms=self.final_norm)
+        tok.copy_(torch.argmax(self.logits, dim=-1, keepdim=True))
+        pos.add_(1)
+        return self.logits
+
+    # ------------------------------------------------------------------ accounting
+    def weight_bytes(self) -> int:
+        """Bytes of weights one step reads (the GEMVs, the embedding row aside)."""
+        total = self.head.nbytes()
+        for lw in self.layers:
+            total += sum(p.nbytes() for p in (lw.a, lw.qkv, lw.up, lw.b, lw.out, lw.down)
+                         if p is not None)
+        return total
+
+    def launches_per_step(self) -> int:
+        """Triton launches per step (setup ops and the argmax aside)."""
+        per = 0
+        for lw in self.layers:
+            per += 3 + sum(p is not None for p in (lw.a, lw.qkv, lw.up, lw.b, lw.out, lw.down))
+        return per + 1
+
+
+def _head(model) -> Packed:
+    from .weights import pack
+
+    return pack(model.lm_head)
+
+
+__all__ = ["FusedStep", "unsupported_reason", "FLOAT", "INT8", "INT4"]

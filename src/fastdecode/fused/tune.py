@@ -1,0 +1,158 @@
+"""Launching the fused kernels, with launch parameters chosen per shape by measurement.
+
+On CUDA the first launch of each distinct GEMV (rows, inputs, format, fusions) and of the
+attention for each cache shape times a short list of candidate configurations on the
+device (``triton.testing.do_bench``: median, L2 flushed between runs) and keeps the
+fastest for the process; :func:`chosen` reports what was picked (benchmark records keep
+it). Tuning happens while a step is warmed up, before any CUDA-graph capture. In-place
+launches (the residual GEMVs) get their output restored after timing.
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests) a fixed small
+configuration is used, chosen to exercise the same code paths (several row blocks, several
+K chunks, several attention splits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from . import kernels
+from .weights import FLOAT, INT4, INT8, Packed
+
+_CHOSEN: dict[tuple, tuple] = {}
+
+# (BLOCK_N, BLOCK_K, num_warps)
+GEMV_CANDIDATES = [(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
+                   (8, 512, 8), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
+INT4_CANDIDATES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8),
+                   (32, 1, 4), (32, 2, 8)]  # (BLOCK_N, groups per chunk, num_warps)
+# (slots per split, BLOCK_N, num_warps)
+ATTN_CANDIDATES = [(p, bn, w) for p in (64, 128, 256) for bn, w in
+                   ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8))]
+MIN_PER = 32  # fewest slots per split; sizes the partial buffers
+
+
+def chosen() -> dict[str, str]:
+    """What the tuner picked in this process, readable: shape -> configuration."""
+    return {" ".join(map(str, k)): " ".join(map(str, v)) for k, v in _CHOSEN.items()}
+
+
+def _pow2_divisor(n: int, limit: int) -> int:
+    b = 1
+    while b * 2 <= limit and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _valid(cfg, p: Packed, n: int, nsplit: int) -> bool:
+    bn, bk, _ = cfg
+    if 0 < nsplit < n and nsplit % bn:
+        return False
+    if p.fmt == INT8 and p.group % bk:
+        return False
+    if p.fmt == INT4 and (bk % p.group or bk // 2 > 512):
+        return False
+    return True
+
+
+def _gemv_candidates(p: Packed, n: int, nsplit: int) -> list[tuple]:
+    if p.fmt == INT4:
+        cands = [(bn, g * p.group, w) for bn, g, w in INT4_CANDIDATES]
+    else:
+        cands = list(GEMV_CANDIDATES)
+    return [c for c in cands if _valid(c, p, n, nsplit)]
+
+
+def _interp_gemv(p: Packed, n: int, nsplit: int) -> tuple:
+    bn = 4 if not 0 < nsplit < n else min(4, _pow2_divisor(nsplit, 4))
+    if p.fmt == INT4:
+        bk = p.group
+    elif p.fmt == INT8:
+        bk = _pow2_divisor(p.group, 32)
+    else:
+        bk = 32
+    return bn, bk, 1
+
+
+def _bench(fn, restore: torch.Tensor | None) -> float:
+    saved = restore.clone() if restore is not None else None
+    try:
+        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+    finally:
+        if saved is not None:
+            restore.copy_(saved)
+
+
+def _pick(key: tuple, candidates: list, run, restore) -> tuple:
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    if not candidates:
+        raise RuntimeError(f"no valid launch configuration for {key}")
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        ms = _bench(lambda cfg=cfg: run(cfg), restore)
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _CHOSEN[key] = best
+    return best
+
+
+def gemv(x, p: Packed, y, res, nw, nb, eps, *, n, nsplit, gap, norm, act2, glu) -> None:
+    dummy = p.w
+    args = (x, p.w, p.s if p.s is not None else dummy, p.z if p.z is not None else dummy,
+            p.bias if p.bias is not None else dummy, y, res if res is not None else y,
+            nw, nb, eps, n, nsplit, gap)
+    meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, NORM=norm, ACT2=act2, GLU=glu,
+                HAS_BIAS=p.bias is not None, HAS_RES=res is not None)
+
+    def run(cfg):
+        bn, bk, warps = cfg
+        kernels.gemv_kernel[(triton.cdiv(n, bn),)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk,
+                                                   num_warps=warps)
+
+    if not x.is_cuda:
+        run(_interp_gemv(p, n, nsplit))
+        return
+    key = ("gemv", n, p.k, nsplit, p.fmt, p.group, norm, act2, int(glu), int(p.bias is not None),
+           int(res is not None), str(x.dtype).removeprefix("torch."))
+    run(_pick(key, _gemv_candidates(p, n, nsplit), run, res))
+
+
+def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
+               kv_int8) -> None:
+    kernels.rope_write_kernel[(hq + hkv,)](
+        buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d, HALF=half,
+        HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
+        num_warps=1)
+
+
+def max_splits(slots: int) -> int:
+    return triton.cdiv(slots, MIN_PER)
+
+
+def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, d0, d1,
+              sink, kv_int8, scale) -> None:
+    def run(cfg):
+        per, bn, warps = cfg
+        nsplit = triton.cdiv(slots, per)
+        kernels.attn_split_kernel[(hq, nsplit)](
+            q, k, v, ks, vs, mask, m, l_, acc, layer, slots, nsplit, per, scale, HQ=hq,
+            HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8, BLOCK_N=bn,
+            num_warps=warps)
+        kernels.attn_combine_kernel[(hq,)](
+            m, l_, acc, out, nsplit, D=d, BLOCK_S=triton.next_power_of_2(nsplit),
+            BLOCK_D=triton.next_power_of_2(d), num_warps=1 if nsplit <= 32 else 4)
+
+    if not q.is_cuda:
+        run((MIN_PER, 16, 1))
+        return
+    key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
+    cands = [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
+             (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)]
+    run(_pick(key, cands, run, None))
+
+
+__all__ = ["gemv", "rope_write", "attention", "chosen", "max_splits", "FLOAT", "INT8", "INT4"]
