@@ -1,67 +1,66 @@
 #!/usr/bin/env bash
-# GPU decode fast path: correctness + timing in one call per phase, on the device machine.
+# GPU runs of the fused decode path, one device call per phase (docs/gpu.md has the method).
 #
-#   bash scripts/gpu_bench.sh pythia   # Pythia-2.8B shapes, window 2048: main bench (graphs)
-#                                      # with the eager check, profile, prompt sweep, HF peers,
-#                                      # variants, and window 512
-#   bash scripts/gpu_bench.sh real     # SmolLM2 (real weights) graphed vs eager, 300 tokens;
-#                                      # windows 1024 and 4096; CUDA pytest
+#   bash scripts/gpu_bench.sh pythia   # gpu-marked fused tests; Pythia-2.8B shapes, 4+2048:
+#                                      # main bench (fused graphs) with the eager check, a
+#                                      # profile, HF peers, variants (fused without graph,
+#                                      # eager, torch.compile graphs), window and prompt sweeps
+#   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
+#                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
+#                                      # with PPL, history saved) and `nox -s compare`
 #
-# Writes JSON records, traces and a log under $OUT (default /tmp/fd-out) and prints a short
-# table last. Carried files (see docs/gpu.md): .carry/gguf.a (pythia call) and .carry/gguf.b
-# (real call) are halves of the bundled SmolLM2 GGUF, joined in /tmp/fd (kept while the
-# machine stays warm); .carry/whl holds the gguf wheel; .carry/tok the tokenizer cache.
+# Carried (ignored) files: .carry/gguf.00 (pythia call) and .carry/gguf.01 (suite call) are
+# the halves of the bundled SmolLM2 GGUF, joined in /tmp/fd, which survives between calls
+# only while the machine stays warm; .carry/whl holds the gguf and nox wheels.
+# Writes records and logs under $OUT (default /tmp/fd-out) and prints a short table last.
 set -uo pipefail
 PHASE=${1:-pythia}
 OUT=${OUT:-/tmp/fd-out}
 mkdir -p "$OUT" /tmp/fd
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/fd/inductor TRITON_CACHE_DIR=/tmp/fd/triton
-export PYTHONPATH=$PWD/src
+export PYTHONPATH=$PWD/src FASTDECODE_CACHE=/tmp/fd/cache
 LOG=$OUT/log-$PHASE.txt
 exec > >(tee -a "$LOG") 2>&1
 date
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv,noheader || true
+for part in 00 01; do [ -f .carry/gguf.$part ] && cp .carry/gguf.$part /tmp/fd/; done
+if [ -d .carry/whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH PATH=/tmp/site/bin:$PATH
+fi
 python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers",
   transformers.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 
-# carried files
-for part in a b; do [ -f .carry/gguf.$part ] && cp .carry/gguf.$part /tmp/fd/; done
-if [ -d .carry/whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-[ -d .carry/tok ] && export FASTDECODE_CACHE=$PWD/.carry/tok
-
-BENCH=(python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights --dtype bfloat16
-       --device cuda --sink 4 --compile graphs)
-
 if [ "$PHASE" = pythia ]; then
-  timeout 560 "${BENCH[@]}" --window 2048 --prompt-len 4096 --decode-len 256 --warmup-tokens 32 \
-    --check 16 --profile "$OUT/trace-graphs.json.gz" --profile-steps 5 \
-    --sweep-prompts 128,512,1024,2048,4096,8192 --sweep-decode-len 96 --sweep-warmup-tokens 16 \
+  timeout 150 python3 -m pytest -q -m gpu tests/test_fused.py -p no:cacheprovider
+  echo "pytest fused gpu rc=$?"
+  timeout 560 python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights \
+    --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs \
+    --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
+    --profile "$OUT/trace-fused.json.gz" --profile-steps 5 \
+    --sweep-prompts 128,1024,8192 --sweep-decode-len 96 --sweep-warmup-tokens 16 \
     --peers hf-eager,hf-static-compile --peer-decode-len 64 --peer-warmup-tokens 8 \
-    --variants default,none,graphs:extern \
-    --sweep-windows 512 \
+    --variants default,none,graphs:inductor --sweep-windows 512,1024,4096 \
     --target-tpot-ms 2.4 --target-vs-static 2 --target-vs-eager 30 \
-    --json "$OUT/h100-pythia-bench.json"
+    --json "$OUT/h100-pythia-fused.json"
   echo "bench rc=$?"
-elif [ "$PHASE" = real ]; then
-  if [ -f /tmp/fd/gguf.a ] && [ -f /tmp/fd/gguf.b ]; then
-    cat /tmp/fd/gguf.a /tmp/fd/gguf.b > /tmp/fd/smollm2.gguf
-    echo "gguf sha256 $(sha256sum /tmp/fd/smollm2.gguf | cut -d' ' -f1) expected $(cat .carry/gguf.sha256 2>/dev/null)"
-    timeout 260 python3 scripts/gpu_real_check.py --model /tmp/fd/smollm2.gguf --tokens 300 \
-      --dtypes bfloat16 --json "$OUT/h100-real-check.json"
-    echo "real check rc=$?"
+elif [ "$PHASE" = suite ]; then
+  if [ -f /tmp/fd/gguf.00 ] && [ -f /tmp/fd/gguf.01 ]; then
+    cat /tmp/fd/gguf.00 /tmp/fd/gguf.01 > /tmp/fd/smollm2.gguf
+    echo "gguf sha256 $(sha256sum /tmp/fd/smollm2.gguf | cut -d' ' -f1) want $(cat .carry/gguf.sha256)"
   else
-    echo "SKIP real check: /tmp/fd lacks a gguf half (the machine was not warm?)"
+    echo "no gguf half in /tmp/fd (the machine was not warm?)"; exit 3
   fi
-  timeout 270 "${BENCH[@]}" --window 1024 --prompt-len 1028 --decode-len 96 --warmup-tokens 16 \
-    --sweep-windows 4096 --sweep-decode-len 96 --sweep-warmup-tokens 16 \
-    --json "$OUT/h100-pythia-windows.json"
-  echo "window sweep rc=$?"
-  timeout 60 python3 -m pytest -q -m gpu tests/test_compile.py -p no:cacheprovider -k triton
-  echo "pytest gpu rc=$?"
+  timeout 200 python3 scripts/gpu_real_check.py --model /tmp/fd/smollm2.gguf --tokens 300 \
+    --dtypes float32,bfloat16 --json "$OUT/h100-real-check.json"
+  echo "real check rc=$?"
+  export FASTDECODE_PERF_PPL_MODEL=/tmp/fd/smollm2.gguf
+  timeout 330 nox -s gpu
+  echo "nox gpu rc=$?"
+  timeout 30 nox -s compare
+  echo "nox compare rc=$?"
+  mkdir -p "$OUT/history" && cp perf/history/h100/*/*.json "$OUT/history/" 2>/dev/null
 else
   echo "unknown phase $PHASE" && exit 2
 fi

@@ -74,7 +74,8 @@ def test_decode(benchmark, config, gpu, budgets, ppl_model):
     lm = _speed_model(cfg.quant)
     cache_cfg = cfg.speed_cache
     torch.cuda.reset_peak_memory_stats()
-    dec, step, compile_s = build_and_compile(lm, cache_cfg, cfg.compile.mode)
+    dec, step, compile_s = build_and_compile(lm, cache_cfg, cfg.compile.mode,
+                                             kernels=cfg.compile.kernels)
     # Fill the cache (steady state), then time single decode steps.
     prompt_len = (2048 if cache_cfg.policy == "dense"
                   else cache_cfg.sink + cache_cfg.window + cache_cfg.compress_every)
@@ -97,8 +98,9 @@ def test_decode(benchmark, config, gpu, budgets, ppl_model):
         config=config, tpot_ms=tpot_ms, ppl=ppl, ppl_ratio=ppl_ratio, ppl_tokens=PPL_TOKENS,
         peak_mem_gb=peak_gb, bytes_per_token=nbytes["total"],
         achieved_gbps=nbytes["total"] / tpot_ms / 1e6, compile_s=compile_s,
-        window=cache_cfg.window, **{f"cfg_{k}": v for k, v in cfg.to_dict().items()
-                                    if isinstance(v, (str, int, float)) and v is not None})
+        window=cache_cfg.window, kernels=step.kernels,
+        **{f"cfg_{k}": v for k, v in cfg.to_dict().items()
+           if isinstance(v, (str, int, float)) and v is not None})
     budget = budgets.get(config)
     if budget is None:  # a new GPU class: record the run, set budgets from it
         warnings.warn(f"no budget for {config} on {gpu} in perf/budgets.toml (measured "

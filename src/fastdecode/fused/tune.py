@@ -26,7 +26,7 @@ _CHOSEN: dict[tuple, tuple] = {}
 
 # (BLOCK_N, BLOCK_K, num_warps)
 GEMV_CANDIDATES = [(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                   (8, 512, 8), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8)]
+                   (8, 512, 8), (16, 256, 4), (16, 512, 8)]
 INT4_CANDIDATES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8),
                    (32, 1, 4), (32, 2, 8)]  # (BLOCK_N, groups per chunk, num_warps)
 # (slots per split, BLOCK_N, num_warps)
