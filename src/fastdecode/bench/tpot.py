@@ -166,7 +166,6 @@ class DecodeRun:
     gemv: str
     attention: str
     cache: dict
-    kernels: str = ""
     prompt_len: int
     decode_len: int
     warmup_tokens: int
@@ -184,6 +183,7 @@ class DecodeRun:
     bytes_per_token: dict = field(default_factory=dict)
     achieved_gbps: float | None = None
     notes: list = field(default_factory=list)
+    kernels: str = ""  # fused | inductor | eager
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
