@@ -105,8 +105,13 @@ GPU_CLASS = ("import sys, torch\n"
              "print(gpu_class(torch.cuda.get_device_name(0)))")
 
 
+def _src_path() -> str:
+    """src/ ahead of whatever PYTHONPATH the environment already has (extra packages)."""
+    return os.pathsep.join(p for p in ("src", os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _gpu_class(session: nox.Session) -> str:
-    out = session.run("python", "-c", GPU_CLASS, silent=True, env={"PYTHONPATH": "src"})
+    out = session.run("python", "-c", GPU_CLASS, silent=True, env={"PYTHONPATH": _src_path()})
     return out.strip().splitlines()[-1]
 
 
@@ -120,7 +125,7 @@ def gpu(session: nox.Session) -> None:
     2. tests/perf: every registry configuration timed, scored and held to its budget in
        perf/budgets.toml; the run is saved as JSON under perf/history/<gpu class>/."""
     cls = _gpu_class(session)
-    env = {**_env(), "PYTHONPATH": "src"}
+    env = {**_env(), "PYTHONPATH": _src_path()}
     session.run("pytest", "-m", "gpu", "tests", "--ignore=tests/perf", "-p", "no:cacheprovider",
                 env=env)
     session.run("pytest", "tests/perf", "-m", "gpu", "-p", "no:cacheprovider",
@@ -137,4 +142,5 @@ def compare(session: nox.Session) -> None:
     args = list(session.posargs)
     if cls:
         args = ["--storage", f"perf/history/{cls}", *args]
-    session.run("python", "-m", "fastdecode.bench.compare", *args, env={"PYTHONPATH": "src"})
+    session.run("python", "-m", "fastdecode.bench.compare", *args,
+                env={"PYTHONPATH": _src_path()})

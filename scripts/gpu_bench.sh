@@ -4,7 +4,8 @@
 #   bash scripts/gpu_bench.sh pythia   # gpu-marked fused tests; Pythia-2.8B shapes, 4+2048:
 #                                      # main bench (fused graphs) with the eager check, a
 #                                      # profile, HF peers, variants (fused without graph,
-#                                      # eager, torch.compile graphs), window and prompt sweeps
+#                                      # eager; VARIANTS=default,none,graphs:inductor adds the
+#                                      # torch.compile graph, ~2 min), window and prompt sweeps
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`
@@ -39,9 +40,9 @@ if [ "$PHASE" = pythia ]; then
     --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs \
     --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
     --profile "$OUT/trace-fused.json.gz" --profile-steps 5 \
-    --sweep-prompts 128,1024,8192 --sweep-decode-len 96 --sweep-warmup-tokens 16 \
+    --sweep-prompts 128,8192 --sweep-decode-len 96 --sweep-warmup-tokens 16 \
     --peers hf-eager,hf-static-compile --peer-decode-len 64 --peer-warmup-tokens 8 \
-    --variants default,none,graphs:inductor --sweep-windows 512,1024,4096 \
+    --variants ${VARIANTS:-default,none} --sweep-windows 512,1024,4096 \
     --target-tpot-ms 2.4 --target-vs-static 2 --target-vs-eager 30 \
     --json "$OUT/h100-pythia-fused.json"
   echo "bench rc=$?"

@@ -53,6 +53,28 @@ def test_quant_linear_equals_dequantized_reference(kind, seed, T, bias):
     torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@given(in_f=st.integers(33, 200), g=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**16))
+@settings(max_examples=10)
+def test_int4_pads_widths_that_are_not_a_multiple_of_the_group(in_f, g, seed):
+    """SmolLM2's 576 inputs with groups of 128: zero columns up to a whole group, which
+    change no output; the rounding error stays that of the real columns' groups."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_f, 16, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, in_f, generator=gen))
+    q = Int4Linear.from_linear(lin, group_size=g)
+    assert q.padded_in % g == 0 and 0 <= q.padded_in - in_f < g
+    assert q.weight.shape == (16, q.padded_in // 2)
+    w = q.dequantized()
+    assert w.shape == (16, in_f)
+    # each real weight within half a quantization step of its group's range
+    step = (q.scale.float().repeat_interleave(g, 1)[:, :in_f])
+    assert ((w - lin.weight).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(3, in_f, generator=gen)
+    ref = x.double() @ w.double().T + lin.bias.double()
+    torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @given(seed=st.integers(0, 2**16), mag=st.floats(1.0, 300.0))
 @settings(max_examples=10)

@@ -70,7 +70,11 @@ def _ppl(cfg, ppl_model) -> float:
 def test_decode(benchmark, config, gpu, budgets, ppl_model):
     from fastdecode.bench.tpot import build_and_compile, bytes_per_token, random_prompt
 
+    import gc
+
     cfg = registry.get(config)
+    gc.collect()  # a decoder and its compiled step refer to each other: free the last one's
+    torch.cuda.empty_cache()
     lm = _speed_model(cfg.quant)
     cache_cfg = cfg.speed_cache
     torch.cuda.reset_peak_memory_stats()

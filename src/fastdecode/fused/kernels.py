@@ -27,20 +27,22 @@ def _gelu(x):
 
 @triton.jit
 def _norm_stats(x_ptr, K: tl.constexpr, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(mean, rstd) of x[0:K] for LayerNorm (NORM=1), (0, 1/rms) for RMSNorm (NORM=2)."""
+    """(mean, rstd) of x[0:K] for LayerNorm (NORM=1), (0, 1/rms) for RMSNorm (NORM=2), in
+    one pass (float32 sums of x and x^2: every program of a GEMV computes them before its
+    first weight load, so this is latency on the critical path)."""
     rk = tl.arange(0, BLOCK_K)
-    mean = 0.0
-    if NORM == 1:
-        acc = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            acc += tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / K
+    acc = tl.zeros((BLOCK_K,), tl.float32)
     acc2 = tl.zeros((BLOCK_K,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        m = k0 + rk < K
-        d = tl.load(x_ptr + k0 + rk, mask=m, other=0.0).to(tl.float32) - mean
-        acc2 += tl.where(m, d * d, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / K + eps)
+        x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        acc += x
+        acc2 += x * x
+    ms = tl.sum(acc2, axis=0) / K
+    mean = 0.0
+    if NORM == 1:
+        mean = tl.sum(acc, axis=0) / K
+        ms = tl.maximum(ms - mean * mean, 0.0)
+    rstd = 1.0 / tl.sqrt(ms + eps)
     return mean, rstd
 
 
@@ -69,31 +71,32 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, mean, rst
     """float32 [BLOCK_N]: (normalised x) . dequantised W[rows, :]."""
     NGRP: tl.constexpr = K // GROUP
     if FMT == 2:
-        # int4: per chunk of BLOCK_K inputs (a whole number of groups), the codes at even
-        # and odd k against x at even and odd k, summed per group, then scale and zero:
+        # int4: per chunk of BLOCK_K inputs (NG whole groups), the packed bytes as a
+        # [BLOCK_N, NG, GROUP/2] tile (low nibble = even k, high = odd k) against x at even
+        # and odd k, summed per group, then scale and zero:
         # sum_k w_k x_k = sum_g [s_g * sum_k (q_k - 8) x_k + z_g * sum_k x_k].
-        HALF: tl.constexpr = BLOCK_K // 2
         NG: tl.constexpr = BLOCK_K // GROUP
-        rh = tl.arange(0, HALF)
+        HG: tl.constexpr = GROUP // 2
         rg = tl.arange(0, NG)
+        rj = tl.arange(0, HG)
         acc = tl.zeros((BLOCK_N,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            mh = k0 + 2 * rh < K
-            p = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + rh)[None, :],
-                        mask=mrow[:, None] & mh[None, :], other=8 + (8 << 4))
+            g = k0 // GROUP + rg  # [NG]
+            mg = g < NGRP
+            kb = (g * HG)[:, None] + rj[None, :]  # byte index within the row [NG, HG]
+            p = tl.load(w_ptr + rows[:, None, None] * (K // 2) + kb[None, :, :],
+                        mask=mrow[:, None, None] & mg[None, :, None], other=8 + (8 << 4))
             lo = (p & 0xF).to(tl.float32) - 8.0
             hi = (p >> 4).to(tl.float32) - 8.0
-            ke = k0 + 2 * rh
-            xe = _load_x(x_ptr, ke, mh, mean, rstd, nw_ptr, nb_ptr, NORM)
-            xo = _load_x(x_ptr, ke + 1, mh, mean, rstd, nw_ptr, nb_ptr, NORM)
-            dot = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :],
-                                    (BLOCK_N, NG, GROUP // 2)), axis=2)
-            sx = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), axis=1)
-            g = k0 // GROUP + rg
-            mg = mrow[:, None] & (g < NGRP)[None, :]
-            s = tl.load(s_ptr + rows[:, None] * NGRP + g[None, :], mask=mg,
+            me = mg[:, None] & (rj < HG)[None, :]
+            xe = _load_x(x_ptr, 2 * kb, me, mean, rstd, nw_ptr, nb_ptr, NORM)  # [NG, HG]
+            xo = _load_x(x_ptr, 2 * kb + 1, me, mean, rstd, nw_ptr, nb_ptr, NORM)
+            dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
+            sx = tl.sum(xe + xo, axis=1)  # [NG]
+            m2 = mrow[:, None] & mg[None, :]
+            s = tl.load(s_ptr + rows[:, None] * NGRP + g[None, :], mask=m2,
                         other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows[:, None] * NGRP + g[None, :], mask=mg,
+            z = tl.load(z_ptr + rows[:, None] * NGRP + g[None, :], mask=m2,
                         other=0.0).to(tl.float32)
             acc += tl.sum(s * dot + z * sx[None, :], axis=1)
         return acc
@@ -239,19 +242,6 @@ def _round(x):
 
 
 @triton.jit
-def _qk(q0, q1, k_ptr, rn, mn, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
-    k0 = tl.load(k_ptr + rn[:, None] * D + tl.arange(0, D0)[None, :], mask=mn[:, None],
-                 other=0.0).to(tl.float32)
-    sc = tl.sum(k0 * q0[None, :], axis=1)
-    if D1 > 0:
-        r1 = D0 + tl.arange(0, D1)
-        k1 = tl.load(k_ptr + rn[:, None] * D + r1[None, :],
-                     mask=mn[:, None] & (r1 < D)[None, :], other=0.0).to(tl.float32)
-        sc += tl.sum(k1 * q1[None, :], axis=1)
-    return sc
-
-
-@triton.jit
 def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
                       layer, SLOTS, NSPLIT, PER, scale,
                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
@@ -279,15 +269,27 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
     for n0 in range(0, PER, BLOCK_N):
         rn = start + n0 + tl.arange(0, BLOCK_N)
         mn = (rn < SLOTS) & (rn < start + PER)
-        sc = _qk(q0, q1, k_ptr + base * D, rn, mn, D, D0, D1)
+        # every load of the block first (keys, values, mask, scales), then the arithmetic:
+        # the values do not depend on the scores, so both streams are in flight together
+        kp = k_ptr + (base + rn)[:, None] * D
+        vp = v_ptr + (base + rn)[:, None] * D
+        k0 = tl.load(kp + tl.arange(0, D0)[None, :], mask=mn[:, None], other=0.0)
+        v0 = tl.load(vp + tl.arange(0, D0)[None, :], mask=mn[:, None], other=0.0)
+        m1 = mn[:, None] & (r1 < D)[None, :]
+        k1 = tl.load(kp + r1[None, :], mask=m1, other=0.0)
+        v1 = tl.load(vp + r1[None, :], mask=m1, other=0.0)
+        vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
+        k0 = k0.to(tl.float32)
+        k1 = k1.to(tl.float32)
+        sc = tl.sum(k0 * q0[None, :], axis=1) + tl.sum(k1 * q1[None, :], axis=1)
         if S > 0:
             if start + n0 < S:
                 qs0 = tl.load(q_ptr + (HQ + h) * D + tl.arange(0, D0)).to(tl.float32)
                 qs1 = tl.load(q_ptr + (HQ + h) * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
-                sc = tl.where(rn < S, _qk(qs0, qs1, k_ptr + base * D, rn, mn, D, D0, D1), sc)
+                ss = tl.sum(k0 * qs0[None, :], axis=1) + tl.sum(k1 * qs1[None, :], axis=1)
+                sc = tl.where(rn < S, ss, sc)
         if KV_INT8:
             sc = sc * tl.load(ks_ptr + base + rn, mask=mn, other=0.0)
-        vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
         sc = tl.where(vis, sc * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         alpha = tl.exp(m_i - m_new)
@@ -295,20 +297,14 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
         l_i = l_i * alpha + tl.sum(p, axis=0)
         if KV_INT8:
             p = p * tl.load(vs_ptr + base + rn, mask=mn, other=0.0)
-        v0 = tl.load(v_ptr + (base + rn)[:, None] * D + tl.arange(0, D0)[None, :],
-                     mask=mn[:, None], other=0.0).to(tl.float32)
-        acc0 = acc0 * alpha + tl.sum(p[:, None] * v0, axis=0)
-        if D1 > 0:
-            v1 = tl.load(v_ptr + (base + rn)[:, None] * D + r1[None, :],
-                         mask=mn[:, None] & (r1 < D)[None, :], other=0.0).to(tl.float32)
-            acc1 = acc1 * alpha + tl.sum(p[:, None] * v1, axis=0)
+        acc0 = acc0 * alpha + tl.sum(p[:, None] * v0.to(tl.float32), axis=0)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), axis=0)
         m_i = m_new
     o = h * NSPLIT + sp
     tl.store(m_ptr + o, m_i)
     tl.store(l_ptr + o, l_i)
     tl.store(acc_ptr + o * D + tl.arange(0, D0), acc0)
-    if D1 > 0:
-        tl.store(acc_ptr + o * D + r1, acc1, mask=r1 < D)
+    tl.store(acc_ptr + o * D + r1, acc1, mask=r1 < D)
 
 
 @triton.jit

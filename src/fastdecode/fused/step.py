@@ -53,6 +53,9 @@ def unsupported_reason(decoder) -> str | None:
         if name.endswith(("qkv", "out", "up", "down")) or name == "lm_head":
             if not isinstance(mod, kinds):
                 return f"{name} is a {type(mod).__name__}"
+    for name, mod in m.named_modules():
+        if isinstance(mod, Int4Linear) and mod.padded_in != mod.in_features:
+            return f"{name} is int4 with its input padded ({mod.in_features} -> {mod.padded_in})"
     if m.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {m.dtype}"
     return None

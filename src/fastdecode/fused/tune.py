@@ -24,9 +24,10 @@ from .weights import FLOAT, INT4, INT8, Packed
 
 _CHOSEN: dict[tuple, tuple] = {}
 
-# (BLOCK_N, BLOCK_K, num_warps)
-GEMV_CANDIDATES = [(2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                   (8, 512, 8), (16, 256, 4), (16, 512, 8)]
+# (BLOCK_N, BLOCK_K, num_warps[, num_stages])
+GEMV_CANDIDATES = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4),
+                   (8, 512, 4), (8, 512, 8), (8, 1024, 8), (16, 256, 4), (16, 512, 8),
+                   (4, 1024, 4, 1), (8, 512, 4, 1)]
 INT4_CANDIDATES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8),
                    (32, 1, 4), (32, 2, 8)]  # (BLOCK_N, groups per chunk, num_warps)
 # (slots per split, BLOCK_N, num_warps)
@@ -48,7 +49,7 @@ def _pow2_divisor(n: int, limit: int) -> int:
 
 
 def _valid(cfg, p: Packed, n: int, nsplit: int) -> bool:
-    bn, bk, _ = cfg
+    bn, bk = cfg[:2]
     if 0 < nsplit < n and nsplit % bn:
         return False
     if p.fmt == INT8 and p.group % bk:
@@ -109,9 +110,10 @@ def gemv(x, p: Packed, y, res, nw, nb, eps, *, n, nsplit, gap, norm, act2, glu) 
                 HAS_BIAS=p.bias is not None, HAS_RES=res is not None)
 
     def run(cfg):
-        bn, bk, warps = cfg
+        bn, bk, warps = cfg[:3]
+        extra = {"num_stages": cfg[3]} if len(cfg) > 3 else {}
         kernels.gemv_kernel[(triton.cdiv(n, bn),)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk,
-                                                   num_warps=warps)
+                                                   num_warps=warps, **extra)
 
     if not x.is_cuda:
         run(_interp_gemv(p, n, nsplit))

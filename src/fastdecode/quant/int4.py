@@ -4,6 +4,11 @@ Storage (CPU and checkpoints): two 4-bit codes per byte along the input dim (low
 first), and per group a scale and a zero, with ``w = (q - 8) * scale + zero`` — the
 convention of PyTorch's tinygemm kernel (``_weight_int4pack_mm``), so the CUDA fast path
 repacks the same numbers without re-quantizing.
+
+An input width that is not a multiple of the group (SmolLM2's 576 with groups of 128) is
+padded with zero columns up to one: the last group holds the real columns and zeros, and
+the input is padded with zeros before the packed kernels see it, so the padding adds
+nothing to any output.
 """
 
 from __future__ import annotations
@@ -17,11 +22,18 @@ from ..errors import ConfigError
 GROUP_SIZES = (32, 64, 128, 256)
 
 
+def padded_width(in_features: int, group_size: int) -> int:
+    """The stored input width: ``in_features`` rounded up to a whole number of groups."""
+    return -(-in_features // group_size) * group_size
+
+
 def quantize_int4(w: torch.Tensor, group_size: int):
-    """w [out, in] -> (packed uint8 [out, in/2], scale [out, in/g], zero [out, in/g])."""
+    """w [out, in] -> (packed uint8 [out, p/2], scale [out, p/g], zero [out, p/g]) with
+    p = in rounded up to a multiple of g (zero columns)."""
     out_f, in_f = w.shape
-    if in_f % group_size:
-        raise ConfigError(f"in_features {in_f} is not a multiple of group size {group_size}")
+    pad = padded_width(in_f, group_size) - in_f
+    w = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w
+    in_f += pad
     g = w.float().reshape(out_f, in_f // group_size, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-8)
@@ -56,12 +68,10 @@ class Int4Linear(nn.Module):
         super().__init__()
         if group_size not in GROUP_SIZES:
             raise ConfigError(f"int4 group size {group_size} is not one of {GROUP_SIZES}")
-        if in_features % group_size:
-            raise ConfigError(f"in_features {in_features} is not a multiple of group size "
-                              f"{group_size}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = in_features // group_size
-        self.register_buffer("weight", torch.zeros(out_features, in_features // 2,
+        self.padded_in = padded_width(in_features, group_size)
+        groups = self.padded_in // group_size
+        self.register_buffer("weight", torch.zeros(out_features, self.padded_in // 2,
                                                    dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=dtype, device=device))
@@ -82,7 +92,12 @@ class Int4Linear(nn.Module):
         return m
 
     def dequantized(self) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.scale, self.zero, self.group_size)
+        w = dequantize_int4(self.weight, self.scale, self.zero, self.group_size)
+        return w[:, :self.in_features]
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        extra = self.padded_in - self.in_features
+        return torch.nn.functional.pad(x, (0, extra)) if extra else x
 
     def set_backend(self, backend: str) -> None:
         if backend not in ("reference", "triton", "tinygemm"):
@@ -100,13 +115,15 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         if self.backend == "tinygemm":
             w, szs = self._tinygemm
-            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), w, self.group_size, szs)
+            y = torch.ops.aten._weight_int4pack_mm(self._pad(x.to(torch.bfloat16)), w,
+                                                   self.group_size, szs)
             y = y.to(x.dtype)
             return y + self.bias if self.bias is not None else y
         if self.backend == "triton" and x.is_cuda and x.shape[0] == 1:
             from .kernels import int4_gemv
 
-            return int4_gemv(x, self.weight, self.scale, self.zero, self.bias, self.group_size)
+            return int4_gemv(self._pad(x), self.weight, self.scale, self.zero, self.bias,
+                             self.group_size)
         return F.linear(x, self.dequantized().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
