@@ -68,9 +68,9 @@ def _ppl(cfg, ppl_model) -> float:
 
 @pytest.mark.parametrize("config", sorted(registry.CONFIGS))
 def test_decode(benchmark, config, gpu, budgets, ppl_model):
-    from fastdecode.bench.tpot import build_and_compile, bytes_per_token, random_prompt
-
     import gc
+
+    from fastdecode.bench.tpot import build_and_compile, bytes_per_token, random_prompt
 
     cfg = registry.get(config)
     gc.collect()  # a decoder and its compiled step refer to each other: free the last one's
