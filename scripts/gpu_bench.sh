@@ -20,6 +20,8 @@ OUT=${OUT:-/tmp/fd-out}
 mkdir -p "$OUT" /tmp/fd
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/fd/inductor TRITON_CACHE_DIR=/tmp/fd/triton
 export PYTHONPATH=$PWD/src FASTDECODE_CACHE=/tmp/fd/cache
+# the tree's commit (the copy's .git may be stale): written by the caller to .carry/commit
+[ -f .carry/commit ] && export FASTDECODE_GIT_COMMIT=$(cat .carry/commit)
 LOG=$OUT/log-$PHASE.txt
 exec > >(tee -a "$LOG") 2>&1
 date

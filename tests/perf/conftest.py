@@ -12,6 +12,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def pytest_benchmark_update_commit_info(config, commit_info):
+    """A tree copied to a benchmark machine may carry a stale .git: the commit it was sent
+    at comes in $FASTDECODE_GIT_COMMIT (scripts/gpu_bench.sh sets it)."""
+    if os.environ.get("FASTDECODE_GIT_COMMIT"):
+        commit_info["id"] = os.environ["FASTDECODE_GIT_COMMIT"]
+        commit_info["dirty"] = None
+        commit_info["source"] = "FASTDECODE_GIT_COMMIT"
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     from fastdecode.bench.history import gpu_class
 

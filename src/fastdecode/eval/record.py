@@ -19,10 +19,13 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 
 def git_info(root: Path = _REPO_ROOT) -> dict:
     """Commit and dirtiness of the checkout this package runs from (read only: no index
-    refresh); outside a git checkout, $FASTDECODE_GIT_COMMIT if set (copies of the tree
-    on a benchmark machine), else {}."""
-    fallback = ({"commit": os.environ["FASTDECODE_GIT_COMMIT"], "dirty": None}
-                if os.environ.get("FASTDECODE_GIT_COMMIT") else {})
+    refresh). $FASTDECODE_GIT_COMMIT, when set, wins: a copy of the tree on a benchmark
+    machine may carry a stale .git (the GPU script sets it from the commit it was sent at).
+    Outside a git checkout and without it: {}."""
+    if os.environ.get("FASTDECODE_GIT_COMMIT"):
+        return {"commit": os.environ["FASTDECODE_GIT_COMMIT"], "dirty": None,
+                "commit_source": "FASTDECODE_GIT_COMMIT"}
+    fallback = {}
 
     def git(*args):
         return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args],
