@@ -59,7 +59,8 @@ def _norm_ref(x, w, b, kind, eps):
        bias=st.booleans(), kb=st.integers(1, 3), nb=st.integers(1, 6),
        group=st.sampled_from([32, 64]), seed=st.integers(0, 2**16))
 @settings(max_examples=30)
-def test_gemv_matches_float64_reference(fmt, norm, kind, res, bias, kb, nb, group, seed):
+def test_norm_then_gemv_match_float64_reference(fmt, norm, kind, res, bias, kb, nb, group,
+                                                seed):
     gen = torch.Generator().manual_seed(seed)
     K = 64 * kb + (16 if fmt == FLOAT and kb > 1 else 0)  # ragged K for float: masks
     if fmt == INT4:
@@ -84,8 +85,13 @@ def test_gemv_matches_float64_reference(fmt, norm, kind, res, bias, kb, nb, grou
     dev = lambda t: t.to(DEV) if t is not None else None  # noqa: E731
     pd = Packed(p.fmt, dev(p.w), dev(p.s), dev(p.z), p.group, dev(p.bias))
     yd = dev(y)
-    tune.gemv(dev(x), pd, yd, yd if res else None, dev(nw), dev(nbias), 1e-5, n=n,
-              nsplit=nsplit if kind == "segments" else n, gap=gap, norm=norm,
+    xin, xseg = dev(x), 0
+    if norm:  # both norms of x, as the step does; segment 2 reads the second
+        xin = torch.full((2, K), float("nan"), device=DEV)
+        tune.norm(dev(x), dev(nw), dev(nbias), xin, norm, 2, 1e-5)
+        xseg = K if kind == "segments" else 0
+    tune.gemv(xin, pd, yd, yd if res else None, n=n,
+              nsplit=nsplit if kind == "segments" else n, gap=gap, xseg=xseg,
               act2=1 if kind == "segments" else 0, glu=kind == "glu")
     # reference, float64
     want = torch.empty(out_len, dtype=torch.float64)

@@ -1,5 +1,5 @@
-"""Triton kernels of the fused decode step (batch 1, one token): a GEMV with its norm,
-activation, bias and residual fused in, rotary + cache write, and split-K attention.
+"""Triton kernels of the fused decode step (batch 1, one token): the norms, a GEMV with
+its activation, bias and residual fused in, rotary + cache write, and split-K attention.
 
 Every kernel mirrors a piece of the eager model (``models/transformer.py``,
 ``attention.attend``) and is held equal to it by ``tests/test_fused.py`` (Triton's
@@ -26,10 +26,13 @@ def _gelu(x):
 
 
 @triton.jit
-def _norm_stats(x_ptr, K: tl.constexpr, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(mean, rstd) of x[0:K] for LayerNorm (NORM=1), (0, 1/rms) for RMSNorm (NORM=2), in
-    one pass (float32 sums of x and x^2: every program of a GEMV computes them before its
-    first weight load, so this is latency on the critical path)."""
+def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """out[seg] = norm_seg(x), rounded to the model dtype like the eager norm module; one
+    program per norm (GPT-NeoX's parallel residual normalises the same x twice: LayerNorm
+    1 for attention, 2 for the MLP). NORM: 1 = LayerNorm (affine in float32, one rounding),
+    2 = RMSNorm (normalise, round, scale by the weight, round). Float32 sums in one pass."""
+    seg = tl.program_id(0)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K,), tl.float32)
     acc2 = tl.zeros((BLOCK_K,), tl.float32)
@@ -43,32 +46,24 @@ def _norm_stats(x_ptr, K: tl.constexpr, eps, NORM: tl.constexpr, BLOCK_K: tl.con
         mean = tl.sum(acc, axis=0) / K
         ms = tl.maximum(ms - mean * mean, 0.0)
     rstd = 1.0 / tl.sqrt(ms + eps)
-    return mean, rstd
+    for k0 in range(0, K, BLOCK_K):
+        m = k0 + rk < K
+        x = tl.load(x_ptr + k0 + rk, mask=m, other=0.0)
+        dt = x.dtype
+        xf = x.to(tl.float32)
+        w = tl.load(nw_ptr + seg * K + k0 + rk, mask=m, other=0.0)
+        if NORM == 1:
+            b = tl.load(nb_ptr + seg * K + k0 + rk, mask=m, other=0.0).to(tl.float32)
+            y = (xf - mean) * rstd * w.to(tl.float32) + b
+        else:
+            y = w * (xf * rstd).to(dt)
+        tl.store(out_ptr + seg * K + k0 + rk, y.to(dt), mask=m)
 
 
 @triton.jit
-def _load_x(x_ptr, idx, mask, mean, rstd, nw_ptr, nb_ptr, NORM: tl.constexpr):
-    """x[idx] as float32, normalised and rounded to the model dtype like the eager norm
-    module (LayerNorm: affine in float32 then one rounding; RMSNorm: normalise, round,
-    scale by the weight, round)."""
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0)
-    dt = x.dtype
-    xf = x.to(tl.float32)
-    if NORM == 1:
-        w = tl.load(nw_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(nb_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        xf = ((xf - mean) * rstd * w + b).to(dt).to(tl.float32)
-    elif NORM == 2:
-        w = tl.load(nw_ptr + idx, mask=mask, other=0.0)
-        xf = (w * (xf * rstd).to(dt)).to(dt).to(tl.float32)
-    return xf
-
-
-@triton.jit
-def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, mean, rstd, nw_ptr,
-              nb_ptr, FMT: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float32 [BLOCK_N]: (normalised x) . dequantised W[rows, :]."""
+def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, FMT: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 [BLOCK_N]: x . dequantised W[rows, :]."""
     NGRP: tl.constexpr = K // GROUP
     if FMT == 2:
         # int4: per chunk of BLOCK_K inputs (NG whole groups), the packed bytes as a
@@ -86,11 +81,11 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, mean, rst
             kb = (g * HG)[:, None] + rj[None, :]  # byte index within the row [NG, HG]
             p = tl.load(w_ptr + rows[:, None, None] * (K // 2) + kb[None, :, :],
                         mask=mrow[:, None, None] & mg[None, :, None], other=8 + (8 << 4))
+            me = mg[:, None] & (rj < HG)[None, :]
+            xe = tl.load(x_ptr + 2 * kb, mask=me, other=0.0).to(tl.float32)  # [NG, HG]
+            xo = tl.load(x_ptr + 2 * kb + 1, mask=me, other=0.0).to(tl.float32)
             lo = (p & 0xF).to(tl.float32) - 8.0
             hi = (p >> 4).to(tl.float32) - 8.0
-            me = mg[:, None] & (rj < HG)[None, :]
-            xe = _load_x(x_ptr, 2 * kb, me, mean, rstd, nw_ptr, nb_ptr, NORM)  # [NG, HG]
-            xo = _load_x(x_ptr, 2 * kb + 1, me, mean, rstd, nw_ptr, nb_ptr, NORM)
             dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
             sx = tl.sum(xe + xo, axis=1)  # [NG]
             m2 = mrow[:, None] & mg[None, :]
@@ -100,18 +95,30 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, mean, rst
                         other=0.0).to(tl.float32)
             acc += tl.sum(s * dot + z * sx[None, :], axis=1)
         return acc
+    elif FMT == 1:
+        # int8: the codes times x summed per group of GROUP inputs (BLOCK_K divides GROUP),
+        # then one multiply by the group's row scale (per-channel int8: one group).
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for g in range(0, NGRP):
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            for k1 in range(0, GROUP, BLOCK_K):
+                kk = g * GROUP + k1 + rk
+                x = tl.load(x_ptr + kk).to(tl.float32)
+                w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=mrow[:, None], other=0)
+                acc2 += w.to(tl.float32) * x[None, :]
+            s = tl.load(s_ptr + rows * NGRP + g, mask=mrow, other=0.0).to(tl.float32)
+            acc += tl.sum(acc2, axis=1) * s
+        return acc
     else:
         rk = tl.arange(0, BLOCK_K)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             mk = kk < K
-            x = _load_x(x_ptr, kk, mk, mean, rstd, nw_ptr, nb_ptr, NORM)
+            x = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + rows[:, None] * K + kk[None, :],
-                        mask=mrow[:, None] & mk[None, :], other=0).to(tl.float32)
-            if FMT == 1:  # int8: BLOCK_K divides GROUP, so the chunk has one scale per row
-                s = tl.load(s_ptr + rows * NGRP + k0 // GROUP, mask=mrow, other=0.0)
-                w = w * s.to(tl.float32)[:, None]
+                        mask=mrow[:, None] & mk[None, :], other=0.0).to(tl.float32)
             acc2 += w * x[None, :]
         return tl.sum(acc2, axis=1)
 
@@ -120,38 +127,34 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, mean, rst
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, eps,
-                N, NSPLIT, OUT_GAP,
+def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
+                N, NSPLIT, OUT_GAP, XSEG,
                 K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-                NORM: tl.constexpr, ACT2: tl.constexpr, GLU: tl.constexpr,
+                ACT2: tl.constexpr, GLU: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[row'] = [r[row] +] act(norm(x) . W[row] [+ b[row]]) for ``BLOCK_N`` rows a program.
+    """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) for ``BLOCK_N`` rows a program.
 
     Rows ``>= NSPLIT`` form a second segment (GPT-NeoX's parallel residual computes q/k/v
-    and the MLP's up projection from the same x, normalised by two LayerNorms): they take
-    the second norm's parameters (``nw[K:2K]``, ``nb[K:2K]``), the activation ``ACT2``
+    and the MLP's up projection from the same x under two LayerNorms): they read their
+    input ``XSEG`` further on (the second norm's output), take the activation ``ACT2``
     (1 = exact GELU) and are stored ``OUT_GAP`` further on. A program never straddles
-    NSPLIT (the host picks BLOCK_N to divide it). GLU (Llama's MLP): the output has N rows,
-    W has 2N (gate rows, then up rows), ``y = silu(gate) * up``. Residual: ``r`` may be
-    ``y`` itself (each program reads and writes only its own rows).
+    NSPLIT (the host picks BLOCK_N to divide it). GLU (Llama's MLP): the output has N
+    rows, W has 2N (gate rows, then up rows), ``y = silu(gate) * up``. Residual: ``r`` may
+    be ``y`` itself (each program reads and writes only its own rows). Outputs are rounded
+    to the model dtype where the eager model rounds (after the linear, after the
+    activation, after the residual add).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mrow = rows < N
     seg2 = (pid * BLOCK_N >= NSPLIT).to(tl.int32)
-    mean = 0.0
-    rstd = 1.0
-    if NORM != 0:
-        mean, rstd = _norm_stats(x_ptr, K, eps, NORM, BLOCK_K)
-    nw = nw_ptr + seg2 * K
-    nb = nb_ptr + seg2 * K
-    acc = _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K, mean, rstd, nw, nb,
-                    FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+    xs = x_ptr + seg2 * XSEG
+    acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP, BLOCK_N, BLOCK_K)
     dt = y_ptr.dtype.element_ty
     if GLU:
-        up = _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows + N, mrow, K, mean, rstd, nw, nb,
-                       FMT, GROUP, NORM, BLOCK_N, BLOCK_K)
+        up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, K, FMT, GROUP, BLOCK_N,
+                       BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
             up += tl.load(b_ptr + N + rows, mask=mrow, other=0.0).to(tl.float32)

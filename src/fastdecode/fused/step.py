@@ -1,19 +1,19 @@
 """The fused decode step: one token through the model as a fixed list of Triton launches
 over static buffers, with no torch.compile.
 
-Per GPT-NeoX layer (parallel residual) five launches:
+Per GPT-NeoX layer (parallel residual) six launches:
 
-1. GEMV over [qkv; up] with both LayerNorms and GELU fused (x -> q/k/v and the MLP
-   activation),
-2. rotary on q and k + the cache write (and int8 KV quantization),
-3. split-K attention over every slot (sinks scored at their own query position),
-4. the combine of the splits (-> the attention output, next to the MLP activation),
-5. GEMV over [out | down] with the bias and the residual add fused.
+1. both LayerNorms of x (one program each; computed once, not in every GEMV program),
+2. GEMV over [qkv; up] with the biases and GELU fused (-> q/k/v and the MLP activation),
+3. rotary on q and k + the cache write (and int8 KV quantization),
+4. split-K attention over every slot (sinks scored at their own query position),
+5. the combine of the splits (-> the attention output, next to the MLP activation),
+6. GEMV over [out | down] with the bias and the residual add fused.
 
-Llama layers (sequential residual, SwiGLU) take seven: qkv (RMSNorm fused), rotary/cache,
-attention, combine, out + residual, gate/up (RMSNorm and SiLU-gating fused), down +
+Llama layers (sequential residual, SwiGLU) take nine: RMSNorm, qkv, rotary/cache,
+attention, combine, out + residual, RMSNorm, gate/up (SiLU gating fused), down +
 residual. Linears whose formats differ (e.g. int4 MLP with bf16 attention) are launched
-apart. Then the final norm + head GEMV, the greedy argmax and the position advance.
+apart. Then the final norm, the head GEMV, the greedy argmax and the position advance.
 
 Setup work per step (positions, visibility, cos/sin) is the cache's own ``plan_decode``
 and ``rope.cos_sin`` in float64: a few small kernels once per step, shared by all layers.
@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from . import tune
 from .weights import FLOAT, INT4, INT8, LayerWeights, Packed, layer_weights
 
-NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
+NORM_LAYER, NORM_RMS = 1, 2
 
 
 def unsupported_reason(decoder) -> str | None:
@@ -87,6 +87,7 @@ class FusedStep:
         # Static buffers: residual stream, [qkv | attention out | MLP activation], rotated
         # queries (window, sink), attention partials, cos/sin, logits.
         self.x = torch.empty(spec.hidden_size, dtype=dt, device=dev)
+        self.xn = torch.empty(2, spec.hidden_size, dtype=dt, device=dev)  # normalised x
         self.buf = torch.empty(self.n_qkv + self.hd + inter, dtype=dt, device=dev)
         self.q = torch.empty(2, H, D, dtype=dt, device=dev)
         self.logits = torch.empty(spec.vocab_size, dtype=dt, device=dev)
@@ -108,13 +109,16 @@ class FusedStep:
         self.eps = spec.norm_eps
 
     # ------------------------------------------------------------------ launches
-    def _gemv(self, p: Packed, x, y, *, norm=NORM_NONE, norms=None, nsplit=None, gap=0,
-              act2=0, glu=False, res=None):
+    def _gemv(self, p: Packed, x, y, *, nsplit=None, gap=0, xseg=0, act2=0, glu=False,
+              res=None):
         n = p.n // 2 if glu else p.n
-        nw, nb = norms if norms is not None else (x, None)
-        tune.gemv(x, p, y, res, nw, nb if nb is not None else nw, self.eps, n=n,
-                  nsplit=n if nsplit is None else nsplit, gap=gap, norm=norm, act2=act2,
-                  glu=glu)
+        tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, gap=gap,
+                  xseg=xseg, act2=act2, glu=glu)
+
+    def _norm(self, norms, segments: int = 1) -> torch.Tensor:
+        """Normalise the residual stream into ``xn`` (both norms for segments=2)."""
+        tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, segments, self.eps)
+        return self.xn
 
     def _attention(self, i: int, plan_mask, slot, cs) -> None:
         k, v, ks, vs = self.kv
@@ -128,13 +132,14 @@ class FusedStep:
     def _layer(self, i: int, lw: LayerWeights, mask, slot, cs) -> None:
         x, buf, nq, hd = self.x, self.buf, self.n_qkv, self.hd
         attn_out, act = buf[nq:nq + hd], buf[nq + hd:]
+        K = self.spec.hidden_size
         if self.spec.parallel_residual:
-            if lw.a is not None:  # [qkv; up]: rows >= nq take LayerNorm 2 and GELU
-                self._gemv(lw.a, x, buf, norm=NORM_LAYER, norms=lw.norms, nsplit=nq, gap=hd,
-                           act2=1)
+            xn = self._norm(lw.norms, 2)
+            if lw.a is not None:  # [qkv; up]: rows >= nq read LayerNorm 2's x, take GELU
+                self._gemv(lw.a, xn, buf, nsplit=nq, gap=hd, xseg=K, act2=1)
             else:
-                self._gemv(lw.qkv, x, buf, norm=NORM_LAYER, norms=lw.norms)
-                self._gemv(lw.up, x, act, norm=NORM_LAYER, norms=lw.norms, nsplit=0, act2=1)
+                self._gemv(lw.qkv, xn[0], buf)
+                self._gemv(lw.up, xn[1], act, nsplit=0, act2=1)
             self._attention(i, mask, slot, cs)
             if lw.b is not None:  # [out | down] over [attention out | activation]
                 self._gemv(lw.b, buf[nq:], x, res=x)
@@ -142,10 +147,11 @@ class FusedStep:
                 self._gemv(lw.out, attn_out, x, res=x)
                 self._gemv(lw.down, act, x, res=x)
             return
-        self._gemv(lw.qkv, x, buf, norm=NORM_RMS, norms=lw.norms)
+        self._gemv(lw.qkv, self._norm(lw.norms)[0], buf)
         self._attention(i, mask, slot, cs)
         self._gemv(lw.out, attn_out, x, res=x)
-        self._gemv(lw.up, x, act, norm=NORM_RMS, norms=lw.norms, nsplit=0, glu=True)
+        n2 = (lw.norms[0][1:], lw.norms[1][1:] if lw.norms[1] is not None else None)
+        self._gemv(lw.up, self._norm(n2)[0], act, glu=True)
         self._gemv(lw.down, act, x, res=x)
 
     @torch.no_grad()
@@ -164,7 +170,7 @@ class FusedStep:
         torch.index_select(self.model.embed.weight, 0, tok, out=self.x.view(1, -1))
         for i, lw in enumerate(self.layers):
             self._layer(i, lw, mask, slot, cs)
-        self._gemv(self.head, self.x, self.logits, norm=self.norm_kind, norms=self.final_norm)
+        self._gemv(self.head, self._norm(self.final_norm)[0], self.logits)
         tok.copy_(torch.argmax(self.logits, dim=-1, keepdim=True))
         pos.add_(1)
         return self.logits
@@ -182,8 +188,10 @@ class FusedStep:
         """Triton launches per step (setup ops and the argmax aside)."""
         per = 0
         for lw in self.layers:
-            per += 3 + sum(p is not None for p in (lw.a, lw.qkv, lw.up, lw.b, lw.out, lw.down))
-        return per + 1
+            norms = 1 if self.spec.parallel_residual else 2
+            per += 3 + norms + sum(p is not None
+                                   for p in (lw.a, lw.qkv, lw.up, lw.b, lw.out, lw.down))
+        return per + 2
 
 
 def _head(model) -> Packed:

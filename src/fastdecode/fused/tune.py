@@ -101,12 +101,13 @@ def _pick(key: tuple, candidates: list, run, restore) -> tuple:
     return best
 
 
-def gemv(x, p: Packed, y, res, nw, nb, eps, *, n, nsplit, gap, norm, act2, glu) -> None:
+def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False) -> None:
+    """y (= res +) act(x . W^T + b) over ``n`` output rows (see kernels.gemv_kernel)."""
     dummy = p.w
     args = (x, p.w, p.s if p.s is not None else dummy, p.z if p.z is not None else dummy,
             p.bias if p.bias is not None else dummy, y, res if res is not None else y,
-            nw, nb, eps, n, nsplit, gap)
-    meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, NORM=norm, ACT2=act2, GLU=glu,
+            n, nsplit, gap, xseg)
+    meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=act2, GLU=glu,
                 HAS_BIAS=p.bias is not None, HAS_RES=res is not None)
 
     def run(cfg):
@@ -118,9 +119,17 @@ def gemv(x, p: Packed, y, res, nw, nb, eps, *, n, nsplit, gap, norm, act2, glu) 
     if not x.is_cuda:
         run(_interp_gemv(p, n, nsplit))
         return
-    key = ("gemv", n, p.k, nsplit, p.fmt, p.group, norm, act2, int(glu), int(p.bias is not None),
+    key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
            int(res is not None), str(x.dtype).removeprefix("torch."))
     run(_pick(key, _gemv_candidates(p, n, nsplit), run, res))
+
+
+def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
+    """out[s] = norm_s(x) for s < segments (nw, nb: [segments, K]; RMSNorm: nb unused)."""
+    k = x.numel()
+    kernels.norm_kernel[(segments,)](x, nw, nb if nb is not None else nw, out, eps, K=k,
+                                     NORM=kind, BLOCK_K=min(1024, triton.next_power_of_2(k)),
+                                     num_warps=4 if x.is_cuda else 1)
 
 
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
@@ -157,4 +166,4 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
     run(_pick(key, cands, run, None))
 
 
-__all__ = ["gemv", "rope_write", "attention", "chosen", "max_splits", "FLOAT", "INT8", "INT4"]
+__all__ = ["gemv", "norm", "rope_write", "attention", "chosen", "max_splits", "FLOAT", "INT8", "INT4"]
