@@ -166,4 +166,5 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
     run(_pick(key, cands, run, None))
 
 
-__all__ = ["gemv", "norm", "rope_write", "attention", "chosen", "max_splits", "FLOAT", "INT8", "INT4"]
+__all__ = ["gemv", "norm", "rope_write", "attention", "chosen", "max_splits", "FLOAT", "INT8",
+           "INT4"]
