@@ -6,6 +6,8 @@
 #                                      # profile, HF peers, variants (fused without graph,
 #                                      # eager; VARIANTS=default,none,graphs:inductor adds the
 #                                      # torch.compile graph, ~2 min), window and prompt sweeps
+#   bash scripts/gpu_bench.sh final    # the fused tests, the main bench with peers and window
+#                                      # sweep, and the quantized recipes / int8 KV on Pythia
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`
@@ -48,6 +50,30 @@ if [ "$PHASE" = pythia ]; then
     --target-tpot-ms 2.4 --target-vs-static 2 --target-vs-eager 30 \
     --json "$OUT/h100-pythia-fused.json"
   echo "bench rc=$?"
+elif [ "$PHASE" = final ]; then
+  timeout 100 python3 -m pytest -q -m gpu tests/test_fused.py -p no:cacheprovider
+  echo "pytest fused gpu rc=$?"
+  timeout 240 python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights \
+    --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs \
+    --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
+    --profile "$OUT/trace-final.json.gz" --profile-steps 5 \
+    --peers hf-eager,hf-static-compile --peer-decode-len 64 --peer-warmup-tokens 8 \
+    --variants default --sweep-windows 512,1024,4096 \
+    --target-tpot-ms 2.4 --target-vs-static 2 --target-vs-eager 30 \
+    --json "$OUT/h100-pythia-final.json"
+  echo "bench rc=$?"
+  for q in int8:1.6 int4-mlp-g128:1.9 int4-g128:1.35; do
+    r=${q%%:*}; t=${q##*:}
+    timeout 90 python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights \
+      --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs --quant "$r" \
+      --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --check 8 \
+      --target-tpot-ms "$t" --json "$OUT/h100-pythia-$r.json" | tail -4
+    echo "bench $r rc=$?"
+  done
+  timeout 60 python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights \
+    --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs --kv-dtype int8 \
+    --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/h100-pythia-int8kv.json" | tail -3
+  echo "bench int8kv rc=$?"
 elif [ "$PHASE" = suite ]; then
   if [ -f /tmp/fd/gguf.00 ] && [ -f /tmp/fd/gguf.01 ]; then
     cat /tmp/fd/gguf.00 /tmp/fd/gguf.01 > /tmp/fd/smollm2.gguf

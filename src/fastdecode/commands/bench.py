@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
                         "a Triton kernel (triton) or what inductor makes of attention.attend "
                         "(inductor); auto = triton on CUDA")
     g.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    g.add_argument("--quant", default=None, metavar="RECIPE",
+                   help="weight-only quantization applied after loading, e.g. int8, "
+                        "int4-mlp-g128, int4-g128 (see fastdecode quantize)")
     g = p.add_argument_group("lengths")
     g.add_argument("--prompt-len", type=int, default=None,
                    help="prompt tokens (random ids); default: sink + window (cache full)")
@@ -146,6 +149,11 @@ def run(args) -> int:
 
     lm = load(args)
     dev = lm.model.device
+    if args.quant:
+        from ..quant import QuantConfig, quantize_model, set_backend
+
+        quantize_model(lm.model, QuantConfig.parse(args.quant))
+        set_backend(lm.model, "auto")
     mode = args.compile or ("graphs" if dev.type == "cuda" else "default")
     if not bounded:
         lm_room = cfg.max_len
@@ -159,6 +167,7 @@ def run(args) -> int:
                                "dtype": str(lm.model.dtype).replace("torch.", ""),
                                "cache": cfg.to_dict(), "compile": mode,
                                "kernels": args.kernels,
+                               "quant": args.quant,
                                "gemv": resolve_gemv(args.gemv, dev) if mode != "none" else "eager",
                                "attention": resolve_attention(args.attention, dev)
                                if mode != "none" else "eager",
