@@ -332,6 +332,7 @@ def hf_dir_with_tokenizer(tmp_path_factory):
     (["--dtype", "float8"], ["dtype 'float8' is not one of"]),
     (["--chunk-size", "0"], ["chunk_size must be >= 1"]),
     (["--model", "tiny-neox"], ["model tiny-neox has no tokenizer"]),
+    (["--compile", "graphs"], ["needs the model on a CUDA device"]),
 ])
 def test_cli_bad_arguments(hf_dir_with_tokenizer, extra, expect, capsys):
     good = ["generate", "--model", hf_dir_with_tokenizer, "--device", "cpu", "--prompt", "hi"]

@@ -244,6 +244,26 @@ def test_fused_step_property(tiny_models, family, sink, window, every, mode, kv,
     _check_steps(lm, cfg, prompt, 3, tol=1e-4, seed=seed)
 
 
+def test_generate_through_the_fused_step_equals_eager(tiny_models):
+    """The path `fastdecode generate --compile default --kernels fused` takes: sampling and
+    greedy decoding through CompiledStep give the same tokens as eager."""
+    import copy
+
+    from fastdecode.compile import compile_decoder
+    from fastdecode.engine import generate
+
+    lm = tiny_models["tiny-llama"]
+    model = copy.deepcopy(lm.model)
+    cfg = CacheConfig(policy="streaming", sink=2, window=10)
+    prompt = list(range(5, 17))
+    for kw in ({}, {"temperature": 0.8, "top_k": 20, "seed": 3}):
+        want = list(generate(Decoder.build(model, cfg), prompt, 8, **kw))
+        dec = Decoder.build(model, cfg)
+        step = compile_decoder(dec, "default", kernels="fused")
+        assert step.kernels == "fused"
+        assert list(generate(dec, prompt, 8, **kw)) == want
+
+
 # ----------------------------------------------------------------------------- CUDA
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

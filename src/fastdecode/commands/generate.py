@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..config import COMPILE_MODES, KERNEL_MODES
 from ..errors import InputError
 from .common import add_cache_args, add_model_args, cache_config, load
 
@@ -18,6 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    p.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                   help="none (eager) | default (compiled kernels) | graphs (one CUDA graph "
+                        "per step; CUDA only). Default: graphs on CUDA, none on the CPU")
+    p.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
+                   help="fused (our Triton step) | inductor (torch.compile); auto = fused on "
+                        "CUDA, inductor elsewhere")
     p.set_defaults(run=run)
 
 
@@ -34,6 +41,11 @@ def run(args) -> int:
     if not ids:
         raise InputError("the prompt encodes to no tokens")
     dec = Decoder.build(lm.model, cfg, chunk_size=args.chunk_size)
+    mode = args.compile or ("graphs" if lm.model.device.type == "cuda" else "none")
+    if mode != "none":
+        from ..compile import compile_decoder
+
+        compile_decoder(dec, mode, kernels=args.kernels)
     out: list[int] = []
     shown = ""
     sys.stdout.write(args.prompt)
