@@ -36,13 +36,13 @@ if [ -d .carry/whl ]; then
 fi
 python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers",
   transformers.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+BENCH=(python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights --dtype bfloat16
+       --device cuda --sink 4 --window 2048 --compile graphs)
 
 if [ "$PHASE" = pythia ]; then
   timeout 150 python3 -m pytest -q -m gpu tests/test_fused.py -p no:cacheprovider
   echo "pytest fused gpu rc=$?"
-  timeout 560 python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights \
-    --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs \
-    --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
+  timeout 560 "${BENCH[@]}" --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
     --profile "$OUT/trace-fused.json.gz" --profile-steps 5 \
     --sweep-prompts 128,8192 --sweep-decode-len 96 --sweep-warmup-tokens 16 \
     --peers hf-eager,hf-static-compile --peer-decode-len 64 --peer-warmup-tokens 8 \
@@ -53,9 +53,7 @@ if [ "$PHASE" = pythia ]; then
 elif [ "$PHASE" = final ]; then
   timeout 100 python3 -m pytest -q -m gpu tests/test_fused.py -p no:cacheprovider
   echo "pytest fused gpu rc=$?"
-  timeout 240 python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights \
-    --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs \
-    --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
+  timeout 240 "${BENCH[@]}" --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
     --profile "$OUT/trace-final.json.gz" --profile-steps 5 \
     --peers hf-eager,hf-static-compile --peer-decode-len 64 --peer-warmup-tokens 8 \
     --variants default --sweep-windows 512,1024,4096 \
@@ -64,15 +62,11 @@ elif [ "$PHASE" = final ]; then
   echo "bench rc=$?"
   for q in int8:1.6 int4-mlp-g128:1.9 int4-g128:1.35; do
     r=${q%%:*}; t=${q##*:}
-    timeout 90 python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights \
-      --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs --quant "$r" \
-      --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --check 8 \
+    timeout 90 "${BENCH[@]}" --quant "$r" --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --check 8 \
       --target-tpot-ms "$t" --json "$OUT/h100-pythia-$r.json" | tail -4
     echo "bench $r rc=$?"
   done
-  timeout 60 python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights \
-    --dtype bfloat16 --device cuda --sink 4 --window 2048 --compile graphs --kv-dtype int8 \
-    --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/h100-pythia-int8kv.json" | tail -3
+  timeout 60 "${BENCH[@]}" --kv-dtype int8 --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/h100-pythia-int8kv.json" | tail -3
   echo "bench int8kv rc=$?"
 elif [ "$PHASE" = suite ]; then
   if [ -f /tmp/fd/gguf.00 ] && [ -f /tmp/fd/gguf.01 ]; then

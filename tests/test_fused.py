@@ -219,6 +219,11 @@ def test_fused_weights_share_the_model_memory(tiny_models):
     n_qkv = layer.attn.qkv.weight.shape[0]
     torch.testing.assert_close(lw.a.w[n_qkv:], layer.mlp.up.weight)
     assert FusedStep(dec).layers is step.layers  # built once per model
+    from fastdecode.quant import QuantConfig, quantize_model
+
+    quantize_model(model, QuantConfig.parse("int8"))  # new modules: stacked anew
+    again = FusedStep(Decoder.build(model, CacheConfig(policy="streaming", sink=4, window=16)))
+    assert again.layers is not step.layers and again.layers[0].a.fmt == INT8
 
 
 def test_fused_bf16_close_to_eager_and_finite(tiny_models):

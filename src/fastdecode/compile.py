@@ -267,21 +267,7 @@ def _decode_attention_op():
     tuned_split = triton.autotune(configs=_attention_configs(triton), key=["N", "D", "G"])(
         split_kernel)
 
-    @triton.jit
-    def combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
-                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-        h = tl.program_id(0)
-        rs = tl.arange(0, BLOCK_S)
-        ms = rs < NSPLIT
-        rd = tl.arange(0, BLOCK_D)
-        md = rd < D
-        m = tl.load(m_ptr + h * NSPLIT + rs, mask=ms, other=-1e30)
-        l_ = tl.load(l_ptr + h * NSPLIT + rs, mask=ms, other=0.0)
-        w = tl.exp(m - tl.max(m, axis=0))
-        acc = tl.load(acc_ptr + (h * NSPLIT + rs)[:, None] * D + rd[None, :],
-                      mask=ms[:, None] & md[None, :], other=0.0)
-        o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_, axis=0)
-        tl.store(o_ptr + h * D + rd, o.to(o_ptr.dtype.element_ty), mask=md)
+    from .fused.kernels import attn_combine_kernel as combine_kernel  # the same combine
 
     def launch(q, q_sink, k, v, mask, num_sink: int, scale: float) -> torch.Tensor:
         Hq, _, D = q.shape

@@ -142,7 +142,10 @@ def _norm_params(n1: nn.Module, n2: nn.Module):
 
 def layer_weights(model) -> list[LayerWeights]:
     """Per layer, the packed GEMVs (built once per model and module set; cached on it)."""
-    key = tuple(id(m) for layer in model.layers
+    # Keyed on where each module's weight lives (after stacking: inside the cached
+    # buffers), not on module ids, which CPython reuses once a replaced module is freed.
+    key = tuple((type(m).__name__, m.weight.data_ptr(), tuple(m.weight.shape))
+                for layer in model.layers
                 for m in (layer.attn.qkv, layer.attn.out, layer.mlp.up, layer.mlp.down))
     cached = getattr(model, "_fused_weights", None)
     if cached is not None and cached[0] == key:
