@@ -142,13 +142,8 @@ def _norm_params(n1: nn.Module, n2: nn.Module):
 
 def layer_weights(model) -> list[LayerWeights]:
     """Per layer, the packed GEMVs (built once per model and module set; cached on it)."""
-    # Keyed on where each module's weight lives (after stacking: inside the cached
-    # buffers), not on module ids, which CPython reuses once a replaced module is freed.
-    key = tuple((type(m).__name__, m.weight.data_ptr(), tuple(m.weight.shape))
-                for layer in model.layers
-                for m in (layer.attn.qkv, layer.attn.out, layer.mlp.up, layer.mlp.down))
     cached = getattr(model, "_fused_weights", None)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == _layout_key(model):
         return cached[1]
     out = []
     with torch.no_grad():
@@ -164,5 +159,13 @@ def layer_weights(model) -> list[LayerWeights]:
             else:
                 lw.out, lw.down = pack(o), pack(down)
             out.append(lw)
-    model._fused_weights = (key, out)
+    model._fused_weights = (_layout_key(model), out)  # after stacking re-pointed them
     return out
+
+
+def _layout_key(model) -> tuple:
+    """Where each linear's weight lives. Not module ids: CPython reuses them once a
+    replaced module is freed."""
+    return tuple((type(m).__name__, m.weight.data_ptr(), tuple(m.weight.shape))
+                 for layer in model.layers
+                 for m in (layer.attn.qkv, layer.attn.out, layer.mlp.up, layer.mlp.down))
