@@ -35,7 +35,7 @@ import torch
 from .. import rope
 from ..errors import ConfigError
 from . import tune
-from .weights import FLOAT, INT4, INT8, LayerWeights, Packed, layer_weights
+from .weights import LayerWeights, Packed, layer_weights, pack
 
 NORM_LAYER, NORM_RMS = 1, 2
 
@@ -50,10 +50,9 @@ def unsupported_reason(decoder) -> str | None:
     m = decoder.model
     kinds = (nn.Linear, Int8Linear, Int4Linear)
     for name, mod in m.named_modules():
-        if name.endswith(("qkv", "out", "up", "down")) or name == "lm_head":
-            if not isinstance(mod, kinds):
-                return f"{name} is a {type(mod).__name__}"
-    for name, mod in m.named_modules():
+        linear = name.endswith(("qkv", "out", "up", "down")) or name == "lm_head"
+        if linear and not isinstance(mod, kinds):
+            return f"{name} is a {type(mod).__name__}"
         if isinstance(mod, Int4Linear) and mod.padded_in != mod.in_features:
             return f"{name} is int4 with its input padded ({mod.in_features} -> {mod.padded_in})"
     if m.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -68,7 +67,6 @@ class FusedStep:
         reason = unsupported_reason(decoder)
         if reason:
             raise ConfigError(f"the fused decode step does not support this model: {reason}")
-        self.decoder = decoder
         model, cache, spec = decoder.model, decoder.cache, decoder.model.spec
         self.model, self.cache, self.spec = model, cache, spec
         dev, dt = model.device, model.dtype
@@ -79,11 +77,10 @@ class FusedStep:
         inter = spec.intermediate_size
         self.layers: list[LayerWeights] = layer_weights(model)
         self.norm_kind = NORM_LAYER if spec.family == "gpt_neox" else NORM_RMS
-        fw = model.norm.weight.detach()
-        self.final_norm = (torch.stack((fw, fw)),
-                           torch.stack((model.norm.bias.detach(),) * 2)
-                           if getattr(model.norm, "bias", None) is not None else None)
-        self.head = _head(model)
+        fb = getattr(model.norm, "bias", None)
+        self.final_norm = (model.norm.weight.detach()[None],  # [1, K]: one segment
+                           fb.detach()[None] if fb is not None else None)
+        self.head = pack(model.lm_head)
         # Static buffers: residual stream, [qkv | attention out | MLP activation], rotated
         # queries (window, sink), attention partials, cos/sin, logits.
         self.x = torch.empty(spec.hidden_size, dtype=dt, device=dev)
@@ -175,29 +172,5 @@ class FusedStep:
         pos.add_(1)
         return self.logits
 
-    # ------------------------------------------------------------------ accounting
-    def weight_bytes(self) -> int:
-        """Bytes of weights one step reads (the GEMVs, the embedding row aside)."""
-        total = self.head.nbytes()
-        for lw in self.layers:
-            total += sum(p.nbytes() for p in (lw.a, lw.qkv, lw.up, lw.b, lw.out, lw.down)
-                         if p is not None)
-        return total
 
-    def launches_per_step(self) -> int:
-        """Triton launches per step (setup ops and the argmax aside)."""
-        per = 0
-        for lw in self.layers:
-            norms = 1 if self.spec.parallel_residual else 2
-            per += 3 + norms + sum(p is not None
-                                   for p in (lw.a, lw.qkv, lw.up, lw.b, lw.out, lw.down))
-        return per + 2
-
-
-def _head(model) -> Packed:
-    from .weights import pack
-
-    return pack(model.lm_head)
-
-
-__all__ = ["FusedStep", "unsupported_reason", "FLOAT", "INT8", "INT4"]
+__all__ = ["FusedStep", "unsupported_reason"]

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from . import kernels
-from .weights import FLOAT, INT4, INT8, Packed
+from .weights import INT4, INT8, Packed
 
 _CHOSEN: dict[tuple, tuple] = {}
 
@@ -166,5 +166,4 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
     run(_pick(key, cands, run, None))
 
 
-__all__ = ["gemv", "norm", "rope_write", "attention", "chosen", "max_splits", "FLOAT", "INT8",
-           "INT4"]
+__all__ = ["gemv", "norm", "rope_write", "attention", "chosen", "max_splits"]
