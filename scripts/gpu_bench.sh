@@ -8,6 +8,8 @@
 #                                      # torch.compile graph, ~2 min), window and prompt sweeps
 #   bash scripts/gpu_bench.sh final    # the fused tests, the main bench with peers and window
 #                                      # sweep, and the quantized recipes / int8 KV on Pythia
+#   bash scripts/gpu_bench.sh ab       # the fused tests, then scripts/gpu_fused_ab.py: PDL off/on
+#                                      # for bf16, int8 and int4 on Pythia shapes
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`
@@ -50,6 +52,13 @@ if [ "$PHASE" = pythia ]; then
     --target-tpot-ms 2.4 --target-vs-static 2 --target-vs-eager 30 \
     --json "$OUT/h100-pythia-fused.json"
   echo "bench rc=$?"
+elif [ "$PHASE" = ab ]; then
+  # every fused test on CUDA (the GEMV property over every code path, whole steps graphed),
+  # launch configurations fixed rather than timed
+  FASTDECODE_TUNE=0 timeout 240 python3 -m pytest -q -x tests/test_fused.py -p no:cacheprovider
+  echo "pytest fused (all, cuda) rc=$?"
+  timeout 380 python3 scripts/gpu_fused_ab.py --json "$OUT/h100-fused-ab.json"
+  echo "ab rc=$?"
 elif [ "$PHASE" = final ]; then
   timeout 100 python3 -m pytest -q -m gpu tests/test_fused.py -p no:cacheprovider
   echo "pytest fused gpu rc=$?"

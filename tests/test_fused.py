@@ -9,6 +9,7 @@ test_cache_properties and to transformers in test_hf_parity).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -54,13 +55,33 @@ def _norm_ref(x, w, b, kind, eps):
     return x / torch.sqrt((x * x).mean() + eps) * w.double()
 
 
+@contextlib.contextmanager
+def _options(**pins):
+    """Pin the GEMV code paths (tune.OPTIONS) for one launch; None lets the tuner choose."""
+    saved = dict(tune.OPTIONS)
+    tune.OPTIONS.update(pins)
+    try:
+        yield
+    finally:
+        tune.OPTIONS.clear()
+        tune.OPTIONS.update(saved)
+
+
 @given(fmt=st.sampled_from([FLOAT, INT8, INT4]), norm=st.sampled_from([0, 1, 2]),
        kind=st.sampled_from(["plain", "segments", "glu"]), res=st.booleans(),
        bias=st.booleans(), kb=st.integers(1, 3), nb=st.integers(1, 6),
-       group=st.sampled_from([32, 64]), seed=st.integers(0, 2**16))
-@settings(max_examples=30)
+       group=st.sampled_from([32, 64]), seed=st.integers(0, 2**16),
+       asm=st.booleans(), dq=st.booleans(), pdl=st.booleans())
+@settings(max_examples=40)
 def test_norm_then_gemv_match_float64_reference(fmt, norm, kind, res, bias, kb, nb, group,
-                                                seed):
+                                                seed, asm, dq, pdl):
+    """Every code path (on CUDA: inline-PTX conversions or not, int4 dequantise-then-reduce
+    or per-group dot products, PDL launches or not; the interpreter runs no PTX)."""
+    with _options(asm=asm, dq=dq, pdl=pdl):
+        _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed)
+
+
+def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed):
     gen = torch.Generator().manual_seed(seed)
     K = 64 * kb + (16 if fmt == FLOAT and kb > 1 else 0)  # ragged K for float: masks
     if fmt == INT4:

@@ -293,7 +293,7 @@ def _decode_attention_op():
             split_kernel[(Hq, nsplit)](*args, **meta, PER=2 * _MIN_PER, BLOCK_N=32)
         combine_kernel[(Hq,)](m, l_, acc, out, nsplit, D=D,
                               BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d,
-                              num_warps=4)
+                              PDL=False, num_warps=4)
         return out
 
     @torch.library.custom_op("fastdecode::decode_attention", mutates_args=())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -27,11 +28,13 @@ def _gelu(x):
 
 @triton.jit
 def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[seg] = norm_seg(x), rounded to the model dtype like the eager norm module; one
     program per norm (GPT-NeoX's parallel residual normalises the same x twice: LayerNorm
     1 for attention, 2 for the MLP). NORM: 1 = LayerNorm (affine in float32, one rounding),
     2 = RMSNorm (normalise, round, scale by the weight, round). Float32 sums in one pass."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     seg = tl.program_id(0)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K,), tl.float32)
@@ -61,66 +64,176 @@ def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.c
 
 
 @triton.jit
-def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, FMT: tl.constexpr,
-              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float32 [BLOCK_N]: x . dequantised W[rows, :]."""
-    NGRP: tl.constexpr = K // GROUP
+def _pdl_start(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper+): let the next kernel's programs be placed
+    now, so its launch and whatever it does before its own wait overlap this kernel."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel has finished and its writes are visible. Nothing a
+    kernel reads that an earlier kernel writes may be read before this, and nothing may
+    be written before it."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _i8_to_f32(w, ASM: tl.constexpr):
+    """int8 codes -> float32. ASM: four bytes a register through the float32 magic number
+    (each byte + 128 placed in the mantissa of 2**23, then 2**23 + 128 subtracted): one
+    byte permute and one subtraction per code instead of an extract and a conversion."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, t, m, 0x7540;
+            prmt.b32 $1, t, m, 0x7541;
+            prmt.b32 $2, t, m, 0x7542;
+            prmt.b32 $3, t, m, 0x7543;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
+def _u4_to_f32(p, ASM: tl.constexpr):
+    """Packed int4 bytes -> (low nibble - 8, high nibble - 8) as float32, by the same
+    magic number as :func:`_i8_to_f32` (nibbles masked four bytes at a time)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi, m;
+            and.b32 lo, $8, 0x0F0F0F0F;
+            shr.b32 hi, $8, 4;
+            and.b32 hi, hi, 0x0F0F0F0F;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, lo, m, 0x7540;
+            prmt.b32 $1, lo, m, 0x7541;
+            prmt.b32 $2, lo, m, 0x7542;
+            prmt.b32 $3, lo, m, 0x7543;
+            prmt.b32 $4, hi, m, 0x7540;
+            prmt.b32 $5, hi, m, 0x7541;
+            prmt.b32 $6, hi, m, 0x7542;
+            prmt.b32 $7, hi, m, 0x7543;
+            sub.f32 $0, $0, 0f4B000008;
+            sub.f32 $1, $1, 0f4B000008;
+            sub.f32 $2, $2, 0f4B000008;
+            sub.f32 $3, $3, 0f4B000008;
+            sub.f32 $4, $4, 0f4B000008;
+            sub.f32 $5, $5, 0f4B000008;
+            sub.f32 $6, $6, 0f4B000008;
+            sub.f32 $7, $7, 0f4B000008;
+            }""",
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[p],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    else:
+        return (p & 0xF).to(tl.float32) - 8.0, (p >> 4).to(tl.float32) - 8.0
+
+
+@triton.jit
+def _load_w(w_ptr, rows, mrow, k0, K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """The raw weight tile of rows x inputs [k0, k0 + BLOCK_K): [BLOCK_N, BLOCK_K] (float,
+    int8) or int4's packed bytes as [BLOCK_N, BLOCK_K / GROUP, GROUP / 2]."""
     if FMT == 2:
-        # int4: per chunk of BLOCK_K inputs (NG whole groups), the packed bytes as a
-        # [BLOCK_N, NG, GROUP/2] tile (low nibble = even k, high = odd k) against x at even
-        # and odd k, summed per group, then scale and zero:
-        # sum_k w_k x_k = sum_g [s_g * sum_k (q_k - 8) x_k + z_g * sum_k x_k].
         NG: tl.constexpr = BLOCK_K // GROUP
         HG: tl.constexpr = GROUP // 2
-        rg = tl.arange(0, NG)
-        rj = tl.arange(0, HG)
-        acc = tl.zeros((BLOCK_N,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            g = k0 // GROUP + rg  # [NG]
-            mg = g < NGRP
-            kb = (g * HG)[:, None] + rj[None, :]  # byte index within the row [NG, HG]
-            p = tl.load(w_ptr + rows[:, None, None] * (K // 2) + kb[None, :, :],
-                        mask=mrow[:, None, None] & mg[None, :, None], other=8 + (8 << 4))
-            me = mg[:, None] & (rj < HG)[None, :]
-            xe = tl.load(x_ptr + 2 * kb, mask=me, other=0.0).to(tl.float32)  # [NG, HG]
-            xo = tl.load(x_ptr + 2 * kb + 1, mask=me, other=0.0).to(tl.float32)
-            lo = (p & 0xF).to(tl.float32) - 8.0
-            hi = (p >> 4).to(tl.float32) - 8.0
+        g = k0 // GROUP + tl.arange(0, NG)
+        kb = (g * HG)[:, None] + tl.arange(0, HG)[None, :]
+        return tl.load(w_ptr + rows[:, None, None] * (K // 2) + kb[None, :, :],
+                       mask=mrow[:, None, None] & (g < K // GROUP)[None, :, None],
+                       other=8 + (8 << 4))
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        other = 0.0 if FMT == 0 else 0
+        return tl.load(w_ptr + rows[:, None] * K + kk[None, :],
+                       mask=mrow[:, None] & (kk < K)[None, :], other=other)
+
+
+@triton.jit
+def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr,
+           FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+           DQ: tl.constexpr):
+    """Add one tile's products: float into ``acc2`` [BLOCK_N, BLOCK_K] (summed at the end);
+    int8 into ``acc2``, flushed into ``acc`` [BLOCK_N] times the row scale at the end of
+    each group (BLOCK_K divides GROUP); int4 per group into ``acc``:
+    sum_k w_k x_k = sum_g [s_g * sum_k (q_k - 8) x_k + z_g * sum_k x_k]."""
+    NGRP: tl.constexpr = K // GROUP
+    if FMT == 2:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        HG: tl.constexpr = GROUP // 2
+        g = k0 // GROUP + tl.arange(0, NG)
+        mg = g < NGRP
+        kk = k0 + tl.arange(0, BLOCK_K)  # x read contiguously, then split even/odd k
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(x, (NG, HG, 2)))  # [NG, HG] each
+        lo, hi = _u4_to_f32(w, ASM)
+        m2 = mrow[:, None] & mg[None, :]
+        s = tl.load(s_ptr + rows[:, None] * NGRP + g[None, :], mask=m2, other=0.0)
+        z = tl.load(z_ptr + rows[:, None] * NGRP + g[None, :], mask=m2, other=0.0)
+        s = s.to(tl.float32)
+        z = z.to(tl.float32)
+        if DQ:
+            # dequantise each weight (w = (q - 8) s + z) and accumulate elementwise: two
+            # FMAs a weight and no reduction until the end
+            acc2 += (lo * s[:, :, None] + z[:, :, None]) * xe[None, :, :] + \
+                (hi * s[:, :, None] + z[:, :, None]) * xo[None, :, :]
+        else:
             dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
             sx = tl.sum(xe + xo, axis=1)  # [NG]
-            m2 = mrow[:, None] & mg[None, :]
-            s = tl.load(s_ptr + rows[:, None] * NGRP + g[None, :], mask=m2,
-                        other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows[:, None] * NGRP + g[None, :], mask=m2,
-                        other=0.0).to(tl.float32)
             acc += tl.sum(s * dot + z * sx[None, :], axis=1)
-        return acc
-    elif FMT == 1:
-        # int8: the codes times x summed per group of GROUP inputs (BLOCK_K divides GROUP),
-        # then one multiply by the group's row scale (per-channel int8: one group).
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N,), tl.float32)
-        for g in range(0, NGRP):
-            acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-            for k1 in range(0, GROUP, BLOCK_K):
-                kk = g * GROUP + k1 + rk
-                x = tl.load(x_ptr + kk).to(tl.float32)
-                w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=mrow[:, None], other=0)
-                acc2 += w.to(tl.float32) * x[None, :]
-            s = tl.load(s_ptr + rows * NGRP + g, mask=mrow, other=0.0).to(tl.float32)
-            acc += tl.sum(acc2, axis=1) * s
-        return acc
     else:
-        rk = tl.arange(0, BLOCK_K)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if FMT == 1:
+            acc2 += _i8_to_f32(w, ASM) * x[None, :]
+            if (k0 + BLOCK_K) % GROUP == 0:
+                s = tl.load(s_ptr + rows * NGRP + k0 // GROUP, mask=mrow, other=0.0)
+                acc += tl.sum(acc2, axis=1) * s.to(tl.float32)
+                acc2 = tl.zeros_like(acc2)
+        else:
+            acc2 += w.to(tl.float32) * x[None, :]
+    return acc, acc2
+
+
+@triton.jit
+def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, FMT: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr):
+    """float32 [BLOCK_N]: x . dequantised W[rows, :]. The first weight tile is loaded
+    before the PDL wait (weights are never written), so with programmatic dependent
+    launch the weight stream starts while the kernel before is still finishing."""
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    if FMT == 2:
+        if DQ:
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K // GROUP, GROUP // 2), tl.float32)
+        else:
+            acc2 = tl.zeros((1, 1, 1), tl.float32)  # unused
+    else:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            mk = kk < K
-            x = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * K + kk[None, :],
-                        mask=mrow[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            acc2 += w * x[None, :]
-        return tl.sum(acc2, axis=1)
+    w = _load_w(w_ptr, rows, mrow, 0, K, FMT, GROUP, BLOCK_K)
+    _pdl_wait(PDL)
+    acc, acc2 = _chunk(acc, acc2, w, 0, x_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP,
+                       BLOCK_K, ASM, DQ)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _load_w(w_ptr, rows, mrow, k0, K, FMT, GROUP, BLOCK_K)
+        acc, acc2 = _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP,
+                           BLOCK_K, ASM, DQ)
+    if FMT == 0:
+        acc = tl.sum(acc2, axis=1)
+    if FMT == 2 and DQ:
+        acc = tl.sum(tl.sum(acc2, axis=2), axis=1)
+    return acc
 
 
 # ----------------------------------------------------------------------------- GEMV
@@ -132,7 +245,8 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
                 K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
                 ACT2: tl.constexpr, GLU: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr):
     """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) for ``BLOCK_N`` rows a program.
 
     Rows ``>= NSPLIT`` form a second segment (GPT-NeoX's parallel residual computes q/k/v
@@ -145,16 +259,18 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
     to the model dtype where the eager model rounds (after the linear, after the
     activation, after the residual add).
     """
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mrow = rows < N
     seg2 = (pid * BLOCK_N >= NSPLIT).to(tl.int32)
     xs = x_ptr + seg2 * XSEG
-    acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP, BLOCK_N, BLOCK_K)
+    acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP, BLOCK_N, BLOCK_K,
+                    PDL, ASM, DQ)
     dt = y_ptr.dtype.element_ty
     if GLU:
         up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, K, FMT, GROUP, BLOCK_N,
-                       BLOCK_K)
+                       BLOCK_K, False, ASM, DQ)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
             up += tl.load(b_ptr + N + rows, mask=mrow, other=0.0).to(tl.float32)
@@ -179,7 +295,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
 def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
                       layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Rotate the new token's queries and keys and store its key/value.
 
     ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
@@ -189,6 +305,8 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
     head h at the text position and write it and value head h into ``slot`` of ``layer``
     (int8 storage: codes and one scale per head, as ``cache.storage.quantize_int8``).
     """
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     p = tl.program_id(0)
     rd = tl.arange(0, BLOCK_D)
     md = rd < D
@@ -249,7 +367,7 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
                       layer, SLOTS, NSPLIT, PER, scale,
                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       D0: tl.constexpr, D1: tl.constexpr, S: tl.constexpr,
-                      KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr):
+                      KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Partial softmax attention of query head h over slots [sp*PER, sp*PER + PER).
 
     The head dim is read as two power-of-two chunks (D0 + D1 >= D; 80 = 64 + 16) so no
@@ -257,6 +375,8 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
     ``q[1, h]``; the rest with ``q[0, h]``. ``mask``: int8 [SLOTS], 1 = visible. Writes the
     running max, the sum of exp and the unnormalised output for the combine kernel.
     """
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     hk = h // (HQ // HKV)
@@ -312,9 +432,11 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
 
 @triton.jit
 def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """o[h] = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m): the softmax
     over all slots from the partials, rounded once to the model dtype."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     h = tl.program_id(0)
     rs = tl.arange(0, BLOCK_S)
     ms = rs < NSPLIT

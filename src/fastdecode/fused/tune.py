@@ -10,11 +10,23 @@ launches (the residual GEMVs) get their output restored after timing.
 Under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests) a fixed small
 configuration is used, chosen to exercise the same code paths (several row blocks, several
 K chunks, several attention splits).
+
+Besides block sizes, a GEMV candidate names two code paths of the quantized formats:
+``asm`` (int8/int4 codes to float by a magic-number byte permute in inline PTX instead of
+Triton's conversions) and ``dq`` (int4: dequantise every weight and reduce once at the end,
+instead of a dot product per group then scale and zero). :data:`OPTIONS` (also read from
+the environment, ``FASTDECODE_ASM`` / ``FASTDECODE_DQ`` = 0 or 1) pins them; unset, the
+tuner measures both. ``pdl`` (``FASTDECODE_PDL=0`` turns it off) launches every kernel
+with programmatic dependent launch on Hopper and later: a kernel's programs are placed
+while the one before finishes, and a GEMV loads its first weight tile before it waits. None
+of them changes a result: every path computes the same float32 values
+(tests/test_fused.py holds each to the float64 reference and the step to eager).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -24,10 +36,33 @@ from .weights import INT4, INT8, Packed
 
 _CHOSEN: dict[tuple, tuple] = {}
 
-# (BLOCK_N, BLOCK_K, num_warps[, num_stages])
-GEMV_CANDIDATES = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 256, 4),
-                   (8, 512, 4), (8, 512, 8), (8, 1024, 8), (16, 256, 4), (16, 512, 8),
-                   (4, 1024, 4, 1), (8, 512, 4, 1)]
+
+def _env_flag(name: str) -> bool | None:
+    v = os.environ.get(name)
+    return None if v in (None, "") else v != "0"
+
+
+# tune=False (FASTDECODE_TUNE=0): take the first valid candidate without timing (tests on
+# CUDA, where timing every shape a property test draws would dominate)
+OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
+           "asm": _env_flag("FASTDECODE_ASM"), "dq": _env_flag("FASTDECODE_DQ"),
+           "tune": _env_flag("FASTDECODE_TUNE") is not False}
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """Launch with programmatic dependent launch: on, on CUDA devices that have it."""
+    return bool(OPTIONS["pdl"] and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def _launch_opts(x: torch.Tensor) -> dict:
+    on = pdl(x)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages or None); the tuner adds asm / dq
+GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 512, 4, None), (4, 1024, 4, None),
+                   (4, 1024, 8, None), (8, 256, 4, None), (8, 512, 4, None), (8, 512, 8, None),
+                   (8, 1024, 8, None), (16, 256, 4, None), (16, 512, 8, None), (4, 1024, 4, 1),
+                   (8, 512, 4, 1)]
 INT4_CANDIDATES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8),
                    (32, 1, 4), (32, 2, 8)]  # (BLOCK_N, groups per chunk, num_warps)
 # (slots per split, BLOCK_N, num_warps)
@@ -59,15 +94,24 @@ def _valid(cfg, p: Packed, n: int, nsplit: int) -> bool:
     return True
 
 
+def _choices(name: str, applies: bool) -> tuple[bool, ...]:
+    if not applies:
+        return (False,)
+    return (False, True) if OPTIONS[name] is None else (bool(OPTIONS[name]),)
+
+
 def _gemv_candidates(p: Packed, n: int, nsplit: int) -> list[tuple]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, dq) for this weight."""
     if p.fmt == INT4:
-        cands = [(bn, g * p.group, w) for bn, g, w in INT4_CANDIDATES]
+        base = [(bn, g * p.group, w, None) for bn, g, w in INT4_CANDIDATES]
     else:
-        cands = list(GEMV_CANDIDATES)
-    return [c for c in cands if _valid(c, p, n, nsplit)]
+        base = list(GEMV_CANDIDATES)
+    return [c + (a, d) for c in base if _valid(c, p, n, nsplit)
+            for a in _choices("asm", p.fmt != 0) for d in _choices("dq", p.fmt == INT4)]
 
 
 def _interp_gemv(p: Packed, n: int, nsplit: int) -> tuple:
+    """Under the interpreter: small blocks; no inline PTX; dq as pinned (default on)."""
     bn = 4 if not 0 < nsplit < n else min(4, _pow2_divisor(nsplit, 4))
     if p.fmt == INT4:
         bk = p.group
@@ -75,7 +119,7 @@ def _interp_gemv(p: Packed, n: int, nsplit: int) -> tuple:
         bk = _pow2_divisor(p.group, 32)
     else:
         bk = 32
-    return bn, bk, 1
+    return bn, bk, 1, None, False, p.fmt == INT4 and OPTIONS["dq"] is not False
 
 
 def _bench(fn, restore: torch.Tensor | None) -> float:
@@ -92,6 +136,8 @@ def _pick(key: tuple, candidates: list, run, restore) -> tuple:
         return _CHOSEN[key]
     if not candidates:
         raise RuntimeError(f"no valid launch configuration for {key}")
+    if not OPTIONS["tune"]:
+        return candidates[0]
     best, best_ms = None, float("inf")
     for cfg in candidates:
         ms = _bench(lambda cfg=cfg: run(cfg), restore)
@@ -108,19 +154,20 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False) -
             p.bias if p.bias is not None else dummy, y, res if res is not None else y,
             n, nsplit, gap, xseg)
     meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=act2, GLU=glu,
-                HAS_BIAS=p.bias is not None, HAS_RES=res is not None)
+                HAS_BIAS=p.bias is not None, HAS_RES=res is not None, **_launch_opts(x))
 
     def run(cfg):
-        bn, bk, warps = cfg[:3]
-        extra = {"num_stages": cfg[3]} if len(cfg) > 3 else {}
+        bn, bk, warps, stages, asm, dq = cfg
+        extra = {"num_stages": stages} if stages is not None else {}
         kernels.gemv_kernel[(triton.cdiv(n, bn),)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk,
-                                                   num_warps=warps, **extra)
+                                                   ASM=asm, DQ=dq, num_warps=warps, **extra)
 
     if not x.is_cuda:
         run(_interp_gemv(p, n, nsplit))
         return
     key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
-           int(res is not None), str(x.dtype).removeprefix("torch."))
+           int(res is not None), str(x.dtype).removeprefix("torch."), OPTIONS["asm"],
+           OPTIONS["dq"])
     run(_pick(key, _gemv_candidates(p, n, nsplit), run, res))
 
 
@@ -129,7 +176,7 @@ def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
     k = x.numel()
     kernels.norm_kernel[(segments,)](x, nw, nb if nb is not None else nw, out, eps, K=k,
                                      NORM=kind, BLOCK_K=min(1024, triton.next_power_of_2(k)),
-                                     num_warps=4 if x.is_cuda else 1)
+                                     num_warps=4 if x.is_cuda else 1, **_launch_opts(x))
 
 
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
@@ -137,7 +184,7 @@ def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, h
     kernels.rope_write_kernel[(hq + hkv,)](
         buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d, HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
-        num_warps=1)
+        num_warps=1, **_launch_opts(buf))
 
 
 def max_splits(slots: int) -> int:
@@ -146,16 +193,18 @@ def max_splits(slots: int) -> int:
 
 def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, d0, d1,
               sink, kv_int8, scale) -> None:
+    opts = _launch_opts(q)
+
     def run(cfg):
         per, bn, warps = cfg
         nsplit = triton.cdiv(slots, per)
         kernels.attn_split_kernel[(hq, nsplit)](
             q, k, v, ks, vs, mask, m, l_, acc, layer, slots, nsplit, per, scale, HQ=hq,
             HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8, BLOCK_N=bn,
-            num_warps=warps)
+            num_warps=warps, **opts)
         kernels.attn_combine_kernel[(hq,)](
             m, l_, acc, out, nsplit, D=d, BLOCK_S=triton.next_power_of_2(nsplit),
-            BLOCK_D=triton.next_power_of_2(d), num_warps=1 if nsplit <= 32 else 4)
+            BLOCK_D=triton.next_power_of_2(d), num_warps=1 if nsplit <= 32 else 4, **opts)
 
     if not q.is_cuda:
         run((MIN_PER, 16, 1))

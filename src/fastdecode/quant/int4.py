@@ -27,21 +27,91 @@ def padded_width(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size) * group_size
 
 
-def quantize_int4(w: torch.Tensor, group_size: int):
+METHODS = ("search", "rtn")
+# Range shrink factors tried by the search (1.0 = min-max): each start is refined by
+# alternating least squares; the best reconstruction per group wins.
+SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+REFINE_STEPS = 2
+_CHUNK_ELEMENTS = 1 << 22  # rows are fitted in chunks of about this many weights
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, *, method: str = "search",
+                  param_dtype: torch.dtype | None = None, importance: torch.Tensor | None = None):
     """w [out, in] -> (packed uint8 [out, p/2], scale [out, p/g], zero [out, p/g]) with
-    p = in rounded up to a multiple of g (zero columns)."""
+    p = in rounded up to a multiple of g (zero columns, ignored by the fit).
+
+    ``rtn``: min-max of each group's real weights, nearest code. ``search`` (default): per
+    group, starts from the min-max range shrunk about its centre by each of ``SHRINKS``;
+    from each, ``REFINE_STEPS`` rounds of least-squares (scale, zero) given the codes, then
+    nearest codes given those; keeps whichever (scale, zero) reconstructs the group with
+    the least squared error. Min-max is the first candidate, so no group ends worse than
+    ``rtn``. Candidates are judged with scale and zero already rounded to ``param_dtype``
+    (default: ``w``'s float dtype, what the module stores) and codes are chosen after that
+    rounding. scale and zero come back in float32.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"int4 method {method!r} is not one of {METHODS}")
     out_f, in_f = w.shape
-    pad = padded_width(in_f, group_size) - in_f
-    w = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w
-    in_f += pad
-    g = w.float().reshape(out_f, in_f // group_size, group_size)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    zero = lo + 8 * scale
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-    q = q.reshape(out_f, in_f)
+    p = padded_width(in_f, group_size)
+    dtype = param_dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
+    wf = F.pad(w.float(), (0, p - in_f)).reshape(out_f, p // group_size, group_size)
+    real = (torch.arange(p, device=w.device) < in_f).reshape(p // group_size, group_size)
+    imp = torch.ones(in_f, device=w.device) if importance is None else importance.float()
+    imp = F.pad(imp, (0, p - in_f)).reshape(real.shape)
+    scale = torch.empty(wf.shape[:2], device=w.device)
+    zero = torch.empty_like(scale)
+    rows = max(1, _CHUNK_ELEMENTS // p)
+    for r in range(0, out_f, rows):
+        scale[r:r + rows], zero[r:r + rows] = _fit(wf[r:r + rows], real, imp, method, dtype)
+    q = _codes(wf, scale, zero).reshape(out_f, p)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return packed, scale, zero
+
+
+def _round_params(scale, zero, dtype):
+    """(scale, zero) as stored in ``dtype``, back in float32; scale stays > 0."""
+    info = torch.finfo(dtype)
+    tiny = max(1e-8, info.tiny * info.eps)  # fp16: its smallest subnormal, 6e-8
+    return scale.clamp(min=tiny).to(dtype).float(), zero.to(dtype).float()
+
+
+def _codes(g, scale, zero):
+    """Nearest codes 0..15 of weights g [..., G, g] for w = (q - 8) * scale + zero."""
+    return torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8)
+
+
+def _fit(g: torch.Tensor, real: torch.Tensor, imp: torch.Tensor, method: str, dtype):
+    """Per-group (scale, zero) of g [R, G, g]. ``real`` [G, g] masks the padding out of the
+    range; the squared errors are weighted by ``imp`` [G, g] (> 0 on real columns)."""
+    lo = torch.where(real, g, torch.inf).amin(-1)
+    hi = torch.where(real, g, -torch.inf).amax(-1)
+    shrinks = SHRINKS if method == "search" else (1.0,)
+    steps = REFINE_STEPS if method == "search" else 0
+    m = imp
+    n = m.sum(-1)
+    best = None
+    for s in shrinks:
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * s
+        scale = half / 7.5
+        zero = mid - half + 8 * scale
+        for step in range(steps + 1):
+            scale, zero = _round_params(scale, zero, dtype)
+            q = _codes(g, scale, zero).float() - 8
+            err = (((q * scale[..., None] + zero[..., None] - g) ** 2) * m).sum(-1)
+            if best is None:
+                best = (err, scale, zero)
+            else:
+                better = err < best[0]
+                best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                        torch.where(better, zero, best[2]))
+            if step < steps:  # least-squares w ~ scale * q + zero over the real columns
+                qm, wm = (q * m).sum(-1) / n, (g * m).sum(-1) / n
+                dq = (q - qm[..., None]) * m
+                var = (dq * dq).sum(-1)
+                cov = (dq * (g - wm[..., None])).sum(-1)
+                scale = torch.where(var > 0, cov / var.clamp(min=1e-30), scale)
+                zero = wm - scale * qm
+    return best[1], best[2]
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,80 @@
+"""A/B of the fused step's code paths on Pythia-2.8B shapes (run on a CUDA machine).
+
+For each weight recipe, the same model and prompt decoded with the fused step captured as
+a CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady state, CUDA
+events), with programmatic dependent launch off and on (``tune.OPTIONS["pdl"]``; the
+tuner picks the other code paths, and what it picked is in the record), interleaved over
+``--rounds`` so that drift hits both alike. PDL must not change a result: the last greedy
+token of each run is compared with the first variant's.
+
+    PYTHONPATH=src python scripts/gpu_fused_ab.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+
+import torch
+
+RECIPES = ("bf16", "int8", "int4-g128", "int4-mlp-g128")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-len", type=int, default=96)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from fastdecode.bench import tpot
+    from fastdecode.config import CacheConfig
+    from fastdecode.fused import tune
+    from fastdecode.models import load_model
+    from fastdecode.quant import QuantConfig, quantize_model, set_backend
+
+    cfg = CacheConfig(policy="streaming", sink=4, window=2048)
+    out = {"device": torch.cuda.get_device_name(), "cache": cfg.to_dict(), "results": {}}
+    for recipe in args.recipes.split(","):
+        lm = load_model("pythia-2.8b", dtype=torch.bfloat16, device="cuda",
+                        random_weights=True)
+        if recipe != "bf16":
+            quantize_model(lm.model, QuantConfig.parse(recipe))
+            set_backend(lm.model, "auto")
+        prompt = tpot.random_prompt(2052, lm.spec.vocab_size, 0, "cuda")
+        runs = {}
+        for pdl in (0, 1):
+            tune.OPTIONS.update(pdl=bool(pdl))
+            dec, step, secs = tpot.build_and_compile(lm, cfg, "graphs", kernels="fused")
+            runs[f"pdl{pdl}"] = {"dec": dec, "step": step, "setup_s": secs, "tpot": [],
+                                 "tokens": None}
+        for _ in range(args.rounds):
+            for name, r in runs.items():
+                m = tpot.measure(r["step"], r["dec"], prompt=prompt,
+                                 decode_len=args.decode_len, warmup_tokens=16)
+                r["tpot"].append(m.tpot_ms["median"])
+                toks = r["dec"].tok_buf.clone()  # the last greedy token of the run
+                r["tokens"] = toks if r["tokens"] is None else r["tokens"]
+        first = next(iter(runs.values()))
+        res = {}
+        for name, r in runs.items():
+            med = statistics.median(r["tpot"])
+            same = bool(torch.equal(r["tokens"], first["tokens"]))
+            res[name] = {"tpot_ms_median_of_rounds": med, "rounds_ms": r["tpot"],
+                         "setup_s": r["setup_s"], "last_token_equal_to_first": same}
+            print(f"{recipe:14s} {name:10s} {med:7.3f} ms  rounds "
+                  f"{' '.join(f'{t:.3f}' for t in r['tpot'])}  same-token {same}", flush=True)
+        out["results"][recipe] = res
+        del runs, first, lm
+        gc.collect()
+        torch.cuda.empty_cache()
+    out["tuned_launches"] = tune.chosen()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
