@@ -51,7 +51,7 @@ def main():
             runs[f"pdl{pdl}"] = {"dec": dec, "step": step, "setup_s": secs, "tpot": [],
                                  "tokens": None}
         for _ in range(args.rounds):
-            for name, r in runs.items():
+            for r in runs.values():
                 m = tpot.measure(r["step"], r["dec"], prompt=prompt,
                                  decode_len=args.decode_len, warmup_tokens=16)
                 r["tpot"].append(m.tpot_ms["median"])
