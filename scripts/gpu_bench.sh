@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # GPU runs of the fused decode path, one device call per phase (docs/gpu.md has the method).
 #
+# Phases run in the order given, e.g. `bash scripts/gpu_bench.sh check quant`:
+#
+#   bash scripts/gpu_bench.sh check    # every fused test on CUDA (launch configurations fixed)
+#   bash scripts/gpu_bench.sh main     # Pythia shapes, 4+2048: the main bench (fused graphs)
+#                                      # with the eager check, a profile, the HF peers, the
+#                                      # window sweep; the figures #4 asks for
+#   bash scripts/gpu_bench.sh quant    # int8 / int4-mlp-g128 / int4-g128 and int8 KV benches
+#   bash scripts/gpu_bench.sh stage    # nothing but leave .carry/gguf.00 in /tmp/fd
 #   bash scripts/gpu_bench.sh pythia   # gpu-marked fused tests; Pythia-2.8B shapes, 4+2048:
 #                                      # main bench (fused graphs) with the eager check, a
 #                                      # profile, HF peers, variants (fused without graph,
 #                                      # eager; VARIANTS=default,none,graphs:inductor adds the
 #                                      # torch.compile graph, ~2 min), window and prompt sweeps
-#   bash scripts/gpu_bench.sh final    # the fused tests, the main bench with peers and window
-#                                      # sweep, and the quantized recipes / int8 KV on Pythia
-#   bash scripts/gpu_bench.sh ab       # the fused tests, then scripts/gpu_fused_ab.py: PDL off/on
-#                                      # for bf16, int8 and int4 on Pythia shapes
+#   bash scripts/gpu_bench.sh ab       # scripts/gpu_fused_ab.py: PDL off/on for bf16, int8
+#                                      # and int4 on Pythia shapes
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`
@@ -19,14 +25,14 @@
 # only while the machine stays warm; .carry/whl holds the gguf and nox wheels.
 # Writes records and logs under $OUT (default /tmp/fd-out) and prints a short table last.
 set -uo pipefail
-PHASE=${1:-pythia}
+PHASES=("${@:-pythia}")
 OUT=${OUT:-/tmp/fd-out}
 mkdir -p "$OUT" /tmp/fd
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/fd/inductor TRITON_CACHE_DIR=/tmp/fd/triton
 export PYTHONPATH=$PWD/src FASTDECODE_CACHE=/tmp/fd/cache
 # the tree's commit (the copy's .git may be stale): written by the caller to .carry/commit
 [ -f .carry/commit ] && export FASTDECODE_GIT_COMMIT=$(cat .carry/commit)
-LOG=$OUT/log-$PHASE.txt
+LOG=$OUT/log-$(IFS=-; echo "${PHASES[*]}").txt
 exec > >(tee -a "$LOG") 2>&1
 date
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
@@ -41,7 +47,15 @@ python3 -c 'import torch, transformers, triton; print("torch", torch.__version__
 BENCH=(python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights --dtype bfloat16
        --device cuda --sink 4 --window 2048 --compile graphs)
 
-if [ "$PHASE" = pythia ]; then
+for PHASE in "${PHASES[@]}"; do
+echo "== phase $PHASE"
+if [ "$PHASE" = stage ]; then
+  ls -la /tmp/fd
+elif [ "$PHASE" = check ]; then
+  # every fused test on CUDA: the GEMV property over every code path, whole steps graphed
+  FASTDECODE_TUNE=0 timeout 240 python3 -m pytest -q tests/test_fused.py -p no:cacheprovider
+  echo "pytest fused (all, cuda) rc=$?"
+elif [ "$PHASE" = pythia ]; then
   timeout 150 python3 -m pytest -q -m gpu tests/test_fused.py -p no:cacheprovider
   echo "pytest fused gpu rc=$?"
   timeout 560 "${BENCH[@]}" --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
@@ -53,15 +67,9 @@ if [ "$PHASE" = pythia ]; then
     --json "$OUT/h100-pythia-fused.json"
   echo "bench rc=$?"
 elif [ "$PHASE" = ab ]; then
-  # every fused test on CUDA (the GEMV property over every code path, whole steps graphed),
-  # launch configurations fixed rather than timed
-  FASTDECODE_TUNE=0 timeout 240 python3 -m pytest -q -x tests/test_fused.py -p no:cacheprovider
-  echo "pytest fused (all, cuda) rc=$?"
   timeout 380 python3 scripts/gpu_fused_ab.py --json "$OUT/h100-fused-ab.json"
   echo "ab rc=$?"
-elif [ "$PHASE" = final ]; then
-  timeout 100 python3 -m pytest -q -m gpu tests/test_fused.py -p no:cacheprovider
-  echo "pytest fused gpu rc=$?"
+elif [ "$PHASE" = main ]; then
   timeout 240 "${BENCH[@]}" --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
     --profile "$OUT/trace-final.json.gz" --profile-steps 5 \
     --peers hf-eager,hf-static-compile --peer-decode-len 64 --peer-warmup-tokens 8 \
@@ -69,6 +77,7 @@ elif [ "$PHASE" = final ]; then
     --target-tpot-ms 2.4 --target-vs-static 2 --target-vs-eager 30 \
     --json "$OUT/h100-pythia-final.json"
   echo "bench rc=$?"
+elif [ "$PHASE" = quant ]; then
   for q in int8:1.6 int4-mlp-g128:1.9 int4-g128:1.35; do
     r=${q%%:*}; t=${q##*:}
     timeout 90 "${BENCH[@]}" --quant "$r" --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --check 8 \
@@ -96,5 +105,6 @@ elif [ "$PHASE" = suite ]; then
 else
   echo "unknown phase $PHASE" && exit 2
 fi
+done
 ls -la "$OUT"
 date

@@ -292,14 +292,17 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
 
 
 @triton.jit
-def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
-                      layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+def rope_write_kernel(qkv_ptr, q_ptr, pos_ptr, spos_ptr, freq_ptr, slot_ptr, k_ptr, v_ptr,
+                      ks_ptr, vs_ptr, layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr,
+                      D: tl.constexpr,
                       HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
                       BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Rotate the new token's queries and keys and store its key/value.
 
-    ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
-    (window, sink) x (cos, sin), already rounded to the model dtype as eager rope does.
+    ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). cos/sin are computed here as
+    :func:`fastdecode.rope.cos_sin` does: angle = position x frequency in float64 (``pos``,
+    ``spos``: int64 [1], the text and sink query positions; ``freq``: float64 [HALF]),
+    then rounded to the model dtype (through float32, as torch's cast does).
     Programs ``< HQ`` write ``q[0, h]`` (rotated at the token's text position) and, with
     sinks, ``q[1, h]`` (rotated where it scores the sinks); the next HKV programs rotate key
     head h at the text position and write it and value head h into ``slot`` of ``layer``
@@ -319,14 +322,13 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
     dt = x.dtype
     xf = x.to(tl.float32)
     xp = tl.load(qkv_ptr + p * D + partner, mask=rot, other=0.0).to(tl.float32)
-    c = tl.load(cs_ptr + ci, mask=rot, other=1.0)
-    s = tl.load(cs_ptr + HALF + ci, mask=rot, other=0.0)
+    f = tl.load(freq_ptr + ci, mask=rot, other=0.0)
+    c, s = _cos_sin(tl.load(pos_ptr), f, dt)
     out = tl.where(rot, xf * c + sign * xp * s, xf).to(dt)
     if p < HQ:
         tl.store(q_ptr + p * D + rd, out, mask=md)
         if HAS_SINK:
-            c2 = tl.load(cs_ptr + 2 * HALF + ci, mask=rot, other=1.0)
-            s2 = tl.load(cs_ptr + 3 * HALF + ci, mask=rot, other=0.0)
+            c2, s2 = _cos_sin(tl.load(spos_ptr), f, dt)
             tl.store(q_ptr + HQ * D + p * D + rd,
                      tl.where(rot, xf * c2 + sign * xp * s2, xf).to(dt), mask=md)
     elif p < HQ + HKV:
@@ -348,6 +350,14 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
         else:
             tl.store(k_ptr + base + rd, out, mask=md)
             tl.store(v_ptr + base + rd, vv, mask=md)
+
+
+@triton.jit
+def _cos_sin(pos, f, dt: tl.constexpr):
+    a = pos.to(tl.float64) * f
+    c = tl.cos(a).to(tl.float32).to(dt).to(tl.float32)
+    s = tl.sin(a).to(tl.float32).to(dt).to(tl.float32)
+    return c, s
 
 
 @triton.jit
@@ -449,3 +459,25 @@ def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
                   mask=ms[:, None] & md[None, :], other=0.0)
     o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_, axis=0)
     tl.store(o_ptr + h * D + rd, o.to(o_ptr.dtype.element_ty), mask=md)
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+@triton.jit
+def argmax_kernel(x_ptr, tok_ptr, pos_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """tok = argmax(x) (the first index of the maximum, as torch.argmax), pos += 1: the
+    greedy token and the position advance of one step, in one program."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    r = tl.arange(0, BLOCK)
+    best_v = tl.full((), float("-inf"), tl.float32)
+    best_i = tl.zeros((), tl.int32)
+    for n0 in range(0, N, BLOCK):
+        x = tl.load(x_ptr + n0 + r, mask=n0 + r < N, other=float("-inf")).to(tl.float32)
+        v, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        take = v > best_v
+        best_i = tl.where(take, n0 + i, best_i)
+        best_v = tl.where(take, v, best_v)
+    tl.store(tok_ptr, best_i.to(tl.int64))
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)

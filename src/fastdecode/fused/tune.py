@@ -66,8 +66,8 @@ GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 512, 4, None), (4, 1024, 4, None),
 INT4_CANDIDATES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8),
                    (32, 1, 4), (32, 2, 8)]  # (BLOCK_N, groups per chunk, num_warps)
 # (slots per split, BLOCK_N, num_warps)
-ATTN_CANDIDATES = [(p, bn, w) for p in (64, 128, 256) for bn, w in
-                   ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8))]
+ATTN_CANDIDATES = [(32, 16, 2), (32, 32, 2), (32, 32, 4)] + \
+    [(p, bn, w) for p in (64, 128, 256) for bn, w in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8))]
 MIN_PER = 32  # fewest slots per split; sizes the partial buffers
 
 
@@ -106,7 +106,12 @@ def _gemv_candidates(p: Packed, n: int, nsplit: int) -> list[tuple]:
         base = [(bn, g * p.group, w, None) for bn, g, w in INT4_CANDIDATES]
     else:
         base = list(GEMV_CANDIDATES)
-    return [c + (a, d) for c in base if _valid(c, p, n, nsplit)
+    valid = [c for c in base if _valid(c, p, n, nsplit)]
+    if not valid:  # small or odd widths (SmolLM2's 576): the largest K block that fits
+        bn = _pow2_divisor(nsplit, 8) if 0 < nsplit < n else 8
+        bk = p.group if p.fmt == INT4 else _pow2_divisor(p.group if p.fmt == INT8 else 256, 256)
+        valid = [(bn, bk, 4, None)]
+    return [c + (a, d) for c in valid
             for a in _choices("asm", p.fmt != 0) for d in _choices("dq", p.fmt == INT4)]
 
 
@@ -179,12 +184,20 @@ def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
                                      num_warps=4 if x.is_cuda else 1, **_launch_opts(x))
 
 
-def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
-               kv_int8) -> None:
+def rope_write(buf, q, pos, spos, freqs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half,
+               has_sink, kv_int8) -> None:
     kernels.rope_write_kernel[(hq + hkv,)](
-        buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d, HALF=half,
+        buf, q, pos, spos, freqs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d,
+        HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
         num_warps=1, **_launch_opts(buf))
+
+
+def argmax(x, tok, pos) -> None:
+    """tok = argmax(x), pos += 1 (see kernels.argmax_kernel)."""
+    cuda = x.is_cuda
+    kernels.argmax_kernel[(1,)](x, tok, pos, x.numel(), BLOCK=8192 if cuda else 1024,
+                                num_warps=16 if cuda else 1, **_launch_opts(x))
 
 
 def max_splits(slots: int) -> int:
@@ -215,4 +228,4 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
     run(_pick(key, cands, run, None))
 
 
-__all__ = ["gemv", "norm", "rope_write", "attention", "chosen", "max_splits"]
+__all__ = ["gemv", "norm", "rope_write", "attention", "argmax", "chosen", "max_splits"]
