@@ -267,7 +267,7 @@ def test_fused_step_property(tiny_models, family, sink, window, every, mode, kv,
     cfg = CacheConfig(policy=policy, sink=sink, window=window, compress_every=every,
                       position_mode=mode, kv_dtype=kv)
     lm = tiny_models[family]
-    _check_steps(lm, cfg, prompt, 3, tol=1e-4, seed=seed)
+    _check_steps(_on_cuda(lm) if CUDA else lm, cfg, prompt, 3, tol=1e-4, seed=seed)
 
 
 def test_generate_through_the_fused_step_equals_eager(tiny_models):
@@ -279,7 +279,7 @@ def test_generate_through_the_fused_step_equals_eager(tiny_models):
     from fastdecode.engine import generate
 
     lm = tiny_models["tiny-llama"]
-    model = copy.deepcopy(lm.model)
+    model = copy.deepcopy(lm.model).to(DEV)
     cfg = CacheConfig(policy="streaming", sink=2, window=10)
     prompt = list(range(5, 17))
     for kw in ({}, {"temperature": 0.8, "top_k": 20, "seed": 3}):

@@ -292,17 +292,15 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
 
 
 @triton.jit
-def rope_write_kernel(qkv_ptr, q_ptr, pos_ptr, spos_ptr, freq_ptr, slot_ptr, k_ptr, v_ptr,
-                      ks_ptr, vs_ptr, layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr,
+def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                      layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr,
                       D: tl.constexpr,
                       HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
                       BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Rotate the new token's queries and keys and store its key/value.
 
-    ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). cos/sin are computed here as
-    :func:`fastdecode.rope.cos_sin` does: angle = position x frequency in float64 (``pos``,
-    ``spos``: int64 [1], the text and sink query positions; ``freq``: float64 [HALF]),
-    then rounded to the model dtype (through float32, as torch's cast does).
+    ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
+    (window, sink) x (cos, sin), rounded to the model dtype (:func:`cos_sin_kernel`).
     Programs ``< HQ`` write ``q[0, h]`` (rotated at the token's text position) and, with
     sinks, ``q[1, h]`` (rotated where it scores the sinks); the next HKV programs rotate key
     head h at the text position and write it and value head h into ``slot`` of ``layer``
@@ -322,13 +320,14 @@ def rope_write_kernel(qkv_ptr, q_ptr, pos_ptr, spos_ptr, freq_ptr, slot_ptr, k_p
     dt = x.dtype
     xf = x.to(tl.float32)
     xp = tl.load(qkv_ptr + p * D + partner, mask=rot, other=0.0).to(tl.float32)
-    f = tl.load(freq_ptr + ci, mask=rot, other=0.0)
-    c, s = _cos_sin(tl.load(pos_ptr), f, dt)
+    c = tl.load(cs_ptr + ci, mask=rot, other=1.0)
+    s = tl.load(cs_ptr + HALF + ci, mask=rot, other=0.0)
     out = tl.where(rot, xf * c + sign * xp * s, xf).to(dt)
     if p < HQ:
         tl.store(q_ptr + p * D + rd, out, mask=md)
         if HAS_SINK:
-            c2, s2 = _cos_sin(tl.load(spos_ptr), f, dt)
+            c2 = tl.load(cs_ptr + 2 * HALF + ci, mask=rot, other=1.0)
+            s2 = tl.load(cs_ptr + 3 * HALF + ci, mask=rot, other=0.0)
             tl.store(q_ptr + HQ * D + p * D + rd,
                      tl.where(rot, xf * c2 + sign * xp * s2, xf).to(dt), mask=md)
     elif p < HQ + HKV:
@@ -353,11 +352,24 @@ def rope_write_kernel(qkv_ptr, q_ptr, pos_ptr, spos_ptr, freq_ptr, slot_ptr, k_p
 
 
 @triton.jit
-def _cos_sin(pos, f, dt: tl.constexpr):
-    a = pos.to(tl.float64) * f
-    c = tl.cos(a).to(tl.float32).to(dt).to(tl.float32)
-    s = tl.sin(a).to(tl.float32).to(dt).to(tl.float32)
-    return c, s
+def cos_sin_kernel(pos_ptr, spos_ptr, freq_ptr, cs_ptr, HALF: tl.constexpr,
+                   DT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """cs = [cos, sin] at the text position, then at the sink position, float32 [2, 2,
+    HALF], once per step for every layer, as :func:`fastdecode.rope.cos_sin` computes them:
+    angle = position x frequency in float64, rounded to the model dtype ``DT`` through
+    float32 (as torch's cast does)."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    r = tl.arange(0, BLOCK)
+    m = r < HALF
+    f = tl.load(freq_ptr + r, mask=m, other=0.0)
+    for i in range(2):
+        pos = tl.load(pos_ptr) if i == 0 else tl.load(spos_ptr)
+        a = pos.to(tl.float64) * f
+        tl.store(cs_ptr + 2 * i * HALF + r, tl.cos(a).to(tl.float32).to(DT).to(tl.float32),
+                 mask=m)
+        tl.store(cs_ptr + (2 * i + 1) * HALF + r,
+                 tl.sin(a).to(tl.float32).to(DT).to(tl.float32), mask=m)
 
 
 @triton.jit

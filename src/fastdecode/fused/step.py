@@ -16,8 +16,8 @@ residual. Linears whose formats differ (e.g. int4 MLP with bf16 attention) are l
 apart. Then the final norm, the head GEMV, the greedy argmax and the position advance.
 
 Setup work per step (positions, visibility) is the cache's own ``plan_decode``: a few small
-kernels once per step, shared by all layers; the rotary kernel computes cos/sin from the
-positions itself (float64, as :func:`fastdecode.rope.cos_sin`).
+kernels once per step, shared by all layers, then one kernel for cos/sin at both query
+positions (float64, as :func:`fastdecode.rope.cos_sin`).
 The step has ``greedy_step``'s contract (:mod:`fastdecode.compile`): it returns the
 logits (a static buffer) and writes the greedy next token into ``tok`` and ``pos + 1``
 into ``pos``, so it can be captured as one CUDA graph and replayed back to back.
@@ -94,6 +94,7 @@ class FusedStep:
         self.l = torch.empty(H, splits, dtype=torch.float32, device=dev)
         self.acc = torch.empty(H, splits, D, dtype=torch.float32, device=dev)
         self.half = spec.rotary_dim // 2
+        self.cs = torch.empty(4, self.half, dtype=torch.float32, device=dev)  # cos/sin x2
         self.d0 = 1 << (D.bit_length() - 1)
         rest = D - self.d0
         # Second chunk of the head dim (80 = 64 + 16); a power-of-two head dim still gets a
@@ -117,17 +118,16 @@ class FusedStep:
         tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, segments, self.eps)
         return self.xn
 
-    def _attention(self, i: int, plan_mask, slot, pos) -> None:
+    def _attention(self, i: int, plan_mask, slot) -> None:
         k, v, ks, vs = self.kv
-        tune.rope_write(self.buf, self.q, pos[0], pos[1], self.model.freqs, slot, k, v, ks,
-                        vs, i, self.slots, self.HQ, self.HKV, self.D, self.half,
-                        self.cache.sink > 0, self.kv_int8)
+        tune.rope_write(self.buf, self.q, self.cs, slot, k, v, ks, vs, i, self.slots, self.HQ,
+                        self.HKV, self.D, self.half, self.cache.sink > 0, self.kv_int8)
         tune.attention(self.q, k, v, ks, vs, plan_mask, self.m, self.l, self.acc,
                        self.buf[self.n_qkv:self.n_qkv + self.hd], i, self.slots, self.HQ,
                        self.HKV, self.D, self.d0, self.d1, self.cache.sink, self.kv_int8,
                        self.scale)
 
-    def _layer(self, i: int, lw: LayerWeights, mask, slot, pos) -> None:
+    def _layer(self, i: int, lw: LayerWeights, mask, slot) -> None:
         x, buf, nq, hd = self.x, self.buf, self.n_qkv, self.hd
         attn_out, act = buf[nq:nq + hd], buf[nq + hd:]
         K = self.spec.hidden_size
@@ -138,7 +138,7 @@ class FusedStep:
             else:
                 self._gemv(lw.qkv, xn[0], buf)
                 self._gemv(lw.up, xn[1], act, nsplit=0, act2=1)
-            self._attention(i, mask, slot, pos)
+            self._attention(i, mask, slot)
             if lw.b is not None:  # [out | down] over [attention out | activation]
                 self._gemv(lw.b, buf[nq:], x, res=x)
             else:
@@ -146,7 +146,7 @@ class FusedStep:
                 self._gemv(lw.down, act, x, res=x)
             return
         self._gemv(lw.qkv, self._norm(lw.norms)[0], buf)
-        self._attention(i, mask, slot, pos)
+        self._attention(i, mask, slot)
         self._gemv(lw.out, attn_out, x, res=x)
         n2 = (lw.norms[0][1:], lw.norms[1][1:] if lw.norms[1] is not None else None)
         self._gemv(lw.up, self._norm(n2)[0], act, glu=True)
@@ -155,12 +155,13 @@ class FusedStep:
     @torch.no_grad()
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         plan = self.cache.plan_decode(pos)
-        qpos = (plan.q_pos, plan.q_pos_sink if plan.q_pos_sink is not None else plan.q_pos)
+        sink_pos = plan.q_pos_sink if plan.q_pos_sink is not None else plan.q_pos
+        tune.cos_sin(plan.q_pos, sink_pos, self.model.freqs, self.cs, self.model.dtype)
         mask = plan.mask.reshape(-1).view(torch.int8)
         slot = plan.decode_slot
         torch.index_select(self.model.embed.weight, 0, tok, out=self.x.view(1, -1))
         for i, lw in enumerate(self.layers):
-            self._layer(i, lw, mask, slot, qpos)
+            self._layer(i, lw, mask, slot)
         self._gemv(self.head, self._norm(self.final_norm)[0], self.logits)
         tune.argmax(self.logits, tok, pos)  # tok = argmax, pos += 1
         return self.logits

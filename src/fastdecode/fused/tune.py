@@ -30,6 +30,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from . import kernels
 from .weights import INT4, INT8, Packed
@@ -66,8 +67,10 @@ GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 512, 4, None), (4, 1024, 4, None),
 INT4_CANDIDATES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8),
                    (32, 1, 4), (32, 2, 8)]  # (BLOCK_N, groups per chunk, num_warps)
 # (slots per split, BLOCK_N, num_warps)
-ATTN_CANDIDATES = [(32, 16, 2), (32, 32, 2), (32, 32, 4)] + \
-    [(p, bn, w) for p in (64, 128, 256) for bn, w in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8))]
+# 32-slot splits timed faster alone but made the graphed step slower (int4-g128 bench,
+# 023fbbc: 2.33 against 2.17 ms with 64): more partials for the combine
+ATTN_CANDIDATES = [(p, bn, w) for p in (64, 128, 256) for bn, w in
+                   ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8))]
 MIN_PER = 32  # fewest slots per split; sizes the partial buffers
 
 
@@ -184,10 +187,19 @@ def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
                                      num_warps=4 if x.is_cuda else 1, **_launch_opts(x))
 
 
-def rope_write(buf, q, pos, spos, freqs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half,
-               has_sink, kv_int8) -> None:
+def cos_sin(pos, spos, freqs, cs, dtype) -> None:
+    """cs (float32 [2, 2, half]) = cos/sin at pos and at spos (see kernels.cos_sin_kernel)."""
+    half = freqs.numel()
+    dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    kernels.cos_sin_kernel[(1,)](pos, spos, freqs, cs, HALF=half, DT=dt[dtype],
+                                 BLOCK=triton.next_power_of_2(half), num_warps=1,
+                                 **_launch_opts(cs))
+
+
+def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
+               kv_int8) -> None:
     kernels.rope_write_kernel[(hq + hkv,)](
-        buf, q, pos, spos, freqs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d,
+        buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d,
         HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
         num_warps=1, **_launch_opts(buf))
@@ -228,4 +240,4 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
     run(_pick(key, cands, run, None))
 
 
-__all__ = ["gemv", "norm", "rope_write", "attention", "argmax", "chosen", "max_splits"]
+__all__ = ["gemv", "norm", "cos_sin", "rope_write", "attention", "argmax", "chosen", "max_splits"]
