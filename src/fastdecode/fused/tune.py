@@ -50,9 +50,17 @@ OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "tune": _env_flag("FASTDECODE_TUNE") is not False}
 
 
+_HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
+
+
 def pdl(x: torch.Tensor) -> bool:
     """Launch with programmatic dependent launch: on, on CUDA devices that have it."""
-    return bool(OPTIONS["pdl"] and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    if not (OPTIONS["pdl"] and x.is_cuda):
+        return False
+    i = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if i not in _HAS_PDL:
+        _HAS_PDL[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return _HAS_PDL[i]
 
 
 def _launch_opts(x: torch.Tensor) -> dict:
