@@ -54,7 +54,8 @@ def add_parser(sub) -> None:
     g.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
     g.add_argument("--quant", default=None, metavar="RECIPE",
                    help="weight-only quantization applied after loading, e.g. int8, "
-                        "int4-mlp-g128, int4-g128 (see fastdecode quantize)")
+                        "int4-mlp-g128, int4-g128, int4-mlp-g128-gptq (see fastdecode "
+                        "quantize)")
     g = p.add_argument_group("lengths")
     g.add_argument("--prompt-len", type=int, default=None,
                    help="prompt tokens (random ids); default: sink + window (cache full)")
@@ -151,8 +152,10 @@ def run(args) -> int:
     dev = lm.model.device
     if args.quant:
         from ..quant import QuantConfig, quantize_model, set_backend
+        from ..quant.gptq import calibration_for
 
-        quantize_model(lm.model, QuantConfig.parse(args.quant))
+        qcfg = QuantConfig.parse(args.quant)
+        quantize_model(lm.model, qcfg, calibration=calibration_for(lm, qcfg))
         set_backend(lm.model, "auto")
     mode = args.compile or ("graphs" if dev.type == "cuda" else "default")
     if not bounded:
@@ -167,7 +170,7 @@ def run(args) -> int:
                                "dtype": str(lm.model.dtype).replace("torch.", ""),
                                "cache": cfg.to_dict(), "compile": mode,
                                "kernels": args.kernels,
-                               "quant": args.quant,
+                               "quant": qcfg.name if args.quant else None,
                                "gemv": resolve_gemv(args.gemv, dev) if mode != "none" else "eager",
                                "attention": resolve_attention(args.attention, dev)
                                if mode != "none" else "eager",

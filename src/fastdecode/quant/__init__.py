@@ -3,6 +3,11 @@
 A recipe names the format and which linears it touches, e.g. ``int8``, ``int8-mlp``,
 ``int4-mlp-g128``, ``int4-g64``, ``int4-attn-g128``, ``int8-mlp_up``. The output head and the
 embeddings stay in the model dtype unless the recipe ends in ``+head``.
+
+int4 recipes may name how scale, zero and codes are chosen (the stored format is the same):
+``-search`` (the default; data-free, least squared error per group), ``-rtn`` (min-max,
+round to nearest) or ``-gptq`` (calibration text; see quant/gptq.py), e.g.
+``int4-mlp-g128-gptq``. ``QuantConfig.name`` always says which, e.g. ``int4-mlp-g128-search``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -24,7 +30,9 @@ FILTERS = {
     "attn": re.compile(r"layers\.\d+\.attn\.(qkv|out)$"),
 }
 KINDS = {"int8": Int8Linear, "int4": Int4Linear}
-_RECIPE = re.compile(r"^(int8|int4)(?:-(all|mlp|mlp_up|attn))?(?:-g(\d+))?(\+head)?$")
+METHODS = {"int8": ("rtn",), "int4": ("search", "rtn", "gptq")}  # the first is the default
+_RECIPE = re.compile(r"^(int8|int4)(?:-(all|mlp|mlp_up|attn))?(?:-g(\d+))?"
+                     r"(?:-(search|rtn|gptq))?(\+head)?$")
 
 
 @dataclass(frozen=True)
@@ -33,10 +41,16 @@ class QuantConfig:
     filter: str = "all"
     group_size: int = 128  # int4 only
     head: bool = False
+    method: str | None = None  # None: the kind's default (METHODS)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError(f"quantization kind {self.kind!r} is not one of {tuple(KINDS)}")
+        if self.method is None:
+            object.__setattr__(self, "method", METHODS[self.kind][0])
+        if self.method not in METHODS[self.kind]:
+            raise ConfigError(f"{self.kind} method {self.method!r} is not one of "
+                              f"{METHODS[self.kind]}")
         if self.filter not in FILTERS:
             raise ConfigError(f"filter {self.filter!r} is not one of {tuple(FILTERS)}")
         if self.kind == "int4" and self.group_size not in GROUP_SIZES:
@@ -47,16 +61,17 @@ class QuantConfig:
         m = _RECIPE.match(recipe.strip())
         if not m:
             raise ConfigError(f"unknown quantization recipe {recipe!r}; expected e.g. int8, "
-                              "int8-mlp, int4-mlp-g128, int4-g64+head (filters: "
-                              f"{', '.join(FILTERS)}; int4 groups: {GROUP_SIZES})")
-        kind, filt, group, head = m.groups()
+                              "int8-mlp, int4-mlp-g128, int4-mlp-g128-gptq, int4-g64+head "
+                              f"(filters: {', '.join(FILTERS)}; int4 groups: {GROUP_SIZES}; "
+                              f"int4 methods: {', '.join(METHODS['int4'])})")
+        kind, filt, group, method, head = m.groups()
         if kind == "int8" and group:
             raise ConfigError(f"recipe {recipe!r}: int8 is per-channel and takes no group size")
-        return cls(kind, filt or "all", int(group) if group else 128, bool(head))
+        return cls(kind, filt or "all", int(group) if group else 128, bool(head), method)
 
     @property
     def name(self) -> str:
-        g = f"-g{self.group_size}" if self.kind == "int4" else ""
+        g = f"-g{self.group_size}-{self.method}" if self.kind == "int4" else ""
         return f"{self.kind}-{self.filter}{g}{'+head' if self.head else ''}"
 
     def matches(self, module_name: str) -> bool:
@@ -68,19 +83,38 @@ class QuantConfig:
         return asdict(self)
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig) -> list[str]:
-    """Replace matching nn.Linear modules in place; returns the names replaced."""
+def quantize_model(model: nn.Module, cfg: QuantConfig,
+                   calibration: torch.Tensor | None = None) -> list[str]:
+    """Replace matching nn.Linear modules in place; returns the names replaced.
+
+    ``calibration``: token ids, needed by ``gptq`` (``gptq.calibration_tokens``)."""
     cls = KINDS[cfg.kind]
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and cfg.matches(name)]
+    targets = dict((name, mod) for name, mod in model.named_modules()
+                   if isinstance(mod, nn.Linear) and cfg.matches(name))
     if cfg.head and getattr(model.spec, "tie_embeddings", False):
         raise ConfigError("+head with tied embeddings would quantize the embeddings too; "
                           "not supported")
-    for name, lin in targets:
+
+    def replace(name, **kw):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls.from_linear(lin, group_size=cfg.group_size))
-    return [n for n, _ in targets]
+        setattr(parent, child, cls.from_linear(targets[name], group_size=cfg.group_size,
+                                               method=cfg.method, **kw))
+
+    if cfg.method == "gptq":
+        from .gptq import input_moments, moment_batches
+
+        if calibration is None:
+            raise ConfigError(f"{cfg.name} needs calibration tokens "
+                              "(fastdecode.quant.gptq.calibration_tokens)")
+        for batch in moment_batches(model, list(targets)):  # later batches see earlier ones
+            moments = input_moments(model, batch, calibration)  # quantized
+            for name in batch:
+                replace(name, moments=moments.pop(name))
+    else:
+        for name in targets:
+            replace(name)
+    return list(targets)
 
 
 def set_backend(model: nn.Module, backend: str = "auto") -> None:
@@ -106,4 +140,5 @@ def set_backend(model: nn.Module, backend: str = "auto") -> None:
 AUTO_INT8 = "inductor"
 AUTO_INT4 = "tinygemm"
 
-__all__ = ["set_backend", "QuantConfig", "quantize_model", "Int8Linear", "Int4Linear", "FILTERS"]
+__all__ = ["set_backend", "QuantConfig", "quantize_model", "Int8Linear", "Int4Linear", "FILTERS",
+           "METHODS"]

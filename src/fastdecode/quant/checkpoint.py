@@ -61,7 +61,8 @@ def read_quantized(path: str | Path):
         if meta.get("format") != FORMAT:
             raise ModelLoadError(f"{path / MARKER} is not a {FORMAT} file")
         spec = ModelSpec(**meta["spec"]).validate()
-        cfg = QuantConfig(**meta["quant"])
+        # written before QuantConfig had a method: int4 was then min-max (rtn) only
+        cfg = QuantConfig(**{"method": "rtn", **meta["quant"]})
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path / MARKER} is malformed: {e}") from None
     weights = path / "model.safetensors"
