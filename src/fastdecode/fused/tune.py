@@ -147,9 +147,12 @@ def _bench(fn, restore: torch.Tensor | None) -> float:
             restore.copy_(saved)
 
 
-def _pick(key: tuple, candidates: list, run, restore) -> tuple:
+def _pick(key: tuple, candidates_of, run, restore) -> tuple:
+    """The configuration for ``key``: cached, else the fastest of ``candidates_of()`` (built
+    only on a miss: this runs on every launch of an un-graphed step)."""
     if key in _CHOSEN:
         return _CHOSEN[key]
+    candidates = candidates_of()
     if not candidates:
         raise RuntimeError(f"no valid launch configuration for {key}")
     if not OPTIONS["tune"]:
@@ -184,7 +187,7 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False) -
     key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
            int(res is not None), str(x.dtype).removeprefix("torch."), OPTIONS["asm"],
            OPTIONS["dq"])
-    run(_pick(key, _gemv_candidates(p, n, nsplit), run, res))
+    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit), run, res))
 
 
 def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
@@ -195,11 +198,13 @@ def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
                                      num_warps=4 if x.is_cuda else 1, **_launch_opts(x))
 
 
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
 def cos_sin(pos, spos, freqs, cs, dtype) -> None:
     """cs (float32 [2, 2, half]) = cos/sin at pos and at spos (see kernels.cos_sin_kernel)."""
     half = freqs.numel()
-    dt = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-    kernels.cos_sin_kernel[(1,)](pos, spos, freqs, cs, HALF=half, DT=dt[dtype],
+    kernels.cos_sin_kernel[(1,)](pos, spos, freqs, cs, HALF=half, DT=_TL_DTYPE[dtype],
                                  BLOCK=triton.next_power_of_2(half), num_warps=1,
                                  **_launch_opts(cs))
 
@@ -207,8 +212,7 @@ def cos_sin(pos, spos, freqs, cs, dtype) -> None:
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
                kv_int8) -> None:
     kernels.rope_write_kernel[(hq + hkv,)](
-        buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d,
-        HALF=half,
+        buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d, HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
         num_warps=1, **_launch_opts(buf))
 
@@ -243,9 +247,8 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
         run((MIN_PER, 16, 1))
         return
     key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
-    cands = [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
-             (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)]
-    run(_pick(key, cands, run, None))
+    run(_pick(key, lambda: [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
+                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None))
 
 
 __all__ = ["gemv", "norm", "cos_sin", "rope_write", "attention", "argmax", "chosen", "max_splits"]
