@@ -81,6 +81,7 @@ elif [ "$PHASE" = quant ]; then
   for q in int8:1.6 int4-mlp-g128:1.9 int4-g128:1.35; do
     r=${q%%:*}; t=${q##*:}
     timeout 90 "${BENCH[@]}" --quant "$r" --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --check 8 \
+      --profile "/tmp/fd/trace-$r.json.gz" --profile-steps 5 \
       --target-tpot-ms "$t" --json "$OUT/h100-pythia-$r.json" | tail -4
     echo "bench $r rc=$?"
   done
