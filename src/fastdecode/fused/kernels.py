@@ -382,7 +382,8 @@ def attention_kernel(qkv_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, ma
                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                      D0: tl.constexpr, D1: tl.constexpr, HALF: tl.constexpr, S: tl.constexpr,
                      KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, COMBINE: tl.constexpr = True,
+                     PRELOAD: tl.constexpr = True):
     """One layer's attention for the new token: rotary, the cache write, split-K softmax
     attention and the combine of the splits, in one launch. Program (h, sp): query head h
     over slots [sp*PER, sp*PER + PER).
@@ -416,9 +417,12 @@ def attention_kernel(qkv_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, ma
     r1 = D0 + tl.arange(0, D1)
     rn = start + tl.arange(0, BLOCK_N)
     mn = (rn < SLOTS) & (rn < start + PER)
+    if not PRELOAD:
+        _pdl_wait(PDL)
     k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D, D0,
                                        KV_INT8)
-    _pdl_wait(PDL)
+    if PRELOAD:
+        _pdl_wait(PDL)
     slot = tl.load(slot_ptr)
     qh = qkv_ptr + h * D
     q0 = _rotated(qh, cs_ptr, rd0, D, HALF)
@@ -494,6 +498,13 @@ def attention_kernel(qkv_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, ma
     tl.store(acc_ptr + o * D + r1, acc1, mask=r1 < D)
     # the last split of head h to finish combines: its partials are stored by every thread
     # of the program before one thread's release (barrier, then acq_rel at gpu scope)
+    if COMBINE:
+        _combine_last(m_ptr, l_ptr, acc_ptr, cnt_ptr, o_ptr, h, NSPLIT, rd0, r1, D, BLOCK_S)
+
+
+@triton.jit
+def _combine_last(m_ptr, l_ptr, acc_ptr, cnt_ptr, o_ptr, h, NSPLIT, rd0, r1, D: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel", scope="gpu")
     if done == NSPLIT - 1:

@@ -1,0 +1,495 @@
+"""Triton kernels of the fused decode step (batch 1, one token): the norms, a GEMV with
+its activation, bias and residual fused in, rotary + cache write, and split-K attention.
+
+Every kernel mirrors a piece of the eager model (``models/transformer.py``,
+``attention.attend``) and is held equal to it by ``tests/test_fused.py`` (Triton's
+interpreter on the CPU, compiled on CUDA). They accumulate in float32 and round to the
+model dtype where the eager model rounds (after a norm, after a linear, after the
+activation), so the two paths differ by accumulation order only.
+
+Weight formats (``FMT``): 0 = float (the model dtype), 1 = int8 codes with a float scale per
+row and group of ``GROUP`` inputs (per-channel int8 is one group of K), 2 = int4, two codes
+per byte along K (low nibble first), ``w = (q - 8) * scale + zero`` per row and group.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.constexpr,
+                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """out[seg] = norm_seg(x), rounded to the model dtype like the eager norm module; one
+    program per norm (GPT-NeoX's parallel residual normalises the same x twice: LayerNorm
+    1 for attention, 2 for the MLP). NORM: 1 = LayerNorm (affine in float32, one rounding),
+    2 = RMSNorm (normalise, round, scale by the weight, round). Float32 sums in one pass."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    seg = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K,), tl.float32)
+    acc2 = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        acc += x
+        acc2 += x * x
+    ms = tl.sum(acc2, axis=0) / K
+    mean = 0.0
+    if NORM == 1:
+        mean = tl.sum(acc, axis=0) / K
+        ms = tl.maximum(ms - mean * mean, 0.0)
+    rstd = 1.0 / tl.sqrt(ms + eps)
+    for k0 in range(0, K, BLOCK_K):
+        m = k0 + rk < K
+        x = tl.load(x_ptr + k0 + rk, mask=m, other=0.0)
+        dt = x.dtype
+        xf = x.to(tl.float32)
+        w = tl.load(nw_ptr + seg * K + k0 + rk, mask=m, other=0.0)
+        if NORM == 1:
+            b = tl.load(nb_ptr + seg * K + k0 + rk, mask=m, other=0.0).to(tl.float32)
+            y = (xf - mean) * rstd * w.to(tl.float32) + b
+        else:
+            y = w * (xf * rstd).to(dt)
+        tl.store(out_ptr + seg * K + k0 + rk, y.to(dt), mask=m)
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper+): let the next kernel's programs be placed
+    now, so its launch and whatever it does before its own wait overlap this kernel."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel has finished and its writes are visible. Nothing a
+    kernel reads that an earlier kernel writes may be read before this, and nothing may
+    be written before it."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _i8_to_f32(w, ASM: tl.constexpr):
+    """int8 codes -> float32. ASM: four bytes a register through the float32 magic number
+    (each byte + 128 placed in the mantissa of 2**23, then 2**23 + 128 subtracted): one
+    byte permute and one subtraction per code instead of an extract and a conversion."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, t, m, 0x7540;
+            prmt.b32 $1, t, m, 0x7541;
+            prmt.b32 $2, t, m, 0x7542;
+            prmt.b32 $3, t, m, 0x7543;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
+def _u4_to_f32(p, ASM: tl.constexpr):
+    """Packed int4 bytes -> (low nibble - 8, high nibble - 8) as float32, by the same
+    magic number as :func:`_i8_to_f32` (nibbles masked four bytes at a time)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi, m;
+            and.b32 lo, $8, 0x0F0F0F0F;
+            shr.b32 hi, $8, 4;
+            and.b32 hi, hi, 0x0F0F0F0F;
+            mov.b32 m, 0x4B000000;
+            prmt.b32 $0, lo, m, 0x7540;
+            prmt.b32 $1, lo, m, 0x7541;
+            prmt.b32 $2, lo, m, 0x7542;
+            prmt.b32 $3, lo, m, 0x7543;
+            prmt.b32 $4, hi, m, 0x7540;
+            prmt.b32 $5, hi, m, 0x7541;
+            prmt.b32 $6, hi, m, 0x7542;
+            prmt.b32 $7, hi, m, 0x7543;
+            sub.f32 $0, $0, 0f4B000008;
+            sub.f32 $1, $1, 0f4B000008;
+            sub.f32 $2, $2, 0f4B000008;
+            sub.f32 $3, $3, 0f4B000008;
+            sub.f32 $4, $4, 0f4B000008;
+            sub.f32 $5, $5, 0f4B000008;
+            sub.f32 $6, $6, 0f4B000008;
+            sub.f32 $7, $7, 0f4B000008;
+            }""",
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[p],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    else:
+        return (p & 0xF).to(tl.float32) - 8.0, (p >> 4).to(tl.float32) - 8.0
+
+
+@triton.jit
+def _load_w(w_ptr, rows, mrow, k0, K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """The raw weight tile of rows x inputs [k0, k0 + BLOCK_K): [BLOCK_N, BLOCK_K] (float,
+    int8) or int4's packed bytes as [BLOCK_N, BLOCK_K / GROUP, GROUP / 2]."""
+    if FMT == 2:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        HG: tl.constexpr = GROUP // 2
+        g = k0 // GROUP + tl.arange(0, NG)
+        kb = (g * HG)[:, None] + tl.arange(0, HG)[None, :]
+        return tl.load(w_ptr + rows[:, None, None] * (K // 2) + kb[None, :, :],
+                       mask=mrow[:, None, None] & (g < K // GROUP)[None, :, None],
+                       other=8 + (8 << 4))
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        other = 0.0 if FMT == 0 else 0
+        return tl.load(w_ptr + rows[:, None] * K + kk[None, :],
+                       mask=mrow[:, None] & (kk < K)[None, :], other=other)
+
+
+@triton.jit
+def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr,
+           FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+           DQ: tl.constexpr):
+    """Add one tile's products: float into ``acc2`` [BLOCK_N, BLOCK_K] (summed at the end);
+    int8 into ``acc2``, flushed into ``acc`` [BLOCK_N] times the row scale at the end of
+    each group (BLOCK_K divides GROUP); int4 per group into ``acc``:
+    sum_k w_k x_k = sum_g [s_g * sum_k (q_k - 8) x_k + z_g * sum_k x_k]."""
+    NGRP: tl.constexpr = K // GROUP
+    if FMT == 2:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        HG: tl.constexpr = GROUP // 2
+        g = k0 // GROUP + tl.arange(0, NG)
+        mg = g < NGRP
+        kk = k0 + tl.arange(0, BLOCK_K)  # x read contiguously, then split even/odd k
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(x, (NG, HG, 2)))  # [NG, HG] each
+        lo, hi = _u4_to_f32(w, ASM)
+        m2 = mrow[:, None] & mg[None, :]
+        s = tl.load(s_ptr + rows[:, None] * NGRP + g[None, :], mask=m2, other=0.0)
+        z = tl.load(z_ptr + rows[:, None] * NGRP + g[None, :], mask=m2, other=0.0)
+        s = s.to(tl.float32)
+        z = z.to(tl.float32)
+        if DQ:
+            # dequantise each weight (w = (q - 8) s + z) and accumulate elementwise: two
+            # FMAs a weight and no reduction until the end
+            acc2 += (lo * s[:, :, None] + z[:, :, None]) * xe[None, :, :] + \
+                (hi * s[:, :, None] + z[:, :, None]) * xo[None, :, :]
+        else:
+            dot = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, NG]
+            sx = tl.sum(xe + xo, axis=1)  # [NG]
+            acc += tl.sum(s * dot + z * sx[None, :], axis=1)
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if FMT == 1:
+            acc2 += _i8_to_f32(w, ASM) * x[None, :]
+            if (k0 + BLOCK_K) % GROUP == 0:
+                s = tl.load(s_ptr + rows * NGRP + k0 // GROUP, mask=mrow, other=0.0)
+                acc += tl.sum(acc2, axis=1) * s.to(tl.float32)
+                acc2 = tl.zeros_like(acc2)
+        else:
+            acc2 += w.to(tl.float32) * x[None, :]
+    return acc, acc2
+
+
+@triton.jit
+def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, FMT: tl.constexpr,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr):
+    """float32 [BLOCK_N]: x . dequantised W[rows, :]. The first weight tile is loaded
+    before the PDL wait (weights are never written), so with programmatic dependent
+    launch the weight stream starts while the kernel before is still finishing."""
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    if FMT == 2:
+        if DQ:
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K // GROUP, GROUP // 2), tl.float32)
+        else:
+            acc2 = tl.zeros((1, 1, 1), tl.float32)  # unused
+    else:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    w = _load_w(w_ptr, rows, mrow, 0, K, FMT, GROUP, BLOCK_K)
+    _pdl_wait(PDL)
+    acc, acc2 = _chunk(acc, acc2, w, 0, x_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP,
+                       BLOCK_K, ASM, DQ)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _load_w(w_ptr, rows, mrow, k0, K, FMT, GROUP, BLOCK_K)
+        acc, acc2 = _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP,
+                           BLOCK_K, ASM, DQ)
+    if FMT == 0:
+        acc = tl.sum(acc2, axis=1)
+    if FMT == 2 and DQ:
+        acc = tl.sum(tl.sum(acc2, axis=2), axis=1)
+    return acc
+
+
+# ----------------------------------------------------------------------------- GEMV
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
+                N, NSPLIT, OUT_GAP, XSEG,
+                K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
+                ACT2: tl.constexpr, GLU: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr):
+    """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) for ``BLOCK_N`` rows a program.
+
+    Rows ``>= NSPLIT`` form a second segment (GPT-NeoX's parallel residual computes q/k/v
+    and the MLP's up projection from the same x under two LayerNorms): they read their
+    input ``XSEG`` further on (the second norm's output), take the activation ``ACT2``
+    (1 = exact GELU) and are stored ``OUT_GAP`` further on. A program never straddles
+    NSPLIT (the host picks BLOCK_N to divide it). GLU (Llama's MLP): the output has N
+    rows, W has 2N (gate rows, then up rows), ``y = silu(gate) * up``. Residual: ``r`` may
+    be ``y`` itself (each program reads and writes only its own rows). Outputs are rounded
+    to the model dtype where the eager model rounds (after the linear, after the
+    activation, after the residual add).
+    """
+    _pdl_start(PDL)
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mrow = rows < N
+    seg2 = (pid * BLOCK_N >= NSPLIT).to(tl.int32)
+    xs = x_ptr + seg2 * XSEG
+    acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP, BLOCK_N, BLOCK_K,
+                    PDL, ASM, DQ)
+    dt = y_ptr.dtype.element_ty
+    if GLU:
+        up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, K, FMT, GROUP, BLOCK_N,
+                       BLOCK_K, False, ASM, DQ)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+            up += tl.load(b_ptr + N + rows, mask=mrow, other=0.0).to(tl.float32)
+        g = acc.to(dt).to(tl.float32)
+        g = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        acc = g * up.to(dt).to(tl.float32)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+        if ACT2 == 1:
+            acc = tl.where(seg2 != 0, _gelu(acc.to(dt).to(tl.float32)), acc)
+    if HAS_RES:
+        r = tl.load(r_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+        acc = r + acc.to(dt).to(tl.float32)
+    tl.store(y_ptr + rows + seg2 * OUT_GAP, acc.to(dt), mask=mrow)
+
+
+# ----------------------------------------------------------------------------- rotary + cache
+
+
+@triton.jit
+def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                      layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr,
+                      D: tl.constexpr,
+                      HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """Rotate the new token's queries and keys and store its key/value.
+
+    ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
+    (window, sink) x (cos, sin), rounded to the model dtype (:func:`cos_sin_kernel`).
+    Programs ``< HQ`` write ``q[0, h]`` (rotated at the token's text position) and, with
+    sinks, ``q[1, h]`` (rotated where it scores the sinks); the next HKV programs rotate key
+    head h at the text position and write it and value head h into ``slot`` of ``layer``
+    (int8 storage: codes and one scale per head, as ``cache.storage.quantize_int8``).
+    """
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    p = tl.program_id(0)
+    rd = tl.arange(0, BLOCK_D)
+    md = rd < D
+    first = rd < HALF
+    rot = rd < 2 * HALF
+    partner = tl.where(first, rd + HALF, rd - HALF)
+    ci = tl.where(first, rd, rd - HALF)
+    sign = tl.where(first, -1.0, 1.0)
+    x = tl.load(qkv_ptr + p * D + rd, mask=md, other=0.0)
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    xp = tl.load(qkv_ptr + p * D + partner, mask=rot, other=0.0).to(tl.float32)
+    c = tl.load(cs_ptr + ci, mask=rot, other=1.0)
+    s = tl.load(cs_ptr + HALF + ci, mask=rot, other=0.0)
+    out = tl.where(rot, xf * c + sign * xp * s, xf).to(dt)
+    if p < HQ:
+        tl.store(q_ptr + p * D + rd, out, mask=md)
+        if HAS_SINK:
+            c2 = tl.load(cs_ptr + 2 * HALF + ci, mask=rot, other=1.0)
+            s2 = tl.load(cs_ptr + 3 * HALF + ci, mask=rot, other=0.0)
+            tl.store(q_ptr + HQ * D + p * D + rd,
+                     tl.where(rot, xf * c2 + sign * xp * s2, xf).to(dt), mask=md)
+    elif p < HQ + HKV:
+        h = p - HQ
+        slot = tl.load(slot_ptr)
+        base = ((layer * HKV + h) * SLOTS + slot) * D
+        vv = tl.load(qkv_ptr + (p + HKV) * D + rd, mask=md, other=0.0)
+        if KV_INT8:
+            kf = out.to(tl.float32)
+            vf = vv.to(tl.float32)
+            ksc = tl.maximum(tl.max(tl.abs(kf), axis=0), 1e-8) / 127.0
+            vsc = tl.maximum(tl.max(tl.abs(vf), axis=0), 1e-8) / 127.0
+            kq = tl.minimum(tl.maximum(_round(kf / ksc), -127.0), 127.0)
+            vq = tl.minimum(tl.maximum(_round(vf / vsc), -127.0), 127.0)
+            tl.store(k_ptr + base + rd, kq.to(tl.int8), mask=md)
+            tl.store(v_ptr + base + rd, vq.to(tl.int8), mask=md)
+            tl.store(ks_ptr + (layer * HKV + h) * SLOTS + slot, ksc)
+            tl.store(vs_ptr + (layer * HKV + h) * SLOTS + slot, vsc)
+        else:
+            tl.store(k_ptr + base + rd, out, mask=md)
+            tl.store(v_ptr + base + rd, vv, mask=md)
+
+
+@triton.jit
+def cos_sin_kernel(pos_ptr, spos_ptr, freq_ptr, cs_ptr, HALF: tl.constexpr,
+                   DT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """cs = [cos, sin] at the text position, then at the sink position, float32 [2, 2,
+    HALF], once per step for every layer, as :func:`fastdecode.rope.cos_sin` computes them:
+    angle = position x frequency in float64, rounded to the model dtype ``DT`` through
+    float32 (as torch's cast does)."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    r = tl.arange(0, BLOCK)
+    m = r < HALF
+    f = tl.load(freq_ptr + r, mask=m, other=0.0)
+    for i in range(2):
+        pos = tl.load(pos_ptr) if i == 0 else tl.load(spos_ptr)
+        a = pos.to(tl.float64) * f
+        tl.store(cs_ptr + 2 * i * HALF + r, tl.cos(a).to(tl.float32).to(DT).to(tl.float32),
+                 mask=m)
+        tl.store(cs_ptr + (2 * i + 1) * HALF + r,
+                 tl.sin(a).to(tl.float32).to(DT).to(tl.float32), mask=m)
+
+
+@triton.jit
+def _round(x):
+    """Round half to even (torch.round), for float32 |x| < 2**22."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@triton.jit
+def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
+                      layer, SLOTS, NSPLIT, PER, scale,
+                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      D0: tl.constexpr, D1: tl.constexpr, S: tl.constexpr,
+                      KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Partial softmax attention of query head h over slots [sp*PER, sp*PER + PER).
+
+    The head dim is read as two power-of-two chunks (D0 + D1 >= D; 80 = 64 + 16) so no
+    lane is wasted. Slots ``< S`` are the sinks, scored with the sink-position query
+    ``q[1, h]``; the rest with ``q[0, h]``. ``mask``: int8 [SLOTS], 1 = visible. Writes the
+    running max, the sum of exp and the unnormalised output for the combine kernel.
+    """
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    hk = h // (HQ // HKV)
+    base = (layer * HKV + hk) * SLOTS
+    q0 = tl.load(q_ptr + h * D + tl.arange(0, D0)).to(tl.float32)
+    r1 = D0 + tl.arange(0, D1)
+    q1 = tl.load(q_ptr + h * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
+    m_i = tl.full((), -1e30, tl.float32)
+    l_i = tl.zeros((), tl.float32)
+    acc0 = tl.zeros((D0,), tl.float32)
+    acc1 = tl.zeros((D1,), tl.float32)
+    start = sp * PER
+    for n0 in range(0, PER, BLOCK_N):
+        rn = start + n0 + tl.arange(0, BLOCK_N)
+        mn = (rn < SLOTS) & (rn < start + PER)
+        # every load of the block first (keys, values, mask, scales), then the arithmetic:
+        # the values do not depend on the scores, so both streams are in flight together
+        kp = k_ptr + (base + rn)[:, None] * D
+        vp = v_ptr + (base + rn)[:, None] * D
+        k0 = tl.load(kp + tl.arange(0, D0)[None, :], mask=mn[:, None], other=0.0)
+        v0 = tl.load(vp + tl.arange(0, D0)[None, :], mask=mn[:, None], other=0.0)
+        m1 = mn[:, None] & (r1 < D)[None, :]
+        k1 = tl.load(kp + r1[None, :], mask=m1, other=0.0)
+        v1 = tl.load(vp + r1[None, :], mask=m1, other=0.0)
+        vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
+        k0 = k0.to(tl.float32)
+        k1 = k1.to(tl.float32)
+        sc = tl.sum(k0 * q0[None, :], axis=1) + tl.sum(k1 * q1[None, :], axis=1)
+        if S > 0:
+            if start + n0 < S:
+                qs0 = tl.load(q_ptr + (HQ + h) * D + tl.arange(0, D0)).to(tl.float32)
+                qs1 = tl.load(q_ptr + (HQ + h) * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
+                ss = tl.sum(k0 * qs0[None, :], axis=1) + tl.sum(k1 * qs1[None, :], axis=1)
+                sc = tl.where(rn < S, ss, sc)
+        if KV_INT8:
+            sc = sc * tl.load(ks_ptr + base + rn, mask=mn, other=0.0)
+        sc = tl.where(vis, sc * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        if KV_INT8:
+            p = p * tl.load(vs_ptr + base + rn, mask=mn, other=0.0)
+        acc0 = acc0 * alpha + tl.sum(p[:, None] * v0.to(tl.float32), axis=0)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), axis=0)
+        m_i = m_new
+    o = h * NSPLIT + sp
+    tl.store(m_ptr + o, m_i)
+    tl.store(l_ptr + o, l_i)
+    tl.store(acc_ptr + o * D + tl.arange(0, D0), acc0)
+    tl.store(acc_ptr + o * D + r1, acc1, mask=r1 < D)
+
+
+@triton.jit
+def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """o[h] = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m): the softmax
+    over all slots from the partials, rounded once to the model dtype."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    h = tl.program_id(0)
+    rs = tl.arange(0, BLOCK_S)
+    ms = rs < NSPLIT
+    rd = tl.arange(0, BLOCK_D)
+    md = rd < D
+    m = tl.load(m_ptr + h * NSPLIT + rs, mask=ms, other=-1e30)
+    l_ = tl.load(l_ptr + h * NSPLIT + rs, mask=ms, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    acc = tl.load(acc_ptr + (h * NSPLIT + rs)[:, None] * D + rd[None, :],
+                  mask=ms[:, None] & md[None, :], other=0.0)
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_, axis=0)
+    tl.store(o_ptr + h * D + rd, o.to(o_ptr.dtype.element_ty), mask=md)
+
+
+# ----------------------------------------------------------------------------- greedy
+
+
+@triton.jit
+def argmax_kernel(x_ptr, tok_ptr, pos_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """tok = argmax(x) (the first index of the maximum, as torch.argmax), pos += 1: the
+    greedy token and the position advance of one step, in one program."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    r = tl.arange(0, BLOCK)
+    best_v = tl.full((), float("-inf"), tl.float32)
+    best_i = tl.zeros((), tl.int32)
+    for n0 in range(0, N, BLOCK):
+        x = tl.load(x_ptr + n0 + r, mask=n0 + r < N, other=float("-inf")).to(tl.float32)
+        v, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        take = v > best_v
+        best_i = tl.where(take, n0 + i, best_i)
+        best_v = tl.where(take, v, best_v)
+    tl.store(tok_ptr, best_i.to(tl.int64))
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
