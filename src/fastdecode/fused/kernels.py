@@ -288,7 +288,67 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
     tl.store(y_ptr + rows + seg2 * OUT_GAP, acc.to(dt), mask=mrow)
 
 
-# ----------------------------------------------------------------------------- rotary
+# ----------------------------------------------------------------------------- rotary + cache
+
+
+@triton.jit
+def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                      layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr,
+                      D: tl.constexpr,
+                      HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """Rotate the new token's queries and keys and store its key/value.
+
+    ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
+    (window, sink) x (cos, sin), rounded to the model dtype (:func:`cos_sin_kernel`).
+    Programs ``< HQ`` write ``q[0, h]`` (rotated at the token's text position) and, with
+    sinks, ``q[1, h]`` (rotated where it scores the sinks); the next HKV programs rotate key
+    head h at the text position and write it and value head h into ``slot`` of ``layer``
+    (int8 storage: codes and one scale per head, as ``cache.storage.quantize_int8``).
+    """
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    p = tl.program_id(0)
+    rd = tl.arange(0, BLOCK_D)
+    md = rd < D
+    first = rd < HALF
+    rot = rd < 2 * HALF
+    partner = tl.where(first, rd + HALF, rd - HALF)
+    ci = tl.where(first, rd, rd - HALF)
+    sign = tl.where(first, -1.0, 1.0)
+    x = tl.load(qkv_ptr + p * D + rd, mask=md, other=0.0)
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    xp = tl.load(qkv_ptr + p * D + partner, mask=rot, other=0.0).to(tl.float32)
+    c = tl.load(cs_ptr + ci, mask=rot, other=1.0)
+    s = tl.load(cs_ptr + HALF + ci, mask=rot, other=0.0)
+    out = tl.where(rot, xf * c + sign * xp * s, xf).to(dt)
+    if p < HQ:
+        tl.store(q_ptr + p * D + rd, out, mask=md)
+        if HAS_SINK:
+            c2 = tl.load(cs_ptr + 2 * HALF + ci, mask=rot, other=1.0)
+            s2 = tl.load(cs_ptr + 3 * HALF + ci, mask=rot, other=0.0)
+            tl.store(q_ptr + HQ * D + p * D + rd,
+                     tl.where(rot, xf * c2 + sign * xp * s2, xf).to(dt), mask=md)
+    elif p < HQ + HKV:
+        h = p - HQ
+        slot = tl.load(slot_ptr)
+        base = ((layer * HKV + h) * SLOTS + slot) * D
+        vv = tl.load(qkv_ptr + (p + HKV) * D + rd, mask=md, other=0.0)
+        if KV_INT8:
+            kf = out.to(tl.float32)
+            vf = vv.to(tl.float32)
+            ksc = tl.maximum(tl.max(tl.abs(kf), axis=0), 1e-8) / 127.0
+            vsc = tl.maximum(tl.max(tl.abs(vf), axis=0), 1e-8) / 127.0
+            kq = tl.minimum(tl.maximum(_round(kf / ksc), -127.0), 127.0)
+            vq = tl.minimum(tl.maximum(_round(vf / vsc), -127.0), 127.0)
+            tl.store(k_ptr + base + rd, kq.to(tl.int8), mask=md)
+            tl.store(v_ptr + base + rd, vq.to(tl.int8), mask=md)
+            tl.store(ks_ptr + (layer * HKV + h) * SLOTS + slot, ksc)
+            tl.store(vs_ptr + (layer * HKV + h) * SLOTS + slot, vsc)
+        else:
+            tl.store(k_ptr + base + rd, out, mask=md)
+            tl.store(v_ptr + base + rd, vv, mask=md)
 
 
 @triton.jit
@@ -325,36 +385,6 @@ def _round(x):
 
 
 @triton.jit
-def _rotated(x_ptr, cs_ptr, rd, D: tl.constexpr, HALF: tl.constexpr):
-    """Lanes ``rd`` of one head (``x_ptr``: its D values) after the rotary embedding
-    (pairs (i, i + HALF) for i < HALF; lanes >= 2 HALF pass through), rounded to the model
-    dtype as the eager rotation rounds; float32. ``cs``: [cos, sin] of HALF each."""
-    md = rd < D
-    first = rd < HALF
-    rot = rd < 2 * HALF
-    partner = tl.where(first, rd + HALF, rd - HALF)
-    ci = tl.where(first, rd, rd - HALF)
-    x = tl.load(x_ptr + rd, mask=md, other=0.0)
-    xf = x.to(tl.float32)
-    xp = tl.load(x_ptr + partner, mask=rot & md, other=0.0).to(tl.float32)
-    c = tl.load(cs_ptr + ci, mask=rot, other=1.0)
-    s = tl.load(cs_ptr + HALF + ci, mask=rot, other=0.0)
-    out = tl.where(rot, xf * c + tl.where(first, -1.0, 1.0) * xp * s, xf)
-    return out.to(x.dtype).to(tl.float32)
-
-
-@triton.jit
-def _quantized(x0, x1):
-    """int8 KV of one head (``cache.storage.quantize_int8``): codes (float32, the two
-    head-dim chunks) and the scale max|x| / 127."""
-    amax = tl.maximum(tl.max(tl.abs(x0), axis=0), tl.max(tl.abs(x1), axis=0))
-    sc = tl.maximum(amax, 1e-8) / 127.0
-    c0 = tl.minimum(tl.maximum(_round(x0 / sc), -127.0), 127.0)
-    c1 = tl.minimum(tl.maximum(_round(x1 / sc), -127.0), 127.0)
-    return c0, c1, sc
-
-
-@triton.jit
 def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D: tl.constexpr,
               D0: tl.constexpr, KV_INT8: tl.constexpr):
     """Keys and values of slots ``rn`` (head-dim chunks [0, D0) and r1) and, int8, their
@@ -367,8 +397,8 @@ def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D: tl.constexpr,
     k1 = tl.load(kp + r1[None, :], mask=m1, other=0.0)
     v1 = tl.load(vp + r1[None, :], mask=m1, other=0.0)
     if KV_INT8:
-        ks = tl.load(ks_ptr + base + rn, mask=mn, other=0.0)
-        vs = tl.load(vs_ptr + base + rn, mask=mn, other=0.0)
+        ks = tl.load(ks_ptr + base + rn, mask=mn, other=0.0).to(tl.float32)
+        vs = tl.load(vs_ptr + base + rn, mask=mn, other=0.0).to(tl.float32)
     else:
         ks = tl.zeros(rn.shape, tl.float32)
         vs = ks
@@ -376,153 +406,114 @@ def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D: tl.constexpr,
 
 
 @triton.jit
-def attention_kernel(qkv_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr,
-                     m_ptr, l_ptr, acc_ptr, cnt_ptr, o_ptr,
-                     layer, SLOTS, NSPLIT, PER, scale,
-                     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                     D0: tl.constexpr, D1: tl.constexpr, HALF: tl.constexpr, S: tl.constexpr,
-                     KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                     PDL: tl.constexpr, COMBINE: tl.constexpr = True,
-                     PRELOAD: tl.constexpr = True):
-    """One layer's attention for the new token: rotary, the cache write, split-K softmax
-    attention and the combine of the splits, in one launch. Program (h, sp): query head h
-    over slots [sp*PER, sp*PER + PER).
+def _attend(m_i, l_i, acc0, acc1, k0, k1, v0, v1, ks, vs, rn, mn, n0, start, mask_ptr, q_ptr,
+            h, q0, q1, r1, scale, HQ: tl.constexpr, D: tl.constexpr, D0: tl.constexpr,
+            S: tl.constexpr, KV_INT8: tl.constexpr):
+    """One block of slots into the running (max, sum of exp, unnormalised output)."""
+    vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
+    k0 = k0.to(tl.float32)
+    k1 = k1.to(tl.float32)
+    sc = tl.sum(k0 * q0[None, :], axis=1) + tl.sum(k1 * q1[None, :], axis=1)
+    if S > 0:
+        if start + n0 < S:
+            qs0 = tl.load(q_ptr + (HQ + h) * D + tl.arange(0, D0)).to(tl.float32)
+            qs1 = tl.load(q_ptr + (HQ + h) * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
+            ss = tl.sum(k0 * qs0[None, :], axis=1) + tl.sum(k1 * qs1[None, :], axis=1)
+            sc = tl.where(rn < S, ss, sc)
+    if KV_INT8:
+        sc = sc * ks
+    sc = tl.where(vis, sc * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(sc - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    if KV_INT8:
+        p = p * vs
+    acc0 = acc0 * alpha + tl.sum(p[:, None] * v0.to(tl.float32), axis=0)
+    acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), axis=0)
+    return m_new, l_i, acc0, acc1
 
-    ``qkv``: the token's [HQ + 2 HKV, D] (q heads, k heads, v heads) from the GEMV before.
-    Each program rotates q[h] at the token's text position (``cs[0]``) and, with sinks, at
-    the sinks' scoring position (``cs[1]``), and computes the new key/value of its kv head
-    (rotated, int8: quantized, as ``cache.storage`` stores them). The program whose range
-    holds the decode ``slot`` (the first query head of a kv group) writes them into the
-    cache; every program uses them in place of whatever its loads found in that slot, so
-    no program waits for the write.
 
-    The first block of keys/values is loaded before the PDL wait: a step reads only cache
-    slots written in earlier steps, except ``slot``, which is replaced in registers. (This
-    relies on every step starting with kernels launched without PDL — ``plan_decode``'s —
-    so the previous step has finished.)
+@triton.jit
+def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, slot_ptr, m_ptr, l_ptr,
+                      acc_ptr, layer, SLOTS, NSPLIT, scale,
+                      HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                      D0: tl.constexpr, D1: tl.constexpr, S: tl.constexpr,
+                      KV_INT8: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PRELOAD: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
+    """Partial softmax attention of query head h over slots [sp*PER, sp*PER + PER).
 
-    Head dim as two power-of-two chunks (D0 + D1 >= D; 80 = 64 + 16). Slots ``< S`` are the
-    sinks, scored with the sink-position query. ``mask``: int8 [SLOTS], 1 = visible.
-    Each program stores its running max, sum of exp and unnormalised output; the last
-    program of head h to finish (a counter per head, reset by that program) combines them:
-    o[h] = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max m), rounded once.
+    The head dim is read as two power-of-two chunks (D0 + D1 >= D; 80 = 64 + 16) so no
+    lane is wasted. Slots ``< S`` are the sinks, scored with the sink-position query
+    ``q[1, h]``; the rest with ``q[0, h]``. ``mask``: int8 [SLOTS], 1 = visible. Writes the
+    running max, the sum of exp and the unnormalised output for the combine kernel.
+
+    PRELOAD: the first block of keys/values is loaded before the PDL wait. The only slot a
+    step writes is ``slot`` (by rope_write, the kernel just before), so its row is read
+    again after the wait and replaces what the early load found. Every other slot was
+    written in an earlier step, and every step starts with kernels launched without PDL
+    (``plan_decode``'s), so those writes are complete. UNROLL: the loop over the blocks is
+    unrolled (PER is a constant), so the compiler may issue later blocks' loads early.
     """
     _pdl_start(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     hk = h // (HQ // HKV)
     base = (layer * HKV + hk) * SLOTS
-    start = sp * PER
-    rd0 = tl.arange(0, D0)
     r1 = D0 + tl.arange(0, D1)
+    start = sp * PER
     rn = start + tl.arange(0, BLOCK_N)
     mn = (rn < SLOTS) & (rn < start + PER)
-    if not PRELOAD:
-        _pdl_wait(PDL)
-    k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D, D0,
-                                       KV_INT8)
     if PRELOAD:
+        k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D,
+                                           D0, KV_INT8)
         _pdl_wait(PDL)
-    slot = tl.load(slot_ptr)
-    qh = qkv_ptr + h * D
-    q0 = _rotated(qh, cs_ptr, rd0, D, HALF)
-    q1 = _rotated(qh, cs_ptr, r1, D, HALF)
-    if S > 0:
-        qs0 = _rotated(qh, cs_ptr + 2 * HALF, rd0, D, HALF)
-        qs1 = _rotated(qh, cs_ptr + 2 * HALF, r1, D, HALF)
+        slot = tl.load(slot_ptr)
+        new = rn == slot
+        nk0, nk1, nv0, nv1, nks, nvs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base,
+                                                 rn * 0 + slot, new, r1, D, D0, KV_INT8)
+        k0 = tl.where(new[:, None], nk0, k0)
+        k1 = tl.where(new[:, None], nk1, k1)
+        v0 = tl.where(new[:, None], nv0, v0)
+        v1 = tl.where(new[:, None], nv1, v1)
+        ks = tl.where(new, nks, ks)
+        vs = tl.where(new, nvs, vs)
     else:
-        qs0 = q0
-        qs1 = q1
-    # the new token's key/value (as the cache will hold them)
-    kh = qkv_ptr + (HQ + hk) * D
-    vh = qkv_ptr + (HQ + HKV + hk) * D
-    kn0 = _rotated(kh, cs_ptr, rd0, D, HALF)
-    kn1 = _rotated(kh, cs_ptr, r1, D, HALF)
-    vn0 = tl.load(vh + rd0).to(tl.float32)
-    vn1 = tl.load(vh + r1, mask=r1 < D, other=0.0).to(tl.float32)
-    mine = (slot >= start) & (slot < start + PER) & (h % (HQ // HKV) == 0)
-    cache = base + slot
-    if KV_INT8:
-        kn0, kn1, ksn = _quantized(kn0, kn1)
-        vn0, vn1, vsn = _quantized(vn0, vn1)
-        tl.store(ks_ptr + cache, ksn, mask=mine)
-        tl.store(vs_ptr + cache, vsn, mask=mine)
-    else:
-        ksn = 0.0
-        vsn = 0.0
-    ct = k_ptr.dtype.element_ty
-    w0 = (rd0 * 0 + mine) != 0  # the mask built at the vector's shape (the interpreter
-    w1 = (r1 < D) & ((r1 * 0 + mine) != 0)  # rejects a broadcast scalar mask)
-    tl.store(k_ptr + cache * D + rd0, kn0.to(ct), mask=w0)
-    tl.store(k_ptr + cache * D + r1, kn1.to(ct), mask=w1)
-    tl.store(v_ptr + cache * D + rd0, vn0.to(ct), mask=w0)
-    tl.store(v_ptr + cache * D + r1, vn1.to(ct), mask=w1)
-
+        _pdl_wait(PDL)
+        k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D,
+                                           D0, KV_INT8)
+    q0 = tl.load(q_ptr + h * D + tl.arange(0, D0)).to(tl.float32)
+    q1 = tl.load(q_ptr + h * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
     m_i = tl.full((), -1e30, tl.float32)
     l_i = tl.zeros((), tl.float32)
     acc0 = tl.zeros((D0,), tl.float32)
     acc1 = tl.zeros((D1,), tl.float32)
-    for n0 in range(0, PER, BLOCK_N):
-        if n0 > 0:
+    m_i, l_i, acc0, acc1 = _attend(m_i, l_i, acc0, acc1, k0, k1, v0, v1, ks, vs, rn, mn, 0,
+                                   start, mask_ptr, q_ptr, h, q0, q1, r1, scale, HQ, D, D0, S,
+                                   KV_INT8)
+    if UNROLL:
+        for n0 in tl.static_range(BLOCK_N, PER, BLOCK_N):
             rn = start + n0 + tl.arange(0, BLOCK_N)
             mn = (rn < SLOTS) & (rn < start + PER)
-            k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn,
-                                               r1, D, D0, KV_INT8)
-        new = (rn == slot)[:, None]
-        kf0 = tl.where(new, kn0[None, :], k0.to(tl.float32))
-        kf1 = tl.where(new, kn1[None, :], k1.to(tl.float32))
-        vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
-        sc = tl.sum(kf0 * q0[None, :], axis=1) + tl.sum(kf1 * q1[None, :], axis=1)
-        if S > 0:
-            if start + n0 < S:
-                ss = tl.sum(kf0 * qs0[None, :], axis=1) + tl.sum(kf1 * qs1[None, :], axis=1)
-                sc = tl.where(rn < S, ss, sc)
-        if KV_INT8:
-            sc = sc * tl.where(rn == slot, ksn, ks)
-        sc = tl.where(vis, sc * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        if KV_INT8:
-            p = p * tl.where(rn == slot, vsn, vs)
-        vf0 = tl.where(new, vn0[None, :], v0.to(tl.float32))
-        vf1 = tl.where(new, vn1[None, :], v1.to(tl.float32))
-        acc0 = acc0 * alpha + tl.sum(p[:, None] * vf0, axis=0)
-        acc1 = acc1 * alpha + tl.sum(p[:, None] * vf1, axis=0)
-        m_i = m_new
+            k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1,
+                                               D, D0, KV_INT8)
+            m_i, l_i, acc0, acc1 = _attend(m_i, l_i, acc0, acc1, k0, k1, v0, v1, ks, vs, rn,
+                                           mn, n0, start, mask_ptr, q_ptr, h, q0, q1, r1,
+                                           scale, HQ, D, D0, S, KV_INT8)
+    else:
+        for n0 in range(BLOCK_N, PER, BLOCK_N):
+            rn = start + n0 + tl.arange(0, BLOCK_N)
+            mn = (rn < SLOTS) & (rn < start + PER)
+            k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1,
+                                               D, D0, KV_INT8)
+            m_i, l_i, acc0, acc1 = _attend(m_i, l_i, acc0, acc1, k0, k1, v0, v1, ks, vs, rn,
+                                           mn, n0, start, mask_ptr, q_ptr, h, q0, q1, r1,
+                                           scale, HQ, D, D0, S, KV_INT8)
     o = h * NSPLIT + sp
     tl.store(m_ptr + o, m_i)
     tl.store(l_ptr + o, l_i)
-    tl.store(acc_ptr + o * D + rd0, acc0)
+    tl.store(acc_ptr + o * D + tl.arange(0, D0), acc0)
     tl.store(acc_ptr + o * D + r1, acc1, mask=r1 < D)
-    # the last split of head h to finish combines: its partials are stored by every thread
-    # of the program before one thread's release (barrier, then acq_rel at gpu scope)
-    if COMBINE:
-        _combine_last(m_ptr, l_ptr, acc_ptr, cnt_ptr, o_ptr, h, NSPLIT, rd0, r1, D, BLOCK_S)
-
-
-@triton.jit
-def _combine_last(m_ptr, l_ptr, acc_ptr, cnt_ptr, o_ptr, h, NSPLIT, rd0, r1, D: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel", scope="gpu")
-    if done == NSPLIT - 1:
-        rs = tl.arange(0, BLOCK_S)
-        ms = rs < NSPLIT
-        pm = tl.load(m_ptr + h * NSPLIT + rs, mask=ms, other=-1e30, cache_modifier=".cg")
-        pl = tl.load(l_ptr + h * NSPLIT + rs, mask=ms, other=0.0, cache_modifier=".cg")
-        w = tl.exp(pm - tl.max(pm, axis=0))
-        den = tl.sum(w * pl, axis=0)
-        pa = acc_ptr + (h * NSPLIT + rs)[:, None] * D
-        a0 = tl.load(pa + rd0[None, :], mask=ms[:, None], other=0.0, cache_modifier=".cg")
-        a1 = tl.load(pa + r1[None, :], mask=ms[:, None] & (r1 < D)[None, :], other=0.0,
-                     cache_modifier=".cg")
-        dt = o_ptr.dtype.element_ty
-        tl.store(o_ptr + h * D + rd0, (tl.sum(w[:, None] * a0, axis=0) / den).to(dt))
-        tl.store(o_ptr + h * D + r1, (tl.sum(w[:, None] * a1, axis=0) / den).to(dt),
-                 mask=r1 < D)
-        tl.store(cnt_ptr + h, 0)
 
 
 @triton.jit

@@ -1,20 +1,19 @@
 """The fused decode step: one token through the model as a fixed list of Triton launches
 over static buffers, with no torch.compile.
 
-Per GPT-NeoX layer (parallel residual) four launches:
+Per GPT-NeoX layer (parallel residual) six launches:
 
 1. both LayerNorms of x (one program each; computed once, not in every GEMV program),
 2. GEMV over [qkv; up] with the biases and GELU fused (-> q/k/v and the MLP activation),
-3. attention: rotary on q and k, the cache write (and int8 KV quantization), split-K
-   attention over every slot (sinks scored at their own query position) and the combine
-   of the splits by the last split of each head (-> the attention output, next to the MLP
-   activation),
-4. GEMV over [out | down] with the bias and the residual add fused.
+3. rotary on q and k + the cache write (and int8 KV quantization),
+4. split-K attention over every slot (sinks scored at their own query position),
+5. the combine of the splits (-> the attention output, next to the MLP activation),
+6. GEMV over [out | down] with the bias and the residual add fused.
 
-Llama layers (sequential residual, SwiGLU) take seven: RMSNorm, qkv, attention, out +
-residual, RMSNorm, gate/up (SiLU gating fused), down + residual. Linears whose formats
-differ (e.g. int4 MLP with bf16 attention) are launched apart. Then the final norm, the
-head GEMV, the greedy argmax and the position advance.
+Llama layers (sequential residual, SwiGLU) take nine: RMSNorm, qkv, rotary/cache,
+attention, combine, out + residual, RMSNorm, gate/up (SiLU gating fused), down +
+residual. Linears whose formats differ (e.g. int4 MLP with bf16 attention) are launched
+apart. Then the final norm, the head GEMV, the greedy argmax and the position advance.
 
 Setup work per step (positions, visibility) is the cache's own ``plan_decode``: a few small
 kernels once per step, shared by all layers, then one kernel for cos/sin at both query
@@ -82,18 +81,18 @@ class FusedStep:
         self.final_norm = (model.norm.weight.detach()[None],  # [1, K]: one segment
                            fb.detach()[None] if fb is not None else None)
         self.head = pack(model.lm_head)
-        # Static buffers: residual stream, [qkv | attention out | MLP activation],
-        # attention partials and their per-head counter, cos/sin, logits.
+        # Static buffers: residual stream, [qkv | attention out | MLP activation], rotated
+        # queries (window, sink), attention partials, cos/sin, logits.
         self.x = torch.empty(spec.hidden_size, dtype=dt, device=dev)
         self.xn = torch.empty(2, spec.hidden_size, dtype=dt, device=dev)  # normalised x
         self.buf = torch.empty(self.n_qkv + self.hd + inter, dtype=dt, device=dev)
+        self.q = torch.empty(2, H, D, dtype=dt, device=dev)
         self.logits = torch.empty(spec.vocab_size, dtype=dt, device=dev)
         self.slots = cache.slots
         splits = tune.max_splits(cache.slots)  # the tuner picks how many it uses
         self.m = torch.empty(H, splits, dtype=torch.float32, device=dev)
         self.l = torch.empty(H, splits, dtype=torch.float32, device=dev)
         self.acc = torch.empty(H, splits, D, dtype=torch.float32, device=dev)
-        self.cnt = torch.zeros(H, dtype=torch.int32, device=dev)  # splits done, per head
         self.half = spec.rotary_dim // 2
         self.cs = torch.empty(4, self.half, dtype=torch.float32, device=dev)  # cos/sin x2
         self.d0 = 1 << (D.bit_length() - 1)
@@ -121,10 +120,12 @@ class FusedStep:
 
     def _attention(self, i: int, plan_mask, slot) -> None:
         k, v, ks, vs = self.kv
-        tune.attention(self.buf, self.cs, slot, k, v, ks, vs, plan_mask, self.m, self.l,
-                       self.acc, self.cnt, self.buf[self.n_qkv:self.n_qkv + self.hd], i,
-                       self.slots, self.HQ, self.HKV, self.D, self.d0, self.d1, self.half,
-                       self.cache.sink, self.kv_int8, self.scale)
+        tune.rope_write(self.buf, self.q, self.cs, slot, k, v, ks, vs, i, self.slots, self.HQ,
+                        self.HKV, self.D, self.half, self.cache.sink > 0, self.kv_int8)
+        tune.attention(self.q, k, v, ks, vs, plan_mask, slot, self.m, self.l, self.acc,
+                       self.buf[self.n_qkv:self.n_qkv + self.hd], i, self.slots, self.HQ,
+                       self.HKV, self.D, self.d0, self.d1, self.cache.sink, self.kv_int8,
+                       self.scale)
 
     def _layer(self, i: int, lw: LayerWeights, mask, slot) -> None:
         x, buf, nq, hd = self.x, self.buf, self.n_qkv, self.hd

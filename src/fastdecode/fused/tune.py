@@ -209,6 +209,14 @@ def cos_sin(pos, spos, freqs, cs, dtype) -> None:
                                  **_launch_opts(cs))
 
 
+def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
+               kv_int8) -> None:
+    kernels.rope_write_kernel[(hq + hkv,)](
+        buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d, HALF=half,
+        HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
+        num_warps=1, **_launch_opts(buf))
+
+
 def argmax(x, tok, pos) -> None:
     """tok = argmax(x), pos += 1 (see kernels.argmax_kernel)."""
     cuda = x.is_cuda
@@ -220,27 +228,33 @@ def max_splits(slots: int) -> int:
     return triton.cdiv(slots, MIN_PER)
 
 
-def attention(qkv, cs, slot, k, v, ks, vs, mask, m, l_, acc, cnt, out, layer, slots, hq, hkv,
-              d, d0, d1, half, sink, kv_int8, scale) -> None:
-    """One layer's rotary + cache write + split-K attention + combine
-    (kernels.attention_kernel): ``out`` = attention output of the token whose q/k/v are
-    in ``qkv``; ``cnt`` (int32 [hq], zero) is the per-head counter the kernel resets."""
-    opts = _launch_opts(qkv)
+def attention(q, k, v, ks, vs, mask, slot, m, l_, acc, out, layer, slots, hq, hkv, d, d0,
+              d1, sink, kv_int8, scale) -> None:
+    opts = _launch_opts(q)
 
     def run(cfg):
-        per, bn, warps = cfg
+        per, bn, warps, preload, unroll = cfg
         nsplit = triton.cdiv(slots, per)
-        kernels.attention_kernel[(hq, nsplit)](
-            qkv, cs, slot, k, v, ks, vs, mask, m, l_, acc, cnt, out, layer, slots, nsplit, per,
-            scale, HQ=hq, HKV=hkv, D=d, D0=d0, D1=d1, HALF=half, S=sink, KV_INT8=kv_int8,
-            BLOCK_N=bn, BLOCK_S=triton.next_power_of_2(nsplit), num_warps=warps, **opts)
+        kernels.attn_split_kernel[(hq, nsplit)](
+            q, k, v, ks, vs, mask, slot, m, l_, acc, layer, slots, nsplit, scale, HQ=hq,
+            HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8, PER=per, BLOCK_N=bn,
+            PRELOAD=preload, UNROLL=unroll, num_warps=warps, **opts)
+        kernels.attn_combine_kernel[(hq,)](
+            m, l_, acc, out, nsplit, D=d, BLOCK_S=triton.next_power_of_2(nsplit),
+            BLOCK_D=triton.next_power_of_2(d), num_warps=1 if nsplit <= 32 else 4, **opts)
 
-    if not qkv.is_cuda:
-        run((MIN_PER, 16, 1))
+    if not q.is_cuda:
+        run((MIN_PER, 16, 1, True, True))
         return
-    key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(qkv.dtype).removeprefix("torch."))
-    run(_pick(key, lambda: [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
-                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None))
+    key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
+    run(_pick(key, lambda: attention_candidates(slots), run, None))
 
 
-__all__ = ["gemv", "norm", "cos_sin", "attention", "argmax", "chosen", "max_splits"]
+def attention_candidates(slots: int) -> list[tuple]:
+    """(slots per split, BLOCK_N, num_warps, preload, unroll) for a cache of ``slots``."""
+    return [c + (pre, unr) for c in ATTN_CANDIDATES
+            if c[0] >= MIN_PER and (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)
+            for pre in (True, False) for unr in (True, False)]
+
+
+__all__ = ["gemv", "norm", "cos_sin", "rope_write", "attention", "argmax", "chosen", "max_splits"]
