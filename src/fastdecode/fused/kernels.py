@@ -385,130 +385,66 @@ def _round(x):
 
 
 @triton.jit
-def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D: tl.constexpr,
-              D0: tl.constexpr, KV_INT8: tl.constexpr):
-    """Keys and values of slots ``rn`` (head-dim chunks [0, D0) and r1) and, int8, their
-    scales: every load of a block issued together (values do not depend on the scores)."""
-    kp = k_ptr + (base + rn)[:, None] * D
-    vp = v_ptr + (base + rn)[:, None] * D
-    m1 = mn[:, None] & (r1 < D)[None, :]
-    k0 = tl.load(kp + tl.arange(0, D0)[None, :], mask=mn[:, None], other=0.0)
-    v0 = tl.load(vp + tl.arange(0, D0)[None, :], mask=mn[:, None], other=0.0)
-    k1 = tl.load(kp + r1[None, :], mask=m1, other=0.0)
-    v1 = tl.load(vp + r1[None, :], mask=m1, other=0.0)
-    if KV_INT8:
-        ks = tl.load(ks_ptr + base + rn, mask=mn, other=0.0).to(tl.float32)
-        vs = tl.load(vs_ptr + base + rn, mask=mn, other=0.0).to(tl.float32)
-    else:
-        ks = tl.zeros(rn.shape, tl.float32)
-        vs = ks
-    return k0, k1, v0, v1, ks, vs
-
-
-@triton.jit
-def _attend(m_i, l_i, acc0, acc1, k0, k1, v0, v1, ks, vs, rn, mn, n0, start, mask_ptr, q_ptr,
-            h, q0, q1, r1, scale, HQ: tl.constexpr, D: tl.constexpr, D0: tl.constexpr,
-            S: tl.constexpr, KV_INT8: tl.constexpr):
-    """One block of slots into the running (max, sum of exp, unnormalised output)."""
-    vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
-    k0 = k0.to(tl.float32)
-    k1 = k1.to(tl.float32)
-    sc = tl.sum(k0 * q0[None, :], axis=1) + tl.sum(k1 * q1[None, :], axis=1)
-    if S > 0:
-        if start + n0 < S:
-            qs0 = tl.load(q_ptr + (HQ + h) * D + tl.arange(0, D0)).to(tl.float32)
-            qs1 = tl.load(q_ptr + (HQ + h) * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
-            ss = tl.sum(k0 * qs0[None, :], axis=1) + tl.sum(k1 * qs1[None, :], axis=1)
-            sc = tl.where(rn < S, ss, sc)
-    if KV_INT8:
-        sc = sc * ks
-    sc = tl.where(vis, sc * scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(sc - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=0)
-    if KV_INT8:
-        p = p * vs
-    acc0 = acc0 * alpha + tl.sum(p[:, None] * v0.to(tl.float32), axis=0)
-    acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), axis=0)
-    return m_new, l_i, acc0, acc1
-
-
-@triton.jit
-def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, slot_ptr, m_ptr, l_ptr,
-                      acc_ptr, layer, SLOTS, NSPLIT, scale,
+def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
+                      layer, SLOTS, NSPLIT, PER, scale,
                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       D0: tl.constexpr, D1: tl.constexpr, S: tl.constexpr,
-                      KV_INT8: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr,
-                      PRELOAD: tl.constexpr, UNROLL: tl.constexpr, PDL: tl.constexpr):
+                      KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Partial softmax attention of query head h over slots [sp*PER, sp*PER + PER).
 
     The head dim is read as two power-of-two chunks (D0 + D1 >= D; 80 = 64 + 16) so no
     lane is wasted. Slots ``< S`` are the sinks, scored with the sink-position query
     ``q[1, h]``; the rest with ``q[0, h]``. ``mask``: int8 [SLOTS], 1 = visible. Writes the
     running max, the sum of exp and the unnormalised output for the combine kernel.
-
-    PRELOAD: the first block of keys/values is loaded before the PDL wait. The only slot a
-    step writes is ``slot`` (by rope_write, the kernel just before), so its row is read
-    again after the wait and replaces what the early load found. Every other slot was
-    written in an earlier step, and every step starts with kernels launched without PDL
-    (``plan_decode``'s), so those writes are complete. UNROLL: the loop over the blocks is
-    unrolled (PER is a constant), so the compiler may issue later blocks' loads early.
     """
     _pdl_start(PDL)
+    _pdl_wait(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     hk = h // (HQ // HKV)
     base = (layer * HKV + hk) * SLOTS
-    r1 = D0 + tl.arange(0, D1)
-    start = sp * PER
-    rn = start + tl.arange(0, BLOCK_N)
-    mn = (rn < SLOTS) & (rn < start + PER)
-    if PRELOAD:
-        k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D,
-                                           D0, KV_INT8)
-        _pdl_wait(PDL)
-        slot = tl.load(slot_ptr)
-        new = rn == slot
-        nk0, nk1, nv0, nv1, nks, nvs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base,
-                                                 rn * 0 + slot, new, r1, D, D0, KV_INT8)
-        k0 = tl.where(new[:, None], nk0, k0)
-        k1 = tl.where(new[:, None], nk1, k1)
-        v0 = tl.where(new[:, None], nv0, v0)
-        v1 = tl.where(new[:, None], nv1, v1)
-        ks = tl.where(new, nks, ks)
-        vs = tl.where(new, nvs, vs)
-    else:
-        _pdl_wait(PDL)
-        k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1, D,
-                                           D0, KV_INT8)
     q0 = tl.load(q_ptr + h * D + tl.arange(0, D0)).to(tl.float32)
+    r1 = D0 + tl.arange(0, D1)
     q1 = tl.load(q_ptr + h * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
     m_i = tl.full((), -1e30, tl.float32)
     l_i = tl.zeros((), tl.float32)
     acc0 = tl.zeros((D0,), tl.float32)
     acc1 = tl.zeros((D1,), tl.float32)
-    m_i, l_i, acc0, acc1 = _attend(m_i, l_i, acc0, acc1, k0, k1, v0, v1, ks, vs, rn, mn, 0,
-                                   start, mask_ptr, q_ptr, h, q0, q1, r1, scale, HQ, D, D0, S,
-                                   KV_INT8)
-    if UNROLL:
-        for n0 in tl.static_range(BLOCK_N, PER, BLOCK_N):
-            rn = start + n0 + tl.arange(0, BLOCK_N)
-            mn = (rn < SLOTS) & (rn < start + PER)
-            k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1,
-                                               D, D0, KV_INT8)
-            m_i, l_i, acc0, acc1 = _attend(m_i, l_i, acc0, acc1, k0, k1, v0, v1, ks, vs, rn,
-                                           mn, n0, start, mask_ptr, q_ptr, h, q0, q1, r1,
-                                           scale, HQ, D, D0, S, KV_INT8)
-    else:
-        for n0 in range(BLOCK_N, PER, BLOCK_N):
-            rn = start + n0 + tl.arange(0, BLOCK_N)
-            mn = (rn < SLOTS) & (rn < start + PER)
-            k0, k1, v0, v1, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, base, rn, mn, r1,
-                                               D, D0, KV_INT8)
-            m_i, l_i, acc0, acc1 = _attend(m_i, l_i, acc0, acc1, k0, k1, v0, v1, ks, vs, rn,
-                                           mn, n0, start, mask_ptr, q_ptr, h, q0, q1, r1,
-                                           scale, HQ, D, D0, S, KV_INT8)
+    start = sp * PER
+    for n0 in range(0, PER, BLOCK_N):
+        rn = start + n0 + tl.arange(0, BLOCK_N)
+        mn = (rn < SLOTS) & (rn < start + PER)
+        # every load of the block first (keys, values, mask, scales), then the arithmetic:
+        # the values do not depend on the scores, so both streams are in flight together
+        kp = k_ptr + (base + rn)[:, None] * D
+        vp = v_ptr + (base + rn)[:, None] * D
+        k0 = tl.load(kp + tl.arange(0, D0)[None, :], mask=mn[:, None], other=0.0)
+        v0 = tl.load(vp + tl.arange(0, D0)[None, :], mask=mn[:, None], other=0.0)
+        m1 = mn[:, None] & (r1 < D)[None, :]
+        k1 = tl.load(kp + r1[None, :], mask=m1, other=0.0)
+        v1 = tl.load(vp + r1[None, :], mask=m1, other=0.0)
+        vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
+        k0 = k0.to(tl.float32)
+        k1 = k1.to(tl.float32)
+        sc = tl.sum(k0 * q0[None, :], axis=1) + tl.sum(k1 * q1[None, :], axis=1)
+        if S > 0:
+            if start + n0 < S:
+                qs0 = tl.load(q_ptr + (HQ + h) * D + tl.arange(0, D0)).to(tl.float32)
+                qs1 = tl.load(q_ptr + (HQ + h) * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
+                ss = tl.sum(k0 * qs0[None, :], axis=1) + tl.sum(k1 * qs1[None, :], axis=1)
+                sc = tl.where(rn < S, ss, sc)
+        if KV_INT8:
+            sc = sc * tl.load(ks_ptr + base + rn, mask=mn, other=0.0)
+        sc = tl.where(vis, sc * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        if KV_INT8:
+            p = p * tl.load(vs_ptr + base + rn, mask=mn, other=0.0)
+        acc0 = acc0 * alpha + tl.sum(p[:, None] * v0.to(tl.float32), axis=0)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * v1.to(tl.float32), axis=0)
+        m_i = m_new
     o = h * NSPLIT + sp
     tl.store(m_ptr + o, m_i)
     tl.store(l_ptr + o, l_i)

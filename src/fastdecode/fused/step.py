@@ -122,7 +122,7 @@ class FusedStep:
         k, v, ks, vs = self.kv
         tune.rope_write(self.buf, self.q, self.cs, slot, k, v, ks, vs, i, self.slots, self.HQ,
                         self.HKV, self.D, self.half, self.cache.sink > 0, self.kv_int8)
-        tune.attention(self.q, k, v, ks, vs, plan_mask, slot, self.m, self.l, self.acc,
+        tune.attention(self.q, k, v, ks, vs, plan_mask, self.m, self.l, self.acc,
                        self.buf[self.n_qkv:self.n_qkv + self.hd], i, self.slots, self.HQ,
                        self.HKV, self.D, self.d0, self.d1, self.cache.sink, self.kv_int8,
                        self.scale)

@@ -228,33 +228,27 @@ def max_splits(slots: int) -> int:
     return triton.cdiv(slots, MIN_PER)
 
 
-def attention(q, k, v, ks, vs, mask, slot, m, l_, acc, out, layer, slots, hq, hkv, d, d0,
-              d1, sink, kv_int8, scale) -> None:
+def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, d0, d1,
+              sink, kv_int8, scale) -> None:
     opts = _launch_opts(q)
 
     def run(cfg):
-        per, bn, warps, preload, unroll = cfg
+        per, bn, warps = cfg
         nsplit = triton.cdiv(slots, per)
         kernels.attn_split_kernel[(hq, nsplit)](
-            q, k, v, ks, vs, mask, slot, m, l_, acc, layer, slots, nsplit, scale, HQ=hq,
-            HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8, PER=per, BLOCK_N=bn,
-            PRELOAD=preload, UNROLL=unroll, num_warps=warps, **opts)
+            q, k, v, ks, vs, mask, m, l_, acc, layer, slots, nsplit, per, scale, HQ=hq,
+            HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8, BLOCK_N=bn,
+            num_warps=warps, **opts)
         kernels.attn_combine_kernel[(hq,)](
             m, l_, acc, out, nsplit, D=d, BLOCK_S=triton.next_power_of_2(nsplit),
             BLOCK_D=triton.next_power_of_2(d), num_warps=1 if nsplit <= 32 else 4, **opts)
 
     if not q.is_cuda:
-        run((MIN_PER, 16, 1, True, True))
+        run((MIN_PER, 16, 1))
         return
     key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
-    run(_pick(key, lambda: attention_candidates(slots), run, None))
-
-
-def attention_candidates(slots: int) -> list[tuple]:
-    """(slots per split, BLOCK_N, num_warps, preload, unroll) for a cache of ``slots``."""
-    return [c + (pre, unr) for c in ATTN_CANDIDATES
-            if c[0] >= MIN_PER and (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)
-            for pre in (True, False) for unr in (True, False)]
+    run(_pick(key, lambda: [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
+                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None))
 
 
 __all__ = ["gemv", "norm", "cos_sin", "rope_write", "attention", "argmax", "chosen", "max_splits"]
