@@ -2,12 +2,13 @@
 
 For each weight recipe, the same model and prompt decoded with the fused step captured as
 a CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady state, CUDA
-events), with programmatic dependent launch off and on (``tune.OPTIONS["pdl"]``; the
-tuner picks the other code paths, and what it picked is in the record), interleaved over
-``--rounds`` so that drift hits both alike. PDL must not change a result: the last greedy
-token of each run is compared with the first variant's.
+events), with one on/off code path of ``tune.OPTIONS`` (``--option``: ``pdl``,
+programmatic dependent launch, or ``norm_in_gemv``, each norm inside the GEMV after it;
+the tuner picks the other code paths, and what it picked is in the record), off and on,
+interleaved over ``--rounds`` so that drift hits both alike. Neither may change a result
+beyond rounding: the last greedy token of each run is compared with the first variant's.
 
-    PYTHONPATH=src python scripts/gpu_fused_ab.py --json out.json
+    PYTHONPATH=src python scripts/gpu_fused_ab.py --option pdl --json out.json
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main():
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-len", type=int, default=96)
+    ap.add_argument("--option", default="pdl", choices=("pdl", "norm_in_gemv"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from fastdecode.bench import tpot
@@ -36,7 +38,8 @@ def main():
     from fastdecode.quant import QuantConfig, quantize_model, set_backend
 
     cfg = CacheConfig(policy="streaming", sink=4, window=2048)
-    out = {"device": torch.cuda.get_device_name(), "cache": cfg.to_dict(), "results": {}}
+    out = {"device": torch.cuda.get_device_name(), "cache": cfg.to_dict(),
+           "option": args.option, "results": {}}
     for recipe in args.recipes.split(","):
         lm = load_model("pythia-2.8b", dtype=torch.bfloat16, device="cuda",
                         random_weights=True)
@@ -45,10 +48,10 @@ def main():
             set_backend(lm.model, "auto")
         prompt = tpot.random_prompt(2052, lm.spec.vocab_size, 0, "cuda")
         runs = {}
-        for pdl in (0, 1):
-            tune.OPTIONS.update(pdl=bool(pdl))
+        for on in (0, 1):
+            tune.OPTIONS[args.option] = bool(on)
             dec, step, secs = tpot.build_and_compile(lm, cfg, "graphs", kernels="fused")
-            runs[f"pdl{pdl}"] = {"dec": dec, "step": step, "setup_s": secs, "tpot": [],
+            runs[f"{args.option}{on}"] = {"dec": dec, "step": step, "setup_s": secs, "tpot": [],
                                  "tokens": None}
         for _ in range(args.rounds):
             for r in runs.values():

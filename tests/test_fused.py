@@ -71,17 +71,18 @@ def _options(**pins):
        kind=st.sampled_from(["plain", "segments", "glu"]), res=st.booleans(),
        bias=st.booleans(), kb=st.integers(1, 3), nb=st.integers(1, 6),
        group=st.sampled_from([32, 64]), seed=st.integers(0, 2**16),
-       asm=st.booleans(), dq=st.booleans(), pdl=st.booleans())
+       asm=st.booleans(), dq=st.booleans(), pdl=st.booleans(), in_gemv=st.booleans())
 @settings(max_examples=40)
 def test_norm_then_gemv_match_float64_reference(fmt, norm, kind, res, bias, kb, nb, group,
-                                                seed, asm, dq, pdl):
+                                                seed, asm, dq, pdl, in_gemv):
     """Every code path (on CUDA: inline-PTX conversions or not, int4 dequantise-then-reduce
-    or per-group dot products, PDL launches or not; the interpreter runs no PTX)."""
+    or per-group dot products, PDL launches or not; the interpreter runs no PTX), the norm
+    by its own kernel or inside the GEMV's programs."""
     with _options(asm=asm, dq=dq, pdl=pdl):
-        _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed)
+        _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv)
 
 
-def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed):
+def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=False):
     gen = torch.Generator().manual_seed(seed)
     K = 64 * kb + (16 if fmt == FLOAT and kb > 1 else 0)  # ragged K for float: masks
     if fmt == INT4:
@@ -106,14 +107,16 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed):
     dev = lambda t: t.to(DEV) if t is not None else None  # noqa: E731
     pd = Packed(p.fmt, dev(p.w), dev(p.s), dev(p.z), p.group, dev(p.bias))
     yd = dev(y)
-    xin, xseg = dev(x), 0
-    if norm:  # both norms of x, as the step does; segment 2 reads the second
+    xin, xseg, in_norm = dev(x), 0, None
+    if norm and in_gemv:  # the GEMV normalises x; segment 2 takes the second norm's row
+        in_norm = (norm, dev(nw), dev(nbias) if norm == 1 else None, 1e-5)
+    elif norm:  # both norms of x, as the step does; segment 2 reads the second
         xin = torch.full((2, K), float("nan"), device=DEV)
         tune.norm(dev(x), dev(nw), dev(nbias), xin, norm, 2, 1e-5)
         xseg = K if kind == "segments" else 0
     tune.gemv(xin, pd, yd, yd if res else None, n=n,
               nsplit=nsplit if kind == "segments" else n, gap=gap, xseg=xseg,
-              act2=1 if kind == "segments" else 0, glu=kind == "glu")
+              act2=1 if kind == "segments" else 0, glu=kind == "glu", norm=in_norm)
     # reference, float64
     want = torch.empty(out_len, dtype=torch.float64)
     if res:

@@ -64,6 +64,44 @@ def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.c
 
 
 @triton.jit
+def _norm_stats(x_ptr, eps, K: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(mean, 1/std) of x [K] in float32 as :func:`norm_kernel` takes them (RMSNorm: mean 0)."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K,), tl.float32)
+    acc2 = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        acc += x
+        acc2 += x * x
+    ms = tl.sum(acc2, axis=0) / K
+    mean = 0.0
+    if NORM == 1:
+        mean = tl.sum(acc, axis=0) / K
+        ms = tl.maximum(ms - mean * mean, 0.0)
+    return mean, 1.0 / tl.sqrt(ms + eps)
+
+
+@triton.jit
+def _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K: tl.constexpr, NORM: tl.constexpr):
+    """float32 inputs kk of a GEMV: x itself (NORM 0), or x normalised by the norm whose
+    weight (and bias) rows are at nw_ptr (nb_ptr), rounded to the model dtype exactly as
+    :func:`norm_kernel` rounds them."""
+    m = kk < K
+    x = tl.load(x_ptr + kk, mask=m, other=0.0)
+    if NORM == 0:
+        return x.to(tl.float32)
+    dt = x.dtype
+    xf = x.to(tl.float32)
+    w = tl.load(nw_ptr + kk, mask=m, other=0.0)
+    if NORM == 1:
+        b = tl.load(nb_ptr + kk, mask=m, other=0.0).to(tl.float32)
+        y = (xf - mean) * rstd * w.to(tl.float32) + b
+    else:
+        y = w * (xf * rstd).to(dt)
+    return y.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _pdl_start(PDL: tl.constexpr):
     """Programmatic dependent launch (Hopper+): let the next kernel's programs be placed
     now, so its launch and whatever it does before its own wait overlap this kernel."""
@@ -161,9 +199,9 @@ def _load_w(w_ptr, rows, mrow, k0, K: tl.constexpr, FMT: tl.constexpr, GROUP: tl
 
 
 @triton.jit
-def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr,
-           FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
-           DQ: tl.constexpr):
+def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, mean, rstd,
+           K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+           ASM: tl.constexpr, DQ: tl.constexpr, NORM: tl.constexpr):
     """Add one tile's products: float into ``acc2`` [BLOCK_N, BLOCK_K] (summed at the end);
     int8 into ``acc2``, flushed into ``acc`` [BLOCK_N] times the row scale at the end of
     each group (BLOCK_K divides GROUP); int4 per group into ``acc``:
@@ -175,7 +213,7 @@ def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr,
         g = k0 // GROUP + tl.arange(0, NG)
         mg = g < NGRP
         kk = k0 + tl.arange(0, BLOCK_K)  # x read contiguously, then split even/odd k
-        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        x = _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K, NORM)
         xe, xo = tl.split(tl.reshape(x, (NG, HG, 2)))  # [NG, HG] each
         lo, hi = _u4_to_f32(w, ASM)
         m2 = mrow[:, None] & mg[None, :]
@@ -194,7 +232,7 @@ def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr,
             acc += tl.sum(s * dot + z * sx[None, :], axis=1)
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        x = _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K, NORM)
         if FMT == 1:
             acc2 += _i8_to_f32(w, ASM) * x[None, :]
             if (k0 + BLOCK_K) % GROUP == 0:
@@ -207,12 +245,14 @@ def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr,
 
 
 @triton.jit
-def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, FMT: tl.constexpr,
-              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr):
-    """float32 [BLOCK_N]: x . dequantised W[rows, :]. The first weight tile is loaded
-    before the PDL wait (weights are never written), so with programmatic dependent
-    launch the weight stream starts while the kernel before is still finishing."""
+def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
+              K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr,
+              NORM: tl.constexpr):
+    """float32 [BLOCK_N]: norm(x) . dequantised W[rows, :] (NORM 0: x itself). The first
+    weight tile is loaded before the PDL wait (weights are never written), so with
+    programmatic dependent launch the weight stream starts while the kernel before is
+    still finishing; the norm's statistics are taken after the wait, by every program."""
     acc = tl.zeros((BLOCK_N,), tl.float32)
     if FMT == 2:
         if DQ:
@@ -223,12 +263,16 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, FMT: tl.c
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     w = _load_w(w_ptr, rows, mrow, 0, K, FMT, GROUP, BLOCK_K)
     _pdl_wait(PDL)
-    acc, acc2 = _chunk(acc, acc2, w, 0, x_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP,
-                       BLOCK_K, ASM, DQ)
+    mean = 0.0
+    rstd = 1.0
+    if NORM != 0:
+        mean, rstd = _norm_stats(x_ptr, eps, K, NORM, BLOCK_K)
+    acc, acc2 = _chunk(acc, acc2, w, 0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, mean,
+                       rstd, K, FMT, GROUP, BLOCK_K, ASM, DQ, NORM)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_w(w_ptr, rows, mrow, k0, K, FMT, GROUP, BLOCK_K)
-        acc, acc2 = _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP,
-                           BLOCK_K, ASM, DQ)
+        acc, acc2 = _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr,
+                           mean, rstd, K, FMT, GROUP, BLOCK_K, ASM, DQ, NORM)
     if FMT == 0:
         acc = tl.sum(acc2, axis=1)
     if FMT == 2 and DQ:
@@ -240,11 +284,11 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, K: tl.constexpr, FMT: tl.c
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
+def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, eps,
                 N, NSPLIT, OUT_GAP, XSEG,
                 K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
                 ACT2: tl.constexpr, GLU: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr):
     """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) for ``BLOCK_N`` rows a program.
@@ -258,6 +302,11 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
     be ``y`` itself (each program reads and writes only its own rows). Outputs are rounded
     to the model dtype where the eager model rounds (after the linear, after the
     activation, after the residual add).
+
+    NORM (1 = LayerNorm, 2 = RMSNorm; 0 = none): x is the residual stream and every
+    program normalises it itself, as :func:`norm_kernel` would have (``nw``/``nb``:
+    [segments, K] weight and bias rows; the second segment takes row 1), so no norm launch
+    precedes the GEMV.
     """
     _pdl_start(PDL)
     pid = tl.program_id(0)
@@ -265,12 +314,14 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr,
     mrow = rows < N
     seg2 = (pid * BLOCK_N >= NSPLIT).to(tl.int32)
     xs = x_ptr + seg2 * XSEG
-    acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, K, FMT, GROUP, BLOCK_N, BLOCK_K,
-                    PDL, ASM, DQ)
+    nws = nw_ptr + seg2 * K
+    nbs = nb_ptr + seg2 * K
+    acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, K, FMT, GROUP, BLOCK_N,
+                    BLOCK_K, PDL, ASM, DQ, NORM)
     dt = y_ptr.dtype.element_ty
     if GLU:
-        up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, K, FMT, GROUP, BLOCK_N,
-                       BLOCK_K, False, ASM, DQ)
+        up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, K, FMT, GROUP,
+                       BLOCK_N, BLOCK_K, False, ASM, DQ, NORM)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
             up += tl.load(b_ptr + N + rows, mask=mrow, other=0.0).to(tl.float32)

@@ -1,19 +1,21 @@
 """The fused decode step: one token through the model as a fixed list of Triton launches
 over static buffers, with no torch.compile.
 
-Per GPT-NeoX layer (parallel residual) six launches:
+Per GPT-NeoX layer (parallel residual) five launches:
 
-1. both LayerNorms of x (one program each; computed once, not in every GEMV program),
-2. GEMV over [qkv; up] with the biases and GELU fused (-> q/k/v and the MLP activation),
-3. rotary on q and k + the cache write (and int8 KV quantization),
-4. split-K attention over every slot (sinks scored at their own query position),
-5. the combine of the splits (-> the attention output, next to the MLP activation),
-6. GEMV over [out | down] with the bias and the residual add fused.
+1. GEMV over [qkv; up] with both LayerNorms, the biases and GELU fused (-> q/k/v and the
+   MLP activation; every program normalises x itself, see ``_normed``),
+2. rotary on q and k + the cache write (and int8 KV quantization),
+3. split-K attention over every slot (sinks scored at their own query position),
+4. the combine of the splits (-> the attention output, next to the MLP activation),
+5. GEMV over [out | down] with the bias and the residual add fused.
 
-Llama layers (sequential residual, SwiGLU) take nine: RMSNorm, qkv, rotary/cache,
-attention, combine, out + residual, RMSNorm, gate/up (SiLU gating fused), down +
+Llama layers (sequential residual, SwiGLU) take seven: qkv (RMSNorm fused), rotary/cache,
+attention, combine, out + residual, gate/up (RMSNorm and SiLU gating fused), down +
 residual. Linears whose formats differ (e.g. int4 MLP with bf16 attention) are launched
-apart. Then the final norm, the head GEMV, the greedy argmax and the position advance.
+apart. Then the head GEMV (final norm fused), the greedy argmax and the position advance.
+With ``FASTDECODE_NORM_IN_GEMV=0`` each norm is its own launch before its GEMV (one
+program per norm), as before.
 
 Setup work per step (positions, visibility) is the cache's own ``plan_decode``: a few small
 kernels once per step, shared by all layers, then one kernel for cos/sin at both query
@@ -105,18 +107,26 @@ class FusedStep:
         self.kv = (st.k, st.v, getattr(st, "k_scale", st.k), getattr(st, "v_scale", st.v))
         self.scale = 1.0 / math.sqrt(D)
         self.eps = spec.norm_eps
+        self.norm_in_gemv = tune.OPTIONS["norm_in_gemv"]
 
     # ------------------------------------------------------------------ launches
     def _gemv(self, p: Packed, x, y, *, nsplit=None, gap=0, xseg=0, act2=0, glu=False,
-              res=None):
+              res=None, norm=None):
         n = p.n // 2 if glu else p.n
         tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, gap=gap,
-                  xseg=xseg, act2=act2, glu=glu)
+                  xseg=xseg, act2=act2, glu=glu, norm=norm)
 
-    def _norm(self, norms, segments: int = 1) -> torch.Tensor:
-        """Normalise the residual stream into ``xn`` (both norms for segments=2)."""
-        tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, segments, self.eps)
-        return self.xn
+    def _normed(self, norms) -> dict:
+        """The input arguments of the GEMVs that read norm(x), x the residual stream, under
+        ``norms`` = (weight, bias or None), [segments, K] (a GEMV's second segment, rows >=
+        nsplit, takes row 1). norm_in_gemv: the GEMV normalises x itself; else the norm
+        kernel writes every segment into ``xn`` first and the GEMV reads its row there."""
+        if self.norm_in_gemv:
+            return {"x": self.x, "xseg": 0,
+                    "norm": (self.norm_kind, norms[0], norms[1], self.eps)}
+        tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, norms[0].shape[0],
+                  self.eps)
+        return {"x": self.xn, "xseg": self.spec.hidden_size}
 
     def _attention(self, i: int, plan_mask, slot) -> None:
         k, v, ks, vs = self.kv
@@ -130,14 +140,13 @@ class FusedStep:
     def _layer(self, i: int, lw: LayerWeights, mask, slot) -> None:
         x, buf, nq, hd = self.x, self.buf, self.n_qkv, self.hd
         attn_out, act = buf[nq:nq + hd], buf[nq + hd:]
-        K = self.spec.hidden_size
         if self.spec.parallel_residual:
-            xn = self._norm(lw.norms, 2)
-            if lw.a is not None:  # [qkv; up]: rows >= nq read LayerNorm 2's x, take GELU
-                self._gemv(lw.a, xn, buf, nsplit=nq, gap=hd, xseg=K, act2=1)
+            inp = self._normed(lw.norms)  # LayerNorm 1 and 2 of the same x
+            if lw.a is not None:  # [qkv; up]: rows >= nq take LayerNorm 2 and GELU
+                self._gemv(lw.a, y=buf, nsplit=nq, gap=hd, act2=1, **inp)
             else:
-                self._gemv(lw.qkv, xn[0], buf)
-                self._gemv(lw.up, xn[1], act, nsplit=0, act2=1)
+                self._gemv(lw.qkv, y=buf, **inp)
+                self._gemv(lw.up, y=act, nsplit=0, act2=1, **inp)
             self._attention(i, mask, slot)
             if lw.b is not None:  # [out | down] over [attention out | activation]
                 self._gemv(lw.b, buf[nq:], x, res=x)
@@ -145,11 +154,11 @@ class FusedStep:
                 self._gemv(lw.out, attn_out, x, res=x)
                 self._gemv(lw.down, act, x, res=x)
             return
-        self._gemv(lw.qkv, self._norm(lw.norms)[0], buf)
+        self._gemv(lw.qkv, y=buf, **self._normed(lw.norms))
         self._attention(i, mask, slot)
         self._gemv(lw.out, attn_out, x, res=x)
         n2 = (lw.norms[0][1:], lw.norms[1][1:] if lw.norms[1] is not None else None)
-        self._gemv(lw.up, self._norm(n2)[0], act, glu=True)
+        self._gemv(lw.up, y=act, glu=True, **self._normed(n2))
         self._gemv(lw.down, act, x, res=x)
 
     @torch.no_grad()
@@ -162,7 +171,7 @@ class FusedStep:
         torch.index_select(self.model.embed.weight, 0, tok, out=self.x.view(1, -1))
         for i, lw in enumerate(self.layers):
             self._layer(i, lw, mask, slot)
-        self._gemv(self.head, self._norm(self.final_norm)[0], self.logits)
+        self._gemv(self.head, y=self.logits, **self._normed(self.final_norm))
         tune.argmax(self.logits, tok, pos)  # tok = argmax, pos += 1
         return self.logits
 

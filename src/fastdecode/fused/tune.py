@@ -45,9 +45,13 @@ def _env_flag(name: str) -> bool | None:
 
 # tune=False (FASTDECODE_TUNE=0): take the first valid candidate without timing (tests on
 # CUDA, where timing every shape a property test draws would dominate)
+# norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0 turns it off): the GEMV after a norm normalises x
+# in each of its programs instead of a norm kernel launched before it (read when a FusedStep
+# is built)
 OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "asm": _env_flag("FASTDECODE_ASM"), "dq": _env_flag("FASTDECODE_DQ"),
-           "tune": _env_flag("FASTDECODE_TUNE") is not False}
+           "tune": _env_flag("FASTDECODE_TUNE") is not False,
+           "norm_in_gemv": _env_flag("FASTDECODE_NORM_IN_GEMV") is not False}
 
 
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
@@ -166,14 +170,19 @@ def _pick(key: tuple, candidates_of, run, restore) -> tuple:
     return best
 
 
-def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False) -> None:
-    """y (= res +) act(x . W^T + b) over ``n`` output rows (see kernels.gemv_kernel)."""
+def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
+         norm=None) -> None:
+    """y (= res +) act(x . W^T + b) over ``n`` output rows (see kernels.gemv_kernel);
+    ``norm`` = (kind, weight [segments, K], bias or None, eps): x is normalised in the
+    kernel (kind 1 LayerNorm, 2 RMSNorm)."""
     dummy = p.w
+    kind, nw, nb, eps = norm if norm is not None else (0, x, None, 0.0)
     args = (x, p.w, p.s if p.s is not None else dummy, p.z if p.z is not None else dummy,
             p.bias if p.bias is not None else dummy, y, res if res is not None else y,
-            n, nsplit, gap, xseg)
+            nw, nb if nb is not None else nw, eps, n, nsplit, gap, xseg)
     meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=act2, GLU=glu,
-                HAS_BIAS=p.bias is not None, HAS_RES=res is not None, **_launch_opts(x))
+                HAS_BIAS=p.bias is not None, HAS_RES=res is not None, NORM=kind,
+                **_launch_opts(x))
 
     def run(cfg):
         bn, bk, warps, stages, asm, dq = cfg
@@ -185,7 +194,7 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False) -
         run(_interp_gemv(p, n, nsplit))
         return
     key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
-           int(res is not None), str(x.dtype).removeprefix("torch."), OPTIONS["asm"],
+           int(res is not None), kind, str(x.dtype).removeprefix("torch."), OPTIONS["asm"],
            OPTIONS["dq"])
     run(_pick(key, lambda: _gemv_candidates(p, n, nsplit), run, res))
 
