@@ -1,7 +1,7 @@
 """The fused decode step: one token through the model as a fixed list of Triton launches
 over static buffers, with no torch.compile.
 
-Per GPT-NeoX layer (parallel residual) five launches:
+Per GPT-NeoX layer (parallel residual), bf16/fp16/fp32 weights, five launches:
 
 1. GEMV over [qkv; up] with both LayerNorms, the biases and GELU fused (-> q/k/v and the
    MLP activation; every program normalises x itself, see ``_normed``),
@@ -10,12 +10,13 @@ Per GPT-NeoX layer (parallel residual) five launches:
 4. the combine of the splits (-> the attention output, next to the MLP activation),
 5. GEMV over [out | down] with the bias and the residual add fused.
 
-Llama layers (sequential residual, SwiGLU) take seven: qkv (RMSNorm fused), rotary/cache,
-attention, combine, out + residual, gate/up (RMSNorm and SiLU gating fused), down +
-residual. Linears whose formats differ (e.g. int4 MLP with bf16 attention) are launched
-apart. Then the head GEMV (final norm fused), the greedy argmax and the position advance.
-With ``FASTDECODE_NORM_IN_GEMV=0`` each norm is its own launch before its GEMV (one
-program per norm), as before.
+A GEMV of int8/int4 weights reads its norm's output from one norm launch before it (both
+LayerNorms, one program each) instead: six launches. Llama layers (sequential residual,
+SwiGLU) take seven (float): qkv (RMSNorm fused), rotary/cache, attention, combine, out +
+residual, gate/up (RMSNorm and SiLU gating fused), down + residual. Linears whose formats
+differ (e.g. int4 MLP with bf16 attention) are launched apart. Then the head GEMV (final
+norm fused), the greedy argmax and the position advance. ``FASTDECODE_NORM_IN_GEMV=0``
+gives every norm its own launch.
 
 Setup work per step (positions, visibility) is the cache's own ``plan_decode``: a few small
 kernels once per step, shared by all layers, then one kernel for cos/sin at both query
@@ -37,7 +38,7 @@ import torch
 
 from ..errors import ConfigError
 from . import tune
-from .weights import LayerWeights, Packed, layer_weights, pack
+from .weights import FLOAT, LayerWeights, Packed, layer_weights, pack
 
 NORM_LAYER, NORM_RMS = 1, 2
 
@@ -116,17 +117,21 @@ class FusedStep:
         tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, gap=gap,
                   xseg=xseg, act2=act2, glu=glu, norm=norm)
 
-    def _normed(self, norms) -> dict:
-        """The input arguments of the GEMVs that read norm(x), x the residual stream, under
-        ``norms`` = (weight, bias or None), [segments, K] (a GEMV's second segment, rows >=
-        nsplit, takes row 1). norm_in_gemv: the GEMV normalises x itself; else the norm
-        kernel writes every segment into ``xn`` first and the GEMV reads its row there."""
-        if self.norm_in_gemv:
-            return {"x": self.x, "xseg": 0,
-                    "norm": (self.norm_kind, norms[0], norms[1], self.eps)}
-        tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, norms[0].shape[0],
-                  self.eps)
-        return {"x": self.xn, "xseg": self.spec.hidden_size}
+    def _normed(self, norms, *packs: Packed) -> list[dict]:
+        """For each GEMV in ``packs`` that reads norm(x) (x the residual stream, ``norms`` =
+        (weight, bias or None), [segments, K]; a GEMV's second segment, rows >= nsplit,
+        takes row 1): its input arguments. A float GEMV normalises x in its own programs
+        (norm_in_gemv); quantized ones read ``xn``, written by one norm kernel launch for
+        all of them. (H100, Pythia shapes, scripts/gpu_fused_ab.py --option norm_in_gemv:
+        bf16 2.562 -> 2.483 ms with the norm inside; int4 g128 2.129 -> 2.328, its GEMVs
+        being bound by instruction latency, not bytes.)"""
+        inside = [self.norm_in_gemv and p.fmt == FLOAT for p in packs]
+        if not all(inside):
+            tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, norms[0].shape[0],
+                      self.eps)
+        fused = {"x": self.x, "xseg": 0, "norm": (self.norm_kind, norms[0], norms[1], self.eps)}
+        apart = {"x": self.xn, "xseg": self.spec.hidden_size}
+        return [fused if i else apart for i in inside]
 
     def _attention(self, i: int, plan_mask, slot) -> None:
         k, v, ks, vs = self.kv
@@ -140,13 +145,14 @@ class FusedStep:
     def _layer(self, i: int, lw: LayerWeights, mask, slot) -> None:
         x, buf, nq, hd = self.x, self.buf, self.n_qkv, self.hd
         attn_out, act = buf[nq:nq + hd], buf[nq + hd:]
-        if self.spec.parallel_residual:
-            inp = self._normed(lw.norms)  # LayerNorm 1 and 2 of the same x
+        if self.spec.parallel_residual:  # LayerNorm 1 and 2 of the same x
             if lw.a is not None:  # [qkv; up]: rows >= nq take LayerNorm 2 and GELU
+                inp, = self._normed(lw.norms, lw.a)
                 self._gemv(lw.a, y=buf, nsplit=nq, gap=hd, act2=1, **inp)
             else:
-                self._gemv(lw.qkv, y=buf, **inp)
-                self._gemv(lw.up, y=act, nsplit=0, act2=1, **inp)
+                iq, iu = self._normed(lw.norms, lw.qkv, lw.up)
+                self._gemv(lw.qkv, y=buf, **iq)
+                self._gemv(lw.up, y=act, nsplit=0, act2=1, **iu)
             self._attention(i, mask, slot)
             if lw.b is not None:  # [out | down] over [attention out | activation]
                 self._gemv(lw.b, buf[nq:], x, res=x)
@@ -154,11 +160,11 @@ class FusedStep:
                 self._gemv(lw.out, attn_out, x, res=x)
                 self._gemv(lw.down, act, x, res=x)
             return
-        self._gemv(lw.qkv, y=buf, **self._normed(lw.norms))
+        self._gemv(lw.qkv, y=buf, **self._normed(lw.norms, lw.qkv)[0])
         self._attention(i, mask, slot)
         self._gemv(lw.out, attn_out, x, res=x)
         n2 = (lw.norms[0][1:], lw.norms[1][1:] if lw.norms[1] is not None else None)
-        self._gemv(lw.up, y=act, glu=True, **self._normed(n2))
+        self._gemv(lw.up, y=act, glu=True, **self._normed(n2, lw.up)[0])
         self._gemv(lw.down, act, x, res=x)
 
     @torch.no_grad()
@@ -171,7 +177,7 @@ class FusedStep:
         torch.index_select(self.model.embed.weight, 0, tok, out=self.x.view(1, -1))
         for i, lw in enumerate(self.layers):
             self._layer(i, lw, mask, slot)
-        self._gemv(self.head, y=self.logits, **self._normed(self.final_norm))
+        self._gemv(self.head, y=self.logits, **self._normed(self.final_norm, self.head)[0])
         tune.argmax(self.logits, tok, pos)  # tok = argmax, pos += 1
         return self.logits
 
