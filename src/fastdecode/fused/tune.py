@@ -78,11 +78,14 @@ GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 512, 4, None), (4, 1024, 4, None),
                    (8, 512, 4, 1)]
 INT4_CANDIDATES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8),
                    (32, 1, 4), (32, 2, 8)]  # (BLOCK_N, groups per chunk, num_warps)
-# (slots per split, BLOCK_N, num_warps)
-# 32-slot splits timed faster alone but made the graphed step slower (int4-g128 bench,
-# 023fbbc: 2.33 against 2.17 ms with 64): more partials for the combine
-ATTN_CANDIDATES = [(p, bn, w) for p in (64, 128, 256) for bn, w in
-                   ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8))]
+# (slots per split, BLOCK_N, num_warps): one, fixed. Timed alone (do_bench, the tuner's
+# way) the attention configurations rank differently than inside the graphed step, where
+# each kernel overlaps the one before (PDL): the tuner picked 128-slot splits in some runs
+# (int4-g128 bench at 56a998a: 2.25 ms against 2.14 with 64/16/2), and 32-slot splits
+# before (023fbbc: 2.33 against 2.17). Timed as a graph of 32 layers on Pythia shapes
+# (perf/results/h100-attn-ab-preload.json, 2,053 slots), 64/16/2 beat all 25 others by
+# 0.4 us/layer or more (16.9 us; 128-slot splits 18.9-22.8, 256-slot 20.6-39).
+ATTN_CANDIDATES = [(64, 16, 2)]
 MIN_PER = 32  # fewest slots per split; sizes the partial buffers
 
 
