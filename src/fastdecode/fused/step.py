@@ -120,18 +120,18 @@ class FusedStep:
     def _normed(self, norms, *packs: Packed) -> list[dict]:
         """For each GEMV in ``packs`` that reads norm(x) (x the residual stream, ``norms`` =
         (weight, bias or None), [segments, K]; a GEMV's second segment, rows >= nsplit,
-        takes row 1): its input arguments. A float GEMV normalises x in its own programs
-        (norm_in_gemv); quantized ones read ``xn``, written by one norm kernel launch for
-        all of them. (H100, Pythia shapes, scripts/gpu_fused_ab.py --option norm_in_gemv:
-        bf16 2.562 -> 2.483 ms with the norm inside; int4 g128 2.129 -> 2.328, its GEMVs
-        being bound by instruction latency, not bytes.)"""
-        inside = [self.norm_in_gemv and p.fmt == FLOAT for p in packs]
-        if not all(inside):
-            tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, norms[0].shape[0],
-                      self.eps)
-        fused = {"x": self.x, "xseg": 0, "norm": (self.norm_kind, norms[0], norms[1], self.eps)}
-        apart = {"x": self.xn, "xseg": self.spec.hidden_size}
-        return [fused if i else apart for i in inside]
+        takes row 1): their input arguments. If all of them are float GEMVs, each
+        normalises x in its own programs (norm_in_gemv); else one norm kernel launch writes
+        ``xn`` and all of them read it (the launch is not saved, so nothing is fused).
+        (H100, Pythia shapes, scripts/gpu_fused_ab.py --option norm_in_gemv: bf16 2.562 ->
+        2.483 ms with the norm inside; int4 g128 2.129 -> 2.328, its GEMVs being bound by
+        instruction latency, not bytes.)"""
+        if self.norm_in_gemv and all(p.fmt == FLOAT for p in packs):
+            return [{"x": self.x, "xseg": 0,
+                     "norm": (self.norm_kind, norms[0], norms[1], self.eps)}] * len(packs)
+        tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, norms[0].shape[0],
+                  self.eps)
+        return [{"x": self.xn, "xseg": self.spec.hidden_size}] * len(packs)
 
     def _attention(self, i: int, plan_mask, slot) -> None:
         k, v, ks, vs = self.kv
