@@ -36,31 +36,11 @@ def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.c
     _pdl_start(PDL)
     _pdl_wait(PDL)
     seg = tl.program_id(0)
-    rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_K,), tl.float32)
-    acc2 = tl.zeros((BLOCK_K,), tl.float32)
+    mean, rstd = _norm_stats(x_ptr, eps, K, NORM, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-        acc += x
-        acc2 += x * x
-    ms = tl.sum(acc2, axis=0) / K
-    mean = 0.0
-    if NORM == 1:
-        mean = tl.sum(acc, axis=0) / K
-        ms = tl.maximum(ms - mean * mean, 0.0)
-    rstd = 1.0 / tl.sqrt(ms + eps)
-    for k0 in range(0, K, BLOCK_K):
-        m = k0 + rk < K
-        x = tl.load(x_ptr + k0 + rk, mask=m, other=0.0)
-        dt = x.dtype
-        xf = x.to(tl.float32)
-        w = tl.load(nw_ptr + seg * K + k0 + rk, mask=m, other=0.0)
-        if NORM == 1:
-            b = tl.load(nb_ptr + seg * K + k0 + rk, mask=m, other=0.0).to(tl.float32)
-            y = (xf - mean) * rstd * w.to(tl.float32) + b
-        else:
-            y = w * (xf * rstd).to(dt)
-        tl.store(out_ptr + seg * K + k0 + rk, y.to(dt), mask=m)
+        kk = k0 + tl.arange(0, BLOCK_K)
+        y = _load_x(x_ptr, kk, nw_ptr + seg * K, nb_ptr + seg * K, mean, rstd, K, NORM)
+        tl.store(out_ptr + seg * K + kk, y.to(out_ptr.dtype.element_ty), mask=kk < K)
 
 
 @triton.jit
