@@ -15,8 +15,8 @@
 #                                      # eager; VARIANTS=default,none,graphs:inductor adds the
 #                                      # torch.compile graph, ~2 min), window and prompt sweeps
 #   bash scripts/gpu_bench.sh ab       # scripts/gpu_fused_ab.py: a code path off/on
-#                                      # (AB_OPTION=pdl|norm_in_gemv) for bf16, int8 and int4
-#                                      # on Pythia shapes (AB_RECIPES picks)
+#                                      # (AB_OPTION=pdl|norm_in_gemv|branches) for bf16,
+#                                      # int8 and int4 on Pythia shapes (AB_RECIPES picks)
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`
@@ -68,7 +68,7 @@ elif [ "$PHASE" = pythia ]; then
     --json "$OUT/h100-pythia-fused.json"
   echo "bench rc=$?"
 elif [ "$PHASE" = ab ]; then
-  # AB_OPTION=pdl|norm_in_gemv (default pdl), AB_RECIPES (default all four)
+  # AB_OPTION=pdl|norm_in_gemv|branches (default pdl), AB_RECIPES (default all four)
   timeout 380 python3 scripts/gpu_fused_ab.py --option "${AB_OPTION:-pdl}" \
     --recipes "${AB_RECIPES:-bf16,int8,int4-g128,int4-mlp-g128}" \
     --json "$OUT/h100-fused-ab-${AB_OPTION:-pdl}.json"

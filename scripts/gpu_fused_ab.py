@@ -3,7 +3,8 @@
 For each weight recipe, the same model and prompt decoded with the fused step captured as
 a CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady state, CUDA
 events), with one on/off code path of ``tune.OPTIONS`` (``--option``: ``pdl``,
-programmatic dependent launch, or ``norm_in_gemv``, each norm inside the GEMV after it;
+programmatic dependent launch, ``norm_in_gemv``, each norm inside the GEMV after it, or
+``branches``, the MLP's up projection on a second stream beside q/k/v and attention;
 the tuner picks the other code paths, and what it picked is in the record), off and on,
 interleaved over ``--rounds`` so that drift hits both alike. Neither may change a result
 beyond rounding: the last greedy token of each run is compared with the first variant's.
@@ -28,7 +29,7 @@ def main():
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-len", type=int, default=96)
-    ap.add_argument("--option", default="pdl", choices=("pdl", "norm_in_gemv"))
+    ap.add_argument("--option", default="pdl", choices=("pdl", "norm_in_gemv", "branches"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from fastdecode.bench import tpot

@@ -224,6 +224,29 @@ def test_fused_step_quantized_matches_eager(recipe, family):
     _check_steps(lm, cfg, 30, 3, tol=1e-4)
 
 
+@pytest.mark.parametrize("recipe", [None, "int4-mlp-g32", "int8"])
+@pytest.mark.parametrize("branches", [False, True])
+def test_fused_neox_layouts_match_eager(tiny_models, recipe, branches):
+    """Both layouts of a parallel-residual layer: [qkv; up] as one GEMV before attention
+    (branches off), and the up projection as its own GEMV (on CUDA on a side stream, in
+    parallel with q/k/v and attention). Float, mixed (int4 MLP beside float attention:
+    a norm launch both branches read) and stacked int8."""
+    import copy
+
+    from fastdecode.quant import QuantConfig, quantize_model
+
+    lm = copy.copy(tiny_models["tiny-neox"])
+    lm.model = copy.deepcopy(lm.model).to(DEV)
+    if recipe:
+        quantize_model(lm.model, QuantConfig.parse(recipe))
+    cfg = CacheConfig(policy="streaming", sink=4, window=24)
+    with _options(branches=branches):
+        dec = Decoder.build(copy.deepcopy(lm.model), cfg)
+        assert FusedStep(dec).branches == branches
+        assert (FusedStep(dec).side is not None) == (branches and CUDA)
+        _check_steps(lm, cfg, 30, 4, tol=1e-4)
+
+
 def test_fused_weights_share_the_model_memory(tiny_models):
     """Stacking re-points the modules at views: one copy, and in-place updates reach both."""
     import copy

@@ -32,6 +32,7 @@ small configuration is used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -109,6 +110,9 @@ class FusedStep:
         self.scale = 1.0 / math.sqrt(D)
         self.eps = spec.norm_eps
         self.norm_in_gemv = tune.OPTIONS["norm_in_gemv"]
+        # parallel residual: the up projection apart from q/k/v, on a side stream on CUDA
+        self.branches = bool(tune.OPTIONS["branches"] and spec.parallel_residual)
+        self.side = torch.cuda.Stream(dev) if self.branches and dev.type == "cuda" else None
 
     # ------------------------------------------------------------------ launches
     def _gemv(self, p: Packed, x, y, *, nsplit=None, gap=0, xseg=0, act2=0, glu=False,
@@ -142,18 +146,39 @@ class FusedStep:
                        self.HKV, self.D, self.d0, self.d1, self.cache.sink, self.kv_int8,
                        self.scale)
 
+    def _fork(self):
+        """Context whose launches go to the side stream, after everything launched so far
+        (on the CPU, where there are no streams, they just run in order)."""
+        if self.side is None:
+            return contextlib.nullcontext()
+        self.side.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self.side)
+
+    def _join(self) -> None:
+        """Launches from here on wait for the side stream's work too."""
+        if self.side is not None:
+            torch.cuda.current_stream().wait_stream(self.side)
+
     def _layer(self, i: int, lw: LayerWeights, mask, slot) -> None:
         x, buf, nq, hd = self.x, self.buf, self.n_qkv, self.hd
         attn_out, act = buf[nq:nq + hd], buf[nq + hd:]
         if self.spec.parallel_residual:  # LayerNorm 1 and 2 of the same x
-            if lw.a is not None:  # [qkv; up]: rows >= nq take LayerNorm 2 and GELU
-                inp, = self._normed(lw.norms, lw.a)
-                self._gemv(lw.a, y=buf, nsplit=nq, gap=hd, act2=1, **inp)
-            else:
+            if self.branches:  # the MLP's up projection beside q/k/v -> attention
                 iq, iu = self._normed(lw.norms, lw.qkv, lw.up)
+                with self._fork():
+                    self._gemv(lw.up, y=act, nsplit=0, act2=1, **iu)
                 self._gemv(lw.qkv, y=buf, **iq)
-                self._gemv(lw.up, y=act, nsplit=0, act2=1, **iu)
-            self._attention(i, mask, slot)
+                self._attention(i, mask, slot)
+                self._join()
+            else:
+                if lw.a is not None:  # [qkv; up]: rows >= nq take LayerNorm 2 and GELU
+                    inp, = self._normed(lw.norms, lw.a)
+                    self._gemv(lw.a, y=buf, nsplit=nq, gap=hd, act2=1, **inp)
+                else:
+                    iq, iu = self._normed(lw.norms, lw.qkv, lw.up)
+                    self._gemv(lw.qkv, y=buf, **iq)
+                    self._gemv(lw.up, y=act, nsplit=0, act2=1, **iu)
+                self._attention(i, mask, slot)
             if lw.b is not None:  # [out | down] over [attention out | activation]
                 self._gemv(lw.b, buf[nq:], x, res=x)
             else:

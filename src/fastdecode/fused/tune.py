@@ -48,10 +48,15 @@ def _env_flag(name: str) -> bool | None:
 # norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0 turns it off): the GEMV after a norm normalises x
 # in each of its programs instead of a norm kernel launched before it (read when a FusedStep
 # is built)
+# branches (FASTDECODE_BRANCHES=0 turns it off): in a parallel-residual layer the MLP's up
+# projection runs on a second CUDA stream beside q/k/v, rotary and attention (two branches
+# of the captured graph), instead of [qkv; up] as one GEMV before attention (read when a
+# FusedStep is built)
 OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "asm": _env_flag("FASTDECODE_ASM"), "dq": _env_flag("FASTDECODE_DQ"),
            "tune": _env_flag("FASTDECODE_TUNE") is not False,
-           "norm_in_gemv": _env_flag("FASTDECODE_NORM_IN_GEMV") is not False}
+           "norm_in_gemv": _env_flag("FASTDECODE_NORM_IN_GEMV") is not False,
+           "branches": _env_flag("FASTDECODE_BRANCHES") is not False}
 
 
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)

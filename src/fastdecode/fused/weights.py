@@ -121,8 +121,10 @@ def stack_cols(ma: nn.Module, mb: nn.Module) -> Packed:
 
 @dataclass
 class LayerWeights:
-    """A layer's GEMVs. NeoX: ``a`` = qkv+up stacked (or ``qkv`` and ``up`` apart),
-    ``b`` = out|down side by side (or ``out`` and ``down`` apart). Llama: all four apart."""
+    """A layer's GEMVs. ``qkv`` and ``up``: always, each alone (row views of ``a`` when it
+    exists). NeoX, where the formats allow: ``a`` = [qkv; up] stacked by rows and ``b`` =
+    [out | down] side by side; ``out`` and ``down`` are set only when ``b`` is not (their
+    views of ``b`` are not row-contiguous, so they are not GEMV operands)."""
 
     qkv: Packed | None = None
     up: Packed | None = None
@@ -152,12 +154,11 @@ def layer_weights(model) -> list[LayerWeights]:
             qkv, o, up, down = layer.attn.qkv, layer.attn.out, layer.mlp.up, layer.mlp.down
             if model.spec.parallel_residual and can_stack_rows(pack(qkv), pack(up)):
                 lw.a = stack_rows(qkv, up)
-            else:
-                lw.qkv, lw.up = pack(qkv), pack(up)
             if model.spec.parallel_residual and can_stack_cols(pack(o), pack(down)):
                 lw.b = stack_cols(o, down)
             else:
                 lw.out, lw.down = pack(o), pack(down)
+            lw.qkv, lw.up = pack(qkv), pack(up)  # after stacking: views of a's rows
             out.append(lw)
     model._fused_weights = (_layout_key(model), out)  # after stacking re-pointed them
     return out
