@@ -68,8 +68,9 @@ elif [ "$PHASE" = pythia ]; then
     --json "$OUT/h100-pythia-fused.json"
   echo "bench rc=$?"
 elif [ "$PHASE" = ab ]; then
-  # AB_OPTION=pdl|norm_in_gemv|branches (default pdl), AB_RECIPES (default all four)
-  timeout 380 python3 scripts/gpu_fused_ab.py --option "${AB_OPTION:-pdl}" \
+  # AB_OPTION=pdl|norm_in_gemv|branches (default pdl), AB_VALUES (default 0,1), AB_RECIPES
+  timeout 420 python3 scripts/gpu_fused_ab.py --option "${AB_OPTION:-pdl}" \
+    --values "${AB_VALUES:-0,1}" \
     --recipes "${AB_RECIPES:-bf16,int8,int4-g128,int4-mlp-g128}" \
     --json "$OUT/h100-fused-ab-${AB_OPTION:-pdl}.json"
   echo "ab rc=$?"

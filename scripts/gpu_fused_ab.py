@@ -2,12 +2,13 @@
 
 For each weight recipe, the same model and prompt decoded with the fused step captured as
 a CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady state, CUDA
-events), with one on/off code path of ``tune.OPTIONS`` (``--option``: ``pdl``,
-programmatic dependent launch, ``norm_in_gemv``, each norm inside the GEMV after it, or
-``branches``, the MLP's up projection on a second stream beside q/k/v and attention;
-the tuner picks the other code paths, and what it picked is in the record), off and on,
-interleaved over ``--rounds`` so that drift hits both alike. Neither may change a result
-beyond rounding: the last greedy token of each run is compared with the first variant's.
+events) under each setting (``--values``, default 0,1) of one code path of
+``tune.OPTIONS`` (``--option``: ``pdl``, programmatic dependent launch; ``norm_in_gemv``,
+each norm inside the GEMV after it; ``branches``, the MLP's up projection (1) or all of
+it (2) on a second stream beside q/k/v and attention), interleaved over ``--rounds`` so
+that drift hits all alike; the tuner picks the other code paths, and what it picked is in
+the record. None may change a result beyond rounding: the last greedy token of each run is
+compared with the first variant's.
 
     PYTHONPATH=src python scripts/gpu_fused_ab.py --option pdl --json out.json
 """
@@ -30,6 +31,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-len", type=int, default=96)
     ap.add_argument("--option", default="pdl", choices=("pdl", "norm_in_gemv", "branches"))
+    ap.add_argument("--values", default="0,1",
+                    help="the option's settings to compare (branches: 0,1,2)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from fastdecode.bench import tpot
@@ -49,8 +52,8 @@ def main():
             set_backend(lm.model, "auto")
         prompt = tpot.random_prompt(2052, lm.spec.vocab_size, 0, "cuda")
         runs = {}
-        for on in (0, 1):
-            tune.OPTIONS[args.option] = bool(on)
+        for on in map(int, args.values.split(",")):
+            tune.OPTIONS[args.option] = on if args.option == "branches" else bool(on)
             dec, step, secs = tpot.build_and_compile(lm, cfg, "graphs", kernels="fused")
             runs[f"{args.option}{on}"] = {"dec": dec, "step": step, "setup_s": secs, "tpot": [],
                                  "tokens": None}

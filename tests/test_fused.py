@@ -71,18 +71,20 @@ def _options(**pins):
        kind=st.sampled_from(["plain", "segments", "glu"]), res=st.booleans(),
        bias=st.booleans(), kb=st.integers(1, 3), nb=st.integers(1, 6),
        group=st.sampled_from([32, 64]), seed=st.integers(0, 2**16),
-       asm=st.booleans(), dq=st.booleans(), pdl=st.booleans(), in_gemv=st.booleans())
+       asm=st.booleans(), dq=st.booleans(), pdl=st.booleans(), in_gemv=st.booleans(),
+       res2=st.booleans())
 @settings(max_examples=40)
 def test_norm_then_gemv_match_float64_reference(fmt, norm, kind, res, bias, kb, nb, group,
-                                                seed, asm, dq, pdl, in_gemv):
+                                                seed, asm, dq, pdl, in_gemv, res2):
     """Every code path (on CUDA: inline-PTX conversions or not, int4 dequantise-then-reduce
     or per-group dot products, PDL launches or not; the interpreter runs no PTX), the norm
     by its own kernel or inside the GEMV's programs."""
     with _options(asm=asm, dq=dq, pdl=pdl):
-        _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv)
+        _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv, res2)
 
 
-def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=False):
+def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=False,
+                    res2=False):
     gen = torch.Generator().manual_seed(seed)
     K = 64 * kb + (16 if fmt == FLOAT and kb > 1 else 0)  # ragged K for float: masks
     if fmt == INT4:
@@ -101,6 +103,9 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=Fal
     out_len = n + gap
     y = torch.full((out_len,), float("nan"))
     r = torch.randn(out_len, generator=gen)
+    r2 = torch.randn(out_len, generator=gen) if res2 else None  # a second addend
+    if res2 and kind == "segments":
+        r2 = None  # the second addend is over rows as stored (no gap): plain layouts only
     if res:
         y = r.clone()
         gap = 0
@@ -116,7 +121,8 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=Fal
         xseg = K if kind == "segments" else 0
     tune.gemv(xin, pd, yd, yd if res else None, n=n,
               nsplit=nsplit if kind == "segments" else n, gap=gap, xseg=xseg,
-              act2=1 if kind == "segments" else 0, glu=kind == "glu", norm=in_norm)
+              act2=1 if kind == "segments" else 0, glu=kind == "glu", norm=in_norm,
+              res2=dev(r2))
     # reference, float64
     want = torch.empty(out_len, dtype=torch.float64)
     if res:
@@ -136,6 +142,8 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=Fal
             want[lo:hi] += z
         else:
             want[lo + off:hi + off] = z
+    if r2 is not None:
+        want[:n] += r2[:n].double()
     got = yd.cpu().double()
     written = torch.cat((torch.arange(0, nsplit), torch.arange(nsplit, n) + gap))
     assert torch.isfinite(got[written]).all()
@@ -225,12 +233,13 @@ def test_fused_step_quantized_matches_eager(recipe, family):
 
 
 @pytest.mark.parametrize("recipe", [None, "int4-mlp-g32", "int8"])
-@pytest.mark.parametrize("branches", [False, True])
+@pytest.mark.parametrize("branches", [0, 1, 2])
 def test_fused_neox_layouts_match_eager(tiny_models, recipe, branches):
-    """Both layouts of a parallel-residual layer: [qkv; up] as one GEMV before attention
-    (branches off), and the up projection as its own GEMV (on CUDA on a side stream, in
-    parallel with q/k/v and attention). Float, mixed (int4 MLP beside float attention:
-    a norm launch both branches read) and stacked int8."""
+    """Every layout of a parallel-residual layer: [qkv; up] as one GEMV before attention
+    (branches 0); the up projection as its own GEMV (1), or up and down with the MLP's
+    output added after the residual (2), on CUDA on a side stream in parallel with q/k/v
+    and attention. Float, mixed (int4 MLP beside float attention: a norm launch both
+    branches read) and int8 (stacked [out | down] scales, or unstacked again for 2)."""
     import copy
 
     from fastdecode.quant import QuantConfig, quantize_model
@@ -241,10 +250,31 @@ def test_fused_neox_layouts_match_eager(tiny_models, recipe, branches):
         quantize_model(lm.model, QuantConfig.parse(recipe))
     cfg = CacheConfig(policy="streaming", sink=4, window=24)
     with _options(branches=branches):
-        dec = Decoder.build(copy.deepcopy(lm.model), cfg)
-        assert FusedStep(dec).branches == branches
-        assert (FusedStep(dec).side is not None) == (branches and CUDA)
+        step = FusedStep(Decoder.build(copy.deepcopy(lm.model), cfg))
+        assert step.branches == branches and (step.side is not None) == (branches > 0 and CUDA)
+        assert all((lw.b is None) == (branches == 2 or recipe == "int4-mlp-g32")
+                   for lw in step.layers)
         _check_steps(lm, cfg, 30, 4, tol=1e-4)
+
+
+def test_fused_layouts_switch_on_one_model(tiny_models):
+    """A model stacked [out | down] by one step, then unstacked by a step with the MLP on
+    its own stream (and back): both decode as eager, and the eager model, whose modules
+    were re-pointed each time, still gives the same logits."""
+    import copy
+
+    lm = copy.copy(tiny_models["tiny-neox"])
+    lm.model = copy.deepcopy(lm.model).to(DEV)
+    cfg = CacheConfig(policy="streaming", sink=4, window=24)
+    prompt = torch.arange(3, 23, device=DEV)
+    before = Decoder.build(lm.model, cfg).prefill(prompt)
+    for branches in (1, 2, 1):
+        with _options(branches=branches):
+            step = FusedStep(Decoder.build(lm.model, cfg))
+            assert (step.layers[0].b is None) == (branches == 2)
+            _check_steps(lm, cfg, 20, 2, tol=1e-4)
+    torch.testing.assert_close(Decoder.build(lm.model, cfg).prefill(prompt), before,
+                               rtol=0, atol=0)
 
 
 def test_fused_weights_share_the_model_memory(tiny_models):

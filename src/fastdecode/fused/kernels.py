@@ -264,14 +264,16 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
 
 
 @triton.jit
-def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, eps,
+def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr, nb_ptr, eps,
                 N, NSPLIT, OUT_GAP, XSEG,
                 K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
                 ACT2: tl.constexpr, GLU: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr,
+                NORM: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr):
-    """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) for ``BLOCK_N`` rows a program.
+    """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) [+ r2[row]] for ``BLOCK_N`` rows a
+    program.
 
     Rows ``>= NSPLIT`` form a second segment (GPT-NeoX's parallel residual computes q/k/v
     and the MLP's up projection from the same x under two LayerNorms): they read their
@@ -279,9 +281,10 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr,
     (1 = exact GELU) and are stored ``OUT_GAP`` further on. A program never straddles
     NSPLIT (the host picks BLOCK_N to divide it). GLU (Llama's MLP): the output has N
     rows, W has 2N (gate rows, then up rows), ``y = silu(gate) * up``. Residual: ``r`` may
-    be ``y`` itself (each program reads and writes only its own rows). Outputs are rounded
-    to the model dtype where the eager model rounds (after the linear, after the
-    activation, after the residual add).
+    be ``y`` itself (each program reads and writes only its own rows). A second addend
+    ``r2`` (GPT-NeoX's MLP output when the MLP ran on its own: ``x + attn + mlp``) is added
+    after the residual. Outputs are rounded to the model dtype where the eager model rounds
+    (after the linear, after the activation, after each add).
 
     NORM (1 = LayerNorm, 2 = RMSNorm; 0 = none): x is the residual stream and every
     program normalises it itself, as :func:`norm_kernel` would have (``nw``/``nb``:
@@ -316,6 +319,9 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr,
     if HAS_RES:
         r = tl.load(r_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
         acc = r + acc.to(dt).to(tl.float32)
+    if HAS_RES2:
+        r2 = tl.load(r2_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+        acc = acc.to(dt).to(tl.float32) + r2
     tl.store(y_ptr + rows + seg2 * OUT_GAP, acc.to(dt), mask=mrow)
 
 

@@ -79,7 +79,11 @@ class FusedStep:
         self.n_qkv = (H + 2 * Hkv) * D
         self.hd = H * D
         inter = spec.intermediate_size
-        self.layers: list[LayerWeights] = layer_weights(model)
+        # parallel residual: the MLP apart from q/k/v (1: its up projection, 2: all of it),
+        # on a side stream on CUDA
+        self.branches = tune.OPTIONS["branches"] if spec.parallel_residual else 0
+        self.side = torch.cuda.Stream(dev) if self.branches and dev.type == "cuda" else None
+        self.layers: list[LayerWeights] = layer_weights(model, side_by_side=self.branches < 2)
         self.norm_kind = NORM_LAYER if spec.family == "gpt_neox" else NORM_RMS
         fb = getattr(model.norm, "bias", None)
         self.final_norm = (model.norm.weight.detach()[None],  # [1, K]: one segment
@@ -88,6 +92,7 @@ class FusedStep:
         # Static buffers: residual stream, [qkv | attention out | MLP activation], rotated
         # queries (window, sink), attention partials, cos/sin, logits.
         self.x = torch.empty(spec.hidden_size, dtype=dt, device=dev)
+        self.mlp_y = torch.empty(spec.hidden_size, dtype=dt, device=dev)  # branches 2
         self.xn = torch.empty(2, spec.hidden_size, dtype=dt, device=dev)  # normalised x
         self.buf = torch.empty(self.n_qkv + self.hd + inter, dtype=dt, device=dev)
         self.q = torch.empty(2, H, D, dtype=dt, device=dev)
@@ -110,16 +115,13 @@ class FusedStep:
         self.scale = 1.0 / math.sqrt(D)
         self.eps = spec.norm_eps
         self.norm_in_gemv = tune.OPTIONS["norm_in_gemv"]
-        # parallel residual: the up projection apart from q/k/v, on a side stream on CUDA
-        self.branches = bool(tune.OPTIONS["branches"] and spec.parallel_residual)
-        self.side = torch.cuda.Stream(dev) if self.branches and dev.type == "cuda" else None
 
     # ------------------------------------------------------------------ launches
     def _gemv(self, p: Packed, x, y, *, nsplit=None, gap=0, xseg=0, act2=0, glu=False,
-              res=None, norm=None):
+              res=None, norm=None, res2=None):
         n = p.n // 2 if glu else p.n
         tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, gap=gap,
-                  xseg=xseg, act2=act2, glu=glu, norm=norm)
+                  xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2)
 
     def _normed(self, norms, *packs: Packed) -> list[dict]:
         """For each GEMV in ``packs`` that reads norm(x) (x the residual stream, ``norms`` =
@@ -163,13 +165,18 @@ class FusedStep:
         x, buf, nq, hd = self.x, self.buf, self.n_qkv, self.hd
         attn_out, act = buf[nq:nq + hd], buf[nq + hd:]
         if self.spec.parallel_residual:  # LayerNorm 1 and 2 of the same x
-            if self.branches:  # the MLP's up projection beside q/k/v -> attention
+            if self.branches:  # the MLP (or its up projection) beside q/k/v -> attention
                 iq, iu = self._normed(lw.norms, lw.qkv, lw.up)
                 with self._fork():
                     self._gemv(lw.up, y=act, nsplit=0, act2=1, **iu)
+                    if self.branches == 2:
+                        self._gemv(lw.down, act, self.mlp_y)
                 self._gemv(lw.qkv, y=buf, **iq)
                 self._attention(i, mask, slot)
                 self._join()
+                if self.branches == 2:  # x + attention + MLP, rounded after each add
+                    self._gemv(lw.out, attn_out, x, res=x, res2=self.mlp_y)
+                    return
             else:
                 if lw.a is not None:  # [qkv; up]: rows >= nq take LayerNorm 2 and GELU
                     inp, = self._normed(lw.norms, lw.a)

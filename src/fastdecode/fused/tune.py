@@ -43,20 +43,29 @@ def _env_flag(name: str) -> bool | None:
     return None if v in (None, "") else v != "0"
 
 
+def _env_level(name: str, default: int, levels: int) -> int:
+    v = os.environ.get(name)
+    if v in (None, ""):
+        return default
+    if v not in {str(i) for i in range(levels)}:
+        raise ValueError(f"{name}={v!r}: expected one of 0..{levels - 1}")
+    return int(v)
+
+
 # tune=False (FASTDECODE_TUNE=0): take the first valid candidate without timing (tests on
 # CUDA, where timing every shape a property test draws would dominate)
 # norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0 turns it off): the GEMV after a norm normalises x
 # in each of its programs instead of a norm kernel launched before it (read when a FusedStep
 # is built)
-# branches (FASTDECODE_BRANCHES=0 turns it off): in a parallel-residual layer the MLP's up
+# branches (FASTDECODE_BRANCHES=0, 1 or 2): in a parallel-residual layer, 1 = the MLP's up
 # projection runs on a second CUDA stream beside q/k/v, rotary and attention (two branches
-# of the captured graph), instead of [qkv; up] as one GEMV before attention (read when a
-# FusedStep is built)
+# of the captured graph), 2 = the whole MLP (up, then down) does; 0 = one stream, [qkv; up]
+# as one GEMV before attention (read when a FusedStep is built)
 OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "asm": _env_flag("FASTDECODE_ASM"), "dq": _env_flag("FASTDECODE_DQ"),
            "tune": _env_flag("FASTDECODE_TUNE") is not False,
            "norm_in_gemv": _env_flag("FASTDECODE_NORM_IN_GEMV") is not False,
-           "branches": _env_flag("FASTDECODE_BRANCHES") is not False}
+           "branches": _env_level("FASTDECODE_BRANCHES", 1, 3)}
 
 
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
@@ -179,17 +188,19 @@ def _pick(key: tuple, candidates_of, run, restore) -> tuple:
 
 
 def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
-         norm=None) -> None:
-    """y (= res +) act(x . W^T + b) over ``n`` output rows (see kernels.gemv_kernel);
+         norm=None, res2=None) -> None:
+    """y (= res +) act(x . W^T + b) (+ res2) over ``n`` output rows (kernels.gemv_kernel);
     ``norm`` = (kind, weight [segments, K], bias or None, eps): x is normalised in the
     kernel (kind 1 LayerNorm, 2 RMSNorm)."""
     dummy = p.w
     kind, nw, nb, eps = norm if norm is not None else (0, x, None, 0.0)
     args = (x, p.w, p.s if p.s is not None else dummy, p.z if p.z is not None else dummy,
             p.bias if p.bias is not None else dummy, y, res if res is not None else y,
-            nw, nb if nb is not None else nw, eps, n, nsplit, gap, xseg)
+            res2 if res2 is not None else y, nw, nb if nb is not None else nw, eps, n, nsplit,
+            gap, xseg)
     meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=act2, GLU=glu,
-                HAS_BIAS=p.bias is not None, HAS_RES=res is not None, NORM=kind,
+                HAS_BIAS=p.bias is not None, HAS_RES=res is not None,
+                HAS_RES2=res2 is not None, NORM=kind,
                 **_launch_opts(x))
 
     def run(cfg):
@@ -202,7 +213,8 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
         run(_interp_gemv(p, n, nsplit))
         return
     key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
-           int(res is not None), kind, str(x.dtype).removeprefix("torch."), OPTIONS["asm"],
+           int(res is not None), int(res2 is not None), kind,
+           str(x.dtype).removeprefix("torch."), OPTIONS["asm"],
            OPTIONS["dq"])
     run(_pick(key, lambda: _gemv_candidates(p, n, nsplit), run, res))
 

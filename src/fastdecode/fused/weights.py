@@ -142,10 +142,18 @@ def _norm_params(n1: nn.Module, n2: nn.Module):
     return w, b
 
 
-def layer_weights(model) -> list[LayerWeights]:
-    """Per layer, the packed GEMVs (built once per model and module set; cached on it)."""
+def unstack(mod: nn.Module) -> None:
+    """Give a linear whose tensors are views into a side-by-side stack contiguous tensors
+    of its own again (a copy; nothing for tensors already contiguous)."""
+    ts = [mod.weight] + ([mod.scale, mod.zero] if isinstance(mod, Int4Linear) else [])
+    _rebind([(t, t.detach().contiguous()) for t in ts if not t.is_contiguous()])
+
+
+def layer_weights(model, side_by_side: bool = True) -> list[LayerWeights]:
+    """Per layer, the packed GEMVs (built once per model, module set and layout; cached on
+    it). ``side_by_side=False``: ``out`` and ``down`` apart (the MLP on its own stream)."""
     cached = getattr(model, "_fused_weights", None)
-    if cached is not None and cached[0] == _layout_key(model):
+    if cached is not None and cached[0] == (_layout_key(model), side_by_side):
         return cached[1]
     out = []
     with torch.no_grad():
@@ -154,13 +162,16 @@ def layer_weights(model) -> list[LayerWeights]:
             qkv, o, up, down = layer.attn.qkv, layer.attn.out, layer.mlp.up, layer.mlp.down
             if model.spec.parallel_residual and can_stack_rows(pack(qkv), pack(up)):
                 lw.a = stack_rows(qkv, up)
-            if model.spec.parallel_residual and can_stack_cols(pack(o), pack(down)):
+            if (side_by_side and model.spec.parallel_residual
+                    and can_stack_cols(pack(o), pack(down))):
                 lw.b = stack_cols(o, down)
             else:
+                unstack(o)
+                unstack(down)
                 lw.out, lw.down = pack(o), pack(down)
             lw.qkv, lw.up = pack(qkv), pack(up)  # after stacking: views of a's rows
             out.append(lw)
-    model._fused_weights = (_layout_key(model), out)  # after stacking re-pointed them
+    model._fused_weights = ((_layout_key(model), side_by_side), out)  # after re-pointing
     return out
 
 
