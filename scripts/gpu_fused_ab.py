@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 
 import torch
@@ -42,7 +43,8 @@ def main():
     from fastdecode.quant import QuantConfig, quantize_model, set_backend
 
     cfg = CacheConfig(policy="streaming", sink=4, window=2048)
-    out = {"device": torch.cuda.get_device_name(), "cache": cfg.to_dict(),
+    out = {"commit": os.environ.get("FASTDECODE_GIT_COMMIT"),
+           "device": torch.cuda.get_device_name(), "cache": cfg.to_dict(),
            "option": args.option, "results": {}}
     for recipe in args.recipes.split(","):
         lm = load_model("pythia-2.8b", dtype=torch.bfloat16, device="cuda",

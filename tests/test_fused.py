@@ -257,6 +257,24 @@ def test_fused_neox_layouts_match_eager(tiny_models, recipe, branches):
         _check_steps(lm, cfg, 30, 4, tol=1e-4)
 
 
+@pytest.mark.parametrize("recipe,want", [(None, 1), ("int4-g32", 1), ("int8", 2),
+                                         ("int4-mlp-g32", 2), ("llama", 0)])
+def test_branches_chosen_per_model(tiny_models, recipe, want):
+    """Unpinned, the layout follows the formats (choose_branches' measured rule)."""
+    import copy
+
+    from fastdecode.fused.step import choose_branches
+    from fastdecode.quant import QuantConfig, quantize_model
+
+    model = copy.deepcopy(tiny_models["tiny-llama" if recipe == "llama" else "tiny-neox"].model)
+    if recipe not in (None, "llama"):
+        quantize_model(model, QuantConfig.parse(recipe))
+    assert choose_branches(model) == want
+    with _options(branches=None):
+        step = FusedStep(Decoder.build(model, CacheConfig(policy="streaming", sink=2, window=8)))
+    assert step.branches == want
+
+
 def test_fused_layouts_switch_on_one_model(tiny_models):
     """A model stacked [out | down] by one step, then unstacked by a step with the MLP on
     its own stream (and back): both decode as eager, and the eager model, whose modules

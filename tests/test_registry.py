@@ -34,7 +34,12 @@ def test_config_runs_and_matches_reference(name, family):
                            cache_cfg.position_mode)
     lm = load_model(family)
     if cfg.quant:
-        quantize_model(lm.model, QuantConfig.parse(cfg.quant))
+        qc = QuantConfig.parse(cfg.quant)
+        calib = None  # GPTQ: fitted on other random tokens (the small models have no text)
+        if qc.method == "gptq":
+            calib = torch.randint(0, base.spec.vocab_size, (512,),
+                                  generator=torch.Generator().manual_seed(2))
+        quantize_model(lm.model, qc, calib)
     dec = Decoder(lm.model, make_cache(cache_cfg, lm.spec), chunk_size=7)
     out = torch.cat([dec.prefill(toks[:17], all_logits=True),
                      torch.stack([dec.step(int(t)) for t in toks[17:]])])
@@ -54,5 +59,9 @@ def test_registry_names_and_errors():
         assert cfg.to_dict()["name"] == cfg.name
         if cfg.quant:
             QuantConfig.parse(cfg.quant)
+            speed = QuantConfig.parse(cfg.speed_quant)  # the same format, no calibration
+            assert speed.method != "gptq"
+            assert replace(speed, method=None) == replace(QuantConfig.parse(cfg.quant),
+                                                          method=None)
     with pytest.raises(ConfigError, match="unknown configuration"):
         registry.get("bf16-nonsense")

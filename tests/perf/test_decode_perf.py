@@ -47,6 +47,7 @@ def _ppl(cfg, ppl_model) -> float:
     from fastdecode.eval.data import load_text, take_tokens, tokenize
     from fastdecode.eval.ppl import EvalSpec, evaluate
     from fastdecode.quant import QuantConfig, quantize_model, set_backend
+    from fastdecode.quant.gptq import calibration_for
 
     c = cfg.ppl_cache
     key = f"{c}|{cfg.quant}"
@@ -54,7 +55,8 @@ def _ppl(cfg, ppl_model) -> float:
         model = ppl_model.model
         if cfg.quant:
             model = copy.deepcopy(model)
-            quantize_model(model, QuantConfig.parse(cfg.quant))
+            qc = QuantConfig.parse(cfg.quant)
+            quantize_model(model, qc, calibration_for(ppl_model, qc))
             set_backend(model, "auto")
         ids = take_tokens(tokenize(load_text("pg19-10146"), ppl_model.tokenizer), PPL_TOKENS,
                           "pg19-10146")
@@ -75,7 +77,7 @@ def test_decode(benchmark, config, gpu, budgets, ppl_model):
     cfg = registry.get(config)
     gc.collect()  # a decoder and its compiled step refer to each other: free the last one's
     torch.cuda.empty_cache()
-    lm = _speed_model(cfg.quant)
+    lm = _speed_model(cfg.speed_quant)
     cache_cfg = cfg.speed_cache
     torch.cuda.reset_peak_memory_stats()
     dec, step, compile_s = build_and_compile(lm, cache_cfg, cfg.compile.mode,

@@ -1,22 +1,27 @@
 """The fused decode step: one token through the model as a fixed list of Triton launches
 over static buffers, with no torch.compile.
 
-Per GPT-NeoX layer (parallel residual), bf16/fp16/fp32 weights, five launches:
+Per GPT-NeoX layer (parallel residual), bf16/fp16/fp32 weights, on two CUDA streams (the
+two branches of the captured graph; ``choose_branches``):
 
-1. GEMV over [qkv; up] with both LayerNorms, the biases and GELU fused (-> q/k/v and the
-   MLP activation; every program normalises x itself, see ``_normed``),
-2. rotary on q and k + the cache write (and int8 KV quantization),
-3. split-K attention over every slot (sinks scored at their own query position),
-4. the combine of the splits (-> the attention output, next to the MLP activation),
-5. GEMV over [out | down] with the bias and the residual add fused.
+1. main: GEMV over qkv with LayerNorm 1 and the bias fused (every program normalises x
+   itself, see ``_normed``); side, at the same time: GEMV over the MLP's up projection
+   with LayerNorm 2, the bias and GELU fused,
+2. main: rotary on q and k + the cache write (and int8 KV quantization),
+3. main: split-K attention over every slot (sinks scored at their own query position),
+4. main: the combine of the splits (-> the attention output, next to the MLP activation),
+5. after both: GEMV over [out | down] with the bias and the residual add fused.
 
-A GEMV of int8/int4 weights reads its norm's output from one norm launch before it (both
-LayerNorms, one program each) instead: six launches. Llama layers (sequential residual,
-SwiGLU) take seven (float): qkv (RMSNorm fused), rotary/cache, attention, combine, out +
-residual, gate/up (RMSNorm and SiLU gating fused), down + residual. Linears whose formats
-differ (e.g. int4 MLP with bf16 attention) are launched apart. Then the head GEMV (final
-norm fused), the greedy argmax and the position advance. ``FASTDECODE_NORM_IN_GEMV=0``
-gives every norm its own launch.
+Where the down projection is int8 or of another format than out, the side stream runs
+the down projection too (into its own buffer) and step 5 is the out GEMV, adding x, the
+attention output and the MLP's output. A GEMV of int8/int4 weights reads its norm's
+output from one norm launch before the branches (both LayerNorms, one program each).
+``FASTDECODE_BRANCHES=0`` runs one stream with [qkv; up] stacked as one GEMV, 1 or 2 pins
+the layout. Llama layers (sequential residual, SwiGLU) take seven launches (float): qkv
+(RMSNorm fused), rotary/cache, attention, combine, out + residual, gate/up (RMSNorm and
+SiLU gating fused), down + residual. Then the head GEMV (final norm fused), the greedy
+argmax and the position advance. ``FASTDECODE_NORM_IN_GEMV=0`` gives every norm its own
+launch.
 
 Setup work per step (positions, visibility) is the cache's own ``plan_decode``: a few small
 kernels once per step, shared by all layers, then one kernel for cos/sin at both query
@@ -39,7 +44,7 @@ import torch
 
 from ..errors import ConfigError
 from . import tune
-from .weights import FLOAT, LayerWeights, Packed, layer_weights, pack
+from .weights import FLOAT, INT8, LayerWeights, Packed, layer_weights, pack
 
 NORM_LAYER, NORM_RMS = 1, 2
 
@@ -64,6 +69,22 @@ def unsupported_reason(decoder) -> str | None:
     return None
 
 
+def choose_branches(model) -> int:
+    """How a parallel-residual layer splits over two streams (tune.OPTIONS["branches"]):
+    the whole MLP beside attention (2) when its down projection is int8 or cannot sit
+    beside the out projection in one GEMV (formats differ), else its up projection only
+    (1). Chosen from an A/B of both on Pythia-2.8B shapes (H100, 4+2048, graphed, 3
+    rounds; perf/results/h100-fused-ab-branches-1v2.json): bf16 2.412 ms with 1, 2.444
+    with 2; int4 g128 2.067 / 2.126; int8 1.931 / 1.867; int4 MLP beside bf16 attention
+    2.360 / 2.231. (One stream, [qkv; up] as one GEMV, -0v1.json: bf16 2.464, int8 2.131,
+    int4 g128 2.142.)"""
+    if not model.spec.parallel_residual:
+        return 0
+    layer = model.layers[0]
+    out, down = pack(layer.attn.out).fmt, pack(layer.mlp.down).fmt
+    return 2 if down == INT8 or out != down else 1
+
+
 class FusedStep:
     """``step(tok, pos) -> logits`` for one decoder (its model, cache and buffers)."""
 
@@ -81,7 +102,9 @@ class FusedStep:
         inter = spec.intermediate_size
         # parallel residual: the MLP apart from q/k/v (1: its up projection, 2: all of it),
         # on a side stream on CUDA
-        self.branches = tune.OPTIONS["branches"] if spec.parallel_residual else 0
+        pinned = tune.OPTIONS["branches"]
+        self.branches = choose_branches(model) if pinned is None else pinned
+        self.branches = self.branches if spec.parallel_residual else 0
         self.side = torch.cuda.Stream(dev) if self.branches and dev.type == "cuda" else None
         self.layers: list[LayerWeights] = layer_weights(model, side_by_side=self.branches < 2)
         self.norm_kind = NORM_LAYER if spec.family == "gpt_neox" else NORM_RMS
@@ -214,4 +237,4 @@ class FusedStep:
         return self.logits
 
 
-__all__ = ["FusedStep", "unsupported_reason"]
+__all__ = ["FusedStep", "choose_branches", "unsupported_reason"]

@@ -43,7 +43,7 @@ def _env_flag(name: str) -> bool | None:
     return None if v in (None, "") else v != "0"
 
 
-def _env_level(name: str, default: int, levels: int) -> int:
+def _env_level(name: str, default: int | None, levels: int) -> int | None:
     v = os.environ.get(name)
     if v in (None, ""):
         return default
@@ -57,15 +57,16 @@ def _env_level(name: str, default: int, levels: int) -> int:
 # norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0 turns it off): the GEMV after a norm normalises x
 # in each of its programs instead of a norm kernel launched before it (read when a FusedStep
 # is built)
-# branches (FASTDECODE_BRANCHES=0, 1 or 2): in a parallel-residual layer, 1 = the MLP's up
-# projection runs on a second CUDA stream beside q/k/v, rotary and attention (two branches
-# of the captured graph), 2 = the whole MLP (up, then down) does; 0 = one stream, [qkv; up]
-# as one GEMV before attention (read when a FusedStep is built)
+# branches (FASTDECODE_BRANCHES=0, 1 or 2; unset: chosen per model, FusedStep.choose_branches):
+# in a parallel-residual layer, 1 = the MLP's up projection runs on a second CUDA stream
+# beside q/k/v, rotary and attention (two branches of the captured graph), 2 = the whole
+# MLP (up, then down) does; 0 = one stream, [qkv; up] as one GEMV before attention (read
+# when a FusedStep is built)
 OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "asm": _env_flag("FASTDECODE_ASM"), "dq": _env_flag("FASTDECODE_DQ"),
            "tune": _env_flag("FASTDECODE_TUNE") is not False,
            "norm_in_gemv": _env_flag("FASTDECODE_NORM_IN_GEMV") is not False,
-           "branches": _env_level("FASTDECODE_BRANCHES", 1, 3)}
+           "branches": _env_level("FASTDECODE_BRANCHES", None, 3)}
 
 
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
