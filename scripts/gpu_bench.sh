@@ -99,11 +99,11 @@ elif [ "$PHASE" = suite ]; then
   else
     echo "no gguf half in /tmp/fd (the machine was not warm?)"; exit 3
   fi
-  timeout 200 python3 scripts/gpu_real_check.py --model /tmp/fd/smollm2.gguf --tokens 300 \
+  timeout 150 python3 scripts/gpu_real_check.py --model /tmp/fd/smollm2.gguf --tokens 300 \
     --dtypes float32,bfloat16 --json "$OUT/h100-real-check.json"
   echo "real check rc=$?"
   export FASTDECODE_PERF_PPL_MODEL=/tmp/fd/smollm2.gguf
-  timeout 330 nox -s gpu
+  timeout 380 nox -s gpu  # GPTQ for the int4 configurations' perplexity included
   echo "nox gpu rc=$?"
   timeout 30 nox -s compare
   echo "nox compare rc=$?"
