@@ -150,6 +150,52 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=Fal
     assert _rel(got[written], want[written]) < 1e-5
 
 
+# ----------------------------------------------------------------------------- decode plan
+@given(policy=st.sampled_from(["streaming", "window", "dense"]), sink=st.integers(1, 5),
+       window=st.integers(1, 40), every=st.integers(1, 5),
+       mode=st.sampled_from(["cache", "absolute"]), offset=st.sampled_from([0, 12_345_678]),
+       ts=st.lists(st.integers(0, 400), min_size=1, max_size=6),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@settings(max_examples=60, deadline=None)
+def test_decode_plan_kernel_equals_plan_decode(policy, sink, window, every, mode, offset, ts,
+                                               dtype):
+    """One launch (mask, slot, cos/sin at both query positions) equals the cache's tensor
+    arithmetic (KVCache.plan_decode, then rope.cos_sin) at any position: before the ring
+    fills, at the wrap, long after; sinks or none, lazy eviction, both position modes."""
+    from fastdecode import rope
+    from fastdecode.cache import make_cache
+    from fastdecode.models import load_model
+
+    spec = load_model("tiny-neox").spec
+    if policy == "dense":
+        cfg = CacheConfig(policy="dense", max_len=window + 8)
+        ts = [t % (window + 8) for t in ts]
+    else:
+        cfg = CacheConfig(policy=policy, sink=sink if policy == "streaming" else 0,
+                          window=window, compress_every=every, position_mode=mode)
+    cache = make_cache(cfg, spec, device=DEV, position_offset=offset)
+    freqs = rope.inv_freq(spec.rotary_dim, spec.rope_theta).to(DEV)
+    half = freqs.numel()
+    mask = torch.full((cache.slots,), 7, dtype=torch.int8, device=DEV)
+    slot = torch.full((1,), -5, dtype=torch.int64, device=DEV)
+    cs = torch.full((4, half), float("nan"), device=DEV)
+    for t in ts:
+        pos = torch.tensor([t], device=DEV)
+        tune.decode_plan(pos, cache, freqs, cs, mask, slot, dtype)
+        plan = cache.plan_decode(pos)
+        assert torch.equal(mask.bool().cpu(), plan.mask.reshape(-1).cpu()), t
+        assert int(slot) == int(plan.decode_slot), t
+        sink_pos = plan.q_pos_sink if plan.q_pos_sink is not None else plan.q_pos
+        # exact, but for Triton's interpreter rounding float32 to bfloat16 toward zero
+        tol = (0, 0) if CUDA or dtype == torch.float32 else (2**-7, 2**-8)
+        for i, p in enumerate((plan.q_pos, sink_pos)):
+            c, s_ = rope.cos_sin(p, freqs, dtype)
+            torch.testing.assert_close(cs[2 * i].cpu(), c[0].float().cpu(), rtol=tol[0],
+                                       atol=tol[1])
+            torch.testing.assert_close(cs[2 * i + 1].cpu(), s_[0].float().cpu(),
+                                       rtol=tol[0], atol=tol[1])
+
+
 # ----------------------------------------------------------------------------- whole step
 def _check_steps(lm, cfg: CacheConfig, prompt_len: int, steps: int, tol: float, seed: int = 0):
     """Eager and fused decoders fed the same tokens: logits agree every step, the fused

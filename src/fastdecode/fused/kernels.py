@@ -392,21 +392,68 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
 def cos_sin_kernel(pos_ptr, spos_ptr, freq_ptr, cs_ptr, HALF: tl.constexpr,
                    DT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """cs = [cos, sin] at the text position, then at the sink position, float32 [2, 2,
-    HALF], once per step for every layer, as :func:`fastdecode.rope.cos_sin` computes them:
-    angle = position x frequency in float64, rounded to the model dtype ``DT`` through
-    float32 (as torch's cast does)."""
+    HALF], once per step for every layer (see :func:`_cos_sin`)."""
     _pdl_start(PDL)
     _pdl_wait(PDL)
+    _cos_sin(tl.load(pos_ptr), tl.load(spos_ptr), freq_ptr, cs_ptr, HALF, DT, BLOCK)
+
+
+@triton.jit
+def _cos_sin(pos, spos, freq_ptr, cs_ptr, HALF: tl.constexpr, DT: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """cs = [cos, sin] at ``pos``, then at ``spos``, as :func:`fastdecode.rope.cos_sin`
+    computes them: angle = position x frequency in float64, rounded to the model dtype
+    ``DT`` through float32 (as torch's cast does)."""
     r = tl.arange(0, BLOCK)
     m = r < HALF
     f = tl.load(freq_ptr + r, mask=m, other=0.0)
     for i in range(2):
-        pos = tl.load(pos_ptr) if i == 0 else tl.load(spos_ptr)
-        a = pos.to(tl.float64) * f
+        p = pos if i == 0 else spos
+        a = p.to(tl.float64) * f
         tl.store(cs_ptr + 2 * i * HALF + r, tl.cos(a).to(tl.float32).to(DT).to(tl.float32),
                  mask=m)
         tl.store(cs_ptr + (2 * i + 1) * HALF + r,
                  tl.sin(a).to(tl.float32).to(DT).to(tl.float32), mask=m)
+
+
+@triton.jit
+def decode_plan_kernel(pos_ptr, freq_ptr, cs_ptr, mask_ptr, slot_ptr, SLOTS, W, R, OFFSET,
+                       S: tl.constexpr, CACHE_MODE: tl.constexpr, HALF: tl.constexpr,
+                       DT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+    """One decode step's plan, as ``KVCache.plan_decode`` computes it with a dozen tensor
+    ops, in one program: for the token at text position t (``pos``), sinks S, window W,
+    ring C = W + R (R = evict every R tokens):
+
+    - ``mask`` int8 [SLOTS]: 1 where the slot's token is visible (sink slot s holds token
+      s once t >= s; ring slot S + r holds t - ((t - S - r) mod C), if >= S; visible:
+      not in the future, and a sink or no older than t - held, held = the window tokens
+      kept after t - S of them were added);
+    - ``slot`` int64: where the token is stored (t < S: t; else S + (t - S) mod C);
+    - ``cs``: cos/sin at t + OFFSET and where the query scores the sinks (``CACHE_MODE``:
+      min(t, S) + held, the sinks' cache positions; else, or without sinks, t), + OFFSET
+      (:func:`_cos_sin`).
+    """
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    t = tl.load(pos_ptr)
+    C = W + R
+    m = tl.maximum(t - S, 0)
+    held = tl.where(m <= W, m, W + (tl.maximum(m - W, 0) % R))
+    lo = t - held
+    for s0 in range(0, SLOTS, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        d = (t - s) % C  # t - S - r with r = s - S; C-semantics remainder, made >= 0
+        d = tl.where(d < 0, d + C, d)
+        ring_j = t - d
+        j = tl.where(s < S, tl.where(s <= t, s, -1), tl.where(ring_j >= S, ring_j, -1))
+        vis = (j >= 0) & (j <= t) & ((j < S) | (j >= lo))
+        tl.store(mask_ptr + s, vis.to(tl.int8), mask=s < SLOTS)
+    tl.store(slot_ptr, tl.where(t < S, t, S + tl.maximum(t - S, 0) % C))
+    spos = t  # no sinks: the text position again (as plan_decode's q_pos_sink None)
+    if CACHE_MODE and S > 0:
+        spos = tl.minimum(t, S) + held
+    _cos_sin(t + OFFSET, spos + OFFSET, freq_ptr, cs_ptr, HALF, DT, BLOCK_H)
 
 
 @triton.jit

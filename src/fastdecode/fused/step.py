@@ -23,9 +23,11 @@ SiLU gating fused), down + residual. Then the head GEMV (final norm fused), the 
 argmax and the position advance. ``FASTDECODE_NORM_IN_GEMV=0`` gives every norm its own
 launch.
 
-Setup work per step (positions, visibility) is the cache's own ``plan_decode``: a few small
-kernels once per step, shared by all layers, then one kernel for cos/sin at both query
-positions (float64, as :func:`fastdecode.rope.cos_sin`).
+Setup work per step, shared by all layers: one launch computes the cache's plan (slot
+visibility, the new token's slot) and cos/sin at both query positions (float64, as
+:func:`fastdecode.rope.cos_sin`), exactly as ``KVCache.plan_decode`` does with a dozen
+tensor ops (a cache class that overrides ``plan_decode`` gets those, then a cos/sin
+launch).
 The step has ``greedy_step``'s contract (:mod:`fastdecode.compile`): it returns the
 logits (a static buffer) and writes the greedy next token into ``tok`` and ``pos + 1``
 into ``pos``, so it can be captured as one CUDA graph and replayed back to back.
@@ -42,6 +44,7 @@ import math
 
 import torch
 
+from ..cache.base import KVCache
 from ..errors import ConfigError
 from . import tune
 from .weights import FLOAT, INT8, LayerWeights, Packed, layer_weights, pack
@@ -127,6 +130,10 @@ class FusedStep:
         self.acc = torch.empty(H, splits, D, dtype=torch.float32, device=dev)
         self.half = spec.rotary_dim // 2
         self.cs = torch.empty(4, self.half, dtype=torch.float32, device=dev)  # cos/sin x2
+        own_plan = type(cache).plan_decode is not KVCache.plan_decode
+        self.plan_mask = None if own_plan else torch.empty(cache.slots, dtype=torch.int8,
+                                                           device=dev)
+        self.plan_slot = torch.empty(1, dtype=torch.int64, device=dev)
         self.d0 = 1 << (D.bit_length() - 1)
         rest = D - self.d0
         # Second chunk of the head dim (80 = 64 + 16); a power-of-two head dim still gets a
@@ -222,13 +229,22 @@ class FusedStep:
         self._gemv(lw.up, y=act, glu=True, **self._normed(n2, lw.up)[0])
         self._gemv(lw.down, act, x, res=x)
 
-    @torch.no_grad()
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _plan(self, pos: torch.Tensor):
+        """(visibility mask int8 [slots], the new token's slot) and cos/sin into ``cs``: one
+        launch for the caches whose plan is KVCache's arithmetic, else the cache's own
+        ``plan_decode`` (tensor ops) and a cos/sin launch."""
+        if self.plan_mask is not None:
+            tune.decode_plan(pos, self.cache, self.model.freqs, self.cs, self.plan_mask,
+                             self.plan_slot, self.model.dtype)
+            return self.plan_mask, self.plan_slot
         plan = self.cache.plan_decode(pos)
         sink_pos = plan.q_pos_sink if plan.q_pos_sink is not None else plan.q_pos
         tune.cos_sin(plan.q_pos, sink_pos, self.model.freqs, self.cs, self.model.dtype)
-        mask = plan.mask.reshape(-1).view(torch.int8)
-        slot = plan.decode_slot
+        return plan.mask.reshape(-1).view(torch.int8), plan.decode_slot
+
+    @torch.no_grad()
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        mask, slot = self._plan(pos)
         torch.index_select(self.model.embed.weight, 0, tok, out=self.x.view(1, -1))
         for i, lw in enumerate(self.layers):
             self._layer(i, lw, mask, slot)

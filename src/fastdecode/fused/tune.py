@@ -239,6 +239,19 @@ def cos_sin(pos, spos, freqs, cs, dtype) -> None:
                                  **_launch_opts(cs))
 
 
+def decode_plan(pos, cache, freqs, cs, mask, slot, dtype) -> None:
+    """mask/slot/cs for the token at ``pos`` from the cache's policy (sinks, window, evict
+    every R, position mode and offset): ``cache.plan_decode`` and :func:`cos_sin` in one
+    launch (see kernels.decode_plan_kernel)."""
+    half = freqs.numel()
+    kernels.decode_plan_kernel[(1,)](
+        pos, freqs, cs, mask, slot, cache.slots, cache.window, cache.compress_every,
+        cache.position_offset, S=cache.sink, CACHE_MODE=cache.position_mode == "cache",
+        HALF=half, DT=_TL_DTYPE[dtype], BLOCK_H=triton.next_power_of_2(half),
+        BLOCK=min(4096, triton.next_power_of_2(cache.slots)),
+        num_warps=4 if pos.is_cuda else 1, **_launch_opts(cs))
+
+
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
                kv_int8) -> None:
     kernels.rope_write_kernel[(hq + hkv,)](
