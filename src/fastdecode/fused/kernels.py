@@ -192,12 +192,9 @@ def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, me
         HG: tl.constexpr = GROUP // 2
         g = k0 // GROUP + tl.arange(0, NG)
         mg = g < NGRP
-        # x at the even and the odd inputs of each group, [NG, HG] each, loaded as such
-        # (loading x contiguously and splitting it costs a shared-memory round trip and two
-        # barriers per tile)
-        ke = k0 + (tl.arange(0, NG) * GROUP)[:, None] + 2 * tl.arange(0, HG)[None, :]
-        xe = _load_x(x_ptr, ke, nw_ptr, nb_ptr, mean, rstd, K, NORM)
-        xo = _load_x(x_ptr, ke + 1, nw_ptr, nb_ptr, mean, rstd, K, NORM)
+        kk = k0 + tl.arange(0, BLOCK_K)  # x read contiguously, then split even/odd k
+        x = _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K, NORM)
+        xe, xo = tl.split(tl.reshape(x, (NG, HG, 2)))  # [NG, HG] each
         lo, hi = _u4_to_f32(w, ASM)
         m2 = mrow[:, None] & mg[None, :]
         s = tl.load(s_ptr + rows[:, None] * NGRP + g[None, :], mask=m2, other=0.0)
