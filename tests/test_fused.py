@@ -196,6 +196,22 @@ def test_decode_plan_kernel_equals_plan_decode(policy, sink, window, every, mode
                                        rtol=tol[0], atol=tol[1])
 
 
+@given(n=st.integers(1, 5000), levels=st.integers(1, 50), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), neg_inf=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_argmax_kernel_equals_torch(n, levels, seed, dtype, neg_inf):
+    """The greedy token: the first index of the maximum, ties included (few distinct values,
+    many blocks), -inf entries too; the position advances by one."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (n,), generator=gen).to(dtype)
+    if neg_inf:
+        x[torch.rand(n, generator=gen) < 0.5] = float("-inf")
+    tok = torch.full((1,), -1, dtype=torch.int64, device=DEV)
+    pos = torch.full((1,), 41, dtype=torch.int64, device=DEV)
+    tune.argmax(x.to(DEV), tok, pos)
+    assert int(tok) == int(torch.argmax(x)) and int(pos) == 42
+
+
 # ----------------------------------------------------------------------------- whole step
 def _check_steps(lm, cfg: CacheConfig, prompt_len: int, steps: int, tol: float, seed: int = 0):
     """Eager and fused decoders fed the same tokens: logits agree every step, the fused

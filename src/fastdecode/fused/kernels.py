@@ -422,8 +422,9 @@ def decode_plan_kernel(pos_ptr, freq_ptr, cs_ptr, mask_ptr, slot_ptr, SLOTS, W, 
                        DT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
     """One decode step's plan, as ``KVCache.plan_decode`` computes it with a dozen tensor
-    ops, in one program: for the token at text position t (``pos``), sinks S, window W,
-    ring C = W + R (R = evict every R tokens):
+    ops, in one launch (``BLOCK`` slots a program; program 0 also the slot and cos/sin):
+    for the token at text position t (``pos``), sinks S, window W, ring C = W + R (R =
+    evict every R tokens):
 
     - ``mask`` int8 [SLOTS]: 1 where the slot's token is visible (sink slot s holds token
       s once t >= s; ring slot S + r holds t - ((t - S - r) mod C), if >= S; visible:
@@ -441,19 +442,19 @@ def decode_plan_kernel(pos_ptr, freq_ptr, cs_ptr, mask_ptr, slot_ptr, SLOTS, W, 
     m = tl.maximum(t - S, 0)
     held = tl.where(m <= W, m, W + (tl.maximum(m - W, 0) % R))
     lo = t - held
-    for s0 in range(0, SLOTS, BLOCK):
-        s = s0 + tl.arange(0, BLOCK)
-        d = (t - s) % C  # t - S - r with r = s - S; C-semantics remainder, made >= 0
-        d = tl.where(d < 0, d + C, d)
-        ring_j = t - d
-        j = tl.where(s < S, tl.where(s <= t, s, -1), tl.where(ring_j >= S, ring_j, -1))
-        vis = (j >= 0) & (j <= t) & ((j < S) | (j >= lo))
-        tl.store(mask_ptr + s, vis.to(tl.int8), mask=s < SLOTS)
-    tl.store(slot_ptr, tl.where(t < S, t, S + tl.maximum(t - S, 0) % C))
-    spos = t  # no sinks: the text position again (as plan_decode's q_pos_sink None)
-    if CACHE_MODE and S > 0:
-        spos = tl.minimum(t, S) + held
-    _cos_sin(t + OFFSET, spos + OFFSET, freq_ptr, cs_ptr, HALF, DT, BLOCK_H)
+    s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # BLOCK slots a program
+    d = (t - s) % C  # t - S - r with r = s - S; C-semantics remainder, made >= 0
+    d = tl.where(d < 0, d + C, d)
+    ring_j = t - d
+    j = tl.where(s < S, tl.where(s <= t, s, -1), tl.where(ring_j >= S, ring_j, -1))
+    vis = (j >= 0) & (j <= t) & ((j < S) | (j >= lo))
+    tl.store(mask_ptr + s, vis.to(tl.int8), mask=s < SLOTS)
+    if tl.program_id(0) == 0:
+        tl.store(slot_ptr, tl.where(t < S, t, S + tl.maximum(t - S, 0) % C))
+        spos = t  # no sinks: the text position again (as plan_decode's q_pos_sink None)
+        if CACHE_MODE and S > 0:
+            spos = tl.minimum(t, S) + held
+        _cos_sin(t + OFFSET, spos + OFFSET, freq_ptr, cs_ptr, HALF, DT, BLOCK_H)
 
 
 @triton.jit
@@ -563,17 +564,20 @@ def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
 @triton.jit
 def argmax_kernel(x_ptr, tok_ptr, pos_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """tok = argmax(x) (the first index of the maximum, as torch.argmax), pos += 1: the
-    greedy token and the position advance of one step, in one program."""
+    greedy token and the position advance of one step, in one program. Each lane keeps its
+    own best (value, first index) over the blocks, so the loop has no cross-lane reduction;
+    then the maximum, and the least index holding it."""
     _pdl_start(PDL)
     _pdl_wait(PDL)
     r = tl.arange(0, BLOCK)
-    best_v = tl.full((), float("-inf"), tl.float32)
-    best_i = tl.zeros((), tl.int32)
+    best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
+    best_i = r  # (all -inf: index 0, as torch)
     for n0 in range(0, N, BLOCK):
         x = tl.load(x_ptr + n0 + r, mask=n0 + r < N, other=float("-inf")).to(tl.float32)
-        v, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        take = v > best_v
-        best_i = tl.where(take, n0 + i, best_i)
-        best_v = tl.where(take, v, best_v)
-    tl.store(tok_ptr, best_i.to(tl.int64))
+        take = x > best_v  # strict: a lane keeps its first index of a value
+        best_v = tl.where(take, x, best_v)
+        best_i = tl.where(take, n0 + r, best_i)
+    v = tl.max(best_v, axis=0)
+    i = tl.min(tl.where(best_v == v, best_i, 2147483647), axis=0)
+    tl.store(tok_ptr, i.to(tl.int64))
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)

@@ -244,12 +244,12 @@ def decode_plan(pos, cache, freqs, cs, mask, slot, dtype) -> None:
     every R, position mode and offset): ``cache.plan_decode`` and :func:`cos_sin` in one
     launch (see kernels.decode_plan_kernel)."""
     half = freqs.numel()
-    kernels.decode_plan_kernel[(1,)](
+    block = 256 if pos.is_cuda else 32  # the interpreter: several programs on small caches
+    kernels.decode_plan_kernel[(triton.cdiv(cache.slots, block),)](
         pos, freqs, cs, mask, slot, cache.slots, cache.window, cache.compress_every,
         cache.position_offset, S=cache.sink, CACHE_MODE=cache.position_mode == "cache",
-        HALF=half, DT=_TL_DTYPE[dtype], BLOCK_H=triton.next_power_of_2(half),
-        BLOCK=min(4096, triton.next_power_of_2(cache.slots)),
-        num_warps=4 if pos.is_cuda else 1, **_launch_opts(cs))
+        HALF=half, DT=_TL_DTYPE[dtype], BLOCK_H=triton.next_power_of_2(half), BLOCK=block,
+        num_warps=2 if pos.is_cuda else 1, **_launch_opts(cs))
 
 
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
