@@ -6,8 +6,8 @@
   ``kernels="inductor"`` (the default off CUDA): ``torch.compile`` (inductor,
   ``fullgraph=True``, static shapes); works on the CPU too (that is what CI tests). With
   ``kernels="fused"`` (the default on CUDA): our own Triton step (:mod:`fastdecode.fused`:
-  six launches on two streams per GPT-NeoX layer, no torch.compile, set up in seconds rather than the
-  ~100 s inductor takes for Pythia-2.8B).
+  six launches on two streams per GPT-NeoX layer, no torch.compile, set up in seconds
+  rather than the ~100 s inductor takes for Pythia-2.8B).
 - ``graphs`` (CUDA only): the same step, warmed up on a side stream and captured
   by hand as one ``torch.cuda.CUDAGraph`` over the decoder's static buffers: the token
   ``tok_buf`` and position ``pos_buf`` (int64 [1] on the device), the cache buffers (written
