@@ -337,6 +337,45 @@ def test_branches_chosen_per_model(tiny_models, recipe, want):
     assert step.branches == want
 
 
+def test_fused_step_asks_a_cache_with_its_own_plan(tiny_models):
+    """The one-launch plan knows KVCache's arithmetic only: a cache class that overrides
+    plan_decode is asked for its plan every step, and the step still equals eager."""
+    import copy
+
+    from fastdecode.cache import StreamingCache
+
+    class OwnPlan(StreamingCache):
+        calls = 0
+
+        def plan_decode(self, t):
+            OwnPlan.calls += 1
+            return super().plan_decode(t)
+
+    model = copy.deepcopy(tiny_models["tiny-neox"].model).to(DEV)
+    cfg = CacheConfig(policy="streaming", sink=2, window=10)
+    spec = model.spec
+    dec = Decoder(model, OwnPlan(cfg, num_layers=spec.num_layers,
+                                 num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                                 dtype=model.dtype, device=model.device))
+    ref = Decoder.build(model, cfg)
+    prompt = torch.arange(3, 20, device=DEV)
+    a = ref.prefill(prompt)
+    dec.prefill(prompt)
+    step = FusedStep(dec)
+    assert step.plan_mask is None
+    tok = torch.argmax(a, -1, keepdim=True)
+    for _ in range(4):  # past the ring's wrap
+        a = ref.step(tok)
+        dec.tok_buf.copy_(tok)
+        dec.pos_buf.fill_(dec.t)
+        before = OwnPlan.calls
+        b = step(dec.tok_buf, dec.pos_buf)
+        dec.t += 1
+        assert OwnPlan.calls == before + 1
+        assert _rel(b.float(), a.float()) < 1e-4
+        tok = torch.argmax(a, -1, keepdim=True)
+
+
 def test_fused_layouts_switch_on_one_model(tiny_models):
     """A model stacked [out | down] by one step, then unstacked by a step with the MLP on
     its own stream (and back): both decode as eager, and the eager model, whose modules

@@ -106,8 +106,8 @@ class FusedStep:
         # parallel residual: the MLP apart from q/k/v (1: its up projection, 2: all of it),
         # on a side stream on CUDA
         pinned = tune.OPTIONS["branches"]
-        self.branches = choose_branches(model) if pinned is None else pinned
-        self.branches = self.branches if spec.parallel_residual else 0
+        self.branches = 0 if not spec.parallel_residual else (
+            choose_branches(model) if pinned is None else pinned)
         self.side = torch.cuda.Stream(dev) if self.branches and dev.type == "cuda" else None
         self.layers: list[LayerWeights] = layer_weights(model, side_by_side=self.branches < 2)
         self.norm_kind = NORM_LAYER if spec.family == "gpt_neox" else NORM_RMS
@@ -130,10 +130,10 @@ class FusedStep:
         self.acc = torch.empty(H, splits, D, dtype=torch.float32, device=dev)
         self.half = spec.rotary_dim // 2
         self.cs = torch.empty(4, self.half, dtype=torch.float32, device=dev)  # cos/sin x2
-        own_plan = type(cache).plan_decode is not KVCache.plan_decode
-        self.plan_mask = None if own_plan else torch.empty(cache.slots, dtype=torch.int8,
-                                                           device=dev)
-        self.plan_slot = torch.empty(1, dtype=torch.int64, device=dev)
+        self.plan_mask = self.plan_slot = None  # the plan kernel's outputs, if it applies
+        if type(cache).plan_decode is KVCache.plan_decode:
+            self.plan_mask = torch.empty(cache.slots, dtype=torch.int8, device=dev)
+            self.plan_slot = torch.empty(1, dtype=torch.int64, device=dev)
         self.d0 = 1 << (D.bit_length() - 1)
         rest = D - self.d0
         # Second chunk of the head dim (80 = 64 + 16); a power-of-two head dim still gets a
