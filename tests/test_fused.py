@@ -376,6 +376,18 @@ def test_fused_step_asks_a_cache_with_its_own_plan(tiny_models):
         tok = torch.argmax(a, -1, keepdim=True)
 
 
+def test_branches_env_setting_is_checked(monkeypatch):
+    """FASTDECODE_BRANCHES takes 0, 1 or 2 (unset: chosen per model); anything else is an
+    error naming the variable, not a silent default."""
+    for v, want in (("", None), ("0", 0), ("2", 2)):
+        monkeypatch.setenv("FASTDECODE_BRANCHES", v)
+        assert tune._env_level("FASTDECODE_BRANCHES", None, 3) == want
+    for bad in ("3", "yes", "-1"):
+        monkeypatch.setenv("FASTDECODE_BRANCHES", bad)
+        with pytest.raises(ValueError, match="FASTDECODE_BRANCHES"):
+            tune._env_level("FASTDECODE_BRANCHES", None, 3)
+
+
 def test_fused_layouts_switch_on_one_model(tiny_models):
     """A model stacked [out | down] by one step, then unstacked by a step with the MLP on
     its own stream (and back): both decode as eager, and the eager model, whose modules
