@@ -57,7 +57,7 @@ def _env_level(name: str, default: int | None, levels: int) -> int | None:
 # norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0 turns it off): the GEMV after a norm normalises x
 # in each of its programs instead of a norm kernel launched before it (read when a FusedStep
 # is built)
-# branches (FASTDECODE_BRANCHES=0, 1 or 2; unset: chosen per model, FusedStep.choose_branches):
+# branches (FASTDECODE_BRANCHES=0, 1 or 2; unset: chosen per model, step.choose_branches):
 # in a parallel-residual layer, 1 = the MLP's up projection runs on a second CUDA stream
 # beside q/k/v, rotary and attention (two branches of the captured graph), 2 = the whole
 # MLP (up, then down) does; 0 = one stream, [qkv; up] as one GEMV before attention (read
@@ -294,4 +294,5 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
                             (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None))
 
 
-__all__ = ["gemv", "norm", "cos_sin", "rope_write", "attention", "argmax", "chosen", "max_splits"]
+__all__ = ["gemv", "norm", "cos_sin", "decode_plan", "rope_write", "attention", "argmax",
+           "chosen", "max_splits"]
