@@ -86,13 +86,17 @@ def _launch_opts(x: torch.Tensor) -> dict:
     on = pdl(x)
     return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages or None); the tuner adds asm / dq
-GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 512, 4, None), (4, 1024, 4, None),
-                   (4, 1024, 8, None), (8, 256, 4, None), (8, 512, 4, None), (8, 512, 8, None),
-                   (8, 1024, 8, None), (16, 256, 4, None), (16, 512, 8, None), (4, 1024, 4, 1),
-                   (8, 512, 4, 1)]
-INT4_CANDIDATES = [(4, 2, 4), (8, 1, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8),
-                   (32, 1, 4), (32, 2, 8)]  # (BLOCK_N, groups per chunk, num_warps)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages or None); the tuner adds asm / dq. Every
+# candidate is compiled and timed on first use, so the lists hold the ones that were
+# fastest for some Pythia-2.8B shape in scripts/gpu_gemv_sweep.py (each launch of a
+# 32-layer graph, perf/results/h100-gemv-sweep.json), and no more: int4 [out | down]
+# (12,800 inputs) went 21.9 -> 17.0 us with 1,024 inputs an iteration, int8 down (10,240)
+# 11.8 -> 11.1 us with 2,048
+GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 1024, 4, None), (8, 256, 4, None),
+                   (8, 512, 4, None), (8, 512, 8, None), (8, 1024, 8, None), (16, 256, 4, None),
+                   (4, 1024, 4, 1), (2, 2048, 4, None), (4, 2048, 8, None)]
+INT4_CANDIDATES = [(4, 256, 4), (8, 256, 4), (16, 256, 8), (8, 512, 8), (4, 1024, 4),
+                   (8, 1024, 8)]  # (BLOCK_N, BLOCK_K, num_warps); BLOCK_K a group multiple
 # (slots per split, BLOCK_N, num_warps): one, fixed. Timed alone (do_bench, the tuner's
 # way) the attention configurations rank differently than inside the graphed step, where
 # each kernel overlaps the one before (PDL): the tuner picked 128-slot splits in some runs
@@ -122,7 +126,7 @@ def _valid(cfg, p: Packed, n: int, nsplit: int) -> bool:
         return False
     if p.fmt == INT8 and p.group % bk:
         return False
-    if p.fmt == INT4 and (bk % p.group or bk // 2 > 512):
+    if p.fmt == INT4 and (bk % p.group or bk > 2048):
         return False
     return True
 
@@ -136,7 +140,7 @@ def _choices(name: str, applies: bool) -> tuple[bool, ...]:
 def _gemv_candidates(p: Packed, n: int, nsplit: int) -> list[tuple]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, dq) for this weight."""
     if p.fmt == INT4:
-        base = [(bn, g * p.group, w, None) for bn, g, w in INT4_CANDIDATES]
+        base = [(bn, bk, w, None) for bn, bk, w in INT4_CANDIDATES]
     else:
         base = list(GEMV_CANDIDATES)
     valid = [c for c in base if _valid(c, p, n, nsplit)]
