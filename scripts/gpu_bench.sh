@@ -110,7 +110,7 @@ elif [ "$PHASE" = suite ] || [ "$PHASE" = real ] || [ "$PHASE" = perf ]; then
     echo "no gguf half in /tmp/fd (the machine was not warm?)"; exit 3
   fi
   if [ "$PHASE" != perf ]; then
-    timeout 150 python3 scripts/gpu_real_check.py --model /tmp/fd/smollm2.gguf --tokens 300 \
+    timeout 240 python3 scripts/gpu_real_check.py --model /tmp/fd/smollm2.gguf --tokens 300 \
       --dtypes float32,bfloat16 --json "$OUT/h100-real-check.json"
     echo "real check rc=$?"
   fi
