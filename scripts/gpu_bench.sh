@@ -73,6 +73,7 @@ elif [ "$PHASE" = pythia ]; then
   echo "bench rc=$?"
 elif [ "$PHASE" = sweep ]; then
   timeout 420 python3 scripts/gpu_gemv_sweep.py ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"} \
+    ${SWEEP_CANDIDATES:+--candidates "$SWEEP_CANDIDATES"} \
     --json "$OUT/h100-gemv-sweep.json"
   echo "sweep rc=$?"
 elif [ "$PHASE" = ab ]; then

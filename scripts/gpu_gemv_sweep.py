@@ -96,8 +96,16 @@ def main():
     ap.add_argument("--all-paths", action="store_true",
                     help="also the paths the tuner never picked on the H100 (no inline PTX; "
                          "int4 per-group dot products)")
+    ap.add_argument("--candidates", default="",
+                    help="instead of the tuner's lists: 'BLOCK_N,BLOCK_K,warps,stages;...' "
+                         "(stages 0: the default), each with the tuner's asm/dq choices")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.candidates:
+        own = [tuple(int(v) for v in c.split(",")) for c in args.candidates.split(";")]
+        own = [(bn, bk, w, st or None) for bn, bk, w, st in own]
+        tune.GEMV_CANDIDATES[:] = own
+        tune.INT4_CANDIDATES[:] = own
     if not args.all_paths:
         tune.OPTIONS.update(asm=True, dq=True)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -80,7 +80,8 @@ def choose_branches(model) -> int:
     rounds; perf/results/h100-fused-ab-branches-1v2.json): bf16 2.412 ms with 1, 2.444
     with 2; int4 g128 2.067 / 2.126; int8 1.931 / 1.867; int4 MLP beside bf16 attention
     2.360 / 2.231. (One stream, [qkv; up] as one GEMV, -0v1.json: bf16 2.464, int8 2.131,
-    int4 g128 2.142.)"""
+    int4 g128 2.142.) Again with the GEMV candidates of 569f63e, where int4's long-input
+    GEMVs got faster (-1v2-569f63e.json): int4 g128 1.827 / 1.845, int8 1.902 / 1.762."""
     if not model.spec.parallel_residual:
         return 0
     layer = model.layers[0]

@@ -95,8 +95,9 @@ def _launch_opts(x: torch.Tensor) -> dict:
 GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 1024, 4, None), (8, 256, 4, None),
                    (8, 512, 4, None), (8, 512, 8, None), (8, 1024, 8, None), (16, 256, 4, None),
                    (4, 1024, 4, 1), (2, 2048, 4, None), (4, 2048, 8, None)]
-INT4_CANDIDATES = [(4, 256, 4), (8, 256, 4), (16, 256, 8), (8, 512, 8), (4, 1024, 4),
-                   (8, 1024, 8)]  # (BLOCK_N, BLOCK_K, num_warps); BLOCK_K a group multiple
+INT4_CANDIDATES = [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None),
+                   (8, 512, 8, None), (4, 1024, 4, None),
+                   (8, 1024, 8, None)]  # as GEMV_CANDIDATES; BLOCK_K a multiple of the group
 # (slots per split, BLOCK_N, num_warps): one, fixed. Timed alone (do_bench, the tuner's
 # way) the attention configurations rank differently than inside the graphed step, where
 # each kernel overlaps the one before (PDL): the tuner picked 128-slot splits in some runs
@@ -140,7 +141,7 @@ def _choices(name: str, applies: bool) -> tuple[bool, ...]:
 def _gemv_candidates(p: Packed, n: int, nsplit: int) -> list[tuple]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, dq) for this weight."""
     if p.fmt == INT4:
-        base = [(bn, bk, w, None) for bn, bk, w in INT4_CANDIDATES]
+        base = list(INT4_CANDIDATES)
     else:
         base = list(GEMV_CANDIDATES)
     valid = [c for c in base if _valid(c, p, n, nsplit)]
