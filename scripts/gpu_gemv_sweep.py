@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import triton
+from gpu_quant_bench import time_graph  # scripts/ is on the path when run as a script
 
 from fastdecode.fused import kernels, tune
 from fastdecode.fused.weights import FLOAT, INT4, INT8, Packed
@@ -63,24 +63,13 @@ def _launch(x, p, y, cfg):
 
 
 def _time_graph(x, ps, ys, cfg, reps):
-    for p, y in zip(ps, ys):  # compile + warm
-        _launch(x, p, y, cfg)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    """µs a launch: the chain of launches captured as one graph (gpu_quant_bench.time_graph)."""
+    def chain():
         for p, y in zip(ps, ys):
             _launch(x, p, y, cfg)
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / len(ps))
-    return statistics.median(times)
+
+    median_ms, _ = time_graph(chain, reps)
+    return median_ms * 1000 / len(ps)
 
 
 def _tuner_pick(x, p, y, cfgs):
