@@ -18,10 +18,9 @@ import argparse
 import json
 
 import torch
-import triton
 from gpu_quant_bench import time_graph  # scripts/ is on the path when run as a script
 
-from fastdecode.fused import kernels, tune
+from fastdecode.fused import tune
 from fastdecode.fused.weights import FLOAT, INT4, INT8, Packed
 from fastdecode.quant.int4 import quantize_int4
 from fastdecode.quant.int8 import quantize_int8
@@ -51,15 +50,11 @@ def _weights(fmt, n, k, layers, gen):
 
 
 def _launch(x, p, y, cfg):
-    bn, bk, warps, stages, asm, dq = cfg
-    n = p.n
-    extra = {"num_stages": stages} if stages is not None else {}
-    kernels.gemv_kernel[(triton.cdiv(n, bn),)](
-        x, p.w, p.s if p.s is not None else p.w, p.z if p.z is not None else p.w, p.w,
-        y, y, y, x, x, 0.0, n, n, 0, 0,
-        K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=0, GLU=False, HAS_BIAS=False, HAS_RES=False,
-        HAS_RES2=False, NORM=0, BLOCK_N=bn, BLOCK_K=bk, ASM=asm, DQ=dq,
-        num_warps=warps, **tune._launch_opts(x), **extra)
+    args = (x, p.w, p.s if p.s is not None else p.w, p.z if p.z is not None else p.w, p.w,
+            y, y, y, x, x, 0.0, p.n, p.n, 0, 0)
+    meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=0, GLU=False, HAS_BIAS=False,
+                HAS_RES=False, HAS_RES2=False, NORM=0, **tune._launch_opts(x))
+    tune.launch_gemv(args, meta, p.n, cfg)
 
 
 def _time_graph(x, ps, ys, cfg, reps):
@@ -83,11 +78,10 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     ap.add_argument("--all-paths", action="store_true",
-                    help="also the paths the tuner never picked on the H100 (no inline PTX; "
-                         "int4 per-group dot products)")
+                    help="also the path the tuner never picked on the H100: no inline PTX")
     ap.add_argument("--candidates", default="",
                     help="instead of the tuner's lists: 'BLOCK_N,BLOCK_K,warps,stages;...' "
-                         "(stages 0: the default), each with the tuner's asm/dq choices")
+                         "(stages 0: the default), each with the tuner's asm/int4 choices")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.candidates:
@@ -96,7 +90,7 @@ def main():
         tune.GEMV_CANDIDATES[:] = own
         tune.INT4_CANDIDATES[:] = own
     if not args.all_paths:
-        tune.OPTIONS.update(asm=True, dq=True)
+        tune.OPTIONS.update(asm=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     want = set(args.shapes.split(",")) if args.shapes else None
     out = {"device": torch.cuda.get_device_name(), "layers": args.layers, "shapes": {}}
@@ -109,7 +103,7 @@ def main():
         nbytes = ps[0].nbytes()
         rows = []
         ref = None
-        for cfg in tune._gemv_candidates(ps[0], n, n):
+        for cfg in tune._gemv_candidates(ps[0], n, n, x.dtype):
             try:
                 us = _time_graph(x, ps, ys, cfg, args.reps)
             except Exception as e:  # a configuration that does not compile here

@@ -10,6 +10,12 @@ activation), so the two paths differ by accumulation order only.
 Weight formats (``FMT``): 0 = float (the model dtype), 1 = int8 codes with a float scale per
 row and group of ``GROUP`` inputs (per-channel int8 is one group of K), 2 = int4, two codes
 per byte along K (low nibble first), ``w = (q - 8) * scale + zero`` per row and group.
+
+int4 has three code paths (``I4``): 0 = a dot product per group on the CUDA cores, then
+scale and zero; 1 = dequantise every weight and reduce once at the end; 2 = tensor cores:
+each group's codes, exact as (q - 8) in the model dtype, times x on ``tl.dot`` (mma), the
+group's products then scaled in float32, ``KSPLIT`` warps a program each taking a range of
+groups (a batched dot), summed at the end.
 """
 
 from __future__ import annotations
@@ -159,6 +165,37 @@ def _u4_to_f32(p, ASM: tl.constexpr):
 
 
 @triton.jit
+def _u4_to_dot(p, DT: tl.constexpr, ASM: tl.constexpr):
+    """Packed int4 bytes -> (low nibble - 8, high nibble - 8) in the dot's dtype ``DT``,
+    exact. ASM (bfloat16): each nibble placed in the mantissa of 128.0 (0x4300 | q is
+    128 + q), then 136 subtracted from two codes at once (fma.bf16x2, sm_80+): 11
+    instructions for 8 codes, the codes staying in the registers the mma reads."""
+    if ASM and DT == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi, m, one, off;
+            and.b32 lo, $4, 0x0F0F0F0F;
+            shr.b32 hi, $4, 4;
+            and.b32 hi, hi, 0x0F0F0F0F;
+            mov.b32 m, 0x43434343;
+            mov.b32 one, 0x3F803F80;
+            mov.b32 off, 0xC308C308;
+            prmt.b32 $0, lo, m, 0x5140;
+            prmt.b32 $1, lo, m, 0x7362;
+            prmt.b32 $2, hi, m, 0x5140;
+            prmt.b32 $3, hi, m, 0x7362;
+            fma.rn.bf16x2 $0, $0, one, off;
+            fma.rn.bf16x2 $1, $1, one, off;
+            fma.rn.bf16x2 $2, $2, one, off;
+            fma.rn.bf16x2 $3, $3, one, off;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[p],
+            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        return ((p & 0xF).to(tl.float32) - 8.0).to(DT), ((p >> 4).to(tl.float32) - 8.0).to(DT)
+
+
+@triton.jit
 def _load_w(w_ptr, rows, mrow, k0, K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
             BLOCK_K: tl.constexpr):
     """The raw weight tile of rows x inputs [k0, k0 + BLOCK_K): [BLOCK_N, BLOCK_K] (float,
@@ -181,7 +218,7 @@ def _load_w(w_ptr, rows, mrow, k0, K: tl.constexpr, FMT: tl.constexpr, GROUP: tl
 @triton.jit
 def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, mean, rstd,
            K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-           ASM: tl.constexpr, DQ: tl.constexpr, NORM: tl.constexpr):
+           ASM: tl.constexpr, I4: tl.constexpr, NORM: tl.constexpr):
     """Add one tile's products: float into ``acc2`` [BLOCK_N, BLOCK_K] (summed at the end);
     int8 into ``acc2``, flushed into ``acc`` [BLOCK_N] times the row scale at the end of
     each group (BLOCK_K divides GROUP); int4 per group into ``acc``:
@@ -201,7 +238,7 @@ def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, me
         z = tl.load(z_ptr + rows[:, None] * NGRP + g[None, :], mask=m2, other=0.0)
         s = s.to(tl.float32)
         z = z.to(tl.float32)
-        if DQ:
+        if I4 == 1:
             # dequantise each weight (w = (q - 8) s + z) and accumulate elementwise: two
             # FMAs a weight and no reduction until the end
             acc2 += (lo * s[:, :, None] + z[:, :, None]) * xe[None, :, :] + \
@@ -227,7 +264,7 @@ def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, me
 @triton.jit
 def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
               K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr,
+              BLOCK_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, I4: tl.constexpr,
               NORM: tl.constexpr):
     """float32 [BLOCK_N]: norm(x) . dequantised W[rows, :] (NORM 0: x itself). The first
     weight tile is loaded before the PDL wait (weights are never written), so with
@@ -235,7 +272,7 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
     still finishing; the norm's statistics are taken after the wait, by every program."""
     acc = tl.zeros((BLOCK_N,), tl.float32)
     if FMT == 2:
-        if DQ:
+        if I4 == 1:
             acc2 = tl.zeros((BLOCK_N, BLOCK_K // GROUP, GROUP // 2), tl.float32)
         else:
             acc2 = tl.zeros((1, 1, 1), tl.float32)  # unused
@@ -248,16 +285,66 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
     if NORM != 0:
         mean, rstd = _norm_stats(x_ptr, eps, K, NORM, BLOCK_K)
     acc, acc2 = _chunk(acc, acc2, w, 0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, mean,
-                       rstd, K, FMT, GROUP, BLOCK_K, ASM, DQ, NORM)
+                       rstd, K, FMT, GROUP, BLOCK_K, ASM, I4, NORM)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_w(w_ptr, rows, mrow, k0, K, FMT, GROUP, BLOCK_K)
         acc, acc2 = _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr,
-                           mean, rstd, K, FMT, GROUP, BLOCK_K, ASM, DQ, NORM)
+                           mean, rstd, K, FMT, GROUP, BLOCK_K, ASM, I4, NORM)
     if FMT == 0:
         acc = tl.sum(acc2, axis=1)
-    if FMT == 2 and DQ:
+    if FMT == 2 and I4 == 1:
         acc = tl.sum(tl.sum(acc2, axis=2), axis=1)
     return acc
+
+
+@triton.jit
+def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
+                  K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                  KSPLIT: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+                  NORM: tl.constexpr):
+    """:func:`_dot_rows` for int4 on tensor cores (``I4`` = 2): split k of the program's
+    ``KSPLIT`` (a warp each, as one batched ``tl.dot``) takes groups [k GPS, (k + 1) GPS).
+    Per group: the codes as (q - 8) [BLOCK_N, GROUP / 2] even and odd inputs, in the dtype
+    of x, times x's even and odd inputs (x repeated over the 16 columns the mma needs),
+    summed in float32 by the mma; then ``acc += scale * dot + zero * sum(x)``. Triton
+    pipelines the weight and x loads through shared memory (``num_stages``) and converts
+    the codes after that, in the mma's register layout. Every column holds the same sums;
+    column 0 is returned, the splits added."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    HG: tl.constexpr = GROUP // 2
+    NGRP: tl.constexpr = K // GROUP
+    GPS: tl.constexpr = (NGRP + KSPLIT - 1) // KSPLIT
+    COLS: tl.constexpr = 16
+    sp = tl.arange(0, KSPLIT)
+    _pdl_wait(PDL)
+    mean = 0.0
+    rstd = 1.0
+    if NORM != 0:
+        mean, rstd = _norm_stats(x_ptr, eps, K, NORM, 1024)
+    acc = tl.zeros((KSPLIT, BLOCK_N, COLS), tl.float32)
+    for gi in range(0, GPS):
+        g = sp * GPS + gi  # [KSPLIT]
+        mg = g < NGRP
+        hb = g[:, None] * HG + tl.arange(0, HG)[None, :]
+        p = tl.load(w_ptr + rows[None, :, None] * (K // 2) + hb[:, None, :],
+                    mask=mg[:, None, None] & mrow[None, :, None], other=8 + (8 << 4))
+        kk = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # >= K where g is not
+        x = _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K, NORM)
+        xe, xo = tl.split(tl.reshape(x, (KSPLIT, HG, 2)))  # float32 of DT values
+        lo, hi = _u4_to_dot(p, DT, ASM)
+        be = tl.broadcast_to(xe.to(DT)[:, :, None], (KSPLIT, HG, COLS))
+        bo = tl.broadcast_to(xo.to(DT)[:, :, None], (KSPLIT, HG, COLS))
+        if DT == tl.float32:
+            d = tl.dot(hi, bo, tl.dot(lo, be, input_precision="ieee"), input_precision="ieee")
+        else:
+            d = tl.dot(hi, bo, tl.dot(lo, be))
+        m2 = mg[:, None] & mrow[None, :]
+        s = tl.load(s_ptr + rows[None, :] * NGRP + g[:, None], mask=m2, other=0.0)
+        z = tl.load(z_ptr + rows[None, :] * NGRP + g[:, None], mask=m2, other=0.0)
+        sx = tl.sum(xe + xo, axis=1)  # [KSPLIT]
+        acc += d * s.to(tl.float32)[:, :, None] + (z.to(tl.float32) * sx[:, None])[:, :, None]
+    cols = tl.arange(0, COLS)
+    return tl.sum(tl.sum(tl.where(cols[None, None, :] == 0, acc, 0.0), axis=2), axis=0)
 
 
 # ----------------------------------------------------------------------------- GEMV
@@ -271,7 +358,8 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr,
                 NORM: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PDL: tl.constexpr, ASM: tl.constexpr, DQ: tl.constexpr):
+                PDL: tl.constexpr, ASM: tl.constexpr, I4: tl.constexpr,
+                KSPLIT: tl.constexpr):
     """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) [+ r2[row]] for ``BLOCK_N`` rows a
     program.
 
@@ -290,6 +378,9 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     program normalises it itself, as :func:`norm_kernel` would have (``nw``/``nb``:
     [segments, K] weight and bias rows; the second segment takes row 1), so no norm launch
     precedes the GEMV.
+
+    int4 (FMT 2) takes the code path ``I4`` (module docstring); with tensor cores (2) a
+    program is ``KSPLIT`` warps over ``BLOCK_N`` (16 or more) rows and BLOCK_K is unused.
     """
     _pdl_start(PDL)
     pid = tl.program_id(0)
@@ -299,12 +390,20 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     xs = x_ptr + seg2 * XSEG
     nws = nw_ptr + seg2 * K
     nbs = nb_ptr + seg2 * K
-    acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, K, FMT, GROUP, BLOCK_N,
-                    BLOCK_K, PDL, ASM, DQ, NORM)
+    if FMT == 2 and I4 == 2:
+        acc = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, K, GROUP,
+                            BLOCK_N, KSPLIT, PDL, ASM, NORM)
+    else:
+        acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, K, FMT, GROUP,
+                        BLOCK_N, BLOCK_K, PDL, ASM, I4, NORM)
     dt = y_ptr.dtype.element_ty
     if GLU:
-        up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, K, FMT, GROUP,
-                       BLOCK_N, BLOCK_K, False, ASM, DQ, NORM)
+        if FMT == 2 and I4 == 2:
+            up = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, K,
+                               GROUP, BLOCK_N, KSPLIT, False, ASM, NORM)
+        else:
+            up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, K, FMT,
+                           GROUP, BLOCK_N, BLOCK_K, False, ASM, I4, NORM)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
             up += tl.load(b_ptr + N + rows, mask=mrow, other=0.0).to(tl.float32)

@@ -13,14 +13,17 @@ K chunks, several attention splits).
 
 Besides block sizes, a GEMV candidate names two code paths of the quantized formats:
 ``asm`` (int8/int4 codes to float by a magic-number byte permute in inline PTX instead of
-Triton's conversions) and ``dq`` (int4: dequantise every weight and reduce once at the end,
-instead of a dot product per group then scale and zero). :data:`OPTIONS` (also read from
-the environment, ``FASTDECODE_ASM`` / ``FASTDECODE_DQ`` = 0 or 1) pins them; unset, the
-tuner measures both. ``pdl`` (``FASTDECODE_PDL=0`` turns it off) launches every kernel
-with programmatic dependent launch on Hopper and later: a kernel's programs are placed
-while the one before finishes, and a GEMV loads its first weight tile before it waits. None
-of them changes a result: every path computes the same float32 values
-(tests/test_fused.py holds each to the float64 reference and the step to eager).
+Triton's conversions) and ``int4``, the int4 path (kernels module docstring): 0 = a dot
+product per group then scale and zero, 1 = dequantise every weight and reduce once at the
+end, 2 = tensor cores (bfloat16/float16 models, groups of 32 or more). :data:`OPTIONS`
+(also read from the environment: ``FASTDECODE_ASM`` = 0 or 1, ``FASTDECODE_INT4`` = 0, 1
+or 2) pins them; unset, the tuner measures asm both ways and int4 paths 1 and 2. ``pdl``
+(``FASTDECODE_PDL=0`` turns it off) launches every kernel with programmatic dependent
+launch on Hopper and later: a kernel's programs are placed while the one before finishes,
+and a GEMV (int4 paths 0 and 1, int8, float) loads its first weight tile before it waits.
+None of them changes a result beyond accumulation order: every path computes the same
+float32 values (tests/test_fused.py holds each to the float64 reference and the step to
+eager).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def _env_level(name: str, default: int | None, levels: int) -> int | None:
 # MLP (up, then down) does; 0 = one stream, [qkv; up] as one GEMV before attention (read
 # when a FusedStep is built)
 OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
-           "asm": _env_flag("FASTDECODE_ASM"), "dq": _env_flag("FASTDECODE_DQ"),
+           "asm": _env_flag("FASTDECODE_ASM"), "int4": _env_level("FASTDECODE_INT4", None, 3),
            "tune": _env_flag("FASTDECODE_TUNE") is not False,
            "norm_in_gemv": _env_flag("FASTDECODE_NORM_IN_GEMV") is not False,
            "branches": _env_level("FASTDECODE_BRANCHES", None, 3)}
@@ -86,7 +89,7 @@ def _launch_opts(x: torch.Tensor) -> dict:
     on = pdl(x)
     return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages or None); the tuner adds asm / dq. Every
+# (BLOCK_N, BLOCK_K, num_warps, num_stages or None); the tuner adds asm / int4 path. Every
 # candidate is compiled and timed on first use, so the lists hold the ones that were
 # fastest for some Pythia-2.8B shape in scripts/gpu_gemv_sweep.py (each launch of a
 # 32-layer graph, perf/results/h100-gemv-sweep.json), and no more: int4 [out | down]
@@ -98,6 +101,12 @@ GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 1024, 4, None), (8, 256, 4, None),
 INT4_CANDIDATES = [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None),
                    (8, 512, 8, None), (4, 1024, 4, None),
                    (8, 1024, 8, None)]  # as GEMV_CANDIDATES; BLOCK_K a multiple of the group
+# int4 on tensor cores (path 2): (BLOCK_N, K splits = num_warps, num_stages). In a graph of
+# 32 layers (scripts/exp/tc_exp.py, H100, g128) 16 rows x 4 splits x 3 stages was the
+# fastest for 2,560 inputs (q/k/v 9.3 -> 7.4 us, up 12.2 -> 8.7 against path 1's best) and
+# 16 x 8 x 3 for 10,240 and 12,800 ([out | down] 17.6 -> 14.7 us); more rows, splits or
+# stages, a shared-memory stage of two groups, prefetched or transposed scales were slower
+INT4_MMA_CANDIDATES = [(16, 4, 3), (16, 8, 3)]
 # (slots per split, BLOCK_N, num_warps): one, fixed. Timed alone (do_bench, the tuner's
 # way) the attention configurations rank differently than inside the graphed step, where
 # each kernel overlaps the one before (PDL): the tuner picked 128-slot splits in some runs
@@ -132,29 +141,51 @@ def _valid(cfg, p: Packed, n: int, nsplit: int) -> bool:
     return True
 
 
+def _mma_ok(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> bool:
+    """int4 on tensor cores: groups of 32 inputs or more (a dot's K is 16 or more), 16-row
+    blocks inside each segment, x in a dtype the mma takes (float32 only when pinned)."""
+    return (p.fmt == INT4 and p.group >= 32 and not (0 < nsplit < n and nsplit % 16)
+            and (dtype in (torch.bfloat16, torch.float16) or OPTIONS["int4"] == 2))
+
+
 def _choices(name: str, applies: bool) -> tuple[bool, ...]:
     if not applies:
         return (False,)
     return (False, True) if OPTIONS[name] is None else (bool(OPTIONS[name]),)
 
 
-def _gemv_candidates(p: Packed, n: int, nsplit: int) -> list[tuple]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, dq) for this weight."""
-    if p.fmt == INT4:
-        base = list(INT4_CANDIDATES)
-    else:
-        base = list(GEMV_CANDIDATES)
+def _int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int, ...]:
+    if p.fmt != INT4:
+        return (0,)
+    mma = _mma_ok(p, n, nsplit, dtype)
+    if OPTIONS["int4"] is not None:
+        return (OPTIONS["int4"],) if OPTIONS["int4"] != 2 or mma else (1,)
+    return (1, 2) if mma else (1,)
+
+
+def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> list[tuple]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path) for this weight (int4 on
+    tensor cores: num_warps is the number of K splits, BLOCK_K the group)."""
+    base = list(INT4_CANDIDATES if p.fmt == INT4 else GEMV_CANDIDATES)
     valid = [c for c in base if _valid(c, p, n, nsplit)]
     if not valid:  # small or odd widths (SmolLM2's 576): the largest K block that fits
         bn = _pow2_divisor(nsplit, 8) if 0 < nsplit < n else 8
         bk = p.group if p.fmt == INT4 else _pow2_divisor(p.group if p.fmt == INT8 else 256, 256)
         valid = [(bn, bk, 4, None)]
-    return [c + (a, d) for c in valid
-            for a in _choices("asm", p.fmt != 0) for d in _choices("dq", p.fmt == INT4)]
+    out = []
+    for path in _int4_paths(p, n, nsplit, dtype):
+        cfgs = ([(bn, p.group, w, st) for bn, w, st in INT4_MMA_CANDIDATES] if path == 2
+                else valid)
+        out += [c + (a, path) for c in cfgs for a in _choices("asm", p.fmt != 0)]
+    return out
 
 
-def _interp_gemv(p: Packed, n: int, nsplit: int) -> tuple:
-    """Under the interpreter: small blocks; no inline PTX; dq as pinned (default on)."""
+def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple:
+    """Under the interpreter: small blocks; no inline PTX; the int4 path as pinned (default
+    1; tensor cores with two K splits)."""
+    path = _int4_paths(p, n, nsplit, dtype)[0]
+    if path == 2:
+        return 16, p.group, 2, None, False, 2
     bn = 4 if not 0 < nsplit < n else min(4, _pow2_divisor(nsplit, 4))
     if p.fmt == INT4:
         bk = p.group
@@ -162,7 +193,7 @@ def _interp_gemv(p: Packed, n: int, nsplit: int) -> tuple:
         bk = _pow2_divisor(p.group, 32)
     else:
         bk = 32
-    return bn, bk, 1, None, False, p.fmt == INT4 and OPTIONS["dq"] is not False
+    return bn, bk, 1, None, False, path
 
 
 def _bench(fn, restore: torch.Tensor | None) -> float:
@@ -210,19 +241,25 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
                 **_launch_opts(x))
 
     def run(cfg):
-        bn, bk, warps, stages, asm, dq = cfg
-        extra = {"num_stages": stages} if stages is not None else {}
-        kernels.gemv_kernel[(triton.cdiv(n, bn),)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk,
-                                                   ASM=asm, DQ=dq, num_warps=warps, **extra)
+        launch_gemv(args, meta, n, cfg)
 
     if not x.is_cuda:
-        run(_interp_gemv(p, n, nsplit))
+        run(_interp_gemv(p, n, nsplit, x.dtype))
         return
     key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
            int(res is not None), int(res2 is not None), kind,
-           str(x.dtype).removeprefix("torch."), OPTIONS["asm"],
-           OPTIONS["dq"])
-    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit), run, res))
+           str(x.dtype).removeprefix("torch."), OPTIONS["asm"], OPTIONS["int4"])
+    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype), run, res))
+
+
+def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple) -> None:
+    """One launch of kernels.gemv_kernel over ``n`` rows with the configuration ``cfg``
+    (BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path)."""
+    bn, bk, warps, stages, asm, path = cfg
+    extra = {"num_stages": stages} if stages is not None else {}
+    kernels.gemv_kernel[(triton.cdiv(n, bn),)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk, ASM=asm,
+                                               I4=path, KSPLIT=warps if path == 2 else 1,
+                                               num_warps=warps, **extra)
 
 
 def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
