@@ -326,14 +326,19 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
         g = sp * GPS + gi  # [KSPLIT]
         mg = g < NGRP
         hb = g[:, None] * HG + tl.arange(0, HG)[None, :]
+        # masked codes read as 0 (not 8: cp.async fills zeros, anything else costs a select
+        # a byte); their scale and zero are 0, so they add nothing
         p = tl.load(w_ptr + rows[None, :, None] * (K // 2) + hb[:, None, :],
-                    mask=mg[:, None, None] & mrow[None, :, None], other=8 + (8 << 4))
+                    mask=mg[:, None, None] & mrow[None, :, None], other=0)
         kk = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # >= K where g is not
-        x = _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K, NORM)
-        xe, xo = tl.split(tl.reshape(x, (KSPLIT, HG, 2)))  # float32 of DT values
+        if NORM == 0:  # loaded as it is: Triton pipelines it like the codes
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+        else:
+            x = _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K, NORM).to(DT)
+        xe, xo = tl.split(tl.reshape(x, (KSPLIT, HG, 2)))
         lo, hi = _u4_to_dot(p, DT, ASM)
-        be = tl.broadcast_to(xe.to(DT)[:, :, None], (KSPLIT, HG, COLS))
-        bo = tl.broadcast_to(xo.to(DT)[:, :, None], (KSPLIT, HG, COLS))
+        be = tl.broadcast_to(xe[:, :, None], (KSPLIT, HG, COLS))
+        bo = tl.broadcast_to(xo[:, :, None], (KSPLIT, HG, COLS))
         if DT == tl.float32:
             d = tl.dot(hi, bo, tl.dot(lo, be, input_precision="ieee"), input_precision="ieee")
         else:
@@ -341,7 +346,7 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
         m2 = mg[:, None] & mrow[None, :]
         s = tl.load(s_ptr + rows[None, :] * NGRP + g[:, None], mask=m2, other=0.0)
         z = tl.load(z_ptr + rows[None, :] * NGRP + g[:, None], mask=m2, other=0.0)
-        sx = tl.sum(xe + xo, axis=1)  # [KSPLIT]
+        sx = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=1)  # [KSPLIT]
         acc += d * s.to(tl.float32)[:, :, None] + (z.to(tl.float32) * sx[:, None])[:, :, None]
     cols = tl.arange(0, COLS)
     return tl.sum(tl.sum(tl.where(cols[None, None, :] == 0, acc, 0.0), axis=2), axis=0)
