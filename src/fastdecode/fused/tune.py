@@ -17,8 +17,8 @@ Triton's conversions) and ``int4``, the int4 path (kernels module docstring): 0 
 product per group then scale and zero, 1 = dequantise every weight and reduce once at the
 end, 2 = tensor cores (bfloat16/float16 models, groups of 32 or more). :data:`OPTIONS`
 (also read from the environment: ``FASTDECODE_ASM`` = 0 or 1, ``FASTDECODE_INT4`` = 0, 1
-or 2) pins them; unset, the tuner measures asm both ways, and int4 takes path 2 where
-it applies (else 1). ``pdl``
+or 2) pins them; unset, the tuner measures asm both ways, and int4 takes path 2 for
+groups of 128 or more where it applies (else 1). ``pdl``
 (``FASTDECODE_PDL=0`` turns it off) launches every kernel with programmatic dependent
 launch on Hopper and later: a kernel's programs are placed while the one before finishes,
 and a GEMV (int4 paths 0 and 1, int8, float) loads its first weight tile before it waits.
@@ -156,16 +156,18 @@ def _choices(name: str, applies: bool) -> tuple[bool, ...]:
 
 
 def _int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """The int4 paths to time: as pinned, else tensor cores where they apply (path 1
-    where not). Timed one launch at a time (do_bench), path 1 won [out | down] and down,
-    which path 2 wins inside the graphed step (int4-g128 on the H100: 1.586 ms/token as
-    the tuner picked, 1.509 with path 2 everywhere; int4-mlp-g128 1.834 against 1.772)."""
+    """The int4 paths to time: as pinned, else tensor cores for groups of 128 or more
+    where they apply, path 1 otherwise. Timed one launch at a time (do_bench), path 1 won
+    [out | down] and down, which path 2 wins inside the graphed step (int4-g128 on the
+    H100: 1.586 ms/token as the tuner picked, 1.509 with path 2 everywhere; int4-mlp-g128
+    1.834 against 1.772). With groups of 64 a group is half the bytes an iteration, and the
+    suite's int4-mlp-g64 ran 2.212 ms on path 2 against 2.096 on path 1 (runs 0006, 0005)."""
     if p.fmt != INT4:
         return (0,)
     mma = _mma_ok(p, n, nsplit, dtype)
     if OPTIONS["int4"] is not None:
         return (OPTIONS["int4"],) if OPTIONS["int4"] != 2 or mma else (1,)
-    return (2,) if mma else (1,)
+    return (2,) if mma and p.group >= 128 else (1,)
 
 
 def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> list[tuple]:
