@@ -1,5 +1,5 @@
 # ruff: noqa  (the experiment as it ran: closures over loop variables are called in the loop)
-"""The experiment behind the int4 tensor-core GEMV (fused/kernels.py, I4 path 2), kept as run.
+"""The experiment behind the int4 tensor-core GEMV (fused/kernels.py, I4 path 2).
 
 A standalone kernel (no norm, bias or residual fusion) on the four int4 g128 GEMV shapes of
 Pythia-2.8B's step, 32 distinct weights a shape in one CUDA graph, no PDL, against the
@@ -23,32 +23,17 @@ import triton
 import triton.language as tl
 from gpu_quant_bench import time_graph
 
+from fastdecode.fused import kernels
 from fastdecode.fused.weights import INT4, Packed
 from fastdecode.quant.int4 import quantize_int4
 
 
 @triton.jit
 def _u4(p, EXACT: tl.constexpr):
+    """EXACT: the kernel's conversion, (q - 8) in bf16 (it ran here with add.bf16x2, the
+    kernel has fma.bf16x2: same values, same count); else 128 + q (no subtraction)."""
     if EXACT:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 lo, hi, m, n;
-            and.b32 lo, $4, 0x0F0F0F0F;
-            shr.b32 hi, $4, 4;
-            and.b32 hi, hi, 0x0F0F0F0F;
-            mov.b32 m, 0x43434343;
-            mov.b32 n, 0xC308C308;
-            prmt.b32 $0, lo, m, 0x5140;
-            prmt.b32 $1, lo, m, 0x7362;
-            prmt.b32 $2, hi, m, 0x5140;
-            prmt.b32 $3, hi, m, 0x7362;
-            add.rn.bf16x2 $0, $0, n;
-            add.rn.bf16x2 $1, $1, n;
-            add.rn.bf16x2 $2, $2, n;
-            add.rn.bf16x2 $3, $3, n;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[p],
-            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        return kernels._u4_to_dot(p, tl.bfloat16, True)
     else:
         return tl.inline_asm_elementwise(
             asm="""{
