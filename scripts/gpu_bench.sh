@@ -74,6 +74,7 @@ elif [ "$PHASE" = pythia ]; then
 elif [ "$PHASE" = sweep ]; then
   timeout 420 python3 scripts/gpu_gemv_sweep.py ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"} \
     ${SWEEP_CANDIDATES:+--candidates "$SWEEP_CANDIDATES"} \
+    ${SWEEP_PARTS:+--parts "$SWEEP_PARTS"} \
     --json "$OUT/h100-gemv-sweep.json"
   echo "sweep rc=$?"
 elif [ "$PHASE" = ab ]; then

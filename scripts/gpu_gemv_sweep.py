@@ -49,27 +49,37 @@ def _weights(fmt, n, k, layers, gen):
     return out
 
 
-def _launch(x, p, y, cfg):
+def _launch(x, p, y, cfg, ws):
     args = (x, p.w, p.s if p.s is not None else p.w, p.z if p.z is not None else p.w, p.w,
             y, y, y, x, x, 0.0, p.n, p.n, 0, 0)
     meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=0, GLU=False, HAS_BIAS=False,
                 HAS_RES=False, HAS_RES2=False, NORM=0, **tune._launch_opts(x))
-    tune.launch_gemv(args, meta, p.n, cfg)
+    tune.launch_gemv(args, meta, p.n, cfg, ws)
 
 
-def _time_graph(x, ps, ys, cfg, reps):
+def _time_graph(x, ps, ys, cfg, reps, ws):
     """µs a launch: the chain of launches captured as one graph (gpu_quant_bench.time_graph)."""
     def chain():
         for p, y in zip(ps, ys):
-            _launch(x, p, y, cfg)
+            _launch(x, p, y, cfg, ws)
 
     median_ms, _ = time_graph(chain, reps)
     return median_ms * 1000 / len(ps)
 
 
-def _tuner_pick(x, p, y, cfgs):
+def _tuner_pick(x, p, y, cfgs, ws):
     """The candidate the tuner's timing ranks first (tune._bench: one launch, do_bench)."""
-    return min(cfgs, key=lambda c: tune._bench(lambda: _launch(x, p, y, c), None))
+    return min(cfgs, key=lambda c: tune._bench(lambda: _launch(x, p, y, c, ws), None))
+
+
+def _candidates(p, n, dtype, ws, parts):
+    """The tuner's candidates, for each pinned number of input parts (tensor-core int4)."""
+    out = []
+    for k in parts:
+        tune.OPTIONS["parts"] = k
+        out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws) if c not in out]
+    tune.OPTIONS["parts"] = None
+    return out
 
 
 def main():
@@ -82,6 +92,8 @@ def main():
     ap.add_argument("--candidates", default="",
                     help="instead of the tuner's lists: 'BLOCK_N,BLOCK_K,warps,stages;...' "
                          "(stages 0: the default), each with the tuner's asm/int4 choices")
+    ap.add_argument("--parts", default="1",
+                    help="input parts of the tensor-core int4 GEMVs to time, e.g. 1,2,4")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.candidates:
@@ -103,9 +115,10 @@ def main():
         nbytes = ps[0].nbytes()
         rows = []
         ref = None
-        for cfg in tune._gemv_candidates(ps[0], n, n, x.dtype):
+        ws = tune.Workspace(n, x.device)
+        for cfg in _candidates(ps[0], n, x.dtype, ws, [int(k) for k in args.parts.split(",")]):
             try:
-                us = _time_graph(x, ps, ys, cfg, args.reps)
+                us = _time_graph(x, ps, ys, cfg, args.reps, ws)
             except Exception as e:  # a configuration that does not compile here
                 print(f"{name:14s} {cfg} failed: {str(e)[:120]}", flush=True)
                 continue
@@ -116,7 +129,7 @@ def main():
             print(f"{name:14s} {str(cfg):44s} {us:7.2f} us {nbytes / us / 1e3:7.0f} GB/s "
                   f"err {err:.1e}", flush=True)
         best = min(rows, key=lambda r: r["us"])
-        tuner = _tuner_pick(x, ps[0], ys[0], [tuple(r["cfg"]) for r in rows])
+        tuner = _tuner_pick(x, ps[0], ys[0], [tuple(r["cfg"]) for r in rows], ws)
         by_cfg = {tuple(r["cfg"]): r for r in rows}
         print(f"{name:14s} best {best['cfg']} {best['us']:.2f} us {best['GBps']:.0f} GB/s; "
               f"do_bench picks {list(tuner)} {by_cfg[tuner]['us']:.2f} us", flush=True)

@@ -72,17 +72,19 @@ def _options(**pins):
        bias=st.booleans(), kb=st.integers(1, 3), nb=st.integers(1, 6),
        group=st.sampled_from([32, 64]), seed=st.integers(0, 2**16),
        asm=st.booleans(), int4=st.sampled_from([0, 1, 2]), pdl=st.booleans(),
-       in_gemv=st.booleans(), res2=st.booleans(),
+       in_gemv=st.booleans(), res2=st.booleans(), parts=st.sampled_from([None, 1, 2, 3, 4]),
        # bfloat16 on CUDA: the interpreter has no bfloat16 dot and rounds casts toward zero
        dtype=st.sampled_from([torch.float32, torch.bfloat16] if CUDA else [torch.float32]))
 @settings(max_examples=60)
 def test_norm_then_gemv_match_float64_reference(fmt, norm, kind, res, bias, kb, nb, group,
-                                                seed, asm, int4, pdl, in_gemv, res2, dtype):
+                                                seed, asm, int4, pdl, in_gemv, res2, parts,
+                                                dtype):
     """Every code path (on CUDA: inline-PTX conversions or not, the three int4 paths, PDL
     launches or not; the interpreter runs no PTX), the norm by its own kernel or inside the
-    GEMV's programs; float32 (accumulation order apart, exact) and bfloat16 (rounded where
-    the model rounds: within 1%)."""
-    with _options(asm=asm, int4=int4, pdl=pdl):
+    GEMV's programs, tensor-core int4 cut into 1-4 input parts (3: parts of unequal size,
+    some empty); float32 (accumulation order apart, exact) and bfloat16 (rounded where the
+    model rounds: within 1%)."""
+    with _options(asm=asm, int4=int4, pdl=pdl, parts=parts):
         _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv, res2,
                         dtype)
 
@@ -126,10 +128,12 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=Fal
         xin = torch.full((2, K), float("nan"), device=DEV, dtype=dtype)
         tune.norm(dv(x), dv(nw), dv(nbias), xin, norm, 2, 1e-5)
         xseg = K if kind == "segments" else 0
+    ws = tune.Workspace(n, DEV)
     tune.gemv(xin, pd, yd, yd if res else None, n=n,
               nsplit=nsplit if kind == "segments" else n, gap=gap, xseg=xseg,
               act2=1 if kind == "segments" else 0, glu=kind == "glu", norm=in_norm,
-              res2=dv(r2))
+              res2=dv(r2), ws=ws)
+    assert not ws.counts.any()  # every counter back at zero for the next launch
     # reference, float64
     want = torch.empty(out_len, dtype=torch.float64)
     if res:
@@ -387,9 +391,10 @@ def test_fused_step_asks_a_cache_with_its_own_plan(tiny_models):
         tok = torch.argmax(a, -1, keepdim=True)
 
 
-def test_branches_env_setting_is_checked(monkeypatch):
-    """FASTDECODE_BRANCHES takes 0, 1 or 2 (unset: chosen per model); anything else is an
-    error naming the variable, not a silent default."""
+def test_env_settings_are_checked(monkeypatch):
+    """FASTDECODE_BRANCHES takes 0, 1 or 2 (unset: chosen per model), FASTDECODE_PARTS 1,
+    2 or 4 (unset: chosen per shape); anything else is an error naming the variable, not a
+    silent default."""
     for v, want in (("", None), ("0", 0), ("2", 2)):
         monkeypatch.setenv("FASTDECODE_BRANCHES", v)
         assert tune._env_level("FASTDECODE_BRANCHES", None, 3) == want
@@ -397,6 +402,13 @@ def test_branches_env_setting_is_checked(monkeypatch):
         monkeypatch.setenv("FASTDECODE_BRANCHES", bad)
         with pytest.raises(ValueError, match="FASTDECODE_BRANCHES"):
             tune._env_level("FASTDECODE_BRANCHES", None, 3)
+    for v, want in (("", None), ("1", 1), ("4", 4)):
+        monkeypatch.setenv("FASTDECODE_PARTS", v)
+        assert tune._env_parts("FASTDECODE_PARTS") == want
+    for bad in ("0", "3", "two"):
+        monkeypatch.setenv("FASTDECODE_PARTS", bad)
+        with pytest.raises(ValueError, match="FASTDECODE_PARTS"):
+            tune._env_parts("FASTDECODE_PARTS")
 
 
 def test_fused_layouts_switch_on_one_model(tiny_models):

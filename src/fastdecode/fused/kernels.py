@@ -298,10 +298,10 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
 
 
 @triton.jit
-def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
+def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps, part,
                   K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                  KSPLIT: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-                  NORM: tl.constexpr):
+                  KSPLIT: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
+                  ASM: tl.constexpr, NORM: tl.constexpr):
     """:func:`_dot_rows` for int4 on tensor cores (``I4`` = 2): split k of the program's
     ``KSPLIT`` (a warp each, as one batched ``tl.dot``) takes groups [k GPS, (k + 1) GPS).
     Per group: the codes as (q - 8) [BLOCK_N, GROUP / 2] even and odd inputs, in the dtype
@@ -309,11 +309,13 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
     summed in float32 by the mma; then ``acc += scale * dot + zero * sum(x)``. Triton
     pipelines the weight and x loads through shared memory (``num_stages``) and converts
     the codes after that, in the mma's register layout. Every column holds the same sums;
-    column 0 is returned, the splits added."""
+    column 0 is returned, the splits added. With ``PARTS`` > 1 the program covers only
+    part ``part`` of the groups, [part GPP, (part + 1) GPP), and its splits share those."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     HG: tl.constexpr = GROUP // 2
     NGRP: tl.constexpr = K // GROUP
-    GPS: tl.constexpr = (NGRP + KSPLIT - 1) // KSPLIT
+    GPP: tl.constexpr = (NGRP + PARTS - 1) // PARTS
+    GPS: tl.constexpr = (GPP + KSPLIT - 1) // KSPLIT
     COLS: tl.constexpr = 16
     sp = tl.arange(0, KSPLIT)
     _pdl_wait(PDL)
@@ -323,8 +325,9 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
         mean, rstd = _norm_stats(x_ptr, eps, K, NORM, 1024)
     acc = tl.zeros((KSPLIT, BLOCK_N, COLS), tl.float32)
     for gi in range(0, GPS):
-        g = sp * GPS + gi  # [KSPLIT]
-        mg = g < NGRP
+        gp = sp * GPS + gi  # [KSPLIT]: the group within the part
+        g = part * GPP + gp
+        mg = (g < NGRP) & (gp < GPP)
         hb = g[:, None] * HG + tl.arange(0, HG)[None, :]
         # masked codes read as 0 (not 8: cp.async fills zeros, anything else costs a select
         # a byte); their scale and zero are 0, so they add nothing
@@ -357,14 +360,14 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
 
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr, nb_ptr, eps,
-                N, NSPLIT, OUT_GAP, XSEG,
+                part_ptr, count_ptr, N, NSPLIT, OUT_GAP, XSEG,
                 K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
                 ACT2: tl.constexpr, GLU: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr,
                 NORM: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PDL: tl.constexpr, ASM: tl.constexpr, I4: tl.constexpr,
-                KSPLIT: tl.constexpr):
+                KSPLIT: tl.constexpr, PARTS: tl.constexpr):
     """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) [+ r2[row]] for ``BLOCK_N`` rows a
     program.
 
@@ -390,6 +393,13 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     the start, the next kernel's programs took the SMs that freed first, and a GEMV of few
     large programs after another ran unbalanced (graphed on the H100, int4 [out | down]
     15.4 us without PDL, 19.2 with).
+
+    ``PARTS`` > 1 (tensor-core path, no GLU): the inputs are cut into PARTS parts, one
+    program each (grid axis 1), so a GEMV of few rows still fills the GPU with warps. Each
+    program stores its float32 partial sums (``part``: [PARTS, N]) and counts itself in its
+    row block's counter (``count``, int32, zero between launches); the last to arrive adds
+    the parts in their order (the same sums whichever arrives last), sets the counter back
+    to zero and finishes the rows (bias, activation, residual).
     """
     MMA: tl.constexpr = FMT == 2 and I4 == 2
     if not MMA:
@@ -402,8 +412,9 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     nws = nw_ptr + seg2 * K
     nbs = nb_ptr + seg2 * K
     if MMA:
-        acc = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, K, GROUP,
-                            BLOCK_N, KSPLIT, PDL, ASM, NORM)
+        acc = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps,
+                            tl.program_id(1), K, GROUP, BLOCK_N, KSPLIT, PARTS, PDL, ASM,
+                            NORM)
         if not GLU:
             _pdl_start(PDL)
     else:
@@ -412,8 +423,8 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     dt = y_ptr.dtype.element_ty
     if GLU:
         if MMA:
-            up = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, K,
-                               GROUP, BLOCK_N, KSPLIT, False, ASM, NORM)
+            up = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, 0, K,
+                               GROUP, BLOCK_N, KSPLIT, 1, False, ASM, NORM)
             _pdl_start(PDL)
         else:
             up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, K, FMT,
@@ -424,11 +435,40 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
         g = acc.to(dt).to(tl.float32)
         g = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         acc = g * up.to(dt).to(tl.float32)
+        _finish(acc, y_ptr, r_ptr, r2_ptr, rows, mrow, seg2, OUT_GAP, HAS_RES, HAS_RES2)
+    elif PARTS == 1:
+        acc = _bias_act(acc, b_ptr, rows, mrow, seg2, dt, HAS_BIAS, ACT2)
+        _finish(acc, y_ptr, r_ptr, r2_ptr, rows, mrow, seg2, OUT_GAP, HAS_RES, HAS_RES2)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
-        if ACT2 == 1:
-            acc = tl.where(seg2 != 0, _gelu(acc.to(dt).to(tl.float32)), acc)
+        tl.store(part_ptr + tl.program_id(1) * N + rows, acc, mask=mrow)
+        tl.debug_barrier()  # every thread's partials stored before the count (release)
+        seen = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if seen == PARTS - 1:
+            tot = tl.zeros((BLOCK_N,), tl.float32)
+            for j in tl.static_range(PARTS):  # .cg: read from L2, where the parts meet
+                tot += tl.load(part_ptr + j * N + rows, mask=mrow, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(count_ptr + pid, 0)
+            tot = _bias_act(tot, b_ptr, rows, mrow, seg2, dt, HAS_BIAS, ACT2)
+            _finish(tot, y_ptr, r_ptr, r2_ptr, rows, mrow, seg2, OUT_GAP, HAS_RES, HAS_RES2)
+
+
+@triton.jit
+def _bias_act(acc, b_ptr, rows, mrow, seg2, dt: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ACT2: tl.constexpr):
+    """acc (+ bias), then the second segment's activation (rounded first, as eager)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+    if ACT2 == 1:
+        acc = tl.where(seg2 != 0, _gelu(acc.to(dt).to(tl.float32)), acc)
+    return acc
+
+
+@triton.jit
+def _finish(acc, y_ptr, r_ptr, r2_ptr, rows, mrow, seg2, OUT_GAP, HAS_RES: tl.constexpr,
+            HAS_RES2: tl.constexpr):
+    """y = [r +] acc [+ r2], rounded to the model dtype after each add, stored."""
+    dt = y_ptr.dtype.element_ty
     if HAS_RES:
         r = tl.load(r_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
         acc = r + acc.to(dt).to(tl.float32)

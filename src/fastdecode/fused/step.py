@@ -146,13 +146,18 @@ class FusedStep:
         self.scale = 1.0 / math.sqrt(D)
         self.eps = spec.norm_eps
         self.norm_in_gemv = tune.OPTIONS["norm_in_gemv"]
+        # scratch of GEMVs cut into input parts (int4 on tensor cores): one a stream
+        rows = max(self.n_qkv + inter, spec.hidden_size, spec.vocab_size)
+        self.ws_main = tune.Workspace(rows, dev)
+        self.ws_side = tune.Workspace(rows, dev) if self.side is not None else self.ws_main
+        self.ws = self.ws_main
 
     # ------------------------------------------------------------------ launches
     def _gemv(self, p: Packed, x, y, *, nsplit=None, gap=0, xseg=0, act2=0, glu=False,
               res=None, norm=None, res2=None):
         n = p.n // 2 if glu else p.n
         tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, gap=gap,
-                  xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2)
+                  xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2, ws=self.ws)
 
     def _normed(self, norms, *packs: Packed) -> list[dict]:
         """For each GEMV in ``packs`` that reads norm(x) (x the residual stream, ``norms`` =
@@ -185,7 +190,17 @@ class FusedStep:
         if self.side is None:
             return contextlib.nullcontext()
         self.side.wait_stream(torch.cuda.current_stream())
-        return torch.cuda.stream(self.side)
+        return self._on_side()
+
+    @contextlib.contextmanager
+    def _on_side(self):
+        """Launches go to the side stream, and its GEMVs use its own workspace."""
+        with torch.cuda.stream(self.side):
+            self.ws = self.ws_side
+            try:
+                yield
+            finally:
+                self.ws = self.ws_main
 
     def _join(self) -> None:
         """Launches from here on wait for the side stream's work too."""

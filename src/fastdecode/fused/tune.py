@@ -18,7 +18,10 @@ product per group then scale and zero, 1 = dequantise every weight and reduce on
 end, 2 = tensor cores (bfloat16/float16 models, groups of 32 or more). :data:`OPTIONS`
 (also read from the environment: ``FASTDECODE_ASM`` = 0 or 1, ``FASTDECODE_INT4`` = 0, 1
 or 2) pins them; unset, the tuner measures asm both ways, and int4 takes path 2 for
-groups of 128 or more where it applies (else 1). ``pdl``
+groups of 128 or more where it applies (else 1). On path 2 a GEMV's inputs may be cut
+into ``parts`` (1, 2 or 4), one program each, whose float32 partial sums the last of them
+adds in order (:class:`Workspace`); ``FASTDECODE_PARTS`` pins it, unset :func:`parts` picks
+it from the number of row blocks. ``pdl``
 (``FASTDECODE_PDL=0`` turns it off) launches every kernel with programmatic dependent
 launch on Hopper and later: a kernel's programs are placed while the one before finishes,
 and a GEMV (int4 paths 0 and 1, int8, float) loads its first weight tile before it waits.
@@ -56,6 +59,18 @@ def _env_level(name: str, default: int | None, levels: int) -> int | None:
     return int(v)
 
 
+PARTS = (1, 2, 4)  # the input parts a tensor-core GEMV may be cut into
+
+
+def _env_parts(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v in (None, ""):
+        return None
+    if v not in {str(p) for p in PARTS}:
+        raise ValueError(f"{name}={v!r}: expected one of {', '.join(map(str, PARTS))}")
+    return int(v)
+
+
 # tune=False (FASTDECODE_TUNE=0): take the first valid candidate without timing (tests on
 # CUDA, where timing every shape a property test draws would dominate)
 # norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0 turns it off): the GEMV after a norm normalises x
@@ -70,7 +85,8 @@ OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "asm": _env_flag("FASTDECODE_ASM"), "int4": _env_level("FASTDECODE_INT4", None, 3),
            "tune": _env_flag("FASTDECODE_TUNE") is not False,
            "norm_in_gemv": _env_flag("FASTDECODE_NORM_IN_GEMV") is not False,
-           "branches": _env_level("FASTDECODE_BRANCHES", None, 3)}
+           "branches": _env_level("FASTDECODE_BRANCHES", None, 3),
+           "parts": _env_parts("FASTDECODE_PARTS")}
 
 
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
@@ -170,9 +186,63 @@ def _int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int
     return (2,) if mma and p.group >= 128 else (1,)
 
 
-def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> list[tuple]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path) for this weight (int4 on
-    tensor cores: num_warps is the number of K splits, BLOCK_K the group)."""
+def parts(n: int, block_n: int, device: torch.device) -> int:
+    """How many input parts a tensor-core GEMV of ``n`` rows is cut into (pinned by
+    OPTIONS["parts"]): the fewest of :data:`PARTS` that give MIN_PROGRAMS_PER_SM programs
+    an SM. The tensor-core GEMVs are bound by instruction latency, so they run faster with
+    more warps on each SM; Pythia-2.8B's [out | down] and down have 160 row blocks."""
+    if OPTIONS["parts"] is not None:
+        return OPTIONS["parts"]
+    sms = _sm_count(device)
+    blocks = triton.cdiv(n, block_n)
+    for k in PARTS:
+        if blocks * k >= MIN_PROGRAMS_PER_SM * sms:
+            return k
+    return PARTS[-1]
+
+
+MIN_PROGRAMS_PER_SM = 4
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+class Workspace:
+    """Scratch of the GEMVs cut into input parts, for one stream (GEMVs of one stream run
+    one after the other; those of two streams at once need one each): float32 partial sums
+    [PARTS[-1] * rows] and an int32 counter a row block, zero between launches (each
+    launch's last program sets its counters back)."""
+
+    def __init__(self, rows: int, device, min_block: int = 16):
+        self.rows = rows
+        self.parts = torch.empty(PARTS[-1] * rows, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(triton.cdiv(rows, min_block), dtype=torch.int32,
+                                  device=device)
+
+    def fits(self, n: int, k: int, block_n: int) -> bool:
+        return n <= self.rows and k <= PARTS[-1] and triton.cdiv(n, block_n) <= \
+            self.counts.numel()
+
+
+def _parts_choices(n: int, bn: int, glu: bool, ws: Workspace | None) -> tuple[int, ...]:
+    if glu or ws is None:
+        return (1,)
+    k = parts(n, bn, ws.parts.device)
+    return (k,) if ws.fits(n, k, bn) else (1,)
+
+
+def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool = False,
+                     ws: Workspace | None = None) -> list[tuple]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts) for this weight
+    (int4 on tensor cores: num_warps is the number of K splits, BLOCK_K the group; parts
+    only there, with a workspace)."""
     base = list(INT4_CANDIDATES if p.fmt == INT4 else GEMV_CANDIDATES)
     valid = [c for c in base if _valid(c, p, n, nsplit)]
     if not valid:  # small or odd widths (SmolLM2's 576): the largest K block that fits
@@ -181,18 +251,23 @@ def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> list
         valid = [(bn, bk, 4, None)]
     out = []
     for path in _int4_paths(p, n, nsplit, dtype):
-        cfgs = ([(bn, p.group, w, st) for bn, w, st in INT4_MMA_CANDIDATES] if path == 2
-                else valid)
-        out += [c + (a, path) for c in cfgs for a in _choices("asm", p.fmt != 0)]
+        cfgs = ([(bn, p.group, w, st, k) for bn, w, st in INT4_MMA_CANDIDATES
+                 for k in _parts_choices(n, bn, glu, ws)] if path == 2
+                else [c + (1,) for c in valid])
+        out += [c[:4] + (a, path, c[4]) for c in cfgs for a in _choices("asm", p.fmt != 0)]
     return out
 
 
-def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple:
+def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
+                 ws: Workspace | None) -> tuple:
     """Under the interpreter: small blocks; no inline PTX; the int4 path as pinned (default
-    1; tensor cores with two K splits)."""
+    1; tensor cores with two K splits, and the input parts as pinned, else 2 where a
+    workspace is given)."""
     path = _int4_paths(p, n, nsplit, dtype)[0]
     if path == 2:
-        return 16, p.group, 2, None, False, 2
+        k = OPTIONS["parts"] or 2
+        k = k if not glu and ws is not None and ws.fits(n, k, 16) else 1
+        return 16, p.group, 2, None, False, 2, k
     bn = 4 if not 0 < nsplit < n else min(4, _pow2_divisor(nsplit, 4))
     if p.fmt == INT4:
         bk = p.group
@@ -200,7 +275,7 @@ def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple:
         bk = _pow2_divisor(p.group, 32)
     else:
         bk = 32
-    return bn, bk, 1, None, False, path
+    return bn, bk, 1, None, False, path, 1
 
 
 def _bench(fn, restore: torch.Tensor | None) -> float:
@@ -232,10 +307,11 @@ def _pick(key: tuple, candidates_of, run, restore) -> tuple:
 
 
 def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
-         norm=None, res2=None) -> None:
+         norm=None, res2=None, ws: Workspace | None = None) -> None:
     """y (= res +) act(x . W^T + b) (+ res2) over ``n`` output rows (kernels.gemv_kernel);
     ``norm`` = (kind, weight [segments, K], bias or None, eps): x is normalised in the
-    kernel (kind 1 LayerNorm, 2 RMSNorm)."""
+    kernel (kind 1 LayerNorm, 2 RMSNorm). ``ws``: this stream's workspace, which lets a
+    tensor-core GEMV be cut into input parts (without one it is not)."""
     dummy = p.w
     kind, nw, nb, eps = norm if norm is not None else (0, x, None, 0.0)
     args = (x, p.w, p.s if p.s is not None else dummy, p.z if p.z is not None else dummy,
@@ -248,25 +324,32 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
                 **_launch_opts(x))
 
     def run(cfg):
-        launch_gemv(args, meta, n, cfg)
+        launch_gemv(args, meta, n, cfg, ws)
 
     if not x.is_cuda:
-        run(_interp_gemv(p, n, nsplit, x.dtype))
+        run(_interp_gemv(p, n, nsplit, x.dtype, glu, ws))
         return
     key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
            int(res is not None), int(res2 is not None), kind,
-           str(x.dtype).removeprefix("torch."), OPTIONS["asm"], OPTIONS["int4"])
-    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype), run, res))
+           str(x.dtype).removeprefix("torch."), OPTIONS["asm"], OPTIONS["int4"],
+           OPTIONS["parts"], ws is not None)
+    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype, glu, ws), run, res))
 
 
-def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple) -> None:
+def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | None = None):
     """One launch of kernels.gemv_kernel over ``n`` rows with the configuration ``cfg``
-    (BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path)."""
-    bn, bk, warps, stages, asm, path = cfg
+    (BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts); ``args`` are the
+    kernel's arguments without the workspace's two (``ws``: needed when parts > 1)."""
+    bn, bk, warps, stages, asm, path, k = cfg
     extra = {"num_stages": stages} if stages is not None else {}
-    kernels.gemv_kernel[(triton.cdiv(n, bn),)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk, ASM=asm,
-                                               I4=path, KSPLIT=warps if path == 2 else 1,
-                                               num_warps=warps, **extra)
+    if k > 1 and (ws is None or not ws.fits(n, k, bn)):
+        raise ValueError(f"a GEMV of {n} rows in {k} parts needs a workspace that fits it")
+    scratch = (ws.parts, ws.counts) if ws is not None else (args[1], args[1])
+    args = args[:11] + scratch + args[11:]
+    kernels.gemv_kernel[(triton.cdiv(n, bn), k)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk,
+                                                 ASM=asm, I4=path,
+                                                 KSPLIT=warps if path == 2 else 1, PARTS=k,
+                                                 num_warps=warps, **extra)
 
 
 def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
@@ -343,5 +426,5 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
                             (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None))
 
 
-__all__ = ["gemv", "norm", "cos_sin", "decode_plan", "rope_write", "attention", "argmax",
-           "chosen", "max_splits"]
+__all__ = ["gemv", "Workspace", "parts", "norm", "cos_sin", "decode_plan", "rope_write",
+           "attention", "argmax", "chosen", "max_splits"]
