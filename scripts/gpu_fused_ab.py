@@ -55,7 +55,7 @@ def main():
         prompt = tpot.random_prompt(2052, lm.spec.vocab_size, 0, "cuda")
         runs = {}
         for on in map(int, args.values.split(",")):
-            tune.OPTIONS[args.option] = on if args.option == "branches" else bool(on)
+            tune.OPTIONS[args.option] = on if args.option != "pdl" else bool(on)
             dec, step, secs = tpot.build_and_compile(lm, cfg, "graphs", kernels="fused")
             runs[f"{args.option}{on}"] = {"dec": dec, "step": step, "setup_s": secs, "tpot": [],
                                  "tokens": None}

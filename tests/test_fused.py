@@ -141,7 +141,10 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=Fal
     for seg, (lo, hi) in enumerate(((0, nsplit), (nsplit, n))):
         if lo >= hi:
             continue
-        xn = x.double() if norm == 0 else _norm_ref(x, nw[seg], nbias[seg], norm, 1e-5)
+        # the norm's output in the model dtype, as the eager norm module returns it (an
+        # unrounded reference is off by more than 1% where rounding x moves a cancelling sum)
+        xn = x.double() if norm == 0 else \
+            _norm_ref(x, nw[seg], nbias[seg], norm, 1e-5).to(dtype).double()
         z = wref[lo:hi] @ xn + (b.double()[lo:hi] if bias else 0)
         if kind == "glu":
             u = wref[n + lo:n + hi] @ xn + (b.double()[n + lo:n + hi] if bias else 0)

@@ -324,20 +324,32 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps, p
     if NORM != 0:
         mean, rstd = _norm_stats(x_ptr, eps, K, NORM, 1024)
     acc = tl.zeros((KSPLIT, BLOCK_N, COLS), tl.float32)
+    # this part's groups, [g0, g0 + ng): the pointers moved to g0, groups counted from it
+    g0 = 0
+    ng = NGRP
+    if PARTS > 1:
+        g0 = part * GPP
+        if NGRP % PARTS == 0:  # all parts alike: the bound a constant
+            ng = GPP
+        else:
+            ng = tl.minimum(NGRP - g0, GPP)
+        w_ptr += g0 * HG
+        s_ptr += g0
+        z_ptr += g0
+    xp = x_ptr + g0 * GROUP
     for gi in range(0, GPS):
-        gp = sp * GPS + gi  # [KSPLIT]: the group within the part
-        g = part * GPP + gp
-        mg = (g < NGRP) & (gp < GPP)
+        g = sp * GPS + gi  # [KSPLIT]
+        mg = g < ng
         hb = g[:, None] * HG + tl.arange(0, HG)[None, :]
         # masked codes read as 0 (not 8: cp.async fills zeros, anything else costs a select
         # a byte); their scale and zero are 0, so they add nothing
         p = tl.load(w_ptr + rows[None, :, None] * (K // 2) + hb[:, None, :],
                     mask=mg[:, None, None] & mrow[None, :, None], other=0)
-        kk = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # >= K where g is not
+        kk = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # >= ng GROUP where g is not
         if NORM == 0:  # loaded as it is: Triton pipelines it like the codes
-            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+            x = tl.load(xp + kk, mask=kk < ng * GROUP, other=0.0)
         else:
-            x = _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K, NORM).to(DT)
+            x = _load_x(x_ptr, g0 * GROUP + kk, nw_ptr, nb_ptr, mean, rstd, K, NORM).to(DT)
         xe, xo = tl.split(tl.reshape(x, (KSPLIT, HG, 2)))
         lo, hi = _u4_to_dot(p, DT, ASM)
         be = tl.broadcast_to(xe[:, :, None], (KSPLIT, HG, COLS))
@@ -412,9 +424,11 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     nws = nw_ptr + seg2 * K
     nbs = nb_ptr + seg2 * K
     if MMA:
-        acc = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps,
-                            tl.program_id(1), K, GROUP, BLOCK_N, KSPLIT, PARTS, PDL, ASM,
-                            NORM)
+        part = 0
+        if PARTS > 1:
+            part = tl.program_id(1)
+        acc = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, part, K,
+                            GROUP, BLOCK_N, KSPLIT, PARTS, PDL, ASM, NORM)
         if not GLU:
             _pdl_start(PDL)
     else:

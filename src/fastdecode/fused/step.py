@@ -168,7 +168,8 @@ class FusedStep:
         (H100, Pythia shapes, scripts/gpu_fused_ab.py --option norm_in_gemv: bf16 2.562 ->
         2.483 ms with the norm inside; int4 g128 2.129 -> 2.328, its GEMVs being bound by
         instruction latency, not bytes.)"""
-        if self.norm_in_gemv and all(p.fmt == FLOAT for p in packs):
+        if self.norm_in_gemv == 2 or (self.norm_in_gemv == 1 and
+                                      all(p.fmt == FLOAT for p in packs)):
             return [{"x": self.x, "xseg": 0,
                      "norm": (self.norm_kind, norms[0], norms[1], self.eps)}] * len(packs)
         tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, norms[0].shape[0],

@@ -73,9 +73,10 @@ def _env_parts(name: str) -> int | None:
 
 # tune=False (FASTDECODE_TUNE=0): take the first valid candidate without timing (tests on
 # CUDA, where timing every shape a property test draws would dominate)
-# norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0 turns it off): the GEMV after a norm normalises x
-# in each of its programs instead of a norm kernel launched before it (read when a FusedStep
-# is built)
+# norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0, 1 or 2; default 1): the GEMV after a norm
+# normalises x in each of its programs instead of a norm kernel launched before it: 0 never,
+# 1 where all the GEMVs reading that norm are float, 2 whatever their format (read when a
+# FusedStep is built)
 # branches (FASTDECODE_BRANCHES=0, 1 or 2; unset: chosen per model, step.choose_branches):
 # in a parallel-residual layer, 1 = the MLP's up projection runs on a second CUDA stream
 # beside q/k/v, rotary and attention (two branches of the captured graph), 2 = the whole
@@ -84,7 +85,7 @@ def _env_parts(name: str) -> int | None:
 OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "asm": _env_flag("FASTDECODE_ASM"), "int4": _env_level("FASTDECODE_INT4", None, 3),
            "tune": _env_flag("FASTDECODE_TUNE") is not False,
-           "norm_in_gemv": _env_flag("FASTDECODE_NORM_IN_GEMV") is not False,
+           "norm_in_gemv": _env_level("FASTDECODE_NORM_IN_GEMV", 1, 3),
            "branches": _env_level("FASTDECODE_BRANCHES", None, 3),
            "parts": _env_parts("FASTDECODE_PARTS")}
 
@@ -124,6 +125,9 @@ INT4_CANDIDATES = [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None),
 # 16 x 8 x 3 for 10,240 and 12,800 ([out | down] 17.6 -> 14.7 us); more rows, splits or
 # stages, a shared-memory stage of two groups, prefetched or transposed scales were slower
 INT4_MMA_CANDIDATES = [(16, 4, 3), (16, 8, 3)]
+# cut into input parts: 4 warps (graphed, 4 parts: [out | down] 12.8 us with 4, 14.8 with 8;
+# down 10.5 / 15.6; perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)
+INT4_MMA_PARTS_CANDIDATES = [(16, 4, 3)]
 # (slots per split, BLOCK_N, num_warps): one, fixed. Timed alone (do_bench, the tuner's
 # way) the attention configurations rank differently than inside the graphed step, where
 # each kernel overlaps the one before (PDL): the tuner picked 128-slot splits in some runs
@@ -190,7 +194,10 @@ def parts(n: int, block_n: int, device: torch.device) -> int:
     """How many input parts a tensor-core GEMV of ``n`` rows is cut into (pinned by
     OPTIONS["parts"]): the fewest of :data:`PARTS` that give MIN_PROGRAMS_PER_SM programs
     an SM. The tensor-core GEMVs are bound by instruction latency, so they run faster with
-    more warps on each SM; Pythia-2.8B's [out | down] and down have 160 row blocks."""
+    more warps on each SM, but a part costs its partial sums and more instructions an
+    iteration (H100, graphed, 32 layers, int4 g128: [out | down], 160 row blocks, 15.2 us
+    whole, 12.9 in 2 parts, 12.8 in 4; down 12.5 / 10.9 / 10.5; q/k/v, 480 blocks, 7.3 /
+    10.0 / 11.9; up, 640 blocks, 9.0 / 11.7 / 14.6)."""
     if OPTIONS["parts"] is not None:
         return OPTIONS["parts"]
     sms = _sm_count(device)
@@ -201,7 +208,7 @@ def parts(n: int, block_n: int, device: torch.device) -> int:
     return PARTS[-1]
 
 
-MIN_PROGRAMS_PER_SM = 4
+MIN_PROGRAMS_PER_SM = 3
 _SMS: dict[int, int] = {}
 
 
@@ -251,8 +258,9 @@ def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bo
         valid = [(bn, bk, 4, None)]
     out = []
     for path in _int4_paths(p, n, nsplit, dtype):
-        cfgs = ([(bn, p.group, w, st, k) for bn, w, st in INT4_MMA_CANDIDATES
-                 for k in _parts_choices(n, bn, glu, ws)] if path == 2
+        cfgs = ([(bn, p.group, w, st, k) for k in _parts_choices(n, 16, glu, ws)
+                 for bn, w, st in (INT4_MMA_CANDIDATES if k == 1 else
+                                   INT4_MMA_PARTS_CANDIDATES)] if path == 2
                 else [c + (1,) for c in valid])
         out += [c[:4] + (a, path, c[4]) for c in cfgs for a in _choices("asm", p.fmt != 0)]
     return out
