@@ -337,10 +337,12 @@ def test_fused_neox_layouts_match_eager(tiny_models, recipe, branches):
         _check_steps(lm, cfg, 30, 4, tol=1e-4)
 
 
-@pytest.mark.parametrize("recipe,want", [(None, 1), ("int4-g32", 1), ("int8", 2),
-                                         ("int4-mlp-g32", 2), ("llama", 0)])
-def test_branches_chosen_per_model(tiny_models, recipe, want):
-    """Unpinned, the layout follows the formats (choose_branches' measured rule)."""
+@pytest.mark.parametrize("recipe,int4,want", [(None, None, 1), ("int4-g32", 1, 1),
+                                              ("int4-g32", 2, 2), ("int8", None, 2),
+                                              ("int4-mlp-g32", None, 2), ("llama", None, 0)])
+def test_branches_chosen_per_model(tiny_models, recipe, int4, want):
+    """Unpinned, the layout follows the formats and the int4 path (choose_branches'
+    measured rule)."""
     import copy
 
     from fastdecode.fused.step import choose_branches
@@ -349,8 +351,9 @@ def test_branches_chosen_per_model(tiny_models, recipe, want):
     model = copy.deepcopy(tiny_models["tiny-llama" if recipe == "llama" else "tiny-neox"].model)
     if recipe not in (None, "llama"):
         quantize_model(model, QuantConfig.parse(recipe))
-    assert choose_branches(model) == want
-    with _options(branches=None):
+    with _options(int4=int4):
+        assert choose_branches(model) == want
+    with _options(branches=None, int4=int4):
         step = FusedStep(Decoder.build(model, CacheConfig(policy="streaming", sink=2, window=8)))
     assert step.branches == want
 

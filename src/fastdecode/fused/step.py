@@ -47,7 +47,7 @@ import torch
 from ..cache.base import KVCache
 from ..errors import ConfigError
 from . import tune
-from .weights import FLOAT, INT8, LayerWeights, Packed, layer_weights, pack
+from .weights import FLOAT, INT4, INT8, LayerWeights, Packed, layer_weights, pack
 
 NORM_LAYER, NORM_RMS = 1, 2
 
@@ -74,19 +74,24 @@ def unsupported_reason(decoder) -> str | None:
 
 def choose_branches(model) -> int:
     """How a parallel-residual layer splits over two streams (tune.OPTIONS["branches"]):
-    the whole MLP beside attention (2) when its down projection is int8 or cannot sit
-    beside the out projection in one GEMV (formats differ), else its up projection only
-    (1). Chosen from an A/B of both on Pythia-2.8B shapes (H100, 4+2048, graphed, 3
-    rounds; perf/results/h100-fused-ab-branches-1v2.json): bf16 2.412 ms with 1, 2.444
-    with 2; int4 g128 2.067 / 2.126; int8 1.931 / 1.867; int4 MLP beside bf16 attention
-    2.360 / 2.231. (One stream, [qkv; up] as one GEMV, -0v1.json: bf16 2.464, int8 2.131,
-    int4 g128 2.142.) Again with the GEMV candidates of 569f63e, where int4's long-input
-    GEMVs got faster (-1v2-569f63e.json): int4 g128 1.827 / 1.845, int8 1.902 / 1.762."""
+    the whole MLP beside attention (2) when its down projection is int8, int4 on tensor
+    cores, or cannot sit beside the out projection in one GEMV (formats differ), else its
+    up projection only (1). Chosen from an A/B of both on Pythia-2.8B shapes (H100,
+    4+2048, graphed, 3 rounds; perf/results/h100-fused-ab-branches-1v2.json): bf16 2.412
+    ms with 1, 2.444 with 2; int4 g128 2.067 / 2.126; int8 1.931 / 1.867; int4 MLP beside
+    bf16 attention 2.360 / 2.231. (One stream, [qkv; up] as one GEMV, -0v1.json: bf16
+    2.464, int8 2.131, int4 g128 2.142.) Again with the GEMV candidates of 569f63e, where
+    int4's long-input GEMVs got faster (-1v2-569f63e.json): int4 g128 1.827 / 1.845, int8
+    1.902 / 1.762. With int4's tensor-core GEMVs cut into input parts (out and down then
+    4 parts each): int4 g128 1.438 / 1.407 (-1v2-d19c540.json)."""
     if not model.spec.parallel_residual:
         return 0
     layer = model.layers[0]
-    out, down = pack(layer.attn.out).fmt, pack(layer.mlp.down).fmt
-    return 2 if down == INT8 or out != down else 1
+    out, down = pack(layer.attn.out), pack(layer.mlp.down)
+    if down.fmt == INT8 or out.fmt != down.fmt:
+        return 2
+    mma = down.fmt == INT4 and tune.int4_paths(down, down.n, down.n, model.dtype) == (2,)
+    return 2 if mma else 1
 
 
 class FusedStep:

@@ -71,6 +71,25 @@ def _env_parts(name: str) -> int | None:
     return int(v)
 
 
+MIN_PER = 32  # fewest slots per split of the attention launch; sizes the partial buffers
+
+
+def _env_attn(name: str) -> tuple[int, int, int] | None:
+    """An attention launch pinned as 'slots per split,BLOCK_N,num_warps' (experiments)."""
+    v = os.environ.get(name)
+    if v in (None, ""):
+        return None
+    try:
+        per, bn, warps = (int(t) for t in v.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={v!r}: expected 'slots per split,BLOCK_N,num_warps', "
+                         "e.g. 64,16,2") from None
+    if per < MIN_PER or per % bn or bn & (bn - 1) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"{name}={v!r}: slots per split >= {MIN_PER} and a multiple of "
+                         "BLOCK_N, a power of two; num_warps 1, 2, 4 or 8")
+    return per, bn, warps
+
+
 # tune=False (FASTDECODE_TUNE=0): take the first valid candidate without timing (tests on
 # CUDA, where timing every shape a property test draws would dominate)
 # norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0, 1 or 2; default 1): the GEMV after a norm
@@ -87,7 +106,8 @@ OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "tune": _env_flag("FASTDECODE_TUNE") is not False,
            "norm_in_gemv": _env_level("FASTDECODE_NORM_IN_GEMV", 1, 3),
            "branches": _env_level("FASTDECODE_BRANCHES", None, 3),
-           "parts": _env_parts("FASTDECODE_PARTS")}
+           "parts": _env_parts("FASTDECODE_PARTS"),
+           "attn": _env_attn("FASTDECODE_ATTN")}
 
 
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
@@ -136,7 +156,6 @@ INT4_MMA_PARTS_CANDIDATES = [(16, 4, 3)]
 # (perf/results/h100-attn-ab-preload.json, 2,053 slots), 64/16/2 beat all 25 others by
 # 0.4 us/layer or more (16.9 us; 128-slot splits 18.9-22.8, 256-slot 20.6-39).
 ATTN_CANDIDATES = [(64, 16, 2)]
-MIN_PER = 32  # fewest slots per split; sizes the partial buffers
 
 
 def chosen() -> dict[str, str]:
@@ -175,7 +194,7 @@ def _choices(name: str, applies: bool) -> tuple[bool, ...]:
     return (False, True) if OPTIONS[name] is None else (bool(OPTIONS[name]),)
 
 
-def _int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int, ...]:
+def int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int, ...]:
     """The int4 paths to time: as pinned, else tensor cores for groups of 128 or more
     where they apply, path 1 otherwise. Timed one launch at a time (do_bench), path 1 won
     [out | down] and down, which path 2 wins inside the graphed step (int4-g128 on the
@@ -257,7 +276,7 @@ def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bo
         bk = p.group if p.fmt == INT4 else _pow2_divisor(p.group if p.fmt == INT8 else 256, 256)
         valid = [(bn, bk, 4, None)]
     out = []
-    for path in _int4_paths(p, n, nsplit, dtype):
+    for path in int4_paths(p, n, nsplit, dtype):
         cfgs = ([(bn, p.group, w, st, k) for k in _parts_choices(n, 16, glu, ws)
                  for bn, w, st in (INT4_MMA_CANDIDATES if k == 1 else
                                    INT4_MMA_PARTS_CANDIDATES)] if path == 2
@@ -271,7 +290,7 @@ def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
     """Under the interpreter: small blocks; no inline PTX; the int4 path as pinned (default
     1; tensor cores with two K splits, and the input parts as pinned, else 2 where a
     workspace is given)."""
-    path = _int4_paths(p, n, nsplit, dtype)[0]
+    path = int4_paths(p, n, nsplit, dtype)[0]
     if path == 2:
         k = OPTIONS["parts"] or 2
         k = k if not glu and ws is not None and ws.fits(n, k, 16) else 1
@@ -430,6 +449,9 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
         run((MIN_PER, 16, 1))
         return
     key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
+    if OPTIONS["attn"] is not None:
+        run(OPTIONS["attn"])
+        return
     run(_pick(key, lambda: [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
                             (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None))
 
