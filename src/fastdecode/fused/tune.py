@@ -154,8 +154,13 @@ INT4_MMA_PARTS_CANDIDATES = [(16, 4, 3)]
 # (int4-g128 bench at 56a998a: 2.25 ms against 2.14 with 64/16/2), and 32-slot splits
 # before (023fbbc: 2.33 against 2.17). Timed as a graph of 32 layers on Pythia shapes
 # (perf/results/h100-attn-ab-preload.json, 2,053 slots), 64/16/2 beat all 25 others by
-# 0.4 us/layer or more (16.9 us; 128-slot splits 18.9-22.8, 256-slot 20.6-39).
-ATTN_CANDIDATES = [(64, 16, 2)]
+# 0.4 us/layer or more (16.9 us; 128-slot splits 18.9-22.8, 256-slot 20.6-39). None of
+# those had one warp; in the whole step (bench, FASTDECODE_ATTN, same machine, f4c9930;
+# perf/results/h100-attn-warps-f4c9930.txt) 64/16/1 beat 64/16/2: int4 g128 1.448 ->
+# 1.382 ms, int8 1.762 -> 1.687 (32/16/1 1.397 / 1.710, 32/32/1 1.387 / 1.696, 128/16/1
+# 1.390 / 1.739): with one warp the softmax's reductions need no shared memory and no
+# barrier
+ATTN_CANDIDATES = [(64, 16, 1)]
 
 
 def chosen() -> dict[str, str]:
