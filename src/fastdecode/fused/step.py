@@ -155,14 +155,16 @@ class FusedStep:
         rows = max(self.n_qkv + inter, spec.hidden_size, spec.vocab_size)
         self.ws_main = tune.Workspace(rows, dev)
         self.ws_side = tune.Workspace(rows, dev) if self.side is not None else self.ws_main
-        self.ws = self.ws_main
 
     # ------------------------------------------------------------------ launches
     def _gemv(self, p: Packed, x, y, *, nsplit=None, gap=0, xseg=0, act2=0, glu=False,
-              res=None, norm=None, res2=None):
+              res=None, norm=None, res2=None, side=False):
+        """A GEMV launch; ``side``: on the side stream (inside ``_fork``), with its own
+        workspace."""
         n = p.n // 2 if glu else p.n
         tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, gap=gap,
-                  xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2, ws=self.ws)
+                  xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2,
+                  ws=self.ws_side if side else self.ws_main)
 
     def _normed(self, norms, *packs: Packed) -> list[dict]:
         """For each GEMV in ``packs`` that reads norm(x) (x the residual stream, ``norms`` =
@@ -196,17 +198,7 @@ class FusedStep:
         if self.side is None:
             return contextlib.nullcontext()
         self.side.wait_stream(torch.cuda.current_stream())
-        return self._on_side()
-
-    @contextlib.contextmanager
-    def _on_side(self):
-        """Launches go to the side stream, and its GEMVs use its own workspace."""
-        with torch.cuda.stream(self.side):
-            self.ws = self.ws_side
-            try:
-                yield
-            finally:
-                self.ws = self.ws_main
+        return torch.cuda.stream(self.side)
 
     def _join(self) -> None:
         """Launches from here on wait for the side stream's work too."""
@@ -220,9 +212,9 @@ class FusedStep:
             if self.branches:  # the MLP (or its up projection) beside q/k/v -> attention
                 iq, iu = self._normed(lw.norms, lw.qkv, lw.up)
                 with self._fork():
-                    self._gemv(lw.up, y=act, nsplit=0, act2=1, **iu)
+                    self._gemv(lw.up, y=act, nsplit=0, act2=1, side=True, **iu)
                     if self.branches == 2:
-                        self._gemv(lw.down, act, self.mlp_y)
+                        self._gemv(lw.down, act, self.mlp_y, side=True)
                 self._gemv(lw.qkv, y=buf, **iq)
                 self._attention(i, mask, slot)
                 self._join()
