@@ -38,15 +38,34 @@ def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.c
     """out[seg] = norm_seg(x), rounded to the model dtype like the eager norm module; one
     program per norm (GPT-NeoX's parallel residual normalises the same x twice: LayerNorm
     1 for attention, 2 for the MLP). NORM: 1 = LayerNorm (affine in float32, one rounding),
-    2 = RMSNorm (normalise, round, scale by the weight, round). Float32 sums in one pass."""
+    2 = RMSNorm (normalise, round, scale by the weight, round). Float32 sums in one pass.
+    Where x fits one block (BLOCK_K >= K) it is read once and the norm's weight and bias
+    are loaded before the PDL wait (they are never written), so the program waits on one
+    load, not on a pass for the statistics and another for the output."""
     _pdl_start(PDL)
-    _pdl_wait(PDL)
     seg = tl.program_id(0)
-    mean, rstd = _norm_stats(x_ptr, eps, K, NORM, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        y = _load_x(x_ptr, kk, nw_ptr + seg * K, nb_ptr + seg * K, mean, rstd, K, NORM)
-        tl.store(out_ptr + seg * K + kk, y.to(out_ptr.dtype.element_ty), mask=kk < K)
+    if K <= BLOCK_K:
+        kk = tl.arange(0, BLOCK_K)
+        m = kk < K
+        w = tl.load(nw_ptr + seg * K + kk, mask=m, other=0.0)
+        b = tl.load(nb_ptr + seg * K + kk, mask=m, other=0.0)
+        _pdl_wait(PDL)
+        xf = tl.load(x_ptr + kk, mask=m, other=0.0).to(tl.float32)
+        ms = tl.sum(xf * xf, axis=0) / K
+        mean = 0.0
+        if NORM == 1:
+            mean = tl.sum(xf, axis=0) / K
+            ms = tl.maximum(ms - mean * mean, 0.0)
+        rstd = 1.0 / tl.sqrt(ms + eps)
+        y = _norm_apply(xf, w, b, mean, rstd, out_ptr.dtype.element_ty, NORM)
+        tl.store(out_ptr + seg * K + kk, y.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        _pdl_wait(PDL)
+        mean, rstd = _norm_stats(x_ptr, eps, K, NORM, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            y = _load_x(x_ptr, kk, nw_ptr + seg * K, nb_ptr + seg * K, mean, rstd, K, NORM)
+            tl.store(out_ptr + seg * K + kk, y.to(out_ptr.dtype.element_ty), mask=kk < K)
 
 
 @triton.jit
@@ -76,12 +95,20 @@ def _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K: tl.constexpr, NORM: tl.con
     x = tl.load(x_ptr + kk, mask=m, other=0.0)
     if NORM == 0:
         return x.to(tl.float32)
-    dt = x.dtype
-    xf = x.to(tl.float32)
     w = tl.load(nw_ptr + kk, mask=m, other=0.0)
+    b = w
     if NORM == 1:
-        b = tl.load(nb_ptr + kk, mask=m, other=0.0).to(tl.float32)
-        y = (xf - mean) * rstd * w.to(tl.float32) + b
+        b = tl.load(nb_ptr + kk, mask=m, other=0.0)
+    return _norm_apply(x.to(tl.float32), w, b, mean, rstd, x.dtype, NORM)
+
+
+@triton.jit
+def _norm_apply(xf, w, b, mean, rstd, dt: tl.constexpr, NORM: tl.constexpr):
+    """norm(x) from x in float32 and its statistics, rounded to the model dtype ``dt`` as
+    the eager module rounds (LayerNorm: affine in float32, one rounding; RMSNorm: round,
+    scale by the weight, round); returned in float32. ``b`` is unused for RMSNorm."""
+    if NORM == 1:
+        y = (xf - mean) * rstd * w.to(tl.float32) + b.to(tl.float32)
     else:
         y = w * (xf * rstd).to(dt)
     return y.to(dt).to(tl.float32)
@@ -414,6 +441,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     to zero and finishes the rows (bias, activation, residual).
     """
     MMA: tl.constexpr = FMT == 2 and I4 == 2
+    tl.static_assert(PARTS == 1 or (MMA and not GLU), "input parts: tensor-core path, no GLU")
     if not MMA:
         _pdl_start(PDL)
     pid = tl.program_id(0)

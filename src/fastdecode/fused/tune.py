@@ -374,8 +374,9 @@ def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | Non
     kernel's arguments without the workspace's two (``ws``: needed when parts > 1)."""
     bn, bk, warps, stages, asm, path, k = cfg
     extra = {"num_stages": stages} if stages is not None else {}
-    if k > 1 and (ws is None or not ws.fits(n, k, bn)):
-        raise ValueError(f"a GEMV of {n} rows in {k} parts needs a workspace that fits it")
+    if k > 1 and (ws is None or not ws.fits(n, k, bn) or path != 2 or meta["GLU"]):
+        raise ValueError(f"a GEMV of {n} rows in {k} parts: tensor-core path, no GLU, and a "
+                         "workspace that fits it")
     scratch = (ws.parts, ws.counts) if ws is not None else (args[1], args[1])
     args = args[:11] + scratch + args[11:]
     kernels.gemv_kernel[(triton.cdiv(n, bn), k)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk,
@@ -387,9 +388,14 @@ def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | Non
 def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
     """out[s] = norm_s(x) for s < segments (nw, nb: [segments, K]; RMSNorm: nb unused)."""
     k = x.numel()
+    # x in one block up to 8,192 (one read, see the kernel); the interpreter: blocks of 32,
+    # so the CPU tests take the chunked path too where K > 32
+    block = triton.next_power_of_2(k)
+    block = (block if block <= 8192 else 1024) if x.is_cuda else min(block, 32)
+    warps = (8 if block >= 4096 else 4) if x.is_cuda else 1
     kernels.norm_kernel[(segments,)](x, nw, nb if nb is not None else nw, out, eps, K=k,
-                                     NORM=kind, BLOCK_K=min(1024, triton.next_power_of_2(k)),
-                                     num_warps=4 if x.is_cuda else 1, **_launch_opts(x))
+                                     NORM=kind, BLOCK_K=block, num_warps=warps,
+                                     **_launch_opts(x))
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
