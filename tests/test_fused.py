@@ -399,8 +399,8 @@ def test_fused_step_asks_a_cache_with_its_own_plan(tiny_models):
 
 def test_env_settings_are_checked(monkeypatch):
     """FASTDECODE_BRANCHES takes 0, 1 or 2 (unset: chosen per model), FASTDECODE_PARTS 1,
-    2 or 4 (unset: chosen per shape); anything else is an error naming the variable, not a
-    silent default."""
+    2 or 4 (unset: chosen per shape), FASTDECODE_ATTN a valid attention launch; anything
+    else is an error naming the variable, not a silent default."""
     for v, want in (("", None), ("0", 0), ("2", 2)):
         monkeypatch.setenv("FASTDECODE_BRANCHES", v)
         assert tune._env_level("FASTDECODE_BRANCHES", None, 3) == want
@@ -415,6 +415,13 @@ def test_env_settings_are_checked(monkeypatch):
         monkeypatch.setenv("FASTDECODE_PARTS", bad)
         with pytest.raises(ValueError, match="FASTDECODE_PARTS"):
             tune._env_parts("FASTDECODE_PARTS")
+    for v, want in (("", None), ("64,16,1", (64, 16, 1)), ("128,32,4", (128, 32, 4))):
+        monkeypatch.setenv("FASTDECODE_ATTN", v)
+        assert tune._env_attn("FASTDECODE_ATTN") == want
+    for bad in ("64,16", "16,16,1", "48,32,1", "64,16,3", "a,b,c"):
+        monkeypatch.setenv("FASTDECODE_ATTN", bad)
+        with pytest.raises(ValueError, match="FASTDECODE_ATTN"):
+            tune._env_attn("FASTDECODE_ATTN")
 
 
 def test_fused_layouts_switch_on_one_model(tiny_models):

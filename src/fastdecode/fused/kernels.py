@@ -48,7 +48,9 @@ def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.c
         kk = tl.arange(0, BLOCK_K)
         m = kk < K
         w = tl.load(nw_ptr + seg * K + kk, mask=m, other=0.0)
-        b = tl.load(nb_ptr + seg * K + kk, mask=m, other=0.0)
+        b = w  # RMSNorm: no bias
+        if NORM == 1:
+            b = tl.load(nb_ptr + seg * K + kk, mask=m, other=0.0)
         _pdl_wait(PDL)
         xf = tl.load(x_ptr + kk, mask=m, other=0.0).to(tl.float32)
         ms = tl.sum(xf * xf, axis=0) / K
