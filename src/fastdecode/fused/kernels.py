@@ -53,12 +53,7 @@ def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.c
             b = tl.load(nb_ptr + seg * K + kk, mask=m, other=0.0)
         _pdl_wait(PDL)
         xf = tl.load(x_ptr + kk, mask=m, other=0.0).to(tl.float32)
-        ms = tl.sum(xf * xf, axis=0) / K
-        mean = 0.0
-        if NORM == 1:
-            mean = tl.sum(xf, axis=0) / K
-            ms = tl.maximum(ms - mean * mean, 0.0)
-        rstd = 1.0 / tl.sqrt(ms + eps)
+        mean, rstd = _stats(tl.sum(xf, axis=0), tl.sum(xf * xf, axis=0), eps, K, NORM)
         y = _norm_apply(xf, w, b, mean, rstd, out_ptr.dtype.element_ty, NORM)
         tl.store(out_ptr + seg * K + kk, y.to(out_ptr.dtype.element_ty), mask=m)
     else:
@@ -80,10 +75,16 @@ def _norm_stats(x_ptr, eps, K: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.con
         x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
         acc += x
         acc2 += x * x
-    ms = tl.sum(acc2, axis=0) / K
+    return _stats(tl.sum(acc, axis=0), tl.sum(acc2, axis=0), eps, K, NORM)
+
+
+@triton.jit
+def _stats(s, s2, eps, K: tl.constexpr, NORM: tl.constexpr):
+    """(mean, 1/std) from the float32 sums of x and of x**2 (RMSNorm: mean 0)."""
+    ms = s2 / K
     mean = 0.0
     if NORM == 1:
-        mean = tl.sum(acc, axis=0) / K
+        mean = s / K
         ms = tl.maximum(ms - mean * mean, 0.0)
     return mean, 1.0 / tl.sqrt(ms + eps)
 
