@@ -48,11 +48,15 @@ def _packed(fmt: int, w: torch.Tensor, group: int, bias):
     return Packed(INT4, p, s, z, group, bias), dequantize_int4(p, s, z, group).double()
 
 
-def _norm_ref(x, w, b, kind, eps):
+def _norm_ref(x, w, b, kind, eps, dtype=None):
+    """The norm in float64; with ``dtype``, rounded where the eager module rounds
+    (LayerNorm: once, at the end; RMSNorm: the normalised x, then x times the weight)."""
+    rnd = (lambda t: t.to(dtype).double()) if dtype is not None else (lambda t: t)  # noqa: E731
     x = x.double()
     if kind == 1:
-        return (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + eps) * w.double() + b.double()
-    return x / torch.sqrt((x * x).mean() + eps) * w.double()
+        return rnd((x - x.mean()) / torch.sqrt(x.var(unbiased=False) + eps) * w.double()
+                   + b.double())
+    return rnd(rnd(x / torch.sqrt((x * x).mean() + eps)) * w.double())
 
 
 @contextlib.contextmanager
@@ -141,10 +145,10 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=Fal
     for seg, (lo, hi) in enumerate(((0, nsplit), (nsplit, n))):
         if lo >= hi:
             continue
-        # the norm's output in the model dtype, as the eager norm module returns it (an
-        # unrounded reference is off by more than 1% where rounding x moves a cancelling sum)
-        xn = x.double() if norm == 0 else \
-            _norm_ref(x, nw[seg], nbias[seg], norm, 1e-5).to(dtype).double()
+        # the norm's output in the model dtype, rounded as the eager norm module rounds it
+        # (an unrounded reference is off by more than 1% where rounding moves a cancelling
+        # sum: seen for LayerNorm and for RMSNorm, which rounds twice, with GLU)
+        xn = x.double() if norm == 0 else _norm_ref(x, nw[seg], nbias[seg], norm, 1e-5, dtype)
         z = wref[lo:hi] @ xn + (b.double()[lo:hi] if bias else 0)
         if kind == "glu":
             u = wref[n + lo:n + hi] @ xn + (b.double()[n + lo:n + hi] if bias else 0)
