@@ -74,11 +74,13 @@ def _tuner_pick(x, p, y, cfgs, ws):
 
 def _candidates(p, n, dtype, ws, parts):
     """The tuner's candidates, for each pinned number of input parts (tensor-core int4)."""
-    out = []
-    for k in parts:
-        tune.OPTIONS["parts"] = k
-        out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws) if c not in out]
-    tune.OPTIONS["parts"] = None
+    out, pinned = [], tune.OPTIONS["parts"]
+    try:
+        for k in parts:
+            tune.OPTIONS["parts"] = k
+            out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws) if c not in out]
+    finally:
+        tune.OPTIONS["parts"] = pinned
     return out
 
 

@@ -485,7 +485,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
         acc = _bias_act(acc, b_ptr, rows, mrow, seg2, dt, HAS_BIAS, ACT2)
         _finish(acc, y_ptr, r_ptr, r2_ptr, rows, mrow, seg2, OUT_GAP, HAS_RES, HAS_RES2)
     else:
-        tl.store(part_ptr + tl.program_id(1) * N + rows, acc, mask=mrow)
+        tl.store(part_ptr + part * N + rows, acc, mask=mrow)  # PARTS > 1: MMA, set above
         tl.debug_barrier()  # every thread's partials stored before the count (release)
         seen = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if seen == PARTS - 1:
