@@ -17,7 +17,7 @@
 #   bash scripts/gpu_bench.sh sweep    # scripts/gpu_gemv_sweep.py: every GEMV launch
 #                                      # configuration of the int8/int4 shapes, graphed
 #   bash scripts/gpu_bench.sh ab       # scripts/gpu_fused_ab.py: a code path off/on
-#                                      # (AB_OPTION=pdl|norm_in_gemv|branches|int8) for bf16,
+#                                      # (AB_OPTION=pdl|norm_in_gemv|branches|words) for bf16,
 #                                      # int8 and int4 on Pythia shapes (AB_RECIPES picks)
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
@@ -75,11 +75,10 @@ elif [ "$PHASE" = sweep ]; then
   timeout 420 python3 scripts/gpu_gemv_sweep.py ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"} \
     ${SWEEP_CANDIDATES:+--candidates "$SWEEP_CANDIDATES"} \
     ${SWEEP_PARTS:+--parts "$SWEEP_PARTS"} \
-    ${SWEEP_MMA:+--mma-candidates "$SWEEP_MMA"} \
     --json "$OUT/h100-gemv-sweep.json"
   echo "sweep rc=$?"
 elif [ "$PHASE" = ab ]; then
-  # AB_OPTION=pdl|norm_in_gemv|branches|int8 (default pdl), AB_VALUES (default 0,1), AB_RECIPES
+  # AB_OPTION=pdl|norm_in_gemv|branches|words (default pdl), AB_VALUES (default 0,1), AB_RECIPES
   timeout 420 python3 scripts/gpu_fused_ab.py --option "${AB_OPTION:-pdl}" \
     --values "${AB_VALUES:-0,1}" \
     --recipes "${AB_RECIPES:-bf16,int8,int4-g128,int4-mlp-g128}" \

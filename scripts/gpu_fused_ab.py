@@ -5,8 +5,7 @@ a CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady sta
 events) under each setting (``--values``, default 0,1) of one code path of
 ``tune.OPTIONS`` (``--option``: ``pdl``, programmatic dependent launch; ``norm_in_gemv``,
 each norm inside the GEMV after it; ``branches``, the MLP's up projection (1) or all of
-it (2) on a second stream beside q/k/v and attention; ``int8``, int8's GEMV path, 0 CUDA
-cores or 2 tensor cores), interleaved over ``--rounds`` so
+it (2) on a second stream beside q/k/v and attention), interleaved over ``--rounds`` so
 that drift hits all alike; the tuner picks the other code paths, and what it picked is in
 the record. None may change a result beyond rounding: the last greedy token of each run is
 compared with the first variant's.
@@ -32,8 +31,7 @@ def main():
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-len", type=int, default=96)
-    ap.add_argument("--option", default="pdl",
-                    choices=("pdl", "norm_in_gemv", "branches", "int8"))
+    ap.add_argument("--option", default="pdl", choices=("pdl", "norm_in_gemv", "branches"))
     ap.add_argument("--values", default="0,1",
                     help="the option's settings to compare (branches: 0,1,2)")
     ap.add_argument("--json", default=None)

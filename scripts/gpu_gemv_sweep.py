@@ -72,18 +72,15 @@ def _tuner_pick(x, p, y, cfgs, ws):
     return min(cfgs, key=lambda c: tune._bench(lambda: _launch(x, p, y, c, ws), None))
 
 
-def _candidates(p, n, dtype, ws, parts, int8_paths):
-    """The tuner's candidates, for each pinned number of input parts (tensor cores) and,
-    for int8, each of ``int8_paths`` (0 CUDA cores, 2 tensor cores)."""
-    out, saved = [], dict(tune.OPTIONS)
+def _candidates(p, n, dtype, ws, parts):
+    """The tuner's candidates, for each pinned number of input parts (tensor-core int4)."""
+    out, pinned = [], tune.OPTIONS["parts"]
     try:
-        for path in int8_paths if p.fmt == INT8 else (None,):
-            for k in parts:
-                tune.OPTIONS.update(parts=k, int8=path)
-                out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws)
-                        if c not in out]
+        for k in parts:
+            tune.OPTIONS["parts"] = k
+            out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws) if c not in out]
     finally:
-        tune.OPTIONS.update(saved)
+        tune.OPTIONS["parts"] = pinned
     return out
 
 
@@ -98,11 +95,7 @@ def main():
                     help="instead of the tuner's lists: 'BLOCK_N,BLOCK_K,warps,stages;...' "
                          "(stages 0: the default), each with the tuner's asm/int4 choices")
     ap.add_argument("--parts", default="1",
-                    help="input parts of the tensor-core GEMVs to time, e.g. 1,2,4")
-    ap.add_argument("--int8-paths", default="0,2",
-                    help="int8 code paths to time: 0 CUDA cores, 2 tensor cores")
-    ap.add_argument("--mma-candidates", default="",
-                    help="instead of the int8 tensor-core list: 'BLOCK_N,chunk,warps,stages;...'")
+                    help="input parts of the tensor-core int4 GEMVs to time, e.g. 1,2,4")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.candidates:
@@ -110,9 +103,6 @@ def main():
         own = [(bn, bk, w, st or None) for bn, bk, w, st in own]
         tune.GEMV_CANDIDATES[:] = own
         tune.INT4_CANDIDATES[:] = own
-    if args.mma_candidates:
-        tune.INT8_MMA_CANDIDATES[:] = [tuple(int(v) for v in c.split(","))
-                                       for c in args.mma_candidates.split(";")]
     if not args.all_paths:
         tune.OPTIONS.update(asm=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -128,8 +118,7 @@ def main():
         rows = []
         ref = None
         ws = tune.Workspace(n, x.device)
-        for cfg in _candidates(ps[0], n, x.dtype, ws, [int(k) for k in args.parts.split(",")],
-                               [int(v) for v in args.int8_paths.split(",")]):
+        for cfg in _candidates(ps[0], n, x.dtype, ws, [int(k) for k in args.parts.split(",")]):
             try:
                 us = _time_graph(x, ps, ys, cfg, args.reps, ws)
             except Exception as e:  # a configuration that does not compile here

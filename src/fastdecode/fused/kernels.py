@@ -11,12 +11,11 @@ Weight formats (``FMT``): 0 = float (the model dtype), 1 = int8 codes with a flo
 row and group of ``GROUP`` inputs (per-channel int8 is one group of K), 2 = int4, two codes
 per byte along K (low nibble first), ``w = (q - 8) * scale + zero`` per row and group.
 
-int4 has three code paths (``PATH``): 0 = a dot product per group on the CUDA cores, then
+int4 has three code paths (``I4``): 0 = a dot product per group on the CUDA cores, then
 scale and zero; 1 = dequantise every weight and reduce once at the end; 2 = tensor cores:
 each group's codes, exact as (q - 8) in the model dtype, times x on ``tl.dot`` (mma), the
 group's products then scaled in float32, ``KSPLIT`` warps a program each taking a range of
-groups (a batched dot), summed at the end. int8 has two (the same numbers): 0 = CUDA cores,
-2 = tensor cores, codes and x in float16 (:func:`_dot_rows_mma8`).
+groups (a batched dot), summed at the end.
 """
 
 from __future__ import annotations
@@ -249,7 +248,7 @@ def _load_w(w_ptr, rows, mrow, k0, K: tl.constexpr, FMT: tl.constexpr, GROUP: tl
 @triton.jit
 def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, mean, rstd,
            K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-           ASM: tl.constexpr, PATH: tl.constexpr, NORM: tl.constexpr):
+           ASM: tl.constexpr, I4: tl.constexpr, NORM: tl.constexpr):
     """Add one tile's products: float into ``acc2`` [BLOCK_N, BLOCK_K] (summed at the end);
     int8 into ``acc2``, flushed into ``acc`` [BLOCK_N] times the row scale at the end of
     each group (BLOCK_K divides GROUP); int4 per group into ``acc``:
@@ -269,7 +268,7 @@ def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, me
         z = tl.load(z_ptr + rows[:, None] * NGRP + g[None, :], mask=m2, other=0.0)
         s = s.to(tl.float32)
         z = z.to(tl.float32)
-        if PATH == 1:
+        if I4 == 1:
             # dequantise each weight (w = (q - 8) s + z) and accumulate elementwise: two
             # FMAs a weight and no reduction until the end
             acc2 += (lo * s[:, :, None] + z[:, :, None]) * xe[None, :, :] + \
@@ -295,7 +294,7 @@ def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, me
 @triton.jit
 def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
               K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, PATH: tl.constexpr,
+              BLOCK_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, I4: tl.constexpr,
               NORM: tl.constexpr):
     """float32 [BLOCK_N]: norm(x) . dequantised W[rows, :] (NORM 0: x itself). The first
     weight tile is loaded before the PDL wait (weights are never written), so with
@@ -303,7 +302,7 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
     still finishing; the norm's statistics are taken after the wait, by every program."""
     acc = tl.zeros((BLOCK_N,), tl.float32)
     if FMT == 2:
-        if PATH == 1:
+        if I4 == 1:
             acc2 = tl.zeros((BLOCK_N, BLOCK_K // GROUP, GROUP // 2), tl.float32)
         else:
             acc2 = tl.zeros((1, 1, 1), tl.float32)  # unused
@@ -316,14 +315,14 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
     if NORM != 0:
         mean, rstd = _norm_stats(x_ptr, eps, K, NORM, BLOCK_K)
     acc, acc2 = _chunk(acc, acc2, w, 0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, mean,
-                       rstd, K, FMT, GROUP, BLOCK_K, ASM, PATH, NORM)
+                       rstd, K, FMT, GROUP, BLOCK_K, ASM, I4, NORM)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_w(w_ptr, rows, mrow, k0, K, FMT, GROUP, BLOCK_K)
         acc, acc2 = _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr,
-                           mean, rstd, K, FMT, GROUP, BLOCK_K, ASM, PATH, NORM)
+                           mean, rstd, K, FMT, GROUP, BLOCK_K, ASM, I4, NORM)
     if FMT == 0:
         acc = tl.sum(acc2, axis=1)
-    if FMT == 2 and PATH == 1:
+    if FMT == 2 and I4 == 1:
         acc = tl.sum(tl.sum(acc2, axis=2), axis=1)
     return acc
 
@@ -333,7 +332,7 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps, p
                   K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                   KSPLIT: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
                   ASM: tl.constexpr, NORM: tl.constexpr):
-    """:func:`_dot_rows` for int4 on tensor cores (``PATH`` = 2): split k of the program's
+    """:func:`_dot_rows` for int4 on tensor cores (``I4`` = 2): split k of the program's
     ``KSPLIT`` (a warp each, as one batched ``tl.dot``) takes groups [k GPS, (k + 1) GPS).
     Per group: the codes as (q - 8) [BLOCK_N, GROUP / 2] even and odd inputs, in the dtype
     of x, times x's even and odd inputs (x repeated over the 16 columns the mma needs),
@@ -356,10 +355,17 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps, p
         mean, rstd = _norm_stats(x_ptr, eps, K, NORM, 1024)
     acc = tl.zeros((KSPLIT, BLOCK_N, COLS), tl.float32)
     # this part's groups, [g0, g0 + ng): the pointers moved to g0, groups counted from it
-    g0, ng = _part_range(part, NGRP, PARTS)
-    w_ptr += g0 * HG
-    s_ptr += g0
-    z_ptr += g0
+    g0 = 0
+    ng = NGRP
+    if PARTS > 1:
+        g0 = part * GPP
+        if NGRP % PARTS == 0:  # all parts alike: the bound a constant
+            ng = GPP
+        else:
+            ng = tl.minimum(NGRP - g0, GPP)
+        w_ptr += g0 * HG
+        s_ptr += g0
+        z_ptr += g0
     xp = x_ptr + g0 * GROUP
     for gi in range(0, GPS):
         g = sp * GPS + gi  # [KSPLIT]
@@ -391,124 +397,6 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps, p
     return tl.sum(tl.sum(tl.where(cols[None, None, :] == 0, acc, 0.0), axis=2), axis=0)
 
 
-@triton.jit
-def _part_range(part, UNITS: tl.constexpr, PARTS: tl.constexpr):
-    """(first, count) of the ``UNITS`` units (groups, chunks) of input part ``part``: PARTS
-    runs of ceil(UNITS / PARTS), the last ones shorter or empty; count a constant where
-    every part is alike."""
-    PER: tl.constexpr = (UNITS + PARTS - 1) // PARTS
-    if PARTS == 1:
-        return 0, UNITS
-    elif UNITS % PARTS == 0:
-        return part * PER, PER
-    else:
-        return part * PER, tl.minimum(UNITS - part * PER, PER)
-
-
-@triton.jit
-def _i8_to_dot(w, DOT: tl.constexpr, ASM: tl.constexpr):
-    """int8 codes -> the dot's dtype ``DOT``, exact. ASM (float16): each code + 128 placed
-    in the mantissa of 1024.0 (0x6400 | byte), then 1152 subtracted from two codes at once
-    (sub.f16x2): five instructions for four codes, in the registers the mma reads."""
-    if ASM and DOT == tl.float16:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, m, c;
-            xor.b32 t, $2, 0x80808080;
-            mov.b32 m, 0x64646464;
-            mov.b32 c, 0x64806480;
-            prmt.b32 $0, t, m, 0x5140;
-            prmt.b32 $1, t, m, 0x7362;
-            sub.f16x2 $0, $0, c;
-            sub.f16x2 $1, $1, c;
-            }""",
-            constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        return w.to(tl.float32).to(DOT)
-
-
-@triton.jit
-def _dot_rows_mma8(x_ptr, w_ptr, s_ptr, rows, mrow, nw_ptr, nb_ptr, eps, part,
-                   K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CHUNK: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
-                   PDL: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr):
-    """:func:`_dot_rows` for int8 on tensor cores (``PATH`` = 2), as :func:`_dot_rows_mma`
-    for int4: the inputs in chunks of ``CHUNK`` (dividing the scale group), split k of the
-    program's ``KSPLIT`` warps taking chunks [k CPS, (k + 1) CPS) of its part. Codes and x
-    meet on the mma in float16 for a bfloat16 or float16 model (float32 for a float32 one):
-    every int8 code is exact in float16, and so is every bfloat16 x of magnitude 2**-17
-    (7.6e-6) to 65504; smaller ones keep float16's subnormal step (2**-24), larger ones are
-    clamped to 65504 (no inf, no NaN). Per-channel scales (one group) multiply the sum once
-    at the end, the mma accumulating across chunks; with groups, each chunk's sum is
-    scaled by its group's scale."""
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    DOT: tl.constexpr = tl.float32 if DT == tl.float32 else tl.float16
-    NGRP: tl.constexpr = K // GROUP
-    NCH: tl.constexpr = K // CHUNK
-    CPS: tl.constexpr = ((NCH + PARTS - 1) // PARTS + KSPLIT - 1) // KSPLIT
-    COLS: tl.constexpr = 16
-    sp = tl.arange(0, KSPLIT)
-    _pdl_wait(PDL)
-    mean = 0.0
-    rstd = 1.0
-    if NORM != 0:
-        mean, rstd = _norm_stats(x_ptr, eps, K, NORM, 1024)
-    acc = tl.zeros((KSPLIT, BLOCK_N, COLS), tl.float32)
-    c0, nc = _part_range(part, NCH, PARTS)
-    w_ptr += c0 * CHUNK
-    xp = x_ptr + c0 * CHUNK
-    for ci in range(0, CPS):
-        c = sp * CPS + ci  # [KSPLIT], counted from c0
-        mc = c < nc
-        kk = c[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # >= nc CHUNK where c is not
-        # masked codes read as 0 and x as 0: they add nothing
-        p = tl.load(w_ptr + rows[None, :, None] * K + kk[:, None, :],
-                    mask=mc[:, None, None] & mrow[None, :, None], other=0)
-        if NORM == 0:
-            x = tl.load(xp + kk, mask=kk < nc * CHUNK, other=0.0)
-        else:
-            x = _load_x(x_ptr, c0 * CHUNK + kk, nw_ptr, nb_ptr, mean, rstd, K, NORM).to(DT)
-        if DOT != DT:
-            x = tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(DOT)
-        b = tl.broadcast_to(x[:, :, None], (KSPLIT, CHUNK, COLS))
-        a = _i8_to_dot(p, DOT, ASM)
-        if NGRP == 1:
-            if DOT == tl.float32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-        else:
-            if DOT == tl.float32:
-                d = tl.dot(a, b, input_precision="ieee")
-            else:
-                d = tl.dot(a, b)
-            g = (c0 + c) * CHUNK // GROUP  # [KSPLIT]
-            s = tl.load(s_ptr + rows[None, :] * NGRP + g[:, None],
-                        mask=mc[:, None] & mrow[None, :], other=0.0)
-            acc += d * s.to(tl.float32)[:, :, None]
-    cols = tl.arange(0, COLS)
-    out = tl.sum(tl.sum(tl.where(cols[None, None, :] == 0, acc, 0.0), axis=2), axis=0)
-    if NGRP == 1:
-        out *= tl.load(s_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
-    return out
-
-
-@triton.jit
-def _dot_rows_tc(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps, part,
-                 K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KSPLIT: tl.constexpr,
-                 PARTS: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-                 NORM: tl.constexpr):
-    """The tensor-core rows of either format: int4 (a group an iteration) or int8 (chunks
-    of BLOCK_K inputs)."""
-    if FMT == 2:
-        return _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps, part,
-                             K, GROUP, BLOCK_N, KSPLIT, PARTS, PDL, ASM, NORM)
-    else:
-        return _dot_rows_mma8(x_ptr, w_ptr, s_ptr, rows, mrow, nw_ptr, nb_ptr, eps, part, K,
-                              GROUP, BLOCK_N, BLOCK_K, KSPLIT, PARTS, PDL, ASM, NORM)
-
-
 # ----------------------------------------------------------------------------- GEMV
 
 
@@ -520,7 +408,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_RES2: tl.constexpr,
                 NORM: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PDL: tl.constexpr, ASM: tl.constexpr, PATH: tl.constexpr,
+                PDL: tl.constexpr, ASM: tl.constexpr, I4: tl.constexpr,
                 KSPLIT: tl.constexpr, PARTS: tl.constexpr):
     """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) [+ r2[row]] for ``BLOCK_N`` rows a
     program.
@@ -541,7 +429,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     [segments, K] weight and bias rows; the second segment takes row 1), so no norm launch
     precedes the GEMV.
 
-    int4 (FMT 2) takes the code path ``PATH`` (module docstring); with tensor cores (2) a
+    int4 (FMT 2) takes the code path ``I4`` (module docstring); with tensor cores (2) a
     program is ``KSPLIT`` warps over ``BLOCK_N`` (16 or more) rows and BLOCK_K is unused.
     Its programs let the next kernel's be placed only when their loop is done: placed at
     the start, the next kernel's programs took the SMs that freed first, and a GEMV of few
@@ -555,7 +443,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
     the parts in their order (the same sums whichever arrives last), sets the counter back
     to zero and finishes the rows (bias, activation, residual).
     """
-    MMA: tl.constexpr = FMT != 0 and PATH == 2
+    MMA: tl.constexpr = FMT == 2 and I4 == 2
     tl.static_assert(PARTS == 1 or (MMA and not GLU), "input parts: tensor-core path, no GLU")
     if not MMA:
         _pdl_start(PDL)
@@ -570,22 +458,22 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
         part = 0
         if PARTS > 1:
             part = tl.program_id(1)
-        acc = _dot_rows_tc(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, part, K, FMT,
-                           GROUP, BLOCK_N, BLOCK_K, KSPLIT, PARTS, PDL, ASM, NORM)
+        acc = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, part, K,
+                            GROUP, BLOCK_N, KSPLIT, PARTS, PDL, ASM, NORM)
         if not GLU:
             _pdl_start(PDL)
     else:
         acc = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows, mrow, nws, nbs, eps, K, FMT, GROUP,
-                        BLOCK_N, BLOCK_K, PDL, ASM, PATH, NORM)
+                        BLOCK_N, BLOCK_K, PDL, ASM, I4, NORM)
     dt = y_ptr.dtype.element_ty
     if GLU:
         if MMA:
-            up = _dot_rows_tc(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, 0, K,
-                              FMT, GROUP, BLOCK_N, BLOCK_K, KSPLIT, 1, False, ASM, NORM)
+            up = _dot_rows_mma(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, 0, K,
+                               GROUP, BLOCK_N, KSPLIT, 1, False, ASM, NORM)
             _pdl_start(PDL)
         else:
             up = _dot_rows(xs, w_ptr, s_ptr, z_ptr, rows + N, mrow, nws, nbs, eps, K, FMT,
-                           GROUP, BLOCK_N, BLOCK_K, False, ASM, PATH, NORM)
+                           GROUP, BLOCK_N, BLOCK_K, False, ASM, I4, NORM)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
             up += tl.load(b_ptr + N + rows, mask=mrow, other=0.0).to(tl.float32)

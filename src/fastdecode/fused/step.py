@@ -90,7 +90,7 @@ def choose_branches(model) -> int:
     out, down = pack(layer.attn.out), pack(layer.mlp.down)
     if down.fmt == INT8 or out.fmt != down.fmt:
         return 2
-    mma = down.fmt == INT4 and tune.paths(down, down.n, down.n, model.dtype) == (2,)
+    mma = down.fmt == INT4 and tune.int4_paths(down, down.n, down.n, model.dtype) == (2,)
     return 2 if mma else 1
 
 

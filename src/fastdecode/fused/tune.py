@@ -17,9 +17,8 @@ Triton's conversions) and ``int4``, the int4 path (kernels module docstring): 0 
 product per group then scale and zero, 1 = dequantise every weight and reduce once at the
 end, 2 = tensor cores (bfloat16/float16 models, groups of 32 or more). :data:`OPTIONS`
 (also read from the environment: ``FASTDECODE_ASM`` = 0 or 1, ``FASTDECODE_INT4`` = 0, 1
-or 2, ``FASTDECODE_INT8`` = 0 or 2, int8's paths: CUDA cores or tensor cores) pins them;
-unset, the tuner measures asm both ways, int4 takes path 2 for groups of 128 or more where
-it applies (else 1), and int8 path 0. On path 2 a GEMV's inputs may be cut
+or 2) pins them; unset, the tuner measures asm both ways, and int4 takes path 2 for
+groups of 128 or more where it applies (else 1). On path 2 a GEMV's inputs may be cut
 into ``parts`` (1, 2 or 4), one program each, whose float32 partial sums the last of them
 adds in order (:class:`Workspace`); ``FASTDECODE_PARTS`` pins it, unset :func:`parts` picks
 it from the number of row blocks. ``pdl``
@@ -41,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import kernels
-from .weights import FLOAT, INT4, INT8, Packed
+from .weights import INT4, INT8, Packed
 
 _CHOSEN: dict[tuple, tuple] = {}
 
@@ -69,16 +68,6 @@ def _env_parts(name: str) -> int | None:
         return None
     if v not in {str(p) for p in PARTS}:
         raise ValueError(f"{name}={v!r}: expected one of {', '.join(map(str, PARTS))}")
-    return int(v)
-
-
-def _env_int8(name: str) -> int | None:
-    """The int8 path pinned: 0 (CUDA cores) or 2 (tensor cores; numbered as int4's)."""
-    v = os.environ.get(name)
-    if v in (None, ""):
-        return None
-    if v not in ("0", "2"):
-        raise ValueError(f"{name}={v!r}: expected 0 (CUDA cores) or 2 (tensor cores)")
     return int(v)
 
 
@@ -114,7 +103,6 @@ def _env_attn(name: str) -> tuple[int, int, int] | None:
 # when a FusedStep is built)
 OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "asm": _env_flag("FASTDECODE_ASM"), "int4": _env_level("FASTDECODE_INT4", None, 3),
-           "int8": _env_int8("FASTDECODE_INT8"),
            "tune": _env_flag("FASTDECODE_TUNE") is not False,
            "norm_in_gemv": _env_level("FASTDECODE_NORM_IN_GEMV", 1, 3),
            "branches": _env_level("FASTDECODE_BRANCHES", None, 3),
@@ -160,9 +148,6 @@ INT4_MMA_CANDIDATES = [(16, 4, 3), (16, 8, 3)]
 # cut into input parts: 4 warps (graphed, 4 parts: [out | down] 12.8 us with 4, 14.8 with 8;
 # down 10.5 / 15.6; perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)
 INT4_MMA_PARTS_CANDIDATES = [(16, 4, 3)]
-# int8 on tensor cores (path 2): (BLOCK_N, inputs a chunk, K splits = num_warps,
-# num_stages); input parts by the rule of parts() for each candidate's BLOCK_N
-INT8_MMA_CANDIDATES = [(16, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]
 # (slots per split, BLOCK_N, num_warps): one, fixed. Timed alone (do_bench, the tuner's
 # way) the attention configurations rank differently than inside the graphed step, where
 # each kernel overlaps the one before (PDL): the tuner picked 128-slot splits in some runs
@@ -202,13 +187,10 @@ def _valid(cfg, p: Packed, n: int, nsplit: int) -> bool:
 
 
 def _mma_ok(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> bool:
-    """Tensor cores: int4 groups of 32 inputs or more, int8 groups a multiple of 32 (a dot's
-    K is 16 or more), 16-row blocks inside each segment, x in a dtype the mma takes
-    (float32 only when pinned)."""
-    pin = OPTIONS["int4" if p.fmt == INT4 else "int8"]
-    return ((p.fmt == INT4 and p.group >= 32 or p.fmt == INT8 and p.group % 32 == 0)
-            and not (0 < nsplit < n and nsplit % 16)
-            and (dtype in (torch.bfloat16, torch.float16) or pin == 2))
+    """int4 on tensor cores: groups of 32 inputs or more (a dot's K is 16 or more), 16-row
+    blocks inside each segment, x in a dtype the mma takes (float32 only when pinned)."""
+    return (p.fmt == INT4 and p.group >= 32 and not (0 < nsplit < n and nsplit % 16)
+            and (dtype in (torch.bfloat16, torch.float16) or OPTIONS["int4"] == 2))
 
 
 def _choices(name: str, applies: bool) -> tuple[bool, ...]:
@@ -217,19 +199,16 @@ def _choices(name: str, applies: bool) -> tuple[bool, ...]:
     return (False, True) if OPTIONS[name] is None else (bool(OPTIONS[name]),)
 
 
-def paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """The code paths to time. int8: as pinned, else CUDA cores (0). int4: as pinned, else
-    tensor cores for groups of 128 or more where they apply, path 1 otherwise. Timed one
-    launch at a time (do_bench), path 1 won [out | down] and down, which path 2 wins inside
-    the graphed step (int4-g128 on the H100: 1.586 ms/token as the tuner picked, 1.509 with
-    path 2 everywhere; int4-mlp-g128 1.834 against 1.772). With groups of 64 a group is half
-    the bytes an iteration, and the suite's int4-mlp-g64 ran 2.212 ms on path 2 against
-    2.096 on path 1 (runs 0006, 0005)."""
-    if p.fmt == FLOAT:
+def int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The int4 paths to time: as pinned, else tensor cores for groups of 128 or more
+    where they apply, path 1 otherwise. Timed one launch at a time (do_bench), path 1 won
+    [out | down] and down, which path 2 wins inside the graphed step (int4-g128 on the
+    H100: 1.586 ms/token as the tuner picked, 1.509 with path 2 everywhere; int4-mlp-g128
+    1.834 against 1.772). With groups of 64 a group is half the bytes an iteration, and the
+    suite's int4-mlp-g64 ran 2.212 ms on path 2 against 2.096 on path 1 (runs 0006, 0005)."""
+    if p.fmt != INT4:
         return (0,)
     mma = _mma_ok(p, n, nsplit, dtype)
-    if p.fmt == INT8:
-        return (2,) if OPTIONS["int8"] == 2 and mma else (0,)
     if OPTIONS["int4"] is not None:
         return (OPTIONS["int4"],) if OPTIONS["int4"] != 2 or mma else (1,)
     return (2,) if mma and p.group >= 128 else (1,)
@@ -302,17 +281,11 @@ def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bo
         bk = p.group if p.fmt == INT4 else _pow2_divisor(p.group if p.fmt == INT8 else 256, 256)
         valid = [(bn, bk, 4, None)]
     out = []
-    for path in paths(p, n, nsplit, dtype):
-        if path == 2 and p.fmt == INT4:
-            cfgs = [(bn, p.group, w, st, k) for k in _parts_choices(n, 16, glu, ws)
-                    for bn, w, st in (INT4_MMA_CANDIDATES if k == 1 else
-                                      INT4_MMA_PARTS_CANDIDATES)]
-        elif path == 2:  # int8: chunks dividing the scale group, blocks inside segments
-            ok = [c for c in INT8_MMA_CANDIDATES if p.group % c[1] == 0 and
-                  not (0 < nsplit < n and nsplit % c[0])] or [(16, 32, 4, 3)]
-            cfgs = [c + (k,) for c in ok for k in _parts_choices(n, c[0], glu, ws)]
-        else:
-            cfgs = [c + (1,) for c in valid]
+    for path in int4_paths(p, n, nsplit, dtype):
+        cfgs = ([(bn, p.group, w, st, k) for k in _parts_choices(n, 16, glu, ws)
+                 for bn, w, st in (INT4_MMA_CANDIDATES if k == 1 else
+                                   INT4_MMA_PARTS_CANDIDATES)] if path == 2
+                else [c + (1,) for c in valid])
         out += [c[:4] + (a, path, c[4]) for c in cfgs for a in _choices("asm", p.fmt != 0)]
     return out
 
@@ -322,12 +295,11 @@ def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
     """Under the interpreter: small blocks; no inline PTX; the int4 path as pinned (default
     1; tensor cores with two K splits, and the input parts as pinned, else 2 where a
     workspace is given)."""
-    path = paths(p, n, nsplit, dtype)[0]
+    path = int4_paths(p, n, nsplit, dtype)[0]
     if path == 2:
         k = OPTIONS["parts"] or 2
         k = k if not glu and ws is not None and ws.fits(n, k, 16) else 1
-        chunk = p.group if p.fmt == INT4 else 32  # int8: several chunks a group
-        return 16, chunk, 2, None, False, 2, k
+        return 16, p.group, 2, None, False, 2, k
     bn = 4 if not 0 < nsplit < n else min(4, _pow2_divisor(nsplit, 4))
     if p.fmt == INT4:
         bk = p.group
@@ -391,7 +363,7 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
         return
     key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
            int(res is not None), int(res2 is not None), kind,
-           str(x.dtype).removeprefix("torch."), OPTIONS["asm"], OPTIONS["int4"], OPTIONS["int8"],
+           str(x.dtype).removeprefix("torch."), OPTIONS["asm"], OPTIONS["int4"],
            OPTIONS["parts"], ws is not None)
     run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype, glu, ws), run, res))
 
@@ -408,7 +380,7 @@ def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | Non
     scratch = (ws.parts, ws.counts) if ws is not None else (args[1], args[1])
     args = args[:11] + scratch + args[11:]
     kernels.gemv_kernel[(triton.cdiv(n, bn), k)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk,
-                                                 ASM=asm, PATH=path,
+                                                 ASM=asm, I4=path,
                                                  KSPLIT=warps if path == 2 else 1, PARTS=k,
                                                  num_warps=warps, **extra)
 
