@@ -17,7 +17,7 @@
 #   bash scripts/gpu_bench.sh sweep    # scripts/gpu_gemv_sweep.py: every GEMV launch
 #                                      # configuration of the int8/int4 shapes, graphed
 #   bash scripts/gpu_bench.sh ab       # scripts/gpu_fused_ab.py: a code path off/on
-#                                      # (AB_OPTION=pdl|norm_in_gemv|branches|words) for bf16,
+#                                      # (AB_OPTION=pdl|norm_in_gemv|branches|priority) for bf16,
 #                                      # int8 and int4 on Pythia shapes (AB_RECIPES picks)
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
@@ -78,7 +78,7 @@ elif [ "$PHASE" = sweep ]; then
     --json "$OUT/h100-gemv-sweep.json"
   echo "sweep rc=$?"
 elif [ "$PHASE" = ab ]; then
-  # AB_OPTION=pdl|norm_in_gemv|branches|words (default pdl), AB_VALUES (default 0,1), AB_RECIPES
+  # AB_OPTION=pdl|norm_in_gemv|branches|priority (default pdl), AB_VALUES (default 0,1), AB_RECIPES
   timeout 420 python3 scripts/gpu_fused_ab.py --option "${AB_OPTION:-pdl}" \
     --values "${AB_VALUES:-0,1}" \
     --recipes "${AB_RECIPES:-bf16,int8,int4-g128,int4-mlp-g128}" \

@@ -5,7 +5,8 @@ a CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady sta
 events) under each setting (``--values``, default 0,1) of one code path of
 ``tune.OPTIONS`` (``--option``: ``pdl``, programmatic dependent launch; ``norm_in_gemv``,
 each norm inside the GEMV after it; ``branches``, the MLP's up projection (1) or all of
-it (2) on a second stream beside q/k/v and attention), interleaved over ``--rounds`` so
+it (2) on a second stream beside q/k/v and attention; ``priority``, the main chain
+captured at the highest stream priority), interleaved over ``--rounds`` so
 that drift hits all alike; the tuner picks the other code paths, and what it picked is in
 the record. None may change a result beyond rounding: the last greedy token of each run is
 compared with the first variant's.
@@ -31,7 +32,8 @@ def main():
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-len", type=int, default=96)
-    ap.add_argument("--option", default="pdl", choices=("pdl", "norm_in_gemv", "branches"))
+    ap.add_argument("--option", default="pdl",
+                    choices=("pdl", "norm_in_gemv", "branches", "priority"))
     ap.add_argument("--values", default="0,1",
                     help="the option's settings to compare (branches: 0,1,2)")
     ap.add_argument("--json", default=None)
@@ -55,7 +57,7 @@ def main():
         prompt = tpot.random_prompt(2052, lm.spec.vocab_size, 0, "cuda")
         runs = {}
         for on in map(int, args.values.split(",")):
-            tune.OPTIONS[args.option] = on if args.option != "pdl" else bool(on)
+            tune.OPTIONS[args.option] = on if args.option not in ("pdl", "priority") else bool(on)
             dec, step, secs = tpot.build_and_compile(lm, cfg, "graphs", kernels="fused")
             runs[f"{args.option}{on}"] = {"dec": dec, "step": step, "setup_s": secs, "tpot": [],
                                  "tokens": None}

@@ -382,11 +382,29 @@ class CompiledStep:
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         reset()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self._capture_stream(dev)):
             out = self.fn(dec.tok_buf, dec.pos_buf)
         torch.cuda.synchronize(dev)
         reset()
         self.graph, self.static_logits = graph, out
+
+    def _capture_stream(self, dev) -> torch.cuda.Stream | None:
+        """The stream the graph is captured on. The fused step's main chain (q/k/v, rotary,
+        attention, the out projection) is captured on a stream of the highest priority and
+        its side branch (the MLP) on one of normal priority: a kernel node keeps the
+        priority of the stream it was captured on, and PyTorch instantiates graphs with
+        per-node priorities, so when SMs free up the block scheduler places the attention's
+        programs before the rest of the MLP GEMV's instead of after them (the GEMVs fill
+        every SM; without priorities attention waited for the MLP's programs to drain and
+        then ran alone). ``FASTDECODE_PRIORITY=0`` captures at normal priority (None: the
+        default capture stream)."""
+        if self.kernels != "fused":
+            return None
+        from .fused import tune
+
+        if not tune.OPTIONS["priority"]:
+            return None
+        return torch.cuda.Stream(dev, priority=-1)
 
     # -- Decoder.step_fn
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,7 @@ OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "norm_in_gemv": _env_level("FASTDECODE_NORM_IN_GEMV", 1, 3),
            "branches": _env_level("FASTDECODE_BRANCHES", None, 3),
            "parts": _env_parts("FASTDECODE_PARTS"),
+           "priority": _env_flag("FASTDECODE_PRIORITY") is not False,
            "attn": _env_attn("FASTDECODE_ATTN")}
 
 
