@@ -103,6 +103,7 @@ def main():
         own = [(bn, bk, w, st or None) for bn, bk, w, st in own]
         tune.GEMV_CANDIDATES[:] = own
         tune.INT4_CANDIDATES[:] = own
+        tune.INT8_CANDIDATES[:] = own
     if not args.all_paths:
         tune.OPTIONS.update(asm=True)
     gen = torch.Generator(device="cuda").manual_seed(0)

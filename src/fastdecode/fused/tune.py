@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import kernels
-from .weights import INT4, INT8, Packed
+from .weights import FLOAT, INT4, INT8, Packed
 
 _CHOSEN: dict[tuple, tuple] = {}
 
@@ -137,6 +137,12 @@ def _launch_opts(x: torch.Tensor) -> dict:
 GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 1024, 4, None), (8, 256, 4, None),
                    (8, 512, 4, None), (8, 512, 8, None), (8, 1024, 8, None), (16, 256, 4, None),
                    (4, 1024, 4, 1), (2, 2048, 4, None), (4, 2048, 8, None)]
+# int8: the graphed sweep's winners only (h100-gemv-sweep.json, -int8-mma-5af6f77.json: 8 rows x
+# 512 inputs x 8 warps for q/k/v, up and out, 2 x 2048 x 4 for down). With the whole list,
+# do_bench's picks (one launch alone) changed from process to process (q/k/v 8/512/4 in
+# one, 10.0 us graphed against 9.1; down 4/1024/4, 11.7 against 11.1) and int8 ran
+# anywhere from 1.63 to 1.75 ms
+INT8_CANDIDATES = [(8, 512, 8, None), (2, 2048, 4, None)]
 INT4_CANDIDATES = [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None),
                    (8, 512, 8, None), (4, 1024, 4, None),
                    (8, 1024, 8, None)]  # as GEMV_CANDIDATES; BLOCK_K a multiple of the group
@@ -275,7 +281,7 @@ def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bo
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts) for this weight
     (int4 on tensor cores: num_warps is the number of K splits, BLOCK_K the group; parts
     only there, with a workspace)."""
-    base = list(INT4_CANDIDATES if p.fmt == INT4 else GEMV_CANDIDATES)
+    base = list({FLOAT: GEMV_CANDIDATES, INT8: INT8_CANDIDATES, INT4: INT4_CANDIDATES}[p.fmt])
     valid = [c for c in base if _valid(c, p, n, nsplit)]
     if not valid:  # small or odd widths (SmolLM2's 576): the largest K block that fits
         bn = _pow2_divisor(nsplit, 8) if 0 < nsplit < n else 8
