@@ -36,6 +36,8 @@ def main():
                     choices=("pdl", "norm_in_gemv", "branches", "priority"))
     ap.add_argument("--values", default="0,1",
                     help="the option's settings to compare (branches: 0,1,2)")
+    ap.add_argument("--trace-dir", default=None,
+                    help="also profile 3 graphed steps of each run: Chrome traces there")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from fastdecode.bench import tpot
@@ -68,6 +70,10 @@ def main():
                 r["tpot"].append(m.tpot_ms["median"])
                 toks = r["dec"].tok_buf.clone()  # the last greedy token of the run
                 r["tokens"] = toks if r["tokens"] is None else r["tokens"]
+        if args.trace_dir:
+            for name, r in runs.items():
+                tpot.profile_steps(r["step"].run_one, 3,
+                                   f"{args.trace_dir}/trace-{recipe}-{name}.json.gz", "cuda")
         first = next(iter(runs.values()))
         res = {}
         for name, r in runs.items():
