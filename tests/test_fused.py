@@ -231,19 +231,21 @@ def test_argmax_kernel_equals_torch(n, levels, seed, dtype, neg_inf):
 
 
 # ----------------------------------------------------------------------------- whole step
-def _check_steps(lm, cfg: CacheConfig, prompt_len: int, steps: int, tol: float, seed: int = 0):
+def _check_steps(lm, cfg: CacheConfig, prompt_len: int, steps: int, tol: float, seed: int = 0,
+                 dec: Decoder | None = None, fused: FusedStep | None = None):
     """Eager and fused decoders fed the same tokens: logits agree every step, the fused
-    step writes the greedy token and advances the position on the device."""
+    step writes the greedy token and advances the position on the device. ``dec`` and
+    ``fused``: a fused step already built on ``dec`` (else one is built on a copy)."""
     import copy
 
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, lm.spec.vocab_size, (prompt_len,), generator=gen)
     model = copy.deepcopy(lm.model)  # the fused step re-points its weights (shared fixture)
     ref = Decoder.build(model, cfg)
-    dec = Decoder.build(model, cfg)
+    dec = dec if dec is not None else Decoder.build(model, cfg)
     a = ref.prefill(prompt)
     dec.prefill(prompt)
-    fused = FusedStep(dec)
+    fused = fused if fused is not None else FusedStep(dec)
     tok = torch.argmax(a, -1, keepdim=True)
     errs = []
     for _ in range(steps):
@@ -446,6 +448,39 @@ def test_fused_layouts_switch_on_one_model(tiny_models):
             _check_steps(lm, cfg, 20, 2, tol=1e-4)
     torch.testing.assert_close(Decoder.build(lm.model, cfg).prefill(prompt), before,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", [None, "int8", "int4-g32"])
+def test_a_step_keeps_its_weights_when_another_layout_restacks(tiny_models, recipe):
+    """A step with the MLP apart (branches 2), then one with [out | down] stacked on the
+    same model (branches 1), which re-points the model's modules at a new stack: the first
+    step's weights stay where they were (a CUDA graph captured over them reads those
+    addresses; Pythia int8 graphed that way read freed memory) and it still decodes as
+    eager."""
+    import copy
+
+    from fastdecode.quant import QuantConfig, quantize_model
+
+    lm = copy.copy(tiny_models["tiny-neox"])
+    lm.model = copy.deepcopy(lm.model).to(DEV)
+    if recipe:
+        quantize_model(lm.model, QuantConfig.parse(recipe))
+    cfg = CacheConfig(policy="streaming", sink=4, window=24)
+
+    def ptrs(step):
+        return [t.data_ptr() for lw in step.layers
+                for p in (lw.qkv, lw.up, lw.a, lw.out, lw.down, lw.b) if p is not None
+                for t in (p.w, p.s, p.z) if t is not None]
+
+    with _options(branches=2):
+        dec = Decoder.build(lm.model, cfg)
+        first = FusedStep(dec)
+        before = ptrs(first)
+        with _options(branches=1):
+            second = FusedStep(Decoder.build(lm.model, cfg))
+        assert second.layers[0].b is not None and first.layers[0].b is None
+        assert ptrs(first) == before
+        _check_steps(lm, cfg, 12, 2, tol=1e-4, dec=dec, fused=first)
 
 
 def test_fused_weights_share_the_model_memory(tiny_models):

@@ -53,12 +53,17 @@ class Packed:
 
 
 def pack(mod: nn.Module) -> Packed:
-    """A linear module as a Packed weight (shares its tensors)."""
+    """A linear module as a Packed weight: tensors of its own over the module's memory
+    (``detach``), so that when another layout later re-points the module at a new stack,
+    this Packed (and a CUDA graph captured over it) keeps the memory it was built on alive
+    and unchanged."""
     b = mod.bias.detach().float() if getattr(mod, "bias", None) is not None else None
     if isinstance(mod, Int8Linear):
-        return Packed(INT8, mod.weight, mod.scale.reshape(-1, 1), None, mod.in_features, b)
+        return Packed(INT8, mod.weight.detach(), mod.scale.detach().reshape(-1, 1), None,
+                      mod.in_features, b)
     if isinstance(mod, Int4Linear):
-        return Packed(INT4, mod.weight, mod.scale, mod.zero, mod.group_size, b)
+        return Packed(INT4, mod.weight.detach(), mod.scale.detach(), mod.zero.detach(),
+                      mod.group_size, b)
     if isinstance(mod, nn.Linear):
         return Packed(FLOAT, mod.weight.detach(), None, None, mod.in_features, b)
     raise TypeError(f"cannot pack {type(mod).__name__}")
