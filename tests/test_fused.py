@@ -343,25 +343,32 @@ def test_fused_neox_layouts_match_eager(tiny_models, recipe, branches):
         _check_steps(lm, cfg, 30, 4, tol=1e-4)
 
 
-@pytest.mark.parametrize("recipe,int4,want", [(None, None, 1), ("int4-g32", 1, 1),
-                                              ("int4-g32", 2, 2), ("int8", None, 2),
-                                              ("int4-mlp-g32", None, 2), ("llama", None, 0)])
-def test_branches_chosen_per_model(tiny_models, recipe, int4, want):
+@pytest.mark.parametrize("recipe,int4,want,prio", [
+    (None, None, 1, False), ("int4-g32", 1, 1, False), ("int4-g32", 2, 2, False),
+    ("int8", None, 2, True), ("int4-mlp-g32", None, 2, False), ("llama", None, 0, False)])
+def test_branches_chosen_per_model(tiny_models, recipe, int4, want, prio):
     """Unpinned, the layout follows the formats and the int4 path (choose_branches'
-    measured rule)."""
+    measured rule), and the main chain is captured at a higher priority beside an int8
+    MLP only (choose_priority's); pinned, both follow the pin."""
     import copy
 
-    from fastdecode.fused.step import choose_branches
+    from fastdecode.fused.step import choose_branches, choose_priority
     from fastdecode.quant import QuantConfig, quantize_model
 
     model = copy.deepcopy(tiny_models["tiny-llama" if recipe == "llama" else "tiny-neox"].model)
     if recipe not in (None, "llama"):
         quantize_model(model, QuantConfig.parse(recipe))
-    with _options(int4=int4):
+    with _options(int4=int4, priority=None):
         assert choose_branches(model) == want
+        assert choose_priority(model, want) == prio
+        assert not choose_priority(model, 1)
+    for pin in (False, True):
+        with _options(priority=pin):
+            assert choose_priority(model, want) == pin
     with _options(branches=None, int4=int4):
         step = FusedStep(Decoder.build(model, CacheConfig(policy="streaming", sink=2, window=8)))
     assert step.branches == want
+    assert step.priority == (prio and CUDA)  # one stream on the CPU: nothing to rank
 
 
 def test_fused_step_asks_a_cache_with_its_own_plan(tiny_models):

@@ -389,20 +389,15 @@ class CompiledStep:
         self.graph, self.static_logits = graph, out
 
     def _capture_stream(self, dev) -> torch.cuda.Stream | None:
-        """The stream the graph is captured on. The fused step's main chain (q/k/v, rotary,
-        attention, the out projection) is captured on a stream of the highest priority and
-        its side branch (the MLP) on one of normal priority: a kernel node keeps the
-        priority of the stream it was captured on, and PyTorch instantiates graphs with
-        per-node priorities, so when SMs free up the block scheduler places the attention's
-        programs before the rest of the MLP GEMV's instead of after them (the GEMVs fill
-        every SM; without priorities attention waited for the MLP's programs to drain and
-        then ran alone). ``FASTDECODE_PRIORITY=0`` captures at normal priority (None: the
-        default capture stream)."""
-        if self.kernels != "fused":
-            return None
-        from .fused import tune
-
-        if not tune.OPTIONS["priority"]:
+        """The stream the graph is captured on (None: PyTorch's capture stream). Where the
+        fused step asks for it (``FusedStep.priority``, fused.step.choose_priority), its
+        main chain (q/k/v, rotary, attention, the out projection) is captured on a stream
+        of a higher priority than its side branch (the MLP): a kernel node keeps the
+        priority of the stream it was captured on and PyTorch instantiates graphs with
+        per-node priorities, so as SMs free up the block scheduler places attention's
+        programs before the MLP GEMV's remaining ones (the GEMVs fill every SM; at one
+        priority attention waited for the MLP's programs to drain, then ran alone)."""
+        if self.kernels != "fused" or not self._fn.priority:
             return None
         return torch.cuda.Stream(dev, priority=-1)
 

@@ -94,6 +94,22 @@ def choose_branches(model) -> int:
     return 2 if mma else 1
 
 
+def choose_priority(model, branches: int) -> bool:
+    """Whether the graph's main chain (q/k/v, rotary, attention, out) runs at a higher
+    stream priority than the side branch (tune.OPTIONS["priority"] pins it): where the
+    whole MLP is int8 beside attention. Measured (H100, Pythia-2.8B, 4+2048, graphed, A/B
+    of 5 rounds, perf/results/h100-fused-ab-priority-*.json): int8 1.652 -> 1.575 ms (and
+    1.694 -> 1.614 in another process): the int8 GEMVs fill every SM and, at one priority,
+    attention waited for the MLP's programs to drain, then ran alone; int4 g128 1.449 ->
+    1.444 and 1.798 -> 1.802, bf16 2.267 -> 2.269: no change; int4 MLP on tensor cores
+    beside bf16 attention 1.657 -> 1.679 and 2.020 -> 2.064: slower (its GEMVs are bound
+    by latency and want the SMs the attention takes)."""
+    pinned = tune.OPTIONS["priority"]
+    if pinned is not None:
+        return pinned
+    return branches == 2 and pack(model.layers[0].mlp.down).fmt == INT8
+
+
 class FusedStep:
     """``step(tok, pos) -> logits`` for one decoder (its model, cache and buffers)."""
 
@@ -115,6 +131,8 @@ class FusedStep:
         self.branches = 0 if not spec.parallel_residual else (
             choose_branches(model) if pinned is None else pinned)
         self.side = torch.cuda.Stream(dev) if self.branches and dev.type == "cuda" else None
+        # captured at a higher priority than the side branch (compile.CompiledStep)
+        self.priority = self.side is not None and choose_priority(model, self.branches)
         self.layers: list[LayerWeights] = layer_weights(model, side_by_side=self.branches < 2)
         self.norm_kind = NORM_LAYER if spec.family == "gpt_neox" else NORM_RMS
         fb = getattr(model.norm, "bias", None)

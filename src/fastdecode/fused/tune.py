@@ -96,6 +96,8 @@ def _env_attn(name: str) -> tuple[int, int, int] | None:
 # normalises x in each of its programs instead of a norm kernel launched before it: 0 never,
 # 1 where all the GEMVs reading that norm are float, 2 whatever their format (read when a
 # FusedStep is built)
+# priority (FASTDECODE_PRIORITY=0 or 1; unset: chosen per model, step.choose_priority): the
+# captured graph's main chain at a higher stream priority than its side branch
 # branches (FASTDECODE_BRANCHES=0, 1 or 2; unset: chosen per model, step.choose_branches):
 # in a parallel-residual layer, 1 = the MLP's up projection runs on a second CUDA stream
 # beside q/k/v, rotary and attention (two branches of the captured graph), 2 = the whole
@@ -107,7 +109,7 @@ OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
            "norm_in_gemv": _env_level("FASTDECODE_NORM_IN_GEMV", 1, 3),
            "branches": _env_level("FASTDECODE_BRANCHES", None, 3),
            "parts": _env_parts("FASTDECODE_PARTS"),
-           "priority": _env_flag("FASTDECODE_PRIORITY") is not False,
+           "priority": _env_flag("FASTDECODE_PRIORITY"),
            "attn": _env_attn("FASTDECODE_ATTN")}
 
 
