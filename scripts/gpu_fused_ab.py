@@ -1,15 +1,15 @@
 """A/B of the fused step's code paths on Pythia-2.8B shapes (run on a CUDA machine).
 
-For each weight recipe, the same model and prompt decoded with the fused step captured as
-a CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady state, CUDA
-events) under each setting (``--values``, default 0,1) of one code path of
-``tune.OPTIONS`` (``--option``: ``pdl``, programmatic dependent launch; ``norm_in_gemv``,
-each norm inside the GEMV after it; ``branches``, the MLP's up projection (1) or all of
-it (2) on a second stream beside q/k/v and attention; ``priority``, the main chain
-captured at the highest stream priority), interleaved over ``--rounds`` so
-that drift hits all alike; the tuner picks the other code paths, and what it picked is in
-the record. None may change a result beyond rounding: the last greedy token of each run is
-compared with the first variant's.
+For each weight recipe, the same model and prompt decoded with the fused step captured as a
+CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady state, CUDA
+events) under each setting (``--values``, default 0,1) of one code path of ``tune.OPTIONS``
+(``--option``: ``pdl``, programmatic dependent launch; ``norm_in_gemv``, each norm inside
+the GEMV after it; ``branches``, the MLP's up projection (1) or all of it (2) on a second
+stream beside q/k/v and attention; ``priority``, the main chain captured at the highest
+stream priority; ``asm``, the int8/int4 codes converted by inline PTX), interleaved over
+``--rounds`` so that drift hits all alike; the tuner picks the other code paths, and what
+it picked is in the record. None may change a result beyond rounding: the last greedy token
+of each run is compared with the first variant's.
 
     PYTHONPATH=src python scripts/gpu_fused_ab.py --option pdl --json out.json
 """
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-len", type=int, default=96)
     ap.add_argument("--option", default="pdl",
-                    choices=("pdl", "norm_in_gemv", "branches", "priority"))
+                    choices=("pdl", "norm_in_gemv", "branches", "priority", "asm"))
     ap.add_argument("--values", default="0,1",
                     help="the option's settings to compare (branches: 0,1,2)")
     ap.add_argument("--trace-dir", default=None,

@@ -356,6 +356,7 @@ def test_branches_chosen_per_model(tiny_models, recipe, int4, want, prio):
     from fastdecode.quant import QuantConfig, quantize_model
 
     model = copy.deepcopy(tiny_models["tiny-llama" if recipe == "llama" else "tiny-neox"].model)
+    model = model.to(DEV)  # on CUDA: a side stream, which the priority ranks the main chain over
     if recipe not in (None, "llama"):
         quantize_model(model, QuantConfig.parse(recipe))
     with _options(int4=int4, priority=None):
