@@ -72,15 +72,18 @@ def _tuner_pick(x, p, y, cfgs, ws):
     return min(cfgs, key=lambda c: tune._bench(lambda: _launch(x, p, y, c, ws), None))
 
 
-def _candidates(p, n, dtype, ws, parts):
-    """The tuner's candidates, for each pinned number of input parts (tensor-core int4)."""
-    out, pinned = [], tune.OPTIONS["parts"]
+def _candidates(p, n, dtype, ws, parts, asm=(True,)):
+    """The tuner's candidates, for each pinned number of input parts (tensor-core int4)
+    and each inline-PTX setting in ``asm``."""
+    out, saved = [], dict(tune.OPTIONS)
     try:
         for k in parts:
-            tune.OPTIONS["parts"] = k
-            out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws) if c not in out]
+            for a in asm:
+                tune.OPTIONS.update(parts=k, asm=a)
+                out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws)
+                        if c not in out]
     finally:
-        tune.OPTIONS["parts"] = pinned
+        tune.OPTIONS.update(saved)
     return out
 
 
@@ -90,7 +93,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     ap.add_argument("--all-paths", action="store_true",
-                    help="also the path the tuner never picked on the H100: no inline PTX")
+                    help="also the path the tuner never takes unpinned: no inline PTX")
     ap.add_argument("--candidates", default="",
                     help="instead of the tuner's lists: 'BLOCK_N,BLOCK_K,warps,stages;...' "
                          "(stages 0: the default), each with the tuner's asm/int4 choices")
@@ -104,8 +107,6 @@ def main():
         tune.GEMV_CANDIDATES[:] = own
         tune.INT4_CANDIDATES[:] = own
         tune.INT8_CANDIDATES[:] = own
-    if not args.all_paths:
-        tune.OPTIONS.update(asm=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     want = set(args.shapes.split(",")) if args.shapes else None
     out = {"device": torch.cuda.get_device_name(), "layers": args.layers, "shapes": {}}
@@ -119,7 +120,8 @@ def main():
         rows = []
         ref = None
         ws = tune.Workspace(n, x.device)
-        for cfg in _candidates(ps[0], n, x.dtype, ws, [int(k) for k in args.parts.split(",")]):
+        for cfg in _candidates(ps[0], n, x.dtype, ws, [int(k) for k in args.parts.split(",")],
+                               (False, True) if args.all_paths else (True,)):
             try:
                 us = _time_graph(x, ps, ys, cfg, args.reps, ws)
             except Exception as e:  # a configuration that does not compile here

@@ -17,8 +17,8 @@ Triton's conversions) and ``int4``, the int4 path (kernels module docstring): 0 
 product per group then scale and zero, 1 = dequantise every weight and reduce once at the
 end, 2 = tensor cores (bfloat16/float16 models, groups of 32 or more). :data:`OPTIONS`
 (also read from the environment: ``FASTDECODE_ASM`` = 0 or 1, ``FASTDECODE_INT4`` = 0, 1
-or 2) pins them; unset, the tuner measures asm both ways, and int4 takes path 2 for
-groups of 128 or more where it applies (else 1). On path 2 a GEMV's inputs may be cut
+or 2) pins them; unset, asm is on (:func:`_asm`), and int4 takes path 2 for groups of
+128 or more where it applies (else 1). On path 2 a GEMV's inputs may be cut
 into ``parts`` (1, 2 or 4), one program each, whose float32 partial sums the last of them
 adds in order (:class:`Workspace`); ``FASTDECODE_PARTS`` pins it, unset :func:`parts` picks
 it from the number of row blocks. ``pdl``
@@ -202,10 +202,14 @@ def _mma_ok(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> bool:
             and (dtype in (torch.bfloat16, torch.float16) or OPTIONS["int4"] == 2))
 
 
-def _choices(name: str, applies: bool) -> tuple[bool, ...]:
-    if not applies:
-        return (False,)
-    return (False, True) if OPTIONS[name] is None else (bool(OPTIONS[name]),)
+def _asm(applies: bool) -> bool:
+    """Inline-PTX conversions: on wherever they apply, unless pinned. Not timed: do_bench's
+    choice (one launch alone) flipped from process to process, and inside the graphed step
+    the PTX conversion is the faster one everywhere (A/B, 5 rounds, H100,
+    perf/results/h100-fused-ab-asm-*.json: int8 1.611 -> 1.556 ms; int4 g128 2.170 ->
+    1.341, where Triton's conversion leaves the tensor-core path waiting on float32
+    casts)."""
+    return applies and (OPTIONS["asm"] is None or bool(OPTIONS["asm"]))
 
 
 def int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int, ...]:
@@ -295,7 +299,7 @@ def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bo
                  for bn, w, st in (INT4_MMA_CANDIDATES if k == 1 else
                                    INT4_MMA_PARTS_CANDIDATES)] if path == 2
                 else [c + (1,) for c in valid])
-        out += [c[:4] + (a, path, c[4]) for c in cfgs for a in _choices("asm", p.fmt != 0)]
+        out += [c[:4] + (_asm(p.fmt != 0), path, c[4]) for c in cfgs]
     return out
 
 
