@@ -1,6 +1,7 @@
 """Every GEMV launch configuration the tuner knows, timed the way the decode step runs them.
 
-For each GEMV shape of Pythia-2.8B's fused step (bf16 [out | down]; int8: q/k/v, up,
+For each GEMV shape of Pythia-2.8B's fused step (bf16: [out | down], up, q/k/v, out (the
+int4-MLP layout) and the head; int8: q/k/v, up,
 out, down; int4 g128: q/k/v, up, [out | down], down), 32 weights (one a layer, so the L2
 cache holds none of them across launches) are launched back to back in one CUDA graph, as
 in the step, for every candidate of ``tune._gemv_candidates``; the graph is replayed and
@@ -27,6 +28,8 @@ from fastdecode.quant.int8 import quantize_int8
 
 SHAPES = [  # name, format, rows, inputs
     ("bf16 out|down", FLOAT, 2560, 12800), ("bf16 up", FLOAT, 10240, 2560),
+    ("bf16 qkv", FLOAT, 7680, 2560), ("bf16 out", FLOAT, 2560, 2560),
+    ("bf16 head", FLOAT, 50304, 2560),
     ("int8 qkv", INT8, 7680, 2560), ("int8 up", INT8, 10240, 2560),
     ("int8 out", INT8, 2560, 2560), ("int8 down", INT8, 2560, 10240),
     ("int4 qkv", INT4, 7680, 2560), ("int4 up", INT4, 10240, 2560),
