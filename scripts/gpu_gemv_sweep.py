@@ -30,6 +30,9 @@ SHAPES = [  # name, format, rows, inputs
     ("bf16 out|down", FLOAT, 2560, 12800), ("bf16 up", FLOAT, 10240, 2560),
     ("bf16 qkv", FLOAT, 7680, 2560), ("bf16 out", FLOAT, 2560, 2560),
     ("bf16 head", FLOAT, 50304, 2560),
+    # the float GEMVs after a norm take it inside (NORM 1, LayerNorm): q/k/v, up, head
+    ("bf16 qkv+norm", FLOAT, 7680, 2560), ("bf16 up+norm", FLOAT, 10240, 2560),
+    ("bf16 head+norm", FLOAT, 50304, 2560),
     ("int8 qkv", INT8, 7680, 2560), ("int8 up", INT8, 10240, 2560),
     ("int8 out", INT8, 2560, 2560), ("int8 down", INT8, 2560, 10240),
     ("int4 qkv", INT4, 7680, 2560), ("int4 up", INT4, 10240, 2560),
@@ -52,30 +55,34 @@ def _weights(fmt, n, k, layers, gen):
     return out
 
 
-def _launch(x, p, y, cfg, ws):
+def _launch(x, p, y, cfg, ws, nw=None):
+    """One GEMV launch; ``nw``: a LayerNorm's [weight; bias] rows, normalised inside."""
+    nb = nw[1:] if nw is not None else x
+    nw = nw if nw is not None else x
     args = (x, p.w, p.s if p.s is not None else p.w, p.z if p.z is not None else p.w, p.w,
-            y, y, y, x, x, 0.0, p.n, p.n, 0, 0)
+            y, y, y, nw, nb, 1e-5, p.n, p.n, 0, 0)
     meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=0, GLU=False, HAS_BIAS=False,
-                HAS_RES=False, HAS_RES2=False, NORM=0, **tune._launch_opts(x))
+                HAS_RES=False, HAS_RES2=False, NORM=int(nw is not x),
+                **tune._launch_opts(x))
     tune.launch_gemv(args, meta, p.n, cfg, ws)
 
 
-def _time_graph(x, ps, ys, cfg, reps, ws):
+def _time_graph(x, ps, ys, cfg, reps, ws, nw=None):
     """µs a launch: the chain of launches captured as one graph (gpu_quant_bench.time_graph)."""
     def chain():
         for p, y in zip(ps, ys):
-            _launch(x, p, y, cfg, ws)
+            _launch(x, p, y, cfg, ws, nw)
 
     median_ms, _ = time_graph(chain, reps)
     return median_ms * 1000 / len(ps)
 
 
-def _tuner_pick(x, p, y, cfgs, ws):
+def _tuner_pick(x, p, y, cfgs, ws, nw=None):
     """The candidate the tuner's timing ranks first (tune._bench: one launch, do_bench)."""
-    return min(cfgs, key=lambda c: tune._bench(lambda: _launch(x, p, y, c, ws), None))
+    return min(cfgs, key=lambda c: tune._bench(lambda: _launch(x, p, y, c, ws, nw), None))
 
 
-def _candidates(p, n, dtype, ws, parts, asm=(True,)):
+def _candidates(p, n, dtype, ws, parts, asm=(True,), norm=False):
     """The tuner's candidates, for each pinned number of input parts (tensor-core int4)
     and each inline-PTX setting in ``asm``."""
     out, saved = [], dict(tune.OPTIONS)
@@ -83,7 +90,7 @@ def _candidates(p, n, dtype, ws, parts, asm=(True,)):
         for k in parts:
             for a in asm:
                 tune.OPTIONS.update(parts=k, asm=a)
-                out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws)
+                out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws, norm=norm)
                         if c not in out]
     finally:
         tune.OPTIONS.update(saved)
@@ -120,14 +127,16 @@ def main():
         ps = _weights(fmt, n, k, args.layers, gen)
         x = torch.randn(k, device="cuda", dtype=torch.bfloat16, generator=gen)
         ys = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for _ in ps]
+        nw = (torch.rand(2, k, device="cuda", dtype=torch.bfloat16, generator=gen) + 0.5
+              if name.endswith("+norm") else None)
         nbytes = ps[0].nbytes()
         rows = []
         ref = None
         ws = tune.Workspace(n, x.device)
         for cfg in _candidates(ps[0], n, x.dtype, ws, [int(k) for k in args.parts.split(",")],
-                               (False, True) if args.all_paths else (True,)):
+                               (False, True) if args.all_paths else (True,), nw is not None):
             try:
-                us = _time_graph(x, ps, ys, cfg, args.reps, ws)
+                us = _time_graph(x, ps, ys, cfg, args.reps, ws, nw)
             except Exception as e:  # a configuration that does not compile here
                 print(f"{name:14s} {cfg} failed: {str(e)[:120]}", flush=True)
                 continue
@@ -138,7 +147,7 @@ def main():
             print(f"{name:14s} {str(cfg):44s} {us:7.2f} us {nbytes / us / 1e3:7.0f} GB/s "
                   f"err {err:.1e}", flush=True)
         best = min(rows, key=lambda r: r["us"])
-        tuner = _tuner_pick(x, ps[0], ys[0], [tuple(r["cfg"]) for r in rows], ws)
+        tuner = _tuner_pick(x, ps[0], ys[0], [tuple(r["cfg"]) for r in rows], ws, nw)
         by_cfg = {tuple(r["cfg"]): r for r in rows}
         print(f"{name:14s} best {best['cfg']} {best['us']:.2f} us {best['GBps']:.0f} GB/s; "
               f"do_bench picks {list(tuner)} {by_cfg[tuner]['us']:.2f} us", flush=True)
