@@ -118,6 +118,7 @@ def main():
         tune.INT4_CANDIDATES[:] = own
         tune.INT8_CANDIDATES[:] = own
         tune.FLOAT_LARGE_CANDIDATES[:] = own
+        tune.FLOAT_NORM_CANDIDATES[:] = own
     gen = torch.Generator(device="cuda").manual_seed(0)
     want = set(args.shapes.split(",")) if args.shapes else None
     out = {"device": torch.cuda.get_device_name(), "layers": args.layers, "shapes": {}}
