@@ -82,7 +82,7 @@ def _tuner_pick(x, p, y, cfgs, ws, nw=None):
     return min(cfgs, key=lambda c: tune._bench(lambda: _launch(x, p, y, c, ws, nw), None))
 
 
-def _candidates(p, n, dtype, ws, parts, asm=(True,), norm=False):
+def _candidates(p, n, dtype, ws, parts, asm=(True,)):
     """The tuner's candidates, for each pinned number of input parts (tensor-core int4)
     and each inline-PTX setting in ``asm``."""
     out, saved = [], dict(tune.OPTIONS)
@@ -90,7 +90,7 @@ def _candidates(p, n, dtype, ws, parts, asm=(True,), norm=False):
         for k in parts:
             for a in asm:
                 tune.OPTIONS.update(parts=k, asm=a)
-                out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws, norm=norm)
+                out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws)
                         if c not in out]
     finally:
         tune.OPTIONS.update(saved)
@@ -117,8 +117,6 @@ def main():
         tune.GEMV_CANDIDATES[:] = own
         tune.INT4_CANDIDATES[:] = own
         tune.INT8_CANDIDATES[:] = own
-        tune.FLOAT_LARGE_CANDIDATES[:] = own
-        tune.FLOAT_NORM_CANDIDATES[:] = own
     gen = torch.Generator(device="cuda").manual_seed(0)
     want = set(args.shapes.split(",")) if args.shapes else None
     out = {"device": torch.cuda.get_device_name(), "layers": args.layers, "shapes": {}}
@@ -135,7 +133,7 @@ def main():
         ref = None
         ws = tune.Workspace(n, x.device)
         for cfg in _candidates(ps[0], n, x.dtype, ws, [int(k) for k in args.parts.split(",")],
-                               (False, True) if args.all_paths else (True,), nw is not None):
+                               (False, True) if args.all_paths else (True,)):
             try:
                 us = _time_graph(x, ps, ys, cfg, args.reps, ws, nw)
             except Exception as e:  # a configuration that does not compile here

@@ -139,17 +139,10 @@ def _launch_opts(x: torch.Tensor) -> dict:
 GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 1024, 4, None), (8, 256, 4, None),
                    (8, 512, 4, None), (8, 512, 8, None), (8, 1024, 8, None), (16, 256, 4, None),
                    (4, 1024, 4, 1), (2, 2048, 4, None), (4, 2048, 8, None)]
-# float GEMVs of 2,048 inputs or more: the graphed sweep's winners only
-# (h100-gemv-sweep-bf16-9f19846.json, 32 layers). Without a norm inside, 2 rows x 1,024
-# inputs x 4 warps was the fastest or within 2% for every bf16 GEMV of Pythia-2.8B (q/k/v
-# 13.7 us, out 4.9, up 17.9, [out | down] 22.9, head 82.0); with LayerNorm inside (every
-# program takes x's statistics, so more rows a program pay), 8 x 512 x 8 was within 2.2%
-# (q/k/v 15.5, up 20.5, head 86.3). do_bench's picks from the whole list changed from
-# process to process (int4-mlp-g128's q/k/v 4/1024/4 in one run, 8/256/4 in the next: 1.598
-# and 1.786 ms) and a wrong one costs up to 17% ([out | down] 26.8 us with 4/1024/4).
-# Smaller inputs (SmolLM2's 576) keep the timed list
-FLOAT_LARGE_CANDIDATES = [(2, 1024, 4, None)]
-FLOAT_NORM_CANDIDATES = [(8, 512, 8, None)]
+# bf16 keeps the timed list: the graphed sweep's winners (h100-gemv-sweep-bf16-9f19846.json:
+# 2/1024/4 without a norm inside, 8/512/8 with LayerNorm inside, each within 2% of the best
+# shape by shape) made the bf16-weight step slower than the tuner's picks (int8 KV
+# 2.24 -> 2.44 ms at be3f41d): alone and inside the two-stream step they rank differently
 # int8: the graphed sweep's winners only (h100-gemv-sweep.json, -int8-mma-5af6f77.json: 8 rows x
 # 512 inputs x 8 warps for q/k/v, up and out, 2 x 2048 x 4 for down). With the whole list,
 # do_bench's picks (one launch alone) changed from process to process (q/k/v 8/512/4 in
@@ -294,13 +287,11 @@ def _parts_choices(n: int, bn: int, glu: bool, ws: Workspace | None) -> tuple[in
 
 
 def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool = False,
-                     ws: Workspace | None = None, norm: bool = False) -> list[tuple]:
+                     ws: Workspace | None = None) -> list[tuple]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts) for this weight
     (int4 on tensor cores: num_warps is the number of K splits, BLOCK_K the group; parts
     only there, with a workspace)."""
-    large = FLOAT_NORM_CANDIDATES if norm else FLOAT_LARGE_CANDIDATES
-    base = list({FLOAT: large if p.k >= 2048 else GEMV_CANDIDATES,
-                 INT8: INT8_CANDIDATES, INT4: INT4_CANDIDATES}[p.fmt])
+    base = list({FLOAT: GEMV_CANDIDATES, INT8: INT8_CANDIDATES, INT4: INT4_CANDIDATES}[p.fmt])
     valid = [c for c in base if _valid(c, p, n, nsplit)]
     if not valid:  # small or odd widths (SmolLM2's 576): the largest K block that fits
         bn = _pow2_divisor(nsplit, 8) if 0 < nsplit < n else 8
@@ -391,8 +382,7 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
            int(res is not None), int(res2 is not None), kind,
            str(x.dtype).removeprefix("torch."), OPTIONS["asm"], OPTIONS["int4"],
            OPTIONS["parts"], ws is not None)
-    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype, glu, ws, kind != 0), run,
-              res))
+    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype, glu, ws), run, res))
 
 
 def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | None = None):
