@@ -413,8 +413,16 @@ def test_fused_step_asks_a_cache_with_its_own_plan(tiny_models):
 
 def test_env_settings_are_checked(monkeypatch):
     """FASTDECODE_BRANCHES takes 0, 1 or 2 (unset: chosen per model), FASTDECODE_PARTS 1,
-    2 or 4 (unset: chosen per shape), FASTDECODE_ATTN a valid attention launch; anything
-    else is an error naming the variable, not a silent default."""
+    2 or 4 (unset: chosen per shape), FASTDECODE_ATTN a valid attention launch, the
+    switches (FASTDECODE_PRIORITY, _ASM, _PDL, _TUNE) 0 or 1; anything else is an error
+    naming the variable, not a silent default."""
+    for v, want in (("", None), ("0", False), ("1", True)):
+        monkeypatch.setenv("FASTDECODE_PRIORITY", v)
+        assert tune._env_flag("FASTDECODE_PRIORITY") is want
+    for bad in ("2", "yes", "off"):
+        monkeypatch.setenv("FASTDECODE_PRIORITY", bad)
+        with pytest.raises(ValueError, match="FASTDECODE_PRIORITY"):
+            tune._env_flag("FASTDECODE_PRIORITY")
     for v, want in (("", None), ("0", 0), ("2", 2)):
         monkeypatch.setenv("FASTDECODE_BRANCHES", v)
         assert tune._env_level("FASTDECODE_BRANCHES", None, 3) == want

@@ -46,8 +46,14 @@ _CHOSEN: dict[tuple, tuple] = {}
 
 
 def _env_flag(name: str) -> bool | None:
+    """A switch from the environment: 0 or 1 (unset or empty: None); anything else is an
+    error naming the variable, not a silent "on"."""
     v = os.environ.get(name)
-    return None if v in (None, "") else v != "0"
+    if v in (None, ""):
+        return None
+    if v not in ("0", "1"):
+        raise ValueError(f"{name}={v!r}: expected 0 or 1")
+    return v == "1"
 
 
 def _env_level(name: str, default: int | None, levels: int) -> int | None:
