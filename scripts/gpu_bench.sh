@@ -19,6 +19,10 @@
 #   bash scripts/gpu_bench.sh ab       # scripts/gpu_fused_ab.py: a code path off/on
 #                                      # (AB_OPTION=pdl|norm_in_gemv|branches|priority) for bf16,
 #                                      # int8 and int4 on Pythia shapes (AB_RECIPES picks)
+#   bash scripts/gpu_bench.sh kd       # SmolLM2: `fastdecode quantize --recipe int4-mlp-g128-kd`
+#                                      # on CUDA (bf16), then `fastdecode ppl` of it and of the
+#                                      # base model (PG19 10146, 8,192 tokens, 4+1020): #5's
+#                                      # perplexity target; needs both GGUF halves (stage first)
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`;
@@ -51,6 +55,15 @@ python3 -c 'import torch, transformers, triton; print("torch", torch.__version__
   transformers.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 BENCH=(python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights --dtype bfloat16
        --device cuda --sink 4 --window 2048 --compile graphs)
+
+join_gguf() {  # the two halves (two calls' carries) -> /tmp/fd/smollm2.gguf
+  if [ -f /tmp/fd/gguf.00 ] && [ -f /tmp/fd/gguf.01 ]; then
+    cat /tmp/fd/gguf.00 /tmp/fd/gguf.01 > /tmp/fd/smollm2.gguf
+    echo "gguf sha256 $(sha256sum /tmp/fd/smollm2.gguf | cut -d' ' -f1) want $(cat .carry/gguf.sha256)"
+  elif [ ! -f /tmp/fd/smollm2.gguf ]; then
+    echo "no gguf half in /tmp/fd (the machine was not warm?)"; return 1
+  fi
+}
 
 for PHASE in "${PHASES[@]}"; do
 echo "== phase $PHASE"
@@ -102,15 +115,22 @@ elif [ "$PHASE" = quant ]; then
   done
   timeout 60 "${BENCH[@]}" --kv-dtype int8 --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/h100-pythia-int8kv.json" | tail -3
   echo "bench int8kv rc=$?"
+elif [ "$PHASE" = kd ]; then
+  join_gguf || exit 3
+  PPL=(python3 -m fastdecode.cli ppl --data pg19-10146 --max-tokens 8192 --mode streaming
+       --sink 4 --window 1020 --dtype bfloat16 --device cuda)
+  start=$SECONDS
+  timeout 400 python3 -m fastdecode.cli quantize \
+    --model /tmp/fd/smollm2.gguf --device cuda --dtype bfloat16 \
+    --recipe "${KD_RECIPE:-int4-mlp-g128-kd}" --out /tmp/fd/q-kd
+  echo "quantize rc=$? wall $((SECONDS - start)) s"
+  timeout 60 "${PPL[@]}" --model /tmp/fd/smollm2.gguf --json "$OUT/h100-ppl-bf16.json"
+  timeout 60 "${PPL[@]}" --model /tmp/fd/q-kd --json "$OUT/h100-ppl-${KD_RECIPE:-int4-mlp-g128-kd}.json"
+  echo "ppl rc=$?"
 elif [ "$PHASE" = suite ] || [ "$PHASE" = real ] || [ "$PHASE" = perf ]; then
   # suite = real + perf; with GPTQ in the int4 configurations the two together can pass
   # one device call's 600 s (71baa94: nox -s gpu cut at 380 s), so run them as two calls
-  if [ -f /tmp/fd/gguf.00 ] && [ -f /tmp/fd/gguf.01 ]; then
-    cat /tmp/fd/gguf.00 /tmp/fd/gguf.01 > /tmp/fd/smollm2.gguf
-    echo "gguf sha256 $(sha256sum /tmp/fd/smollm2.gguf | cut -d' ' -f1) want $(cat .carry/gguf.sha256)"
-  elif [ ! -f /tmp/fd/smollm2.gguf ]; then
-    echo "no gguf half in /tmp/fd (the machine was not warm?)"; exit 3
-  fi
+  join_gguf || exit 3
   if [ "$PHASE" != perf ]; then
     timeout 240 python3 scripts/gpu_real_check.py --model /tmp/fd/smollm2.gguf --tokens 300 \
       --dtypes float32,bfloat16 --json "$OUT/h100-real-check.json"

@@ -137,12 +137,15 @@ def test_recompute_equals_direct_computation(models, family, S, W):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batched_last_logits_equal_model_forward(models, family):
+def test_batched_logits_equal_model_forward(models, family):
     model = models[family]
     batch = torch.stack([tokens(s, 17) for s in range(5)])
     got = last_logits_batched(model, batch)
-    want = torch.stack([dense_logits(model, row)[-1] for row in batch])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    full = torch.stack([dense_logits(model, row) for row in batch])
+    torch.testing.assert_close(got, full[:, -1], rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # distillation trains through every position
+        every = model.forward_batch(batch)
+    torch.testing.assert_close(every, full, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=40)

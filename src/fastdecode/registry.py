@@ -27,14 +27,14 @@ class RunConfig:
     @property
     def speed_quant(self) -> str | None:
         """The recipe for speed runs: the same stored format, with round-to-nearest codes
-        where the recipe calibrates (``-gptq``). Speed does not depend on which codes a
+        where the recipe calibrates (``-gptq``, ``-kd``). Speed does not depend on which codes a
         method chose, and random weights give calibration nothing to fit."""
         if not self.quant:
             return None
         from .quant import QuantConfig
 
         qc = QuantConfig.parse(self.quant)
-        return replace(qc, method="rtn").name if qc.method == "gptq" else self.quant
+        return replace(qc, method="rtn").name if qc.calibrates else self.quant
 
     def to_dict(self) -> dict:
         return {"name": self.name, "speed_cache": self.speed_cache.to_dict(),
@@ -65,10 +65,11 @@ def _configs() -> list[RunConfig]:
                   description="4+2048 streaming, fused step captured as a CUDA graph"),
         RunConfig("int8-all-graphs", *_STREAM, graphs, quant="int8",
                   description="int8 weight-only, all linears"),
-        # int4: GPTQ codes for perplexity (the search's: +20.8% at g128 MLP-only, GPTQ's
-        # +5.4% on the CPU proxy; README), the same format timed with plain rounding
-        RunConfig("int4-mlp-g128-graphs", *_STREAM, graphs, quant="int4-mlp-g128-gptq",
-                  description="int4 g128 weight-only (GPTQ), MLP only"),
+        # int4: calibrated codes for perplexity (g128 MLP-only on SmolLM2: the search +20.8%,
+        # GPTQ +5.5%, GPTQ + distillation +2.7%; README), the same format timed with plain
+        # rounding
+        RunConfig("int4-mlp-g128-graphs", *_STREAM, graphs, quant="int4-mlp-g128-kd",
+                  description="int4 g128 weight-only (GPTQ + distillation), MLP only"),
         RunConfig("int4-mlp-g64-graphs", *_STREAM, graphs, quant="int4-mlp-g64-gptq",
                   description="int4 g64 weight-only (GPTQ), MLP only"),
         RunConfig("int4-all-g128-graphs", *_STREAM, graphs, quant="int4-g128-gptq",

@@ -155,7 +155,8 @@ def run(args) -> int:
         from ..quant.gptq import calibration_for
 
         qcfg = QuantConfig.parse(args.quant)
-        quantize_model(lm.model, qcfg, calibration=calibration_for(lm, qcfg))
+        quantize_model(lm.model, qcfg, calibration=calibration_for(lm, qcfg),
+                       progress=True)
         set_backend(lm.model, "auto")
     mode = args.compile or ("graphs" if dev.type == "cuda" else "default")
     if not bounded:

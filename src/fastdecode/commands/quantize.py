@@ -10,9 +10,10 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--recipe", required=True,
                    help="int8 | int8-mlp | int4-mlp-g128 | int4-g64 | int4-attn-g128 | ... "
-                        "(int4: append -search (default, data-free), -rtn or -gptq "
-                        "(calibrated on wikitext-2 + PG19 10321) to choose how the codes are "
-                        "chosen; append +head to quantize the output head too)")
+                        "(int4: append -search (default, data-free), -rtn, -gptq (calibrated "
+                        "on wikitext-2 + PG19 10321) or -kd (GPTQ, then distilled against "
+                        "the model itself: a GPU job) to choose how the codes are chosen; "
+                        "append +head to quantize the output head too)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(run=run)
 
@@ -28,7 +29,8 @@ def run(args) -> int:
         from ..errors import InputError
 
         raise InputError(f"{args.model} is already quantized ({lm.quant.name})")
-    names = quantize_model(lm.model, cfg, calibration=calibration_for(lm, cfg))
+    names = quantize_model(lm.model, cfg, calibration=calibration_for(lm, cfg),
+                           progress=True)
     out = save_quantized(lm, cfg, args.out)
     print(f"quantized {len(names)} linears with {cfg.name}; wrote {out}")
     return 0

@@ -23,9 +23,7 @@ Two exact ways to compute it (equal up to rounding; tests hold them together):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import rope
 from ..models.transformer import Transformer
 
 
@@ -39,40 +37,9 @@ def context_ids(ids: torch.Tensor, t: int, sink: int, window: int) -> torch.Tens
 @torch.no_grad()
 def last_logits_batched(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [B, V] of the last position of each row of ``tokens`` [B, L], every row
-    encoded from scratch with causal attention at positions 0..L-1.
-
-    The same arithmetic as the model's own forward (its linears, norms, rotary), batched
-    over independent sequences; the model's cache path is batch-1."""
-    spec = model.spec
-    B, L = tokens.shape
-    H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    x = model.embed(tokens.reshape(-1))  # [B*L, hidden]
-    cos, sin = rope.cos_sin(torch.arange(L, device=tokens.device), model.freqs, x.dtype)
-    n = len(model.layers)
-    rows = L
-    for i, layer in enumerate(model.layers):
-        last = i == n - 1
-        h = layer.norm1(x)
-        qkv = layer.attn.qkv(h).view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # [B, heads, L, D]
-        q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
-        k = rope.apply(k, cos, sin)
-        if last:  # only the last query matters from here on
-            q = rope.apply(q[:, :, -1:], cos[-1:], sin[-1:])
-            x = x.view(B, L, -1)[:, -1].contiguous()
-            rows = 1
-        else:
-            q = rope.apply(q, cos, sin)
-        if Hkv != H:
-            k = k.repeat_interleave(H // Hkv, dim=1)
-            v = v.repeat_interleave(H // Hkv, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=not last)
-        a = layer.attn.out(a.transpose(1, 2).reshape(B * rows, H * D))
-        if layer.parallel:
-            x = x + a + layer.mlp(layer.norm2(x))
-        else:
-            x = x + a
-            x = x + layer.mlp(layer.norm2(x))
-    return model.lm_head(model.norm(x))
+    encoded from scratch with causal attention at positions 0..L-1
+    (:meth:`Transformer.forward_batch`; the model's cache path is batch-1)."""
+    return model.forward_batch(tokens, last_only=True)
 
 
 def auto_batch(length: int, device: torch.device) -> int:

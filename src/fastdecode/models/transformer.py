@@ -137,6 +137,44 @@ class Transformer(nn.Module):
             x = layer(x, cache, plan, rot, rot_sink)
         return self.lm_head(self.norm(x))
 
+    def forward_batch(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, L, V] (``last_only``: [B, V], the last position's) of ``tokens``
+        [B, L], every row encoded from scratch with causal attention at positions 0..L-1.
+
+        The same arithmetic as :meth:`forward` (its linears, norms, rotary), batched over
+        independent sequences and without a cache: the recompute oracle's contexts and
+        int4 distillation (which needs autograd through it) run here."""
+        spec = self.spec
+        B, L = tokens.shape
+        H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        x = self.embed(tokens.reshape(-1))  # [B*L, hidden]
+        cos, sin = rope.cos_sin(torch.arange(L, device=tokens.device), self.freqs, x.dtype)
+        rows = L
+        for i, layer in enumerate(self.layers):
+            last = last_only and i == len(self.layers) - 1
+            h = layer.norm1(x)
+            qkv = layer.attn.qkv(h).view(B, L, H + 2 * Hkv, D).transpose(1, 2)  # [B, heads, L, D]
+            q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
+            k = rope.apply(k, cos, sin)
+            if last:  # only the last query matters from here on
+                q = rope.apply(q[:, :, -1:], cos[-1:], sin[-1:])
+                x = x.view(B, L, -1)[:, -1].contiguous()
+                rows = 1
+            else:
+                q = rope.apply(q, cos, sin)
+            if Hkv != H:
+                k = k.repeat_interleave(H // Hkv, dim=1)
+                v = v.repeat_interleave(H // Hkv, dim=1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=not last)
+            a = layer.attn.out(a.transpose(1, 2).reshape(B * rows, H * D))
+            if layer.parallel:
+                x = x + a + layer.mlp(layer.norm2(x))
+            else:
+                x = x + a
+                x = x + layer.mlp(layer.norm2(x))
+        logits = self.lm_head(self.norm(x))
+        return logits if last_only else logits.view(B, L, -1)
+
     def load_canonical(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load canonical tensors (see module doc); casts to this model's dtype."""
         from ..errors import ModelLoadError

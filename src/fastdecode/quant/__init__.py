@@ -6,12 +6,14 @@ embeddings stay in the model dtype unless the recipe ends in ``+head``.
 
 int4 recipes may name how scale, zero and codes are chosen (the stored format is the same):
 ``-search`` (the default; data-free, least squared error per group), ``-rtn`` (min-max,
-round to nearest) or ``-gptq`` (calibration text; see quant/gptq.py), e.g.
-``int4-mlp-g128-gptq``. ``QuantConfig.name`` always says which, e.g. ``int4-mlp-g128-search``.
+round to nearest), ``-gptq`` (calibration text; see quant/gptq.py) or ``-kd`` (GPTQ, then
+codes, scales and zeros tuned against the unquantized model's outputs; quant/distill.py),
+e.g. ``int4-mlp-g128-gptq``. ``QuantConfig.name`` always says which, e.g. ``int4-mlp-g128-search``.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass
 
@@ -30,9 +32,9 @@ FILTERS = {
     "attn": re.compile(r"layers\.\d+\.attn\.(qkv|out)$"),
 }
 KINDS = {"int8": Int8Linear, "int4": Int4Linear}
-METHODS = {"int8": ("rtn",), "int4": ("search", "rtn", "gptq")}  # the first is the default
+METHODS = {"int8": ("rtn",), "int4": ("search", "rtn", "gptq", "kd")}  # the first is the default
 _RECIPE = re.compile(r"^(int8|int4)(?:-(all|mlp|mlp_up|attn))?(?:-g(\d+))?"
-                     r"(?:-(search|rtn|gptq))?(\+head)?$")
+                     r"(?:-(search|rtn|gptq|kd))?(\+head)?$")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,11 @@ class QuantConfig:
         g = f"-g{self.group_size}-{self.method}" if self.kind == "int4" else ""
         return f"{self.kind}-{self.filter}{g}{'+head' if self.head else ''}"
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether the method needs calibration text (``gptq``, ``kd``)."""
+        return self.method in ("gptq", "kd")
+
     def matches(self, module_name: str) -> bool:
         if module_name == "lm_head":
             return self.head
@@ -84,10 +91,12 @@ class QuantConfig:
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig,
-                   calibration: torch.Tensor | None = None) -> list[str]:
+                   calibration: torch.Tensor | None = None, progress: bool = False) -> list[str]:
     """Replace matching nn.Linear modules in place; returns the names replaced.
 
-    ``calibration``: token ids, needed by ``gptq`` (``gptq.calibration_tokens``)."""
+    ``calibration``: token ids, needed by ``gptq`` and ``kd`` (``gptq.calibration_for``);
+    GPTQ reads the first ``gptq.CALIB_TOKENS``, distillation all. ``progress``: a bar for
+    distillation."""
     cls = KINDS[cfg.kind]
     targets = dict((name, mod) for name, mod in model.named_modules()
                    if isinstance(mod, nn.Linear) and cfg.matches(name))
@@ -98,22 +107,26 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
     def replace(name, **kw):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls.from_linear(targets[name], group_size=cfg.group_size,
-                                               method=cfg.method, **kw))
+        setattr(parent, child, cls.from_linear(targets[name], group_size=cfg.group_size, **kw))
 
-    if cfg.method == "gptq":
-        from .gptq import input_moments, moment_batches
+    if cfg.calibrates:
+        from .gptq import CALIB_TOKENS, input_moments, moment_batches
 
         if calibration is None:
             raise ConfigError(f"{cfg.name} needs calibration tokens "
-                              "(fastdecode.quant.gptq.calibration_tokens)")
+                              "(fastdecode.quant.gptq.calibration_for)")
+        teacher = copy.deepcopy(model) if cfg.method == "kd" else None
         for batch in moment_batches(model, list(targets)):  # later batches see earlier ones
-            moments = input_moments(model, batch, calibration)  # quantized
+            moments = input_moments(model, batch, calibration[:CALIB_TOKENS])  # quantized
             for name in batch:
-                replace(name, moments=moments.pop(name))
+                replace(name, method="gptq", moments=moments.pop(name))
+        if teacher is not None:
+            from .distill import distill_int4
+
+            distill_int4(model, teacher, calibration, progress=progress)
     else:
         for name in targets:
-            replace(name)
+            replace(name, method=cfg.method)
     return list(targets)
 
 

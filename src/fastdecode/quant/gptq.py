@@ -38,25 +38,43 @@ _BLOCK = 128  # columns per lazy GPTQ update
 _REFIT_ELEMENTS = 1 << 25  # rows per least-squares chunk: about this many of [rows, in, groups]
 
 
-def calibration_tokens(tokenizer, sources=CALIBRATION, n_tokens: int | None = None):
-    """LongTensor of ``n_tokens`` (default CALIB_TOKENS) token ids, an equal share from the
-    start of each source."""
+def calibration_tokens(tokenizer, sources=CALIBRATION, n_tokens: int | None = None,
+                       totals: tuple[int, ...] | None = None):
+    """LongTensor of token ids: ``n_tokens`` (default CALIB_TOKENS), an equal share from
+    the start of each source; then, with ``totals`` (tokens per source, in order), the
+    rest of each source up to its total (distillation's calibration: GPTQ reads its first
+    ``n_tokens``)."""
     from ..eval.data import load_text, tokenize
 
     n_tokens = n_tokens or CALIB_TOKENS
     per = n_tokens // len(sources)
-    ids: list[int] = []
-    for src in sources:
+    totals = totals or (per,) * len(sources)
+    if len(totals) != len(sources) or min(totals) < per:
+        raise ConfigError(f"calibration totals {totals} must give each of {sources} at "
+                          f"least {per} tokens")
+    texts = []
+    for src, total in zip(sources, totals):
         got = tokenize(load_text(src), tokenizer)
-        if len(got) < per:
-            raise InputError(f"calibration source {src!r} has {len(got)} tokens; {per} needed")
-        ids += got[:per]
+        if len(got) < total:
+            raise InputError(f"calibration source {src!r} has {len(got)} tokens; "
+                             f"{total} needed")
+        texts.append(got[:total])
+    ids = [t for got in texts for t in got[:per]] + [t for got in texts for t in got[per:]]
     return torch.tensor(ids, dtype=torch.long)
 
 
 def calibration_for(lm, cfg):
     """The calibration tokens ``cfg`` needs for the loaded model ``lm`` (None if none)."""
-    return calibration_tokens(lm.tokenizer) if cfg.method == "gptq" else None
+    if cfg.calibrates and lm.tokenizer is None:
+        raise ConfigError(f"{cfg.name} calibrates on text and needs the model's tokenizer; "
+                          f"{lm.source} has none (use -search or -rtn)")
+    if cfg.method == "gptq":
+        return calibration_tokens(lm.tokenizer)
+    if cfg.method == "kd":
+        from .distill import SHARES
+
+        return calibration_tokens(lm.tokenizer, totals=SHARES)
+    return None
 
 
 class _PassDone(Exception):
