@@ -19,10 +19,11 @@
 #   bash scripts/gpu_bench.sh ab       # scripts/gpu_fused_ab.py: a code path off/on
 #                                      # (AB_OPTION=pdl|norm_in_gemv|branches|priority) for bf16,
 #                                      # int8 and int4 on Pythia shapes (AB_RECIPES picks)
-#   bash scripts/gpu_bench.sh kd       # SmolLM2: `fastdecode quantize --recipe int4-mlp-g128-kd`
-#                                      # on CUDA (bf16), then `fastdecode ppl` of it and of the
-#                                      # base model (PG19 10146, 8,192 tokens, 4+1020): #5's
-#                                      # perplexity target; needs both GGUF halves (stage first)
+#   bash scripts/gpu_bench.sh kd       # SmolLM2: `fastdecode ppl` of the base model, then per
+#                                      # recipe in KD_RECIPES (default int4-mlp-g128-kd)
+#                                      # `fastdecode quantize` on CUDA (bf16) and its `ppl`
+#                                      # (PG19 10146, 8,192 tokens, 4+1020): #5's perplexity
+#                                      # target; needs both GGUF halves (stage first)
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`;
@@ -35,6 +36,7 @@
 # Writes records and logs under $OUT (default /tmp/fd-out) and prints a short table last.
 set -uo pipefail
 PHASES=("${@:-pythia}")
+KD_RECIPES=${KD_RECIPES:-int4-mlp-g128-kd}
 OUT=${OUT:-/tmp/fd-out}
 mkdir -p "$OUT" /tmp/fd
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/fd/inductor TRITON_CACHE_DIR=/tmp/fd/triton
@@ -116,17 +118,19 @@ elif [ "$PHASE" = quant ]; then
   timeout 60 "${BENCH[@]}" --kv-dtype int8 --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/h100-pythia-int8kv.json" | tail -3
   echo "bench int8kv rc=$?"
 elif [ "$PHASE" = kd ]; then
+  # KD_RECIPES: comma-separated (default int4-mlp-g128-kd)
   join_gguf || exit 3
   PPL=(python3 -m fastdecode.cli ppl --data pg19-10146 --max-tokens 8192 --mode streaming
        --sink 4 --window 1020 --dtype bfloat16 --device cuda)
-  start=$SECONDS
-  timeout 400 python3 -m fastdecode.cli quantize \
-    --model /tmp/fd/smollm2.gguf --device cuda --dtype bfloat16 \
-    --recipe "${KD_RECIPE:-int4-mlp-g128-kd}" --out /tmp/fd/q-kd
-  echo "quantize rc=$? wall $((SECONDS - start)) s"
   timeout 60 "${PPL[@]}" --model /tmp/fd/smollm2.gguf --json "$OUT/h100-ppl-bf16.json"
-  timeout 60 "${PPL[@]}" --model /tmp/fd/q-kd --json "$OUT/h100-ppl-${KD_RECIPE:-int4-mlp-g128-kd}.json"
-  echo "ppl rc=$?"
+  for r in ${KD_RECIPES//,/ }; do
+    start=$SECONDS
+    timeout 400 python3 -m fastdecode.cli quantize --model /tmp/fd/smollm2.gguf --device cuda \
+      --dtype bfloat16 --recipe "$r" --out "/tmp/fd/q-$r"
+    echo "quantize $r rc=$? wall $((SECONDS - start)) s"
+    timeout 60 "${PPL[@]}" --model "/tmp/fd/q-$r" --json "$OUT/h100-ppl-$r.json"
+    echo "ppl $r rc=$?"
+  done
 elif [ "$PHASE" = suite ] || [ "$PHASE" = real ] || [ "$PHASE" = perf ]; then
   # suite = real + perf; with GPTQ in the int4 configurations the two together can pass
   # one device call's 600 s (71baa94: nox -s gpu cut at 380 s), so run them as two calls

@@ -12,7 +12,7 @@ from fastdecode.models import load_model
 from fastdecode.models.presets import NEOX_TOKENIZER
 from fastdecode.models.tokenizer import Tokenizer
 from fastdecode.quant import QuantConfig, quantize_model
-from fastdecode.quant.distill import _Trainable, distill_int4, kl_to_teacher
+from fastdecode.quant.distill import _student, _Trainable, distill_int4, kl_to_teacher
 from fastdecode.quant.gptq import calibration_tokens
 from fastdecode.quant.int4 import Int4Linear, unpack_int4
 
@@ -42,6 +42,24 @@ def test_trainable_view_equals_the_module_and_stores_it_back(seed, in_f, g, dtyp
     codes = unpack_int4(m.weight).int() - unpack_int4(before["weight"]).int()
     assert moved == int((codes != 0).sum()) and codes.abs().max() <= 1
     assert int(unpack_int4(m.weight).max()) <= 15 and m.scale.dtype == dtype
+
+
+def test_the_student_sees_scales_as_the_model_stores_them():
+    lm = load_model("tiny-llama", dtype=torch.bfloat16)
+    quantize_model(lm.model, QuantConfig.parse("int4-mlp-g32"))
+    names = [n for n, m in lm.model.named_modules() if isinstance(m, Int4Linear)]
+    student, trainable = _student(lm.model, names)
+    toks = torch.arange(40).view(2, 20) % lm.spec.vocab_size
+    with torch.no_grad():
+        ref = lm.model.float().forward_batch(toks)  # the stored numbers, in float32
+        torch.testing.assert_close(student.forward_batch(toks), ref, rtol=1e-5, atol=1e-5)
+        for t in trainable.values():  # less than half a bf16 step: rounds back
+            t.scale.mul_(1 + 2**-10)
+            t.zero.mul_(1 + 2**-10)
+        torch.testing.assert_close(student.forward_batch(toks), ref, rtol=1e-5, atol=1e-5)
+        for t in trainable.values():
+            t.scale.mul_(1.02)
+        assert not torch.allclose(student.forward_batch(toks), ref, rtol=1e-5, atol=1e-5)
 
 
 def _kl(student, teacher, toks):

@@ -1,5 +1,9 @@
 """Experiment: int4 scale/zero (and codes) tuned end to end by distillation after GPTQ.
 
+A frozen record of how the settings of ``quant/distill.py`` (recipe suffix ``-kd``) were
+chosen; the library's version is that module (records: perf/results/h100-kd-exp-*.json,
+runs 1-2 before the held-out split below, with 8 held-out sequences of PG19 10321).
+
 The question: GPTQ's per-linear objective stopped turning into perplexity at g128 on the
 bundled SmolLM2 (README: every per-linear or per-block fit we tried lands at +5.4%). Does
 an end-to-end objective — KL(teacher || student) of the whole model's next-token
@@ -37,7 +41,6 @@ from fastdecode.models import load_model
 from fastdecode.quant import QuantConfig, quantize_model
 from fastdecode.quant.gptq import calibration_tokens
 from fastdecode.quant.int4 import Int4Linear, round_params, unpack_int4
-
 
 STORE = torch.bfloat16  # the dtype the GPU's int4 scale and zero are stored in
 
@@ -86,11 +89,11 @@ class TrainInt4(nn.Module):
         return (self.q + r).clamp(-8, 7)
 
     def forward(self, x):
-        O, P = self.q.shape
+        out_f, p = self.q.shape
         # scale and zero as bf16 stores them (straight through): what the GPU runs
         s = self.scale + (self.scale.to(STORE).float() - self.scale).detach()
         z = self.zero + (self.zero.to(STORE).float() - self.zero).detach()
-        w = (self.codes().view(O, -1, self.g) * s[..., None] + z[..., None]).view(O, P)
+        w = (self.codes().view(out_f, -1, self.g) * s[..., None] + z[..., None]).view(out_f, p)
         w = w[:, :self.inf]
         return F.linear(x, w, self.bias)
 
@@ -134,7 +137,8 @@ def distill(student, teacher, seqs, *, lr_sz, lr_v, epochs, batch, learn_round, 
         groups.append({"params": [t.v for _, _, t in wrapped], "lr": lr_v})
     opt = torch.optim.Adam(groups)
     steps = epochs * math.ceil(len(seqs) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     gen = torch.Generator().manual_seed(seed)
     step = 0
     for ep in range(epochs):
@@ -220,7 +224,7 @@ def main(argv=None):
 
     cfg = QuantConfig.parse(a.recipe)
     base = copy.deepcopy(teacher.model)
-    gptq_calib = calibration_tokens(tok, n_tokens=a.gptq_tokens)  # the library's own GPTQ calibration
+    gptq_calib = calibration_tokens(tok, n_tokens=a.gptq_tokens)  # the library's GPTQ's
     quantize_model(base, cfg, calibration=gptq_calib.to(a.device))
     log(f"quantized {cfg.name}")
     rows = []

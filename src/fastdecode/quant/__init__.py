@@ -115,7 +115,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
         if calibration is None:
             raise ConfigError(f"{cfg.name} needs calibration tokens "
                               "(fastdecode.quant.gptq.calibration_for)")
-        teacher = copy.deepcopy(model) if cfg.method == "kd" else None
+        teacher = copy.deepcopy(model).float() if cfg.method == "kd" else None
         for batch in moment_batches(model, list(targets)):  # later batches see earlier ones
             moments = input_moments(model, batch, calibration[:CALIB_TOKENS])  # quantized
             for name in batch:

@@ -46,22 +46,22 @@ LR_CODES = 2e-2  # Adam, the code offsets (in code levels)
 
 class _Trainable(nn.Module):
     """An Int4Linear in float32 with trainable scale, zero and code offsets; the forward
-    uses what ``store`` will write (scale and zero rounded to the stored dtype)."""
+    uses what ``store`` will write into ``m`` (scale and zero rounded to ``m``'s dtype)."""
 
     def __init__(self, m: Int4Linear):
         super().__init__()
-        self.m, self.in_features = m, m.in_features
+        self.in_features, self.group_size = m.in_features, m.group_size
         self.dtype = m.scale.dtype
-        self.register_buffer("q", unpack_int4(m.weight).float() - 8)
+        self.register_buffer("q", unpack_int4(m.weight).to(torch.int8) - 8)  # GPTQ's codes
         self.scale = nn.Parameter(m.scale.detach().float().clone())
         self.zero = nn.Parameter(m.zero.detach().float().clone())
-        self.offset = nn.Parameter(torch.zeros_like(self.q))
+        self.offset = nn.Parameter(torch.zeros_like(self.q, dtype=torch.float32))
         self.bias = None if m.bias is None else m.bias.detach().float()
 
     def codes(self) -> torch.Tensor:
         """q - 8 with the rounded offsets (straight through), in -8..7."""
         r = self.offset + (torch.round(self.offset) - self.offset).detach()
-        return (self.q + r).clamp(-8, 7)
+        return (self.q + r).clamp(-8, 7)  # int8 + float32: float32
 
     def params(self):
         """(scale, zero) as stored (straight through)."""
@@ -71,7 +71,7 @@ class _Trainable(nn.Module):
     def forward(self, x):
         s, z = self.params()
         out_f, p = self.q.shape
-        w = (self.codes().view(out_f, -1, self.m.group_size) * s[..., None] + z[..., None])
+        w = (self.codes().view(out_f, -1, self.group_size) * s[..., None] + z[..., None])
         return F.linear(x, w.view(out_f, p)[:, :self.in_features], self.bias)
 
     @torch.no_grad()
@@ -92,13 +92,25 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return (lt.exp() * (lt - ls)).sum(-1).mean()
 
 
+def _student(model, names):
+    """A float32 copy of ``model`` whose int4 linears ``names`` are _Trainable views of
+    ``model``'s (each rounding scale and zero to the dtype ``model`` stores them in)."""
+    student = copy.deepcopy(model).float().requires_grad_(False)
+    trainable = {}
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        t = trainable[n] = _Trainable(model.get_submodule(n))
+        setattr(student.get_submodule(parent) if parent else student, child, t)
+    return student, trainable
+
+
 def distill_int4(model, teacher, tokens: torch.Tensor, *, epochs: int = EPOCHS,
                  batch: int = BATCH, seq: int = SEQ, lr_scale: float = LR_SCALE,
                  lr_codes: float = LR_CODES, seed: int = 0, progress: bool = False) -> dict:
     """Tune the codes, scales and zeros of ``model``'s Int4Linear modules (in place)
-    against ``teacher`` (the same model before quantization) on ``tokens`` [N] cut into
-    sequences of ``seq``. Returns steps, the mean KL of the first and last epochs and
-    the number of codes that moved."""
+    against ``teacher`` (the same model before quantization; read only, copied to float32
+    unless it is) on ``tokens`` [N] cut into sequences of ``seq``. Returns steps, the mean
+    KL of the first and last epochs and the number of codes that moved."""
     if tokens.numel() < seq:
         raise ConfigError(f"distillation needs at least {seq} calibration tokens, got "
                           f"{tokens.numel()}")
@@ -107,13 +119,9 @@ def distill_int4(model, teacher, tokens: torch.Tensor, *, epochs: int = EPOCHS,
         raise ConfigError("distillation: the model has no int4 linears")
     dev = model.device
     seqs = tokens[: tokens.numel() // seq * seq].view(-1, seq).to(dev)
-    teacher = copy.deepcopy(teacher).float().requires_grad_(False)
-    student = copy.deepcopy(model).float().requires_grad_(False)
-    trainable = {}
-    for n in names:
-        parent, _, child = n.rpartition(".")
-        t = trainable[n] = _Trainable(student.get_submodule(n))
-        setattr(student.get_submodule(parent) if parent else student, child, t)
+    if any(p.dtype != torch.float32 for p in teacher.parameters()):
+        teacher = copy.deepcopy(teacher).float()  # only read, so a float32 one is used as is
+    student, trainable = _student(model, names)
     opt = torch.optim.Adam([
         {"params": [p for t in trainable.values() for p in (t.scale, t.zero)], "lr": lr_scale},
         {"params": [t.offset for t in trainable.values()], "lr": lr_codes}])
