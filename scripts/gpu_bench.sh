@@ -122,13 +122,16 @@ elif [ "$PHASE" = kd ]; then
   join_gguf || exit 3
   PPL=(python3 -m fastdecode.cli ppl --data pg19-10146 --max-tokens 8192 --mode streaming
        --sink 4 --window 1020 --dtype bfloat16 --device cuda)
-  timeout 60 "${PPL[@]}" --model /tmp/fd/smollm2.gguf --json "$OUT/h100-ppl-bf16.json"
+  # per-token NLL files stay on the machine: a call returns a limited number of files
+  timeout 60 "${PPL[@]}" --model /tmp/fd/smollm2.gguf --json "$OUT/h100-ppl-bf16.json" \
+    --per-token /tmp/fd/bf16.nll.csv
   for r in ${KD_RECIPES//,/ }; do
     start=$SECONDS
     timeout 400 python3 -m fastdecode.cli quantize --model /tmp/fd/smollm2.gguf --device cuda \
       --dtype bfloat16 --recipe "$r" --out "/tmp/fd/q-$r"
     echo "quantize $r rc=$? wall $((SECONDS - start)) s"
-    timeout 60 "${PPL[@]}" --model "/tmp/fd/q-$r" --json "$OUT/h100-ppl-$r.json"
+    timeout 60 "${PPL[@]}" --model "/tmp/fd/q-$r" --json "$OUT/h100-ppl-$r.json" \
+      --per-token "/tmp/fd/$r.nll.csv"
     echo "ppl $r rc=$?"
   done
 elif [ "$PHASE" = suite ] || [ "$PHASE" = real ] || [ "$PHASE" = perf ]; then
