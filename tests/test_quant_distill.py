@@ -117,3 +117,23 @@ def test_calibration_tokens_put_gptqs_share_first():
     assert calibration_tokens(tok, n_tokens=64).tolist() == wiki[:32] + book[:32]
     with pytest.raises(Exception, match="at least 32"):
         calibration_tokens(tok, n_tokens=64, totals=(100, 10))
+
+
+def test_calibrating_recipes_need_a_tokenizer_and_sane_settings():
+    from fastdecode.errors import ConfigError
+    from fastdecode.quant.gptq import calibration_for
+
+    lm = load_model("tiny-llama")  # random weights: no tokenizer
+    for recipe in ("int4-mlp-g32-kd", "int4-mlp-g32-gptq"):
+        with pytest.raises(ConfigError, match="needs the model's tokenizer"):
+            calibration_for(lm, QuantConfig.parse(recipe))
+    assert calibration_for(lm, QuantConfig.parse("int4-mlp-g32")) is None
+    toks = torch.randint(0, lm.spec.vocab_size, (256,), generator=torch.Generator().manual_seed(0))
+    quantize_model(lm.model, QuantConfig.parse("int4-mlp-g32"))
+    teacher = load_model("tiny-llama").model
+    with pytest.raises(ConfigError, match="at least 512 calibration tokens"):
+        distill_int4(lm.model, teacher, toks)
+    with pytest.raises(ConfigError, match="epochs >= 1"):
+        distill_int4(lm.model, teacher, toks, seq=64, epochs=0)
+    with pytest.raises(ConfigError, match="no int4 linears"):
+        distill_int4(teacher, teacher, toks, seq=64)

@@ -2,7 +2,8 @@
 
 A frozen record of how the settings of ``quant/distill.py`` (recipe suffix ``-kd``) were
 chosen; the library's version is that module (records: perf/results/h100-kd-exp-*.json,
-runs 1-2 before the held-out split below, with 8 held-out sequences of PG19 10321).
+runs 1-2 before the held-out split below, with 8 held-out sequences of PG19 10321). The
+runs used a copy of the batched forward that is now ``Transformer.forward_batch``.
 
 The question: GPTQ's per-linear objective stopped turning into perplexity at g128 on the
 bundled SmolLM2 (README: every per-linear or per-block fit we tried lands at +5.4%). Does
@@ -34,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdecode import rope
 from fastdecode.eval.data import load_text, tokenize
 from fastdecode.eval.ppl import EvalSpec, evaluate
 from fastdecode.models import load_model
@@ -43,30 +43,6 @@ from fastdecode.quant.gptq import calibration_tokens
 from fastdecode.quant.int4 import Int4Linear, round_params, unpack_int4
 
 STORE = torch.bfloat16  # the dtype the GPU's int4 scale and zero are stored in
-
-
-def forward_train(model, tokens):
-    """Logits [B, T, V] of tokens [B, T], causal, positions 0..T-1, with autograd."""
-    s = model.spec
-    B, T = tokens.shape
-    H, Hkv, D = s.num_heads, s.num_kv_heads, s.head_dim
-    x = model.embed(tokens)
-    rot = rope.cos_sin(torch.arange(T, device=tokens.device), model.freqs, x.dtype)
-    for layer in model.layers:
-        qkv = layer.attn.qkv(layer.norm1(x)).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
-        q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
-        q, k = rope.apply(q, *rot), rope.apply(k, *rot)
-        if Hkv != H:
-            k = k.repeat_interleave(H // Hkv, dim=1)
-            v = v.repeat_interleave(H // Hkv, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        a = layer.attn.out(o.transpose(1, 2).reshape(B, T, H * D))
-        if layer.parallel:
-            x = x + a + layer.mlp(layer.norm2(x))
-        else:
-            x = x + a
-            x = x + layer.mlp(layer.norm2(x))
-    return model.lm_head(model.norm(x))
 
 
 class TrainInt4(nn.Module):
@@ -147,8 +123,8 @@ def distill(student, teacher, seqs, *, lr_sz, lr_v, epochs, batch, learn_round, 
         for b in range(0, len(seqs), batch):
             toks = seqs[perm[b:b + batch]]
             with torch.no_grad():
-                t_logits = forward_train(teacher, toks)
-            loss = kl(forward_train(student, toks), t_logits)
+                t_logits = teacher.forward_batch(toks)
+            loss = kl(student.forward_batch(toks), t_logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -172,7 +148,7 @@ def mean_kl(student, teacher, seqs, batch):
     tot = 0.0
     for b in range(0, len(seqs), batch):
         toks = seqs[b:b + batch]
-        tot += kl(forward_train(student, toks), forward_train(teacher, toks)).item() * len(toks)
+        tot += kl(student.forward_batch(toks), teacher.forward_batch(toks)).item() * len(toks)
     return tot / len(seqs)
 
 

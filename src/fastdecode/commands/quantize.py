@@ -29,6 +29,11 @@ def run(args) -> int:
         from ..errors import InputError
 
         raise InputError(f"{args.model} is already quantized ({lm.quant.name})")
+    if cfg.method == "kd" and lm.model.device.type != "cuda":
+        import sys
+
+        print("note: -kd distils on this device; on a CPU that takes hours for SmolLM2-135M "
+              "(about 2.5 min on an H100): --device cuda", file=sys.stderr)
     names = quantize_model(lm.model, cfg, calibration=calibration_for(lm, cfg),
                            progress=True)
     out = save_quantized(lm, cfg, args.out)

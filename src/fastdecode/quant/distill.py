@@ -114,6 +114,9 @@ def distill_int4(model, teacher, tokens: torch.Tensor, *, epochs: int = EPOCHS,
     if tokens.numel() < seq:
         raise ConfigError(f"distillation needs at least {seq} calibration tokens, got "
                           f"{tokens.numel()}")
+    if epochs < 1 or batch < 1:
+        raise ConfigError(f"distillation needs epochs >= 1 and batch >= 1, got {epochs}, "
+                          f"{batch}")
     names = [n for n, m in model.named_modules() if isinstance(m, Int4Linear)]
     if not names:
         raise ConfigError("distillation: the model has no int4 linears")
