@@ -1,25 +1,28 @@
 """Experiment: int4 scale/zero (and codes) tuned end to end by distillation after GPTQ.
 
-A frozen record of how the settings of ``quant/distill.py`` (recipe suffix ``-kd``) were
-chosen; the library's version is that module (records: perf/results/h100-kd-exp-*.json,
-runs 1-2 before the held-out split below, with 8 held-out sequences of PG19 10321). The
-runs used a copy of the batched forward that is now ``Transformer.forward_batch``.
+How the settings of ``quant/distill.py`` (recipe suffix ``-kd``) were chosen: each variant
+runs the library's ``distill_int4`` from the same GPTQ codes. The recorded runs
+(perf/results/h100-kd-exp-*.json) used this script at a608c6d, with its own copy of the
+training loop (the same steps); runs 1-2 held out 8 sequences of PG19 10321 only.
 
 The question: GPTQ's per-linear objective stopped turning into perplexity at g128 on the
 bundled SmolLM2 (README: every per-linear or per-block fit we tried lands at +5.4%). Does
 an end-to-end objective — KL(teacher || student) of the whole model's next-token
 distributions on calibration text — move the perplexity on PG19 10146?
 
-Teacher: the float32 model. Student: its copy with GPTQ int4 MLPs; trainable are each
-group's scale and zero (EfficientQAT's E2E-QP) and, with ``round``, an offset per code
-rounded with a straight-through estimator (AutoRound-style, end to end).
+Teacher: the float32 model. Student: its copy with GPTQ int4 MLPs, scale and zero stored
+in bfloat16 as on the GPU; ``sz`` variants train each group's scale and zero (the code
+offsets' learning rate 0), ``round`` ones the code offsets too.
 
 Data: calibration = wikitext-2 test + the first part of PG19 10321 (never 10146);
-validation = a later stretch of PG19 10321 (streaming 4+1020), used to choose; test =
-PG19 10146, 8,192 tokens, streaming 4+1020 (the #5 target).
+held out = 4,096 tokens after each source's calibration part (the KL to the teacher
+there chooses); validation = the end of PG19 10321 (streaming 4+1020); test = PG19 10146,
+8,192 tokens, streaming 4+1020 (the #5 target).
 
-    python scripts/exp/kd_exp.py --model /tmp/fd/smollm2.gguf --variants sz:1e-4:2,... \
-        --json $OUT/kd.json
+    python scripts/exp/kd_exp.py --model /tmp/fd/smollm2.gguf \
+        --variants round:1e-4:2e-2:6:0,sz:1e-4:0:2:0 --json $OUT/kd.json
+
+A variant is ``kind:lr_scale:lr_codes:epochs:calibration tokens (0: all)[:seed]``.
 """
 
 from __future__ import annotations
@@ -32,115 +35,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from fastdecode.eval.data import load_text, tokenize
 from fastdecode.eval.ppl import EvalSpec, evaluate
 from fastdecode.models import load_model
 from fastdecode.quant import QuantConfig, quantize_model
+from fastdecode.quant.distill import distill_int4, kl_to_teacher
 from fastdecode.quant.gptq import calibration_tokens
-from fastdecode.quant.int4 import Int4Linear, round_params, unpack_int4
-
-STORE = torch.bfloat16  # the dtype the GPU's int4 scale and zero are stored in
-
-
-class TrainInt4(nn.Module):
-    """An Int4Linear whose scale, zero (float32) and, with ``learn_round``, code offsets
-    train; ``commit`` writes them back in the stored format."""
-
-    def __init__(self, m: Int4Linear, learn_round: bool):
-        super().__init__()
-        self.m, self.g, self.inf = m, m.group_size, m.in_features
-        self.register_buffer("q", unpack_int4(m.weight).float() - 8)
-        self.scale = nn.Parameter(m.scale.float().clone())
-        self.zero = nn.Parameter(m.zero.float().clone())
-        self.v = nn.Parameter(torch.zeros_like(self.q)) if learn_round else None
-        self.bias = m.bias
-
-    def codes(self):
-        if self.v is None:
-            return self.q
-        r = self.v + (torch.round(self.v) - self.v).detach()
-        return (self.q + r).clamp(-8, 7)
-
-    def forward(self, x):
-        out_f, p = self.q.shape
-        # scale and zero as bf16 stores them (straight through): what the GPU runs
-        s = self.scale + (self.scale.to(STORE).float() - self.scale).detach()
-        z = self.zero + (self.zero.to(STORE).float() - self.zero).detach()
-        w = (self.codes().view(out_f, -1, self.g) * s[..., None] + z[..., None]).view(out_f, p)
-        w = w[:, :self.inf]
-        return F.linear(x, w, self.bias)
-
-    @torch.no_grad()
-    def commit(self):
-        s, z = round_params(self.scale.data, self.zero.data, STORE)
-        q = (self.codes() + 8).to(torch.uint8)
-        self.m.weight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
-        self.m.scale.copy_(s.to(self.m.scale.dtype))
-        self.m.zero.copy_(z.to(self.m.zero.dtype))
-
-
-def swap_in(model, learn_round):
-    wrapped = []
-    for mod in list(model.modules()):
-        for name, ch in list(mod.named_children()):
-            if isinstance(ch, Int4Linear):
-                t = TrainInt4(ch, learn_round)
-                setattr(mod, name, t)
-                wrapped.append((mod, name, t))
-    return wrapped
-
-
-def swap_out(wrapped):
-    for mod, name, t in wrapped:
-        t.commit()
-        setattr(mod, name, t.m)
-
-
-def kl(student_logits, teacher_logits):
-    lt = F.log_softmax(teacher_logits.float(), -1)
-    ls = F.log_softmax(student_logits.float(), -1)
-    return (lt.exp() * (lt - ls)).sum(-1).mean()
-
-
-def distill(student, teacher, seqs, *, lr_sz, lr_v, epochs, batch, learn_round, log, seed):
-    wrapped = swap_in(student, learn_round)
-    sz = [p for _, _, t in wrapped for p in (t.scale, t.zero)]
-    groups = [{"params": sz, "lr": lr_sz}]
-    if learn_round:
-        groups.append({"params": [t.v for _, _, t in wrapped], "lr": lr_v})
-    opt = torch.optim.Adam(groups)
-    steps = epochs * math.ceil(len(seqs) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    gen = torch.Generator().manual_seed(seed)
-    step = 0
-    for ep in range(epochs):
-        perm = torch.randperm(len(seqs), generator=gen)
-        tot = 0.0
-        for b in range(0, len(seqs), batch):
-            toks = seqs[perm[b:b + batch]]
-            with torch.no_grad():
-                t_logits = teacher.forward_batch(toks)
-            loss = kl(student.forward_batch(toks), t_logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if learn_round:
-                with torch.no_grad():
-                    for _, _, t in wrapped:
-                        t.v.clamp_(-1, 1)
-            tot += loss.item()
-            step += 1
-        log(f"  epoch {ep}: mean KL {tot / math.ceil(len(seqs) / batch):.5f}")
-    flips = 0
-    if learn_round:
-        flips = sum(int((torch.round(t.v) != 0).sum()) for _, _, t in wrapped)
-    swap_out(wrapped)
-    return {"steps": step, "flipped_codes": flips}
+from fastdecode.quant.int4 import Int4Linear
 
 
 @torch.no_grad()
@@ -148,7 +50,8 @@ def mean_kl(student, teacher, seqs, batch):
     tot = 0.0
     for b in range(0, len(seqs), batch):
         toks = seqs[b:b + batch]
-        tot += kl(student.forward_batch(toks), teacher.forward_batch(toks)).item() * len(toks)
+        got = kl_to_teacher(student.forward_batch(toks), teacher.forward_batch(toks))
+        tot += got.item() * len(toks)
     return tot / len(seqs)
 
 
@@ -193,7 +96,7 @@ def main(argv=None):
         t = torch.tensor(ids)
         return t[: len(t) // a.seq * a.seq].view(-1, a.seq).to(a.device)
 
-    seqs = as_seqs(wiki[:a.wiki_tokens] + book[:a.book_tokens])
+    calib = torch.tensor(wiki[:a.wiki_tokens] + book[:a.book_tokens], device=a.device)
     held = torch.cat((as_seqs(wiki[a.wiki_tokens:a.wiki_tokens + held_n]),
                       as_seqs(book[a.book_tokens:a.book_tokens + held_n])))
     test_ids = tokenize(load_text("pg19-10146"), tok)[: a.test_tokens + 1]
@@ -202,6 +105,9 @@ def main(argv=None):
     base = copy.deepcopy(teacher.model)
     gptq_calib = calibration_tokens(tok, n_tokens=a.gptq_tokens)  # the library's GPTQ's
     quantize_model(base, cfg, calibration=gptq_calib.to(a.device))
+    for m in base.modules():  # stored as on the GPU: distillation rounds to this dtype
+        if isinstance(m, Int4Linear):
+            m.scale, m.zero = m.scale.to(torch.bfloat16), m.zero.to(torch.bfloat16)
     log(f"quantized {cfg.name}")
     rows = []
     ref = {"test_fp32": ppl(teacher.model, test_ids), "val_fp32": ppl(teacher.model, val_ids),
@@ -225,11 +131,12 @@ def main(argv=None):
     for v in a.variants.split(","):
         kind, lr_sz, lr_v, epochs, calib_n, *seed = v.split(":")
         student = copy.deepcopy(base)
-        use = seqs if int(calib_n) == 0 else seqs[: int(calib_n) // a.seq]
+        use = calib if int(calib_n) == 0 else calib[: int(calib_n)]
         t = time.time()
-        info = distill(student, teacher.model, use, lr_sz=float(lr_sz), lr_v=float(lr_v),
-                       epochs=int(epochs), batch=a.batch, learn_round=kind == "round", log=log,
-                       seed=int(seed[0]) if seed else 0)
+        info = distill_int4(student, teacher.model, use, seq=a.seq, batch=a.batch,
+                            epochs=int(epochs), lr_scale=float(lr_sz),
+                            lr_codes=float(lr_v) if kind == "round" else 0.0,
+                            seed=int(seed[0]) if seed else 0)
         info["seconds"] = time.time() - t
         score(v, student, info)
         del student

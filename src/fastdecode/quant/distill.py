@@ -153,9 +153,10 @@ def distill_int4(model, teacher, tokens: torch.Tensor, *, epochs: int = EPOCHS,
                 with torch.no_grad():
                     for t in trainable.values():
                         t.offset.clamp_(-1, 1)
-                total += loss.item()
+                kl = loss.item()
+                total += kl
                 bar.update(1)
-                bar.set_postfix(kl=f"{loss.item():.4f}", refresh=False)
+                bar.set_postfix(kl=f"{kl:.4f}", refresh=False)
             kls.append(total / per_epoch)
     finally:
         bar.close()
