@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from fastdecode.bench import tpot
-    from fastdecode.config import CacheConfig
+    from fastdecode.cache import CacheConfig
     from fastdecode.fused import tune
     from fastdecode.models import load_model
     from fastdecode.quant import QuantConfig, quantize_model, set_backend

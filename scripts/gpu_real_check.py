@@ -116,7 +116,8 @@ def main() -> int:
                     "the script itself on the CPU")
     args = ap.parse_args()
     from fastdecode.bench.tpot import env_info
-    from fastdecode.config import CacheConfig, parse_dtype
+    from fastdecode.cache import CacheConfig
+    from fastdecode.config import parse_dtype
     from fastdecode.models import load_model
 
     record = {"kind": "fastdecode.real_check", "env": env_info(torch.device(args.device)),

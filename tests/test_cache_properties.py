@@ -14,13 +14,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdecode.cache import make_cache
-from fastdecode.config import CacheConfig
+from fastdecode.cache import POLICIES, CacheConfig, PolicyConfig, make_cache
 from fastdecode.engine import Decoder, sample
 from fastdecode.reference.streaming import _rotate, streaming_logits
 
 FAMILIES = ("tiny-neox", "tiny-llama")
-POLICIES = ("dense", "window", "streaming")
+# The policies whose reference is the StreamingLLM oracle (sinks + window, or nothing
+# evicted); each other policy brings its own oracle and tests.
+SINK_WINDOW = ("dense", "window", "streaming")
+assert set(SINK_WINDOW) <= set(POLICIES)
 VOCAB = 97  # both tiny presets
 TOL = 1e-5  # fp32, relative: the fast path and the reference differ only by rounding
 
@@ -51,19 +53,20 @@ def simulate_held(S: int, W: int | None, R: int, t: int) -> list[int]:
     return held
 
 
-def cache_config(policy: str, sink: int, window: int, compress_every: int, mode: str,
-                 max_len: int) -> CacheConfig:
-    if policy == "dense":
-        return CacheConfig(policy="dense", max_len=max_len, position_mode=mode)
-    return CacheConfig(policy=policy, sink=sink if policy == "streaming" else 0,
-                       window=window, compress_every=compress_every, position_mode=mode)
+def cache_config(policy: str, mode: str, **candidates) -> PolicyConfig:
+    """The policy's config from those of ``candidates`` (sink, window, compress_every,
+    max_len) that it has."""
+    own = POLICIES[policy].options()
+    return CacheConfig(policy=policy, position_mode=mode,
+                       **{k: v for k, v in candidates.items() if k in own})
 
 
-def oracle_params(cfg: CacheConfig) -> tuple[int, int | None, int]:
-    """(S, W, R) of the reference for a config; W=None means nothing is evicted."""
-    if cfg.policy == "dense":
-        return 0, None, 1
-    return cfg.sink, cfg.window, cfg.compress_every
+def oracle_params(cfg: PolicyConfig) -> tuple[int, int | None, int]:
+    """(S, W, R) of the reference for a config, from its facts; W=None: nothing is
+    evicted (a cache that takes at most max_tokens)."""
+    if cfg.max_tokens is not None:
+        return cfg.sink, None, 1
+    return cfg.sink, cfg.budget - cfg.sink, cfg.compress_every
 
 
 def tokens_for(seed: int, n: int) -> torch.Tensor:
@@ -104,7 +107,7 @@ def layer0_kv(model, tokens: torch.Tensor, offset: int):
 def cache_cases(draw, policy: str, mode: str | None = None, max_tokens: int = 40):
     """(CacheConfig, stream length) for ``policy``; the stream is often long enough to
     evict several times (hypothesis alone favours short ones)."""
-    sink = draw(st.integers(0, 4)) if policy == "streaming" else 0
+    sink = draw(st.integers(0, 4)) if "sink" in POLICIES[policy].options() else 0
     window = draw(st.integers(1, 8))
     compress_every = draw(st.integers(1, 5))
     if draw(st.booleans()):
@@ -112,8 +115,8 @@ def cache_cases(draw, policy: str, mode: str | None = None, max_tokens: int = 40
     else:
         n = draw(st.integers(min(sink + window + compress_every, max_tokens), max_tokens))
     cfg = cache_config(
-        policy, sink=sink, window=window, compress_every=compress_every,
-        mode=mode or draw(st.sampled_from(("cache", "absolute"))),
+        policy, mode=mode or draw(st.sampled_from(("cache", "absolute"))), sink=sink,
+        window=window, compress_every=compress_every,
         max_len=n + draw(st.integers(0, 3)),  # dense: sometimes exactly full
     )
     return cfg, n
@@ -186,7 +189,7 @@ def test_tolerance_is_discriminating(tiny_models, family):
 
 
 # ------------------------------------------------------------------------ cache invariants
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", SINK_WINDOW)
 @settings(max_examples=8 * settings.default.max_examples)
 @given(data=st.data())
 def test_held_positions_follow_the_paper_rule(policy, data):
@@ -198,8 +201,8 @@ def test_held_positions_follow_the_paper_rule(policy, data):
     cfg, n = data.draw(cache_cases(policy, max_tokens=80), label="case")
     cache = make_cache(cfg, SHAPE_PRESETS["tiny-llama"]())
     S, W, R = oracle_params(cfg)
-    bound = cfg.max_len if W is None else S + W + R - 1
-    assert cache.max_held() == bound
+    bound = cfg.max_tokens if W is None else S + W + R - 1
+    assert cache.max_held() == cfg.max_held == bound
     if W is not None and R == 1:
         assert bound == S + W
     for t in range(n + 1):
@@ -214,7 +217,7 @@ def test_held_positions_follow_the_paper_rule(policy, data):
             assert window == list(range(window[0], t))
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", SINK_WINDOW)
 @settings(max_examples=2 * settings.default.max_examples)
 @given(family=st.sampled_from(FAMILIES), offset=OFFSETS, seed=st.integers(0, 2**16),
        data=st.data())
@@ -231,7 +234,7 @@ def test_buffers_hold_exactly_what_is_visible(tiny_models, policy, family, offse
     k_ref, v_ref = layer0_kv(model, tokens, offset)
     cache = make_cache(cfg, model.spec, model.dtype, model.device, position_offset=offset)
     dec = Decoder(model, cache)
-    room = cfg.max_len if cfg.policy == "dense" else None
+    room = cfg.max_tokens
     for t, _ in feed(dec, tokens[:n], data.draw(schedules(n), label="schedule")):
         held = simulate_held(S, W, R, t)
         assert cache.held_positions(t) == held
@@ -316,7 +319,7 @@ def test_long_streams_are_finite(tiny_model_factory, family, dtype):
 
 
 # ---------------------------------------------------------- chunked prefill == one by one
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", SINK_WINDOW)
 @given(family=st.sampled_from(FAMILIES), offset=OFFSETS, seed=st.integers(0, 2**16),
        chunk=st.integers(1, 16), data=st.data())
 def test_chunked_prefill_equals_token_by_token(tiny_models, policy, family, offset, seed,

@@ -16,8 +16,8 @@ import textwrap
 import pytest
 import torch
 
+from fastdecode.cache import CacheConfig
 from fastdecode.compile import compile_decoder
-from fastdecode.config import CacheConfig
 from fastdecode.engine import Decoder
 from fastdecode.errors import ConfigError, DeviceError
 

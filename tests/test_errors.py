@@ -9,8 +9,9 @@ import re
 import pytest
 import torch
 
+from fastdecode.cache import CacheConfig
 from fastdecode.cli import main
-from fastdecode.config import CacheConfig, parse_dtype
+from fastdecode.config import parse_dtype
 from fastdecode.engine import Decoder
 from fastdecode.errors import (
     ConfigError,
@@ -188,7 +189,7 @@ def test_bad_model_raises_model_load_error(kind, tmp_path):
     (dict(policy="window", sink=0, window=-3), "window must be >= 1, got -3"),
     (dict(policy="streaming", compress_every=0), "compress_every must be >= 1, got 0"),
     (dict(policy="dense", max_len=0), "max_len must be >= 1, got 0"),
-    (dict(policy="h2o"), "cache policy 'h2o' is not one of"),
+    (dict(policy="nope"), "cache policy 'nope' is not one of"),
     (dict(position_mode="relative"), "position mode 'relative' is not one of"),
     (dict(kv_dtype="int4"), "kv_dtype 'int4' is not one of"),
     (dict(policy="window", sink=4), "the window policy keeps no sinks"),

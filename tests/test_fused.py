@@ -21,7 +21,7 @@ CUDA = torch.cuda.is_available()
 os.environ.setdefault("TRITON_INTERPRET", "0" if CUDA else "1")
 pytest.importorskip("triton")
 
-from fastdecode.config import CacheConfig  # noqa: E402
+from fastdecode.cache import CacheConfig  # noqa: E402
 from fastdecode.engine import Decoder  # noqa: E402
 from fastdecode.fused import FusedStep, tune  # noqa: E402
 from fastdecode.fused.weights import FLOAT, INT4, INT8, Packed  # noqa: E402

@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 
-from fastdecode.config import CacheConfig
+from fastdecode.cache import CacheConfig
 from fastdecode.engine import Decoder
 from fastdecode.models import load_model
 from fastdecode.reference.streaming import dense_logits

@@ -6,9 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastdecode.attention import attend
-from fastdecode.cache import make_cache
+from fastdecode.cache import CacheConfig, make_cache
 from fastdecode.cache.storage import KV, quantize_int8
-from fastdecode.config import CacheConfig
 from fastdecode.engine import Decoder
 from fastdecode.models import load_model
 from fastdecode.reference.streaming import streaming_logits

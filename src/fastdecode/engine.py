@@ -12,8 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .cache import KVCache, make_cache
-from .config import CacheConfig
+from .cache import KVCache, PolicyConfig, make_cache
 from .errors import ConfigError, InputError
 from .models.transformer import Transformer
 
@@ -30,7 +29,7 @@ class Decoder:
         self.step_fn = self.eager_step  # replaced by fastdecode.compile for compiled modes
 
     @classmethod
-    def build(cls, model: Transformer, cache_cfg: CacheConfig, **kw) -> Decoder:
+    def build(cls, model: Transformer, cache_cfg: PolicyConfig, **kw) -> Decoder:
         return cls(model, make_cache(cache_cfg, model.spec, model.dtype, model.device), **kw)
 
     def reset(self) -> None:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .config import CacheConfig, CompileConfig
+from .cache import CacheConfig, PolicyConfig
+from .config import CompileConfig
 from .errors import ConfigError
 
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str
-    speed_cache: CacheConfig
-    ppl_cache: CacheConfig
+    speed_cache: PolicyConfig
+    ppl_cache: PolicyConfig
     compile: CompileConfig = field(default_factory=CompileConfig)
     quant: str | None = None  # a recipe for fastdecode.quant.QuantConfig.parse
     dtype: str = "bfloat16"
@@ -43,7 +44,7 @@ class RunConfig:
                 "quant": self.quant, "dtype": self.dtype, "description": self.description}
 
 
-def _streaming(window: int, ppl_window: int, **kw) -> tuple[CacheConfig, CacheConfig]:
+def _streaming(window: int, ppl_window: int, **kw) -> tuple[PolicyConfig, PolicyConfig]:
     return (CacheConfig(policy="streaming", sink=4, window=window, **kw),
             CacheConfig(policy="streaming", sink=4, window=ppl_window, **kw))
 

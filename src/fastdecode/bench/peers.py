@@ -29,28 +29,12 @@ PEERS = ("hf-eager", "hf-static-compile")
 
 
 def hf_config(spec):
-    """A transformers config with our spec's shapes (GPT-NeoX or Llama)."""
-    if spec.family == "gpt_neox":
-        from transformers import GPTNeoXConfig
+    """A transformers config with our spec's shapes (the family's config.json mapping)."""
+    from transformers import AutoConfig
 
-        return GPTNeoXConfig(
-            vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-            intermediate_size=spec.intermediate_size, hidden_act="gelu",
-            rotary_pct=spec.rotary_dim / spec.head_dim, rotary_emb_base=spec.rope_theta,
-            layer_norm_eps=spec.norm_eps, max_position_embeddings=max(spec.max_position, 2048),
-            use_parallel_residual=True, tie_word_embeddings=spec.tie_embeddings,
-            bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id)
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size,
-        rms_norm_eps=spec.norm_eps, rope_theta=spec.rope_theta,
-        max_position_embeddings=max(spec.max_position, 2048),
-        tie_word_embeddings=spec.tie_embeddings, head_dim=spec.head_dim,
-        bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id)
+    d = spec.arch.hf_config(spec)
+    d["max_position_embeddings"] = max(spec.max_position, 2048)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
 def hf_model(spec, dtype: torch.dtype, device: torch.device, seed: int = 0):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CacheConfig
+from ..cache import PolicyConfig
 from ..errors import ConfigError
 from ..eval.record import git_info
 
@@ -191,9 +191,9 @@ class DecodeRun:
 
 def full_from(cache) -> int:
     """First decode position at which a bounded cache is full (0 for dense)."""
-    if cache.name == "dense":
+    if cache.cfg.max_tokens is not None:  # it never evicts
         return 0
-    return cache.sink + cache.window - 1
+    return cache.cfg.budget - 1
 
 
 def time_decode(step, decoder, first_token, n: int, warmup_tokens: int, *,
@@ -274,7 +274,7 @@ def random_prompt(n: int, vocab: int, seed: int, device) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=g).to(device)
 
 
-def build_and_compile(lm, cache_cfg: CacheConfig, mode: str, gemv: str = "auto",
+def build_and_compile(lm, cache_cfg: PolicyConfig, mode: str, gemv: str = "auto",
                       chunk_size: int = 512, attention: str = "auto", kernels: str = "auto"):
     """A fresh decoder for ``cache_cfg`` and its compiled step; returns (decoder, step,
     seconds spent compiling, tuning and capturing)."""

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import CacheConfig
 from ..errors import InputError
+from .policy import PolicyConfig
 from .storage import KV, STORAGES
 
 
@@ -50,9 +50,7 @@ class Plan:
 class KVCache:
     """Sinks + ring storage for all layers. Subclasses only set S, W, R and the mode."""
 
-    name = "base"
-
-    def __init__(self, cfg: CacheConfig, *, sink: int, window: int, compress_every: int,
+    def __init__(self, cfg: PolicyConfig, *, sink: int, window: int, compress_every: int,
                  num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device="cpu", position_offset: int = 0):
         self.cfg = cfg
@@ -184,7 +182,12 @@ class KVCache:
 
     def max_held(self) -> int:
         """Most tokens ever held between steps."""
-        return self.sink + self.window + self.compress_every - 1
+        return self.cfg.max_held
+
+    @property
+    def name(self) -> str:
+        """The policy's registry name."""
+        return self.cfg.policy
 
     def bytes_per_token_read(self) -> int:
         """KV bytes a decode step reads (every slot of every layer, scales included)."""

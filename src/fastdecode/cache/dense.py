@@ -1,13 +1,16 @@
 """Dense cache: every token, preallocated to ``max_len``; feeding past it is an error."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 from ..errors import InputError
 from .base import KVCache
+from .policy import PolicyConfig, option
 
 
 class DenseCache(KVCache):
-    name = "dense"
-
-    def __init__(self, cfg, **shape):
+    def __init__(self, cfg: DenseConfig, **shape):
         # A window one short of max_len plus one ring slot of room: max_len slots in all.
         super().__init__(cfg, sink=0, window=cfg.max_len - 1, compress_every=1, **shape)
 
@@ -22,5 +25,20 @@ class DenseCache(KVCache):
         self.check_room(t)
         return list(range(max(t, 0)))
 
-    def max_held(self) -> int:
-        return self.cfg.max_len
+
+@dataclass(frozen=True, kw_only=True)
+class DenseConfig(PolicyConfig):
+    """Keep every token, up to ``max_len``."""
+
+    policy = "dense"
+    cache_class = DenseCache
+
+    max_len: int = option(8192, "dense cache capacity (tokens)", min=1)
+
+    @property
+    def budget(self) -> int:
+        return self.max_len
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_len

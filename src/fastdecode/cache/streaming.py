@@ -5,12 +5,33 @@ Strict (compress_every=1) evicts the oldest window token each step once full; la
 ``position_mode`` (see base.py for how ``cache`` positions stay exact at O(1) cost).
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 from .base import KVCache
+from .policy import PolicyConfig, option
 
 
 class StreamingCache(KVCache):
-    name = "streaming"
-
-    def __init__(self, cfg, **shape):
+    def __init__(self, cfg: StreamingConfig, **shape):
         super().__init__(cfg, sink=cfg.sink, window=cfg.window,
                          compress_every=cfg.compress_every, **shape)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingConfig(PolicyConfig):
+    """The first ``sink`` tokens plus the last ``window``; ``compress_every=R`` lets the
+    window overrun by up to R-1 tokens and evicts back to ``window`` every R tokens."""
+
+    policy = "streaming"
+    cache_class = StreamingCache
+
+    sink: int = option(4, "attention sinks kept (the first tokens, never evicted)", min=0)
+    window: int = option(1020, "most recent tokens kept", min=1)
+    compress_every: int = option(1, "lazy eviction: evict back to the window every R tokens "
+                                 "(1 = strict)", min=1)
+
+    @property
+    def budget(self) -> int:
+        return self.sink + self.window

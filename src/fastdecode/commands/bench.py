@@ -126,10 +126,9 @@ def run(args) -> int:
 
     log = _Log()
     cfg = cache_config(args)
-    bounded = cfg.policy != "dense"
-    S = cfg.sink if cfg.policy == "streaming" else 0
+    bounded = cfg.max_tokens is None
     prompt_len = args.prompt_len if args.prompt_len is not None else (
-        S + cfg.window if bounded else min(cfg.max_len // 2, 2048))
+        cfg.budget if bounded else min(cfg.max_tokens // 2, 2048))
     tpot.check_lengths(prompt_len, args.decode_len, args.warmup_tokens)
     for peer in args.peers:
         if peer not in PEERS:
@@ -160,7 +159,7 @@ def run(args) -> int:
         set_backend(lm.model, "auto")
     mode = args.compile or ("graphs" if dev.type == "cuda" else "default")
     if not bounded:
-        lm_room = cfg.max_len
+        lm_room = cfg.max_tokens
         need = prompt_len + args.decode_len
         if need > lm_room:
             raise ConfigError(f"the dense cache holds {lm_room} tokens; prompt + decode need "
@@ -264,7 +263,7 @@ def run(args) -> int:
         rows = []
         for P in args.sweep_prompts:
             try:
-                if not bounded and P + args.sweep_decode_len > cfg.max_len:
+                if not bounded and P + args.sweep_decode_len > cfg.max_tokens:
                     raise ConfigError(f"prompt {P} does not fit the dense cache")
                 pr = tpot.random_prompt(P, lm.spec.vocab_size, args.seed + P, dev)
                 r = tpot.measure(step, dec, prompt=pr, decode_len=args.sweep_decode_len,
@@ -336,7 +335,7 @@ def run(args) -> int:
                 wcfg = dataclasses.replace(cfg, window=W)
                 wd, ws, wc = tpot.build_and_compile(lm, wcfg, mode, args.gemv, args.chunk_size,
                                                     args.attention, args.kernels)
-                wp = tpot.random_prompt(S + W, lm.spec.vocab_size, args.seed + W, dev)
+                wp = tpot.random_prompt(wcfg.budget, lm.spec.vocab_size, args.seed + W, dev)
                 r = tpot.measure(ws, wd, prompt=wp, decode_len=args.sweep_decode_len,
                                  warmup_tokens=args.sweep_warmup_tokens, compile_s=wc).to_dict()
                 if bw["copy_gbps"]:

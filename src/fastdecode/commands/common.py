@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import KV_DTYPES, POLICIES, POSITION_MODES, CacheConfig, parse_dtype
+from ..cache import POLICIES, CacheConfig, PolicyConfig, policy_options
+from ..config import parse_dtype
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,23 +22,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_cache_args(p: argparse.ArgumentParser, policy: str = "streaming") -> None:
+    """``--policy`` and one flag per option of any registered policy (the registry's).
+
+    Flags default to None: an option not given takes the policy's own default, and one
+    the chosen policy does not have is refused by :func:`cache_config`."""
     g = p.add_argument_group("KV cache")
-    g.add_argument("--policy", choices=POLICIES, default=policy)
-    g.add_argument("--sink", type=int, default=4, help="attention sinks kept (streaming)")
-    g.add_argument("--window", type=int, default=1020, help="most recent tokens kept")
-    g.add_argument("--compress-every", type=int, default=1,
-                   help="lazy eviction: evict back to the window every R tokens (1 = strict)")
-    g.add_argument("--position-mode", choices=POSITION_MODES, default="cache")
-    g.add_argument("--max-len", type=int, default=8192, help="dense cache capacity")
-    g.add_argument("--kv-dtype", choices=KV_DTYPES, default="auto",
-                   help="KV storage: the model dtype, or int8 with per-head, per-token scales")
+    g.add_argument("--policy", choices=tuple(POLICIES), default=policy,
+                   help=f"cache policy (default: {policy})")
+    for name, opt in policy_options().items():
+        defaults = opt["defaults"]
+        if len(set(defaults.values())) == 1:
+            shown = f"default {next(iter(defaults.values()))}"
+        else:
+            shown = "defaults " + ", ".join(f"{k} {v}" for k, v in defaults.items())
+        which = "" if len(defaults) == len(POLICIES) else ", ".join(defaults) + "; "
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=opt["type"],
+                       choices=opt["choices"], default=None,
+                       help=f"{opt['help']} ({which}{shown})".replace("%", "%%"))
 
 
-def cache_config(args) -> CacheConfig:
-    sink = args.sink if args.policy == "streaming" else 0
-    return CacheConfig(policy=args.policy, sink=sink, window=args.window,
-                       compress_every=args.compress_every, position_mode=args.position_mode,
-                       max_len=args.max_len, kv_dtype=args.kv_dtype)
+def cache_options(args) -> dict:
+    """The cache options given on the command line (flags left out are not included)."""
+    return {name: getattr(args, name) for name in policy_options()
+            if getattr(args, name, None) is not None}
+
+
+def cache_config(args) -> PolicyConfig:
+    return CacheConfig(policy=args.policy, **cache_options(args))
 
 
 def load(args):

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import KV_DTYPES, POSITION_MODES, CacheConfig
+from ..cache import KV_DTYPES, POSITION_MODES, CacheConfig, PolicyConfig
 from ..engine import Decoder
 from ..errors import ConfigError, InputError
 from ..models.transformer import Transformer
@@ -88,7 +88,7 @@ class EvalSpec:
             if self.kv_dtype != "auto":
                 raise ConfigError("recompute keeps no cache; kv_dtype does not apply")
 
-    def cache_config(self, n_tokens: int) -> CacheConfig | None:
+    def cache_config(self, n_tokens: int) -> PolicyConfig | None:
         """The cache this mode runs through (``None`` for recompute)."""
         if self.mode == "dense":
             return CacheConfig(policy="dense", sink=0, max_len=max(n_tokens, 1),

@@ -134,7 +134,7 @@ class FusedStep:
         # captured at a higher priority than the side branch (compile.CompiledStep)
         self.priority = self.side is not None and choose_priority(model, self.branches)
         self.layers: list[LayerWeights] = layer_weights(model, side_by_side=self.branches < 2)
-        self.norm_kind = NORM_LAYER if spec.family == "gpt_neox" else NORM_RMS
+        self.norm_kind = NORM_LAYER if spec.norm == "layer" else NORM_RMS
         fb = getattr(model.norm, "bias", None)
         self.final_norm = (model.norm.weight.detach()[None],  # [1, K]: one segment
                            fb.detach()[None] if fb is not None else None)

@@ -59,8 +59,9 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
     if name in presets.SHAPE_PRESETS:
         spec = presets.SHAPE_PRESETS[name]()
         random_weights = True
-        if spec.family == "gpt_neox" and spec.vocab_size >= 50277:
-            tok = Tokenizer.from_file(presets.NEOX_TOKENIZER, spec.eos_token_id, spec.bos_token_id)
+        if name in presets.PRESET_TOKENIZERS:
+            tok = Tokenizer.from_file(presets.PRESET_TOKENIZERS[name], spec.eos_token_id,
+                                      spec.bos_token_id)
         state = None
     elif name == "smollm2-135m":
         spec, state, tok = weights.load_gguf(weights.smollm2_gguf_path())

@@ -18,12 +18,12 @@ def _pythia_2_8b() -> ModelSpec:
 def _tiny(family: str, **over) -> ModelSpec:
     base = dict(family=family, vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
                 num_kv_heads=4, intermediate_size=64, rotary_dim=8,
-                rope_theta=10000.0, norm_eps=1e-5, max_position=2048,
-                tie_embeddings=family == "llama")
-    if family == "llama":
-        base.update(num_kv_heads=2)
+                rope_theta=10000.0, norm_eps=1e-5, max_position=2048, tie_embeddings=False)
     base.update(over)
     return ModelSpec(**base).validate()
+
+
+_LLAMA_LIKE = dict(num_kv_heads=2, tie_embeddings=True)  # grouped-query, tied head
 
 
 # Shape presets: random weights only (speed does not depend on values).
@@ -35,13 +35,16 @@ SHAPE_PRESETS = {
         norm_eps=1e-5, max_position=2048, tie_embeddings=False, bos_token_id=0,
         eos_token_id=0),
     "tiny-neox": lambda: _tiny("gpt_neox"),
-    "tiny-llama": lambda: _tiny("llama"),
+    "tiny-llama": lambda: _tiny("llama", **_LLAMA_LIKE),
     # Wide enough for every int4 group size (in_features a multiple of 256).
     "small-neox": lambda: _tiny("gpt_neox", hidden_size=256, intermediate_size=512,
                                 num_heads=8, num_kv_heads=8, rotary_dim=8),
-    "small-llama": lambda: _tiny("llama", hidden_size=256, intermediate_size=512,
-                                 num_heads=8, num_kv_heads=2, rotary_dim=32),
+    "small-llama": lambda: _tiny("llama", **_LLAMA_LIKE, hidden_size=256,
+                                 intermediate_size=512, num_heads=8, rotary_dim=32),
 }
+
+# The presets that come with a tokenizer (the rest have toy vocabularies).
+PRESET_TOKENIZERS = {"pythia-2.8b": NEOX_TOKENIZER, "pythia-160m": NEOX_TOKENIZER}
 
 # Real weights available offline.
 REAL_MODELS = ("smollm2-135m",)

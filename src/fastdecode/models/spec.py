@@ -1,17 +1,18 @@
-"""One normalised description of a decoder architecture (GPT-NeoX or Llama family)."""
+"""One normalised description of a decoder architecture: its shapes, plus its family's
+switches read through properties (``norm``, ``mlp``, ``parallel_residual``, ``has_bias``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from ..errors import ModelLoadError
-
-FAMILIES = ("gpt_neox", "llama")
+from . import families
+from .families import Family
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str  # "gpt_neox" | "llama"
+    family: str  # a key of families.FAMILIES (the Hugging Face model_type)
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -31,20 +32,35 @@ class ModelSpec:
         return self.hidden_size // self.num_heads
 
     @property
+    def arch(self) -> Family:
+        """The family object: switches and loaders."""
+        return families.get(self.family)
+
+    @property
+    def norm(self) -> str:
+        """``layer`` (LayerNorm) or ``rms`` (RMSNorm)."""
+        return self.arch.norm
+
+    @property
+    def mlp(self) -> str:
+        """``gelu`` (up, GELU, down) or ``glu`` (SiLU-gated: up rows are [gate; up])."""
+        return self.arch.mlp
+
+    @property
     def parallel_residual(self) -> bool:
-        return self.family == "gpt_neox"
+        return self.arch.parallel_residual
 
     @property
     def has_bias(self) -> bool:
-        return self.family == "gpt_neox"
+        return self.arch.bias
 
     def with_(self, **changes) -> ModelSpec:
         return replace(self, **changes)
 
     def validate(self) -> ModelSpec:
         problems = []
-        if self.family not in FAMILIES:
-            problems.append(f"family {self.family!r} is not one of {FAMILIES}")
+        if self.family not in families.FAMILIES:
+            problems.append(f"family {self.family!r} is not one of {tuple(families.FAMILIES)}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size"):
             if getattr(self, name) < 1:
@@ -65,73 +81,10 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelSpec:
-        """Build a spec from a Hugging Face ``config.json`` dict (GPTNeoX or Llama)."""
-        model_type = cfg.get("model_type")
+        """Build a spec from a Hugging Face ``config.json`` dict (its family by model_type)."""
+        fam = families.get(cfg.get("model_type"))
         try:
-            if model_type == "gpt_neox":
-                heads = cfg["num_attention_heads"]
-                head_dim = cfg["hidden_size"] // heads
-                if not cfg.get("use_parallel_residual", True):
-                    raise ModelLoadError("GPT-NeoX with use_parallel_residual=false "
-                                         "is not supported")
-                act = cfg.get("hidden_act", "gelu")
-                if act != "gelu":
-                    raise ModelLoadError(f"GPT-NeoX hidden_act {act!r} is not supported "
-                                         "(only 'gelu')")
-                rope = cfg.get("rope_parameters") or {}
-                rotary_pct = cfg.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))
-                theta = cfg.get("rotary_emb_base", rope.get("rope_theta", 10000.0))
-                spec = cls(
-                    family="gpt_neox",
-                    vocab_size=cfg["vocab_size"],
-                    hidden_size=cfg["hidden_size"],
-                    num_layers=cfg["num_hidden_layers"],
-                    num_heads=heads,
-                    num_kv_heads=heads,
-                    intermediate_size=cfg["intermediate_size"],
-                    rotary_dim=int(head_dim * rotary_pct),
-                    rope_theta=float(theta),
-                    norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-                    max_position=cfg.get("max_position_embeddings", 2048),
-                    tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                    bos_token_id=cfg.get("bos_token_id"),
-                    eos_token_id=cfg.get("eos_token_id"),
-                )
-            elif model_type == "llama":
-                heads = cfg["num_attention_heads"]
-                head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-                if head_dim * heads != cfg["hidden_size"]:
-                    raise ModelLoadError("Llama configs with head_dim * heads != hidden_size "
-                                         "are not supported")
-                act = cfg.get("hidden_act", "silu")
-                if act != "silu":
-                    raise ModelLoadError(f"Llama hidden_act {act!r} is not supported (only 'silu')")
-                rope = cfg.get("rope_parameters") or {}
-                scaling = cfg.get("rope_scaling") or {}
-                kind = (scaling.get("rope_type", scaling.get("type"))
-                        or rope.get("rope_type", "default"))
-                if kind not in (None, "default"):
-                    raise ModelLoadError(f"rope scaling {kind!r} is not supported")
-                theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-                spec = cls(
-                    family="llama",
-                    vocab_size=cfg["vocab_size"],
-                    hidden_size=cfg["hidden_size"],
-                    num_layers=cfg["num_hidden_layers"],
-                    num_heads=heads,
-                    num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                    intermediate_size=cfg["intermediate_size"],
-                    rotary_dim=head_dim,
-                    rope_theta=float(theta),
-                    norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                    max_position=cfg.get("max_position_embeddings", 2048),
-                    tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                    bos_token_id=cfg.get("bos_token_id"),
-                    eos_token_id=cfg.get("eos_token_id"),
-                )
-            else:
-                raise ModelLoadError(
-                    f"model_type {model_type!r} is not supported (supported: gpt_neox, llama)")
+            fields = fam.spec_fields(cfg)
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the key {e.args[0]!r}") from None
-        return spec.validate()
+        return cls(family=fam.name, **fields).validate()

@@ -1,12 +1,13 @@
-"""One lean decoder for both families, batch 1.
+"""One lean decoder for every family, batch 1, built from the spec's switches.
 
-GPT-NeoX/Pythia: LayerNorm, parallel residual (x + attn(ln1 x) + mlp(ln2 x)), partial
-rotary, GELU MLP, biases, untied head. Llama: RMSNorm, sequential residual, SwiGLU,
-grouped-query attention, usually tied embeddings.
+``spec.norm`` (LayerNorm | RMSNorm), ``spec.mlp`` (GELU | SiLU-gated), residual
+(parallel: x + attn(norm1 x) + mlp(norm2 x) | sequential), ``spec.has_bias``, a partial or
+full rotary, grouped-query attention and a tied or untied head: GPT-NeoX/Pythia and Llama
+are two settings of these (:mod:`fastdecode.models.families`).
 
 Parameter names are the canonical checkpoint names used by the loaders and quantizers:
 ``embed.weight``, ``layers.{i}.norm1/norm2``, ``layers.{i}.attn.qkv`` (rows: q heads, k
-heads, v heads), ``layers.{i}.attn.out``, ``layers.{i}.mlp.up`` (Llama: gate rows then up
+heads, v heads), ``layers.{i}.attn.out``, ``layers.{i}.mlp.up`` (gated MLP: gate rows then up
 rows), ``layers.{i}.mlp.down``, ``norm``, ``lm_head``.
 """
 
@@ -35,8 +36,8 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(spec: ModelSpec) -> nn.Module:
-    if spec.family == "gpt_neox":
-        return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
+    if spec.norm == "layer":
+        return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, bias=spec.has_bias)
     return RMSNorm(spec.hidden_size, spec.norm_eps)
 
 
@@ -64,7 +65,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.gated = spec.family == "llama"
+        self.gated = spec.mlp == "glu"
         width = spec.intermediate_size * (2 if self.gated else 1)
         self.up = nn.Linear(spec.hidden_size, width, bias=spec.has_bias)
         self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.has_bias)

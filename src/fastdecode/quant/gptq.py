@@ -87,7 +87,7 @@ def input_moments(model, names: list[str], tokens: torch.Tensor,
     """E[x xᵀ] (float32 [in, in]) of the inputs of the linears ``names`` (in execution
     order) over ``tokens`` fed in sequences of ``seq_len`` (default CALIB_SEQ) through a
     dense cache; a pass stops at the last of them."""
-    from ..config import CacheConfig
+    from ..cache import CacheConfig
     from ..engine import Decoder
 
     seq_len = seq_len or CALIB_SEQ

@@ -1,0 +1,42 @@
+"""Model families, one file each, chosen by the Hugging Face ``model_type``.
+
+``FAMILIES`` maps ``model_type`` to the family object: the decoder reads its switches
+through the spec (``spec.norm``, ``spec.mlp``, ``spec.parallel_residual``,
+``spec.has_bias``), the loaders its mappings (:class:`~.base.Family`). A third family is
+one new file (a :class:`~.base.Family` subclass: switches, config mapping, tensor names,
+GGUF keys if any), its entry in ``_FAMILIES`` below, and tests (``tests/test_families.py``
+checks every registered family's config round trip and loads a family registered in
+the test through the normal path).
+"""
+
+from __future__ import annotations
+
+from ...errors import ModelLoadError
+from .base import MLPS, NORMS, Family
+from .gpt_neox import GPTNeoX
+from .llama import Llama
+
+_FAMILIES = (GPTNeoX(), Llama())
+FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
+
+
+def get(model_type) -> Family:
+    """The family of a Hugging Face ``model_type`` (also ``ModelSpec.family``)."""
+    try:
+        return FAMILIES[model_type]
+    except (KeyError, TypeError):
+        raise ModelLoadError(f"model_type {model_type!r} is not supported (supported: "
+                             f"{', '.join(FAMILIES)})") from None
+
+
+def for_gguf(arch) -> Family:
+    """The family of a GGUF ``general.architecture``."""
+    for fam in FAMILIES.values():
+        if fam.gguf_arch is not None and fam.gguf_arch == arch:
+            return fam
+    known = [f.gguf_arch for f in FAMILIES.values() if f.gguf_arch]
+    raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (only "
+                         f"{', '.join(known)})")
+
+
+__all__ = ["FAMILIES", "Family", "NORMS", "MLPS", "get", "for_gguf", "GPTNeoX", "Llama"]
