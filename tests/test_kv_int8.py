@@ -44,14 +44,14 @@ def test_attend_on_int8_equals_attend_on_dequantized(seed, T, G, sink):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-POLICIES = [CacheConfig(policy="dense", max_len=64, kv_dtype="int8"),
-            CacheConfig(policy="window", sink=0, window=6, compress_every=2, kv_dtype="int8"),
-            CacheConfig(policy="streaming", sink=2, window=5, kv_dtype="int8"),
-            CacheConfig(policy="streaming", sink=3, window=4, compress_every=3,
-                        position_mode="absolute", kv_dtype="int8")]
+CONFIGS = [CacheConfig(policy="dense", max_len=64, kv_dtype="int8"),
+           CacheConfig(policy="window", sink=0, window=6, compress_every=2, kv_dtype="int8"),
+           CacheConfig(policy="streaming", sink=2, window=5, kv_dtype="int8"),
+           CacheConfig(policy="streaming", sink=3, window=4, compress_every=3,
+                       position_mode="absolute", kv_dtype="int8")]
 
 
-@pytest.mark.parametrize("cfg", POLICIES, ids=lambda c: f"{c.policy}-R{c.compress_every}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.policy}-R{c.compress_every}")
 @pytest.mark.parametrize("family", ["tiny-neox", "small-llama"])
 def test_int8_kv_near_reference_and_prefill_exact(cfg, family):
     lm = load_model(family)

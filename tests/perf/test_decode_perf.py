@@ -60,10 +60,9 @@ def _ppl(cfg, ppl_model) -> float:
             set_backend(model, "auto")
         ids = take_tokens(tokenize(load_text("pg19-10146"), ppl_model.tokenizer), PPL_TOKENS,
                           "pg19-10146")
-        mode = "dense" if c.policy == "dense" else c.policy
-        spec = EvalSpec(mode=mode, sink=c.sink, window=c.window,
-                        compress_every=c.compress_every, position_mode=c.position_mode,
-                        kv_dtype=c.kv_dtype)
+        window = {} if c.max_tokens is not None else {"window": c.budget - c.sink}
+        spec = EvalSpec(mode=c.policy, sink=c.sink, compress_every=c.compress_every,
+                        position_mode=c.position_mode, kv_dtype=c.kv_dtype, **window)
         _PPL_CACHE[key] = evaluate(model, ids, spec).ppl
     return _PPL_CACHE[key]
 
@@ -83,8 +82,7 @@ def test_decode(benchmark, config, gpu, budgets, ppl_model):
     dec, step, compile_s = build_and_compile(lm, cache_cfg, cfg.compile.mode,
                                              kernels=cfg.compile.kernels)
     # Fill the cache (steady state), then time single decode steps.
-    prompt_len = (2048 if cache_cfg.policy == "dense"
-                  else cache_cfg.sink + cache_cfg.window + cache_cfg.compress_every)
+    prompt_len = 2048 if cache_cfg.max_tokens is not None else cache_cfg.max_held + 1
     logits = dec.prefill(random_prompt(prompt_len, lm.spec.vocab_size, 0, "cuda"))
     dec.tok_buf.copy_(torch.argmax(logits, -1, keepdim=True))
     dec.pos_buf.fill_(dec.t)
@@ -104,7 +102,7 @@ def test_decode(benchmark, config, gpu, budgets, ppl_model):
         config=config, tpot_ms=tpot_ms, ppl=ppl, ppl_ratio=ppl_ratio, ppl_tokens=PPL_TOKENS,
         peak_mem_gb=peak_gb, bytes_per_token=nbytes["total"],
         achieved_gbps=nbytes["total"] / tpot_ms / 1e6, compile_s=compile_s,
-        window=cache_cfg.window, kernels=step.kernels,
+        window=cache_cfg.to_dict().get("window"), kernels=step.kernels,
         **{f"cfg_{k}": v for k, v in cfg.to_dict().items()
            if isinstance(v, (str, int, float)) and v is not None})
     budget = budgets.get(config)

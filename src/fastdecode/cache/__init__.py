@@ -7,8 +7,9 @@ Adding a policy (``h2o`` say) is one new file, one registry entry and its tests:
 
 1. ``cache/h2o.py`` defines the cache and its config, as ``cache/streaming.py`` does::
 
-       class H2OCache(KVCache):            # or any class with KVCache's interface
-           def __init__(self, cfg: H2OConfig, **shape): ...
+       class H2OCache(KVCache):            # or any class with KVCache's interface:
+           def __init__(self, cfg: H2OConfig, **shape): ...   # cfg, name, sink,
+           # max_held(), plan_prefill/plan_decode/update, held_positions, reset
 
        @dataclass(frozen=True, kw_only=True)
        class H2OConfig(PolicyConfig):

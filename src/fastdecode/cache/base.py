@@ -1,9 +1,10 @@
-"""The one storage mechanism behind every cache policy, and the interface the model sees.
+"""The sinks + ring storage behind the dense, window and streaming policies, and the
+interface the model sees (which any other policy's cache implements too).
 
 Storage is static: per layer, ``sink`` slots followed by a ring of ``ring`` slots, written
-by index. A policy is three numbers (sinks S, window W, compress_every R) and a position
-mode; what is held after any number of tokens follows from those alone, so a step needs no
-host-side bookkeeping and no Python-side growth.
+by index. Each of those policies is three numbers on it (sinks S, window W,
+compress_every R) and a position mode; what is held after any number of tokens follows
+from those alone, so a step needs no host-side bookkeeping and no Python-side growth.
 
 Positions (see DESIGN.md). Every key is rotated once, when it is written, at its position
 in the text. Window keys are contiguous in the text, so the query-to-window distance is the

@@ -1,5 +1,6 @@
 """How a cache stores keys and values: in the model dtype, or int8 with per-head,
-per-token scales. Every policy takes either (``CacheConfig.kv_dtype``)."""
+per-token scales. Every policy takes either (its ``kv_dtype`` option; the keys here are
+the option's choices)."""
 
 from __future__ import annotations
 
