@@ -11,6 +11,7 @@ POSITION_MODES = ("cache", "absolute")
 KV_DTYPES = ("auto", "int8")
 COMPILE_MODES = ("none", "default", "graphs")
 KERNEL_MODES = ("auto", "fused", "inductor")
+GEMV_MODES = ("auto", "reduction", "extern")  # the inductor path's GEMV (fastdecode.compile)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
