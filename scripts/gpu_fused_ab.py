@@ -2,7 +2,7 @@
 
 For each weight recipe, the same model and prompt decoded with the fused step captured as a
 CUDA graph (``fastdecode bench``'s measurement: 4 + 2048 streaming, steady state, CUDA
-events) under each setting (``--values``, default 0,1) of one code path of ``tune.OPTIONS``
+events) under each setting (``--values``, default 0,1) of one field of ``FusedOptions``
 (``--option``: ``pdl``, programmatic dependent launch; ``norm_in_gemv``, each norm inside
 the GEMV after it; ``branches``, the MLP's up projection (1) or all of it (2) on a second
 stream beside q/k/v and attention; ``priority``, the main chain captured at the highest
@@ -42,7 +42,7 @@ def main():
     args = ap.parse_args()
     from fastdecode.bench import tpot
     from fastdecode.cache import CacheConfig
-    from fastdecode.fused import tune
+    from fastdecode.fused import FusedOptions, tune
     from fastdecode.models import load_model
     from fastdecode.quant import QuantConfig, quantize_model, set_backend
 
@@ -59,8 +59,10 @@ def main():
         prompt = tpot.random_prompt(2052, lm.spec.vocab_size, 0, "cuda")
         runs = {}
         for on in map(int, args.values.split(",")):
-            tune.OPTIONS[args.option] = on if args.option not in ("pdl", "priority") else bool(on)
-            dec, step, secs = tpot.build_and_compile(lm, cfg, "graphs", kernels="fused")
+            value = on if args.option in ("norm_in_gemv", "branches") else bool(on)
+            opts = FusedOptions.from_env(**{args.option: value})
+            dec, step, secs = tpot.build_and_compile(lm, cfg, "graphs", kernels="fused",
+                                                     options=opts)
             runs[f"{args.option}{on}"] = {"dec": dec, "step": step, "setup_s": secs, "tpot": [],
                                  "tokens": None}
         for _ in range(args.rounds):

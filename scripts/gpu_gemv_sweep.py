@@ -21,10 +21,10 @@ import json
 import torch
 from gpu_quant_bench import time_graph  # scripts/ is on the path when run as a script
 
-from fastdecode.fused import tune
-from fastdecode.fused.weights import FLOAT, INT4, INT8, Packed
+from fastdecode.fused import FusedOptions, tune
 from fastdecode.quant.int4 import quantize_int4
 from fastdecode.quant.int8 import quantize_int8
+from fastdecode.quant.layout import FLOAT, INT4, INT8, Packed
 
 SHAPES = [  # name, format, rows, inputs
     ("bf16 out|down", FLOAT, 2560, 12800), ("bf16 up", FLOAT, 10240, 2560),
@@ -63,8 +63,11 @@ def _launch(x, p, y, cfg, ws, nw=None):
             y, y, y, nw, nb, 1e-5, p.n, p.n, 0, 0)
     meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=0, GLU=False, HAS_BIAS=False,
                 HAS_RES=False, HAS_RES2=False, NORM=int(nw is not x),
-                **tune._launch_opts(x))
+                **tune._launch_opts(x, OPTS))
     tune.launch_gemv(args, meta, p.n, cfg, ws)
+
+
+OPTS = FusedOptions.from_env()  # the environment, read once, here at the edge
 
 
 def _time_graph(x, ps, ys, cfg, reps, ws, nw=None):
@@ -85,15 +88,12 @@ def _tuner_pick(x, p, y, cfgs, ws, nw=None):
 def _candidates(p, n, dtype, ws, parts, asm=(True,)):
     """The tuner's candidates, for each pinned number of input parts (tensor-core int4)
     and each inline-PTX setting in ``asm``."""
-    out, saved = [], dict(tune.OPTIONS)
-    try:
-        for k in parts:
-            for a in asm:
-                tune.OPTIONS.update(parts=k, asm=a)
-                out += [c for c in tune._gemv_candidates(p, n, n, dtype, ws=ws)
-                        if c not in out]
-    finally:
-        tune.OPTIONS.update(saved)
+    out = []
+    for k in parts:
+        for a in asm:
+            opts = FusedOptions.from_env(parts=k, asm=a)
+            out += [c for c in tune._gemv_candidates(p, n, n, dtype, opts, ws=ws)
+                    if c not in out]
     return out
 
 

@@ -67,12 +67,6 @@ def main():
         q, s = quantize_int8(w)
         return q, s.to(bf16)
 
-    def impl_int4(g):
-        def prep(w):
-            p, s, z = quantize_int4(w, g)
-            return p, s.to(bf16), z.to(bf16)
-        return prep
-
     def impl_tinygemm(g):
         def prep(w):
             p, s, z = quantize_int4(w, g)
@@ -123,12 +117,9 @@ def main():
     ident = lambda w: (w,)
     run("bf16 cuBLAS", ident, lambda x, w, b: F.linear(x, w, b), False)
     run("bf16 compiled", ident, lambda x, w, b: F.linear(x, w, b), True)
-    run("int8 ours (triton)", impl_int8, kernels.int8_gemv, False)
     run("int8 dequant+linear compiled", impl_int8,
         lambda x, q, s, b: F.linear(x, q.to(x.dtype) * s[:, None], b), True)
     for g in (64, 128):
-        run(f"int4 g{g} ours (triton)", impl_int4(g),
-            lambda x, p, s, z, b, g=g: kernels.int4_gemv(x, p, s, z, b, g), False)
         run(f"int4 g{g} tinygemm", impl_tinygemm(g),
             lambda x, w, szs, b, g=g: torch.ops.aten._weight_int4pack_mm(x, w, g, szs) + b,
             False)
@@ -151,8 +142,8 @@ def main():
 
     from fastdecode.quant import Int4Linear, Int8Linear
     checks = {}
-    for kind, backend, g in (("int8", "triton", 0), ("int4", "triton", 128),
-                             ("int4", "tinygemm", 128), ("int4", "triton", 64)):
+    for kind, backend, g in (("int8", "inductor", 0), ("int4", "tinygemm", 128),
+                             ("int4", "tinygemm", 64)):
         lin = nn.Linear(2560, 10240, device="cuda", dtype=bf16)
         nn.init.normal_(lin.weight, std=0.02)
         m = Int8Linear.from_linear(lin) if kind == "int8" else Int4Linear.from_linear(lin, g)

@@ -30,7 +30,7 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "step by step how this changed the way books were made and read in Europe.")
 
 
-def run_case(lm, cfg, name, n, dtype_name, attention, gemv, mode="graphs", kernels="auto",
+def run_case(lm, cfg, name, n, dtype_name, gemv, mode="graphs", kernels="auto",
              ref32=None) -> dict:
     from fastdecode.compile import compile_decoder
     from fastdecode.engine import Decoder
@@ -41,7 +41,7 @@ def run_case(lm, cfg, name, n, dtype_name, attention, gemv, mode="graphs", kerne
     eager = Decoder.build(lm.model, cfg)
     graphed = Decoder.build(lm.model, cfg)
     t0 = time.perf_counter()
-    step = compile_decoder(graphed, mode, gemv=gemv, attention=attention, kernels=kernels)
+    step = compile_decoder(graphed, mode, gemv=gemv, kernels=kernels)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     out.update(compile_s=time.perf_counter() - t0, gemv=step.gemv, attention=step.attention,
@@ -105,7 +105,6 @@ def main() -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--dtypes", default="bfloat16")
-    ap.add_argument("--attention", default="auto")
     ap.add_argument("--gemv", default="auto")
     ap.add_argument("--kernels", default="auto", help="auto | fused | inductor")
     ap.add_argument("--rel-tol", type=float, default=2e-2,
@@ -134,7 +133,7 @@ def main() -> int:
                  ("dense-1024", CacheConfig(policy="dense", max_len=1024))]
         for name, cfg in cases:
             try:
-                r = run_case(lm, cfg, name, args.tokens, dname, args.attention, args.gemv,
+                r = run_case(lm, cfg, name, args.tokens, dname, args.gemv,
                              args.mode, args.kernels, ref32 if dname != "float32" else None)
                 if dname == "float32":
                     r["tol"] = 1e-4

@@ -9,7 +9,7 @@ test_cache_properties and to transformers in test_hf_parity).
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -23,12 +23,14 @@ pytest.importorskip("triton")
 
 from fastdecode.cache import CacheConfig  # noqa: E402
 from fastdecode.engine import Decoder  # noqa: E402
-from fastdecode.fused import FusedStep, tune  # noqa: E402
-from fastdecode.fused.weights import FLOAT, INT4, INT8, Packed  # noqa: E402
+from fastdecode.errors import ConfigError  # noqa: E402
+from fastdecode.fused import FusedOptions, FusedStep, tune  # noqa: E402
 from fastdecode.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
 from fastdecode.quant.int8 import quantize_int8  # noqa: E402
+from fastdecode.quant.layout import FLOAT, INT4, INT8, Packed  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
+OPTS = FusedOptions.from_env()  # the tests are an edge: FASTDECODE_TUNE=0 on CUDA runs
 
 
 def _rel(a, b) -> float:
@@ -59,16 +61,9 @@ def _norm_ref(x, w, b, kind, eps, dtype=None):
     return rnd(rnd(x / torch.sqrt((x * x).mean() + eps)) * w.double())
 
 
-@contextlib.contextmanager
-def _options(**pins):
-    """Pin the GEMV code paths (tune.OPTIONS) for one launch; None lets the tuner choose."""
-    saved = dict(tune.OPTIONS)
-    tune.OPTIONS.update(pins)
-    try:
-        yield
-    finally:
-        tune.OPTIONS.clear()
-        tune.OPTIONS.update(saved)
+def _opts(**pins) -> FusedOptions:
+    """The options with some code paths pinned; None lets the tuner choose."""
+    return dataclasses.replace(OPTS, **pins)
 
 
 @given(fmt=st.sampled_from([FLOAT, INT8, INT4]), norm=st.sampled_from([0, 1, 2]),
@@ -88,13 +83,12 @@ def test_norm_then_gemv_match_float64_reference(fmt, norm, kind, res, bias, kb, 
     GEMV's programs, tensor-core int4 cut into 1-4 input parts (3: parts of unequal size,
     some empty); float32 (accumulation order apart, exact) and bfloat16 (rounded where the
     model rounds: within 1%)."""
-    with _options(asm=asm, int4=int4, pdl=pdl, parts=parts):
-        _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv, res2,
-                        dtype)
+    _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv, res2, dtype,
+                    _opts(asm=asm, int4=int4, pdl=pdl, parts=parts))
 
 
 def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=False,
-                    res2=False, dtype=torch.float32):
+                    res2=False, dtype=torch.float32, opts=OPTS):
     gen = torch.Generator().manual_seed(seed)
     K = 64 * kb + (16 if fmt == FLOAT and kb > 1 else 0)  # ragged K for float: masks
     if fmt == INT4:
@@ -130,10 +124,10 @@ def _norm_then_gemv(fmt, norm, kind, res, bias, kb, nb, group, seed, in_gemv=Fal
         in_norm = (norm, dv(nw), dv(nbias) if norm == 1 else None, 1e-5)
     elif norm:  # both norms of x, as the step does; segment 2 reads the second
         xin = torch.full((2, K), float("nan"), device=DEV, dtype=dtype)
-        tune.norm(dv(x), dv(nw), dv(nbias), xin, norm, 2, 1e-5)
+        tune.norm(dv(x), dv(nw), dv(nbias), xin, norm, 2, 1e-5, opts)
         xseg = K if kind == "segments" else 0
     ws = tune.Workspace(n, DEV)
-    tune.gemv(xin, pd, yd, yd if res else None, n=n,
+    tune.gemv(xin, pd, yd, yd if res else None, n=n, opts=opts,
               nsplit=nsplit if kind == "segments" else n, gap=gap, xseg=xseg,
               act2=1 if kind == "segments" else 0, glu=kind == "glu", norm=in_norm,
               res2=dv(r2), ws=ws)
@@ -199,7 +193,7 @@ def test_decode_plan_kernel_equals_plan_decode(policy, sink, window, every, mode
     cs = torch.full((4, half), float("nan"), device=DEV)
     for t in ts:
         pos = torch.tensor([t], device=DEV)
-        tune.decode_plan(pos, cache, freqs, cs, mask, slot, dtype)
+        tune.decode_plan(pos, cache, freqs, cs, mask, slot, dtype, OPTS)
         plan = cache.plan_decode(pos)
         assert torch.equal(mask.bool().cpu(), plan.mask.reshape(-1).cpu()), t
         assert int(slot) == int(plan.decode_slot), t
@@ -226,13 +220,14 @@ def test_argmax_kernel_equals_torch(n, levels, seed, dtype, neg_inf):
         x[torch.rand(n, generator=gen) < 0.5] = float("-inf")
     tok = torch.full((1,), -1, dtype=torch.int64, device=DEV)
     pos = torch.full((1,), 41, dtype=torch.int64, device=DEV)
-    tune.argmax(x.to(DEV), tok, pos)
+    tune.argmax(x.to(DEV), tok, pos, OPTS)
     assert int(tok) == int(torch.argmax(x)) and int(pos) == 42
 
 
 # ----------------------------------------------------------------------------- whole step
 def _check_steps(lm, cfg: CacheConfig, prompt_len: int, steps: int, tol: float, seed: int = 0,
-                 dec: Decoder | None = None, fused: FusedStep | None = None):
+                 dec: Decoder | None = None, fused: FusedStep | None = None,
+                 opts: FusedOptions = OPTS):
     """Eager and fused decoders fed the same tokens: logits agree every step, the fused
     step writes the greedy token and advances the position on the device. ``dec`` and
     ``fused``: a fused step already built on ``dec`` (else one is built on a copy)."""
@@ -245,7 +240,7 @@ def _check_steps(lm, cfg: CacheConfig, prompt_len: int, steps: int, tol: float, 
     dec = dec if dec is not None else Decoder.build(model, cfg)
     a = ref.prefill(prompt)
     dec.prefill(prompt)
-    fused = fused if fused is not None else FusedStep(dec)
+    fused = fused if fused is not None else FusedStep(dec, opts)
     tok = torch.argmax(a, -1, keepdim=True)
     errs = []
     for _ in range(steps):
@@ -314,8 +309,7 @@ def test_fused_step_quantized_matches_eager(recipe, int4, family):
         qc = QuantConfig(qc.kind, qc.filter, qc.group_size, head=False)
     quantize_model(lm.model, qc)
     cfg = CacheConfig(policy="streaming", sink=4, window=24)
-    with _options(int4=int4):
-        _check_steps(lm, cfg, 30, 3, tol=1e-4)
+    _check_steps(lm, cfg, 30, 3, tol=1e-4, opts=_opts(int4=int4))
 
 
 @pytest.mark.parametrize("recipe", [None, "int4-mlp-g32", "int8"])
@@ -335,12 +329,12 @@ def test_fused_neox_layouts_match_eager(tiny_models, recipe, branches):
     if recipe:
         quantize_model(lm.model, QuantConfig.parse(recipe))
     cfg = CacheConfig(policy="streaming", sink=4, window=24)
-    with _options(branches=branches):
-        step = FusedStep(Decoder.build(copy.deepcopy(lm.model), cfg))
-        assert step.branches == branches and (step.side is not None) == (branches > 0 and CUDA)
-        assert all((lw.b is None) == (branches == 2 or recipe == "int4-mlp-g32")
-                   for lw in step.layers)
-        _check_steps(lm, cfg, 30, 4, tol=1e-4)
+    opts = _opts(branches=branches)
+    step = FusedStep(Decoder.build(copy.deepcopy(lm.model), cfg), opts)
+    assert step.branches == branches and (step.side is not None) == (branches > 0 and CUDA)
+    assert all((lw.b is None) == (branches == 2 or recipe == "int4-mlp-g32")
+               for lw in step.layers)
+    _check_steps(lm, cfg, 30, 4, tol=1e-4, opts=opts)
 
 
 @pytest.mark.parametrize("recipe,int4,want,prio", [
@@ -359,15 +353,14 @@ def test_branches_chosen_per_model(tiny_models, recipe, int4, want, prio):
     model = model.to(DEV)  # on CUDA: a side stream, which the priority ranks the main chain over
     if recipe not in (None, "llama"):
         quantize_model(model, QuantConfig.parse(recipe))
-    with _options(int4=int4, priority=None):
-        assert choose_branches(model) == want
-        assert choose_priority(model, want) == prio
-        assert not choose_priority(model, 1)
+    opts = _opts(int4=int4, priority=None, branches=None)
+    assert choose_branches(model, opts) == want
+    assert choose_priority(model, want, opts) == prio
+    assert not choose_priority(model, 1, opts)
     for pin in (False, True):
-        with _options(priority=pin):
-            assert choose_priority(model, want) == pin
-    with _options(branches=None, int4=int4):
-        step = FusedStep(Decoder.build(model, CacheConfig(policy="streaming", sink=2, window=8)))
+        assert choose_priority(model, want, _opts(priority=pin)) == pin
+    step = FusedStep(Decoder.build(model, CacheConfig(policy="streaming", sink=2, window=8)),
+                     opts)
     assert step.branches == want
     assert step.priority == (prio and CUDA)  # one stream on the CPU: nothing to rank
 
@@ -396,7 +389,7 @@ def test_fused_step_asks_a_cache_with_its_own_plan(tiny_models):
     prompt = torch.arange(3, 20, device=DEV)
     a = ref.prefill(prompt)
     dec.prefill(prompt)
-    step = FusedStep(dec)
+    step = FusedStep(dec, OPTS)
     assert step.plan_mask is None
     tok = torch.argmax(a, -1, keepdim=True)
     for _ in range(4):  # past the ring's wrap
@@ -411,45 +404,51 @@ def test_fused_step_asks_a_cache_with_its_own_plan(tiny_models):
         tok = torch.argmax(a, -1, keepdim=True)
 
 
-def test_env_settings_are_checked(monkeypatch):
-    """FASTDECODE_BRANCHES takes 0, 1 or 2 (unset: chosen per model), FASTDECODE_PARTS 1,
-    2 or 4 (unset: chosen per shape), FASTDECODE_ATTN a valid attention launch, the
-    switches (FASTDECODE_PRIORITY, _ASM, _PDL, _TUNE) 0 or 1; anything else is an error
-    naming the variable, not a silent default."""
+def test_env_settings_are_checked():
+    """FusedOptions.from_env, the one place the environment is read: FASTDECODE_BRANCHES
+    takes 0, 1 or 2 (unset: chosen per model), FASTDECODE_PARTS 1, 2 or 4 (unset: chosen
+    per shape), FASTDECODE_ATTN a valid attention launch, the switches (FASTDECODE_PRIORITY,
+    _ASM, _PDL, _TUNE) 0 or 1; anything else is an error naming the variable, not a silent
+    default. The object itself validates the same way."""
+    def env(var, v):
+        return FusedOptions.from_env({f"FASTDECODE_{var}": v})
+
+    assert FusedOptions.from_env({}) == FusedOptions()
     for v, want in (("", None), ("0", False), ("1", True)):
-        monkeypatch.setenv("FASTDECODE_PRIORITY", v)
-        assert tune._env_flag("FASTDECODE_PRIORITY") is want
+        assert env("PRIORITY", v).priority is want
+    for var in ("PDL", "TUNE"):
+        assert getattr(env(var, "0"), var.lower()) is False
+        assert getattr(env(var, ""), var.lower()) is True
     for bad in ("2", "yes", "off"):
-        monkeypatch.setenv("FASTDECODE_PRIORITY", bad)
-        with pytest.raises(ValueError, match="FASTDECODE_PRIORITY"):
-            tune._env_flag("FASTDECODE_PRIORITY")
+        with pytest.raises(ConfigError, match="FASTDECODE_PRIORITY"):
+            env("PRIORITY", bad)
     for v, want in (("", None), ("0", 0), ("2", 2)):
-        monkeypatch.setenv("FASTDECODE_BRANCHES", v)
-        assert tune._env_level("FASTDECODE_BRANCHES", None, 3) == want
+        assert env("BRANCHES", v).branches == want
     for bad in ("3", "yes", "-1"):
-        monkeypatch.setenv("FASTDECODE_BRANCHES", bad)
-        with pytest.raises(ValueError, match="FASTDECODE_BRANCHES"):
-            tune._env_level("FASTDECODE_BRANCHES", None, 3)
+        with pytest.raises(ConfigError, match="FASTDECODE_BRANCHES"):
+            env("BRANCHES", bad)
     for v, want in (("", None), ("1", 1), ("4", 4)):
-        monkeypatch.setenv("FASTDECODE_PARTS", v)
-        assert tune._env_parts("FASTDECODE_PARTS") == want
+        assert env("PARTS", v).parts == want
     for bad in ("0", "3", "two"):
-        monkeypatch.setenv("FASTDECODE_PARTS", bad)
-        with pytest.raises(ValueError, match="FASTDECODE_PARTS"):
-            tune._env_parts("FASTDECODE_PARTS")
+        with pytest.raises(ConfigError, match="FASTDECODE_PARTS"):
+            env("PARTS", bad)
     for v, want in (("", None), ("64,16,1", (64, 16, 1)), ("128,32,4", (128, 32, 4))):
-        monkeypatch.setenv("FASTDECODE_ATTN", v)
-        assert tune._env_attn("FASTDECODE_ATTN") == want
+        assert env("ATTN", v).attn == want
     for bad in ("64,16", "16,16,1", "48,32,1", "64,16,3", "a,b,c"):
-        monkeypatch.setenv("FASTDECODE_ATTN", bad)
-        with pytest.raises(ValueError, match="FASTDECODE_ATTN"):
-            tune._env_attn("FASTDECODE_ATTN")
+        with pytest.raises(ConfigError, match="FASTDECODE_ATTN"):
+            env("ATTN", bad)
+    assert env("NORM_IN_GEMV", "2").norm_in_gemv == 2
+    assert FusedOptions.from_env({"FASTDECODE_INT4": "1"}, int4=2).int4 == 2  # overrides win
+    for bad in ({"branches": 3}, {"tune": 1}, {"asm": "yes"}, {"parts": 5},
+                {"attn": (64, 16, 3)}, {"norm_in_gemv": None}):
+        with pytest.raises(ConfigError):
+            FusedOptions(**bad)
 
 
 def test_fused_layouts_switch_on_one_model(tiny_models):
     """A model stacked [out | down] by one step, then unstacked by a step with the MLP on
-    its own stream (and back): both decode as eager, and the eager model, whose modules
-    were re-pointed each time, still gives the same logits."""
+    its own stream (and back): both decode as eager, and the eager model, whose linears
+    hold views of each new layout, still gives the same logits."""
     import copy
 
     lm = copy.copy(tiny_models["tiny-neox"])
@@ -458,10 +457,10 @@ def test_fused_layouts_switch_on_one_model(tiny_models):
     prompt = torch.arange(3, 23, device=DEV)
     before = Decoder.build(lm.model, cfg).prefill(prompt)
     for branches in (1, 2, 1):
-        with _options(branches=branches):
-            step = FusedStep(Decoder.build(lm.model, cfg))
-            assert (step.layers[0].b is None) == (branches == 2)
-            _check_steps(lm, cfg, 20, 2, tol=1e-4)
+        step = FusedStep(Decoder.build(lm.model, cfg), _opts(branches=branches))
+        assert (step.layers[0].b is None) == (branches == 2)
+        assert lm.model.layout.layers is step.layers
+        _check_steps(lm, cfg, 20, 2, tol=1e-4, opts=_opts(branches=branches))
     torch.testing.assert_close(Decoder.build(lm.model, cfg).prefill(prompt), before,
                                rtol=0, atol=0)
 
@@ -469,10 +468,9 @@ def test_fused_layouts_switch_on_one_model(tiny_models):
 @pytest.mark.parametrize("recipe", [None, "int8", "int4-g32"])
 def test_a_step_keeps_its_weights_when_another_layout_restacks(tiny_models, recipe):
     """A step with the MLP apart (branches 2), then one with [out | down] stacked on the
-    same model (branches 1), which re-points the model's modules at a new stack: the first
-    step's weights stay where they were (a CUDA graph captured over them reads those
-    addresses; Pythia int8 graphed that way read freed memory) and it still decodes as
-    eager."""
+    same model (branches 1), which gives the model a new layout: the first step's weights
+    stay where they were (a CUDA graph captured over them reads those addresses; Pythia
+    int8 graphed that way read freed memory) and it still decodes as eager."""
     import copy
 
     from fastdecode.quant import QuantConfig, quantize_model
@@ -488,41 +486,82 @@ def test_a_step_keeps_its_weights_when_another_layout_restacks(tiny_models, reci
                 for p in (lw.qkv, lw.up, lw.a, lw.out, lw.down, lw.b) if p is not None
                 for t in (p.w, p.s, p.z) if t is not None]
 
-    with _options(branches=2):
-        dec = Decoder.build(lm.model, cfg)
-        first = FusedStep(dec)
-        before = ptrs(first)
-        with _options(branches=1):
-            second = FusedStep(Decoder.build(lm.model, cfg))
-        assert second.layers[0].b is not None and first.layers[0].b is None
-        assert ptrs(first) == before
-        _check_steps(lm, cfg, 12, 2, tol=1e-4, dec=dec, fused=first)
+    dec = Decoder.build(lm.model, cfg)
+    first = FusedStep(dec, _opts(branches=2))
+    before = ptrs(first)
+    second = FusedStep(Decoder.build(lm.model, cfg), _opts(branches=1))
+    assert second.layers[0].b is not None and first.layers[0].b is None
+    assert ptrs(first) == before
+    _check_steps(lm, cfg, 12, 2, tol=1e-4, dec=dec, fused=first, opts=_opts(branches=2))
+
+
+def _storages(model) -> dict[int, int]:
+    """Every distinct storage the model's parameters and buffers live in -> its bytes."""
+    out = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st_ = t.untyped_storage()
+        out[st_.data_ptr()] = st_.nbytes()
+    return out
 
 
 def test_fused_weights_share_the_model_memory(tiny_models):
-    """Stacking re-points the modules at views: one copy, and in-place updates reach both."""
+    """The layout is the model's own storage: its linears hold views of the stacks (one
+    copy: the bytes the model holds do not grow, and every GEMV operand of the step lies in
+    the model's storage), in-place updates reach both, the model gains no attribute it does
+    not declare, and the layout is built once per model and module set."""
     import copy
+
+    from fastdecode.quant import QuantConfig, quantize_model
 
     lm = tiny_models["tiny-neox"]
     model = copy.deepcopy(lm.model)
+    assert model.layout is None  # declared by the model, empty until built
+    attrs = set(vars(model))
+    bytes_before = sum(_storages(model).values())
     dec = Decoder.build(model, CacheConfig(policy="streaming", sink=4, window=16))
-    step = FusedStep(dec)
+    dec_attrs = set(vars(dec))
+    step = FusedStep(dec, OPTS)
+    assert set(vars(model)) == attrs and set(vars(dec)) == dec_attrs
+    assert model.layout is not None and model.layout.layers is step.layers
     lw = step.layers[0]
     layer = model.layers[0]
     assert lw.a is not None and lw.b is not None  # NeoX: [qkv; up] and [out | down]
     assert layer.attn.qkv.weight.data_ptr() == lw.a.w.data_ptr()
     assert layer.mlp.down.weight.untyped_storage().data_ptr() == \
         lw.b.w.untyped_storage().data_ptr()
+    own = _storages(model)
+    assert sum(own.values()) == bytes_before  # re-arranged, not copied
+    for lw_ in step.layers:
+        for p in (lw_.qkv, lw_.up, lw_.a, lw_.out, lw_.down, lw_.b):
+            if p is not None:
+                assert p.w.untyped_storage().data_ptr() in own
     with torch.no_grad():
         layer.mlp.up.weight.mul_(2)
     n_qkv = layer.attn.qkv.weight.shape[0]
     torch.testing.assert_close(lw.a.w[n_qkv:], layer.mlp.up.weight)
-    assert FusedStep(dec).layers is step.layers  # built once per model
-    from fastdecode.quant import QuantConfig, quantize_model
+    assert FusedStep(dec, OPTS).layers is step.layers  # built once per model
 
     quantize_model(model, QuantConfig.parse("int8"))  # new modules: stacked anew
-    again = FusedStep(Decoder.build(model, CacheConfig(policy="streaming", sink=4, window=16)))
+    bytes_q = sum(_storages(model).values())
+    again = FusedStep(Decoder.build(model, CacheConfig(policy="streaming", sink=4, window=16)),
+                      OPTS)
     assert again.layers is not step.layers and again.layers[0].a.fmt == INT8
+    assert sum(_storages(model).values()) == bytes_q
+
+
+def test_compile_decoder_declares_what_it_sets(tiny_models):
+    """compile_decoder sets only what Decoder declares (step_fn, compiled)."""
+    import copy
+
+    from fastdecode.compile import compile_decoder
+
+    model = copy.deepcopy(tiny_models["tiny-llama"].model)
+    dec = Decoder.build(model, CacheConfig(policy="streaming", sink=2, window=10))
+    attrs = set(vars(dec))
+    assert dec.compiled is None
+    step = compile_decoder(dec, "default", kernels="fused", options=OPTS)
+    assert set(vars(dec)) == attrs and dec.compiled is step and dec.step_fn is step
+    assert step._fn.opts is OPTS
 
 
 def test_fused_bf16_close_to_eager_and_finite(tiny_models):

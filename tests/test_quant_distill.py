@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastdecode.eval.calibration import calibration_tokens
 from fastdecode.models import load_model
 from fastdecode.models.presets import NEOX_TOKENIZER
 from fastdecode.models.tokenizer import Tokenizer
 from fastdecode.quant import QuantConfig, quantize_model
 from fastdecode.quant.distill import _student, _Trainable, distill_int4, kl_to_teacher
-from fastdecode.quant.gptq import calibration_tokens
 from fastdecode.quant.int4 import Int4Linear, unpack_int4
 
 
@@ -121,7 +121,7 @@ def test_calibration_tokens_put_gptqs_share_first():
 
 def test_calibrating_recipes_need_a_tokenizer_and_sane_settings():
     from fastdecode.errors import ConfigError
-    from fastdecode.quant.gptq import calibration_for
+    from fastdecode.eval.calibration import calibration_for
 
     lm = load_model("tiny-llama")  # random weights: no tokenizer
     for recipe in ("int4-mlp-g32-kd", "int4-mlp-g32-gptq"):

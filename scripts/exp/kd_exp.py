@@ -36,12 +36,12 @@ import time
 
 import torch
 
+from fastdecode.eval.calibration import calibration_tokens
 from fastdecode.eval.data import load_text, tokenize
 from fastdecode.eval.ppl import EvalSpec, evaluate
 from fastdecode.models import load_model
 from fastdecode.quant import QuantConfig, quantize_model
 from fastdecode.quant.distill import distill_int4, kl_to_teacher
-from fastdecode.quant.gptq import calibration_tokens
 from fastdecode.quant.int4 import Int4Linear
 
 

@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from . import compile as _compile
 from .cache.base import Plan
 from .cache.storage import KV
 
@@ -22,14 +21,6 @@ def attend(q: torch.Tensor, q_sink: torch.Tensor | None, kv: KV, plan: Plan,
     sinks are the first ``num_sink`` keys.
     """
     keys, values = kv.k, kv.v
-    if (plan.key_is_sink is None and q.shape[1] == 1 and kv.k_scale is None and q.is_cuda
-            and torch.compiler.is_compiling()):
-        # A compiled CUDA step may ask for the fused kernel (same arithmetic, 2 launches
-        # instead of ~5); eager decoding never takes this branch (fastdecode.compile).
-        fused = _compile.fused_decode_attention()
-        if fused is not None:
-            return fused(q, q if q_sink is None else q_sink, keys, values, plan.mask,
-                         num_sink, 1.0 / math.sqrt(q.shape[-1]))
     if kv.k_scale is not None:
         keys, values = keys.to(q.dtype), values.to(q.dtype)
     Hq, T, D = q.shape

@@ -1,13 +1,16 @@
 """Compiled and CUDA-graphed decode steps: ``--compile none|default|graphs`` and
 ``--kernels auto|fused|inductor``.
 
+There are two decode paths: the eager reference (:meth:`Decoder.eager_step`, which
+``torch.compile`` wraps as written, attention included) and the fused CUDA step
+(:class:`fastdecode.fused.FusedStep`, whose options come in one ``FusedOptions``).
+
 - ``none``: :meth:`Decoder.eager_step` as written (one kernel launch per op).
 - ``default``: the step made of compiled kernels, launched one by one. With
   ``kernels="inductor"`` (the default off CUDA): ``torch.compile`` (inductor,
   ``fullgraph=True``, static shapes); works on the CPU too (that is what CI tests). With
   ``kernels="fused"`` (the default on CUDA): our own Triton step (:mod:`fastdecode.fused`:
-  six launches on two streams per GPT-NeoX layer, no torch.compile, set up in seconds
-  rather than the ~100 s inductor takes for Pythia-2.8B).
+  six launches on two streams per GPT-NeoX layer, no torch.compile, set up in seconds).
 - ``graphs`` (CUDA only): the same step, warmed up on a side stream and captured
   by hand as one ``torch.cuda.CUDAGraph`` over the decoder's static buffers: the token
   ``tok_buf`` and position ``pos_buf`` (int64 [1] on the device), the cache buffers (written
@@ -28,7 +31,7 @@ multiply + sum reduction that inductor emits as its own Triton kernel, with the 
 activation and residual adds fused into it and the launch parameters tuned by coordinate
 descent (gpt-fast's setting; inductor only does this itself for bias-free ``mm``, and our
 Pythia linears have biases). ``gemv="extern"`` leaves them to cuBLAS. ``auto``: reduction
-on CUDA, extern on CPU. The choice and its measured effect are in docs/gpu.md.
+on CUDA, extern on CPU (docs/gpu.md). This is an option of the inductor path only.
 
 Warm-up and capture never disturb what the cache holds: both run at the decoder's current
 position ``t``, whose slot holds nothing a later query can see (the ring has room for the
@@ -42,11 +45,8 @@ from collections.abc import Callable
 
 import torch
 
-from .config import CompileConfig
+from .config import GEMV_MODES, KERNEL_MODES, CompileConfig
 from .errors import ConfigError, DeviceError
-
-GEMV_MODES = ("auto", "reduction", "extern")
-KERNEL_MODES = ("auto", "fused", "inductor")
 
 aten = torch.ops.aten
 
@@ -79,8 +79,7 @@ def _gemv(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     The activation goes through an identity ``as_strided`` first, which inductor lowers by
     realizing its input: whatever computed ``x`` (GELU, a LayerNorm) is then computed once
     into a small buffer instead of being inlined into the reduction, where it would be
-    recomputed for every one of the N output rows (measured on the H100: the down
-    projection with GELU inlined ran at 1.2 TB/s; see docs/gpu.md)."""
+    recomputed for every one of the N output rows (docs/gpu.md)."""
     x = aten.as_strided(x, x.shape, x.stride(), x.storage_offset())
     return (x.float().unsqueeze(2) * w_t.float().unsqueeze(0)).sum(dim=1)
 
@@ -177,138 +176,6 @@ def _raise_recompile_limits() -> None:
                                               4 * _RECOMPILE_LIMIT)
 
 
-# ----------------------------------------------------------------------------- attention
-# Decode attention for the compiled CUDA path. Inductor turns attention.attend's one-query
-# case into 4-5 kernels per layer (sink scores, window scores, a softmax over every slot in
-# one program per head, probabilities @ values); this is the same arithmetic in two:
-# split-K over the slots with an online softmax (one program per head and slice of slots),
-# then a combine over the slices. Keys and values are read once; scores and probabilities
-# stay in float32. Used only inside steps compiled with attention="triton" (see
-# attention.attend): eager decoding never takes it, so it stays the reference.
-ATTENTION_MODES = ("auto", "triton", "inductor")
-_TRACE_ATTENTION = "inductor"  # what attention.attend uses while torch.compile traces a step
-
-
-def fused_decode_attention():
-    """The fused decode-attention op if the step being traced asked for it, else None
-    (called by attention.attend while dynamo traces; the op is registered beforehand)."""
-    return torch.ops.fastdecode.decode_attention if _TRACE_ATTENTION == "triton" else None
-
-
-def resolve_attention(attention: str, device: torch.device) -> str:
-    if attention not in ATTENTION_MODES:
-        raise ConfigError(f"attention {attention!r} is not one of {ATTENTION_MODES}")
-    if attention == "auto":
-        return "triton" if device.type == "cuda" else "inductor"
-    if attention == "triton" and device.type != "cuda":
-        raise DeviceError("the fused decode-attention kernel runs on CUDA only "
-                          "(use --attention inductor)")
-    return attention
-
-
-_MIN_PER = 64  # fewest slots one program takes; the grid has a program per head and slice
-
-
-def _attention_configs(triton):
-    """Slots per program, slots per loop step, warps: tuned per (N, D, G) on first use."""
-    return [triton.Config({"PER": per, "BLOCK_N": bn}, num_warps=w)
-            for per, bn, w in ((64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4),
-                               (128, 64, 8), (256, 64, 4), (256, 64, 8), (256, 128, 8),
-                               (512, 128, 8), (64, 16, 2))]
-
-
-@functools.cache
-def _decode_attention_op():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def split_kernel(q_ptr, qs_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
-                     N, NSPLIT, stride_kh, stride_kn, stride_vh, stride_vn, scale,
-                     G: tl.constexpr, D: tl.constexpr, S: tl.constexpr, PER: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        # Program (h, sp) covers slots [sp * PER, sp * PER + PER) of query head h; the grid
-        # has N / _MIN_PER slices, so with PER > _MIN_PER the later programs see no slot and
-        # write the neutral partial (m = -1e30, l = 0, acc = 0), which the combine ignores.
-        h = tl.program_id(0)
-        sp = tl.program_id(1)
-        hk = h // G
-        rd = tl.arange(0, BLOCK_D)
-        md = rd < D
-        q = tl.load(q_ptr + h * D + rd, mask=md, other=0.0).to(tl.float32)
-        qs = tl.load(qs_ptr + h * D + rd, mask=md, other=0.0).to(tl.float32)
-        m_i = tl.full((), -1e30, tl.float32)
-        l_i = tl.zeros((), tl.float32)
-        acc = tl.zeros((BLOCK_D,), tl.float32)
-        for n0 in range(0, PER, BLOCK_N):
-            rn = sp * PER + n0 + tl.arange(0, BLOCK_N)
-            mn = rn < N
-            m2 = mn[:, None] & md[None, :]
-            kk = tl.load(k_ptr + hk * stride_kh + rn[:, None] * stride_kn + rd[None, :],
-                         mask=m2, other=0.0)
-            vv = tl.load(v_ptr + hk * stride_vh + rn[:, None] * stride_vn + rd[None, :],
-                         mask=m2, other=0.0)
-            vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
-            kf = kk.to(tl.float32)
-            sc = tl.sum(kf * q[None, :], axis=1)
-            if sp * PER + n0 < S:  # only the first block holds the sinks
-                sc = tl.where(rn < S, tl.sum(kf * qs[None, :], axis=1), sc)
-            sc = tl.where(vis, sc * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * vv.to(tl.float32), axis=0)
-            m_i = m_new
-        tl.store(m_ptr + h * NSPLIT + sp, m_i)
-        tl.store(l_ptr + h * NSPLIT + sp, l_i)
-        tl.store(acc_ptr + (h * NSPLIT + sp) * D + rd, acc, mask=md)
-
-    tuned_split = triton.autotune(configs=_attention_configs(triton), key=["N", "D", "G"])(
-        split_kernel)
-
-    from .fused.kernels import attn_combine_kernel as combine_kernel  # the same combine
-
-    def launch(q, q_sink, k, v, mask, num_sink: int, scale: float) -> torch.Tensor:
-        Hq, _, D = q.shape
-        Hkv, N, _ = k.shape
-        q2 = q.reshape(Hq, D).contiguous()
-        qs2 = q_sink.reshape(Hq, D).contiguous()
-        mask1 = mask.reshape(-1).contiguous()
-        if k.stride(-1) != 1 or v.stride(-1) != 1:
-            k, v = k.contiguous(), v.contiguous()
-        nsplit = triton.cdiv(N, _MIN_PER)
-        f32 = torch.float32
-        m = torch.empty(Hq, nsplit, dtype=f32, device=q.device)
-        l_ = torch.empty(Hq, nsplit, dtype=f32, device=q.device)
-        acc = torch.empty(Hq, nsplit, D, dtype=f32, device=q.device)
-        out = torch.empty(Hq, 1, D, dtype=q.dtype, device=q.device)
-        block_d = triton.next_power_of_2(D)
-        args = (q2, qs2, k, v, mask1, m, l_, acc, N, nsplit, k.stride(0), k.stride(1),
-                v.stride(0), v.stride(1), scale)
-        meta = dict(G=Hq // Hkv, D=D, S=num_sink, BLOCK_D=block_d)
-        if q.is_cuda:  # tuned on first use for each (N, D, G): before any graph capture
-            tuned_split[(Hq, nsplit)](*args, **meta)
-        else:  # Triton's interpreter (tests): one fixed configuration
-            split_kernel[(Hq, nsplit)](*args, **meta, PER=2 * _MIN_PER, BLOCK_N=32)
-        combine_kernel[(Hq,)](m, l_, acc, out, nsplit, D=D,
-                              BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d,
-                              PDL=False, num_warps=4)
-        return out
-
-    @torch.library.custom_op("fastdecode::decode_attention", mutates_args=())
-    def decode_attention(q: torch.Tensor, q_sink: torch.Tensor, k: torch.Tensor,
-                         v: torch.Tensor, mask: torch.Tensor, num_sink: int,
-                         scale: float) -> torch.Tensor:
-        return launch(q, q_sink, k, v, mask, num_sink, scale)
-
-    @decode_attention.register_fake
-    def _(q, q_sink, k, v, mask, num_sink, scale):
-        return torch.empty_like(q)
-
-    return decode_attention
-
-
 # ----------------------------------------------------------------------------- steps
 class CompiledStep:
     """A decoder's step in one of the three modes.
@@ -317,8 +184,8 @@ class CompiledStep:
     :meth:`greedy` decodes ``n`` tokens greedily on the device with no host sync.
     """
 
-    def __init__(self, decoder, mode: str = "none", gemv: str = "auto",
-                 attention: str = "auto", warmup: int = 3, kernels: str = "auto"):
+    def __init__(self, decoder, mode: str = "none", gemv: str = "auto", warmup: int = 3,
+                 kernels: str = "auto", options=None):
         CompileConfig(mode, kernels)  # validates the mode
         self.decoder, self.mode = decoder, mode
         dev = decoder.model.device
@@ -329,17 +196,16 @@ class CompiledStep:
             raise DeviceError("--compile graphs captures a CUDA graph and needs the model on "
                               f"a CUDA device; this model is on {dev} (use --compile default)")
         if self.kernels == "fused":
-            from .fused import FusedStep
+            from .fused import FusedOptions, FusedStep
 
             self.gemv = self.attention = "fused"
-            self._fn = FusedStep(decoder)
+            self._fn = FusedStep(decoder, options if options is not None
+                                 else FusedOptions.from_env())
             if mode == "graphs":
                 self._capture(warmup)
             return
         self.gemv = resolve_gemv(gemv, dev) if mode != "none" else "eager"
-        self.attention = resolve_attention(attention, dev) if mode != "none" else "eager"
-        if self.attention == "triton":
-            _decode_attention_op()  # registers torch.ops.fastdecode.decode_attention
+        self.attention = "inductor" if mode != "none" else "eager"  # attention.attend, compiled
         if mode == "none":
             self._fn = functools.partial(greedy_step, decoder)
             return
@@ -352,13 +218,8 @@ class CompiledStep:
     def fn(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The (compiled) greedy step, not graphed; always under no_grad (grad mode is part
         of what a compiled function is specialised on)."""
-        global _TRACE_ATTENTION
-        prev, _TRACE_ATTENTION = _TRACE_ATTENTION, self.attention
-        try:
-            with torch.no_grad():
-                return self._fn(tok, pos)
-        finally:
-            _TRACE_ATTENTION = prev
+        with torch.no_grad():
+            return self._fn(tok, pos)
 
     # -- capture
     @torch.no_grad()
@@ -456,21 +317,21 @@ class CompiledStep:
         return out
 
 
-def compile_decoder(decoder, mode: str = "none", *, gemv: str = "auto",
-                    attention: str = "auto", warmup: int = 3,
-                    kernels: str = "auto") -> CompiledStep:
+def compile_decoder(decoder, mode: str = "none", *, gemv: str = "auto", warmup: int = 3,
+                    kernels: str = "auto", options=None) -> CompiledStep:
     """Set ``decoder.step_fn`` for ``mode`` (none | default | graphs) and ``kernels``
     (auto | fused | inductor) and return the step.
 
+    ``gemv`` (reduction | extern | auto): the inductor path's GEMV decomposition.
+    ``options``: the fused step's ``FusedOptions`` (None: ``FusedOptions.from_env()``).
     ``graphs`` compiles, tunes and captures at once (at the decoder's current position), so
     the call takes as long as the compilation; ``default`` compiles on the first step."""
-    step = CompiledStep(decoder, mode, gemv=gemv, attention=attention, warmup=warmup,
-                        kernels=kernels)
+    step = CompiledStep(decoder, mode, gemv=gemv, warmup=warmup, kernels=kernels,
+                        options=options)
     decoder.step_fn = decoder.eager_step if mode == "none" else step
     decoder.compiled = step
     return step
 
 
 __all__ = ["CompiledStep", "compile_decoder", "greedy_step", "inductor_backend", "GEMV_MODES",
-           "KERNEL_MODES", "resolve_kernels",
-           "ATTENTION_MODES", "resolve_gemv", "resolve_attention", "fused_decode_attention"]
+           "KERNEL_MODES", "resolve_kernels", "resolve_gemv"]

@@ -11,6 +11,7 @@ from .errors import ConfigError
 
 COMPILE_MODES = ("none", "default", "graphs")
 KERNEL_MODES = ("auto", "fused", "inductor")
+GEMV_MODES = ("auto", "reduction", "extern")  # the inductor path's GEMV (fastdecode.compile)
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -27,6 +27,7 @@ class Decoder:
         self.tok_buf = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos_buf = torch.zeros(1, dtype=torch.long, device=dev)
         self.step_fn = self.eager_step  # replaced by fastdecode.compile for compiled modes
+        self.compiled = None  # the CompiledStep behind step_fn (fastdecode.compile)
 
     @classmethod
     def build(cls, model: Transformer, cache_cfg: PolicyConfig, **kw) -> Decoder:

@@ -44,10 +44,10 @@ def _ppl(cfg, ppl_model) -> float:
     """Perplexity of ``cfg``'s policy + quantization on SmolLM2 (cached per setting)."""
     import copy
 
+    from fastdecode.eval.calibration import calibration_for
     from fastdecode.eval.data import load_text, take_tokens, tokenize
     from fastdecode.eval.ppl import EvalSpec, evaluate
     from fastdecode.quant import QuantConfig, quantize_model, set_backend
-    from fastdecode.quant.gptq import calibration_for
 
     c = cfg.ppl_cache
     key = f"{c}|{cfg.quant}"

@@ -275,7 +275,7 @@ def random_prompt(n: int, vocab: int, seed: int, device) -> torch.Tensor:
 
 
 def build_and_compile(lm, cache_cfg: PolicyConfig, mode: str, gemv: str = "auto",
-                      chunk_size: int = 512, attention: str = "auto", kernels: str = "auto"):
+                      chunk_size: int = 512, kernels: str = "auto", options=None):
     """A fresh decoder for ``cache_cfg`` and its compiled step; returns (decoder, step,
     seconds spent compiling, tuning and capturing)."""
     from ..compile import compile_decoder
@@ -283,8 +283,8 @@ def build_and_compile(lm, cache_cfg: PolicyConfig, mode: str, gemv: str = "auto"
 
     dec = Decoder.build(lm.model, cache_cfg, chunk_size=chunk_size)
     clock = Clock(lm.model.device)
-    step, ms = clock.timed(lambda: compile_decoder(dec, mode, gemv=gemv,
-                                                   attention=attention, kernels=kernels))
+    step, ms = clock.timed(lambda: compile_decoder(dec, mode, gemv=gemv, kernels=kernels,
+                                                   options=options))
     if mode == "default":  # compiles (or tunes) lazily: do it now, at the current position
         def first():
             dec.pos_buf.fill_(dec.t)

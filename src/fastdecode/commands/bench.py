@@ -29,7 +29,7 @@ def _csv(kind):
 
 
 def add_parser(sub) -> None:
-    from ..compile import ATTENTION_MODES, GEMV_MODES, KERNEL_MODES
+    from ..compile import GEMV_MODES, KERNEL_MODES
 
     p = sub.add_parser("bench", help="time decoding (TPOT, prefill, memory, bandwidth) with "
                                      "peers, sweeps and a profile; write a JSON record")
@@ -42,15 +42,11 @@ def add_parser(sub) -> None:
                         "graphs on CUDA, default on the CPU")
     g.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
                    help="whose kernels make the step: fused (our Triton step) or inductor "
-                        "(torch.compile of the eager step; --gemv/--attention apply); auto = "
+                        "(torch.compile of the eager step; --gemv applies); auto = "
                         "fused on CUDA, inductor on the CPU")
     g.add_argument("--gemv", choices=GEMV_MODES, default="auto",
                    help="with --kernels inductor, one-row matmuls: inductor reductions "
                         "(reduction) or cuBLAS (extern); auto = reduction on CUDA")
-    g.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
-                   help="with --kernels inductor, decode attention in compiled CUDA steps: "
-                        "a Triton kernel (triton) or what inductor makes of attention.attend "
-                        "(inductor); auto = triton on CUDA")
     g.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
     g.add_argument("--quant", default=None, metavar="RECIPE",
                    help="weight-only quantization applied after loading, e.g. int8, "
@@ -72,7 +68,7 @@ def add_parser(sub) -> None:
     g.add_argument("--peer-warmup-tokens", type=int, default=8)
     g.add_argument("--variants", type=_csv(str), default=[],
                    help="more runs of our engine on the same shapes: "
-                        "MODE[:KERNELS[:GEMV[:ATTENTION]]], e.g. "
+                        "MODE[:KERNELS[:GEMV]], e.g. "
                         "none,default,graphs:inductor,graphs:inductor:extern")
     g.add_argument("--check", type=int, default=0, metavar="N",
                    help="compare the main path's logits with the eager path over N steps")
@@ -121,7 +117,7 @@ def run(args) -> int:
 
     from ..bench import tpot
     from ..bench.peers import PEERS, run_peers
-    from ..compile import resolve_attention, resolve_gemv, resolve_kernels
+    from ..compile import resolve_gemv, resolve_kernels
     from ..engine import Decoder
 
     log = _Log()
@@ -139,19 +135,19 @@ def run(args) -> int:
 
     variants = []
     for v in args.variants:
-        mode, kern, gemv, attention = (v.split(":") + ["", "", ""])[:4]
+        mode, kern, gemv = (v.split(":") + ["", ""])[:3]
         if mode not in COMPILE_MODES or (kern or "auto") not in KERNEL_MODES \
                 or (gemv or "auto") not in GEMV_MODES:
-            raise ConfigError(f"variant {v!r}: expected MODE[:KERNELS[:GEMV[:ATTENTION]]] with "
+            raise ConfigError(f"variant {v!r}: expected MODE[:KERNELS[:GEMV]] with "
                               f"MODE in {COMPILE_MODES}, KERNELS in {KERNEL_MODES}, GEMV in "
                               f"{GEMV_MODES}")
-        variants.append((mode, kern or "auto", gemv or "auto", attention or "auto"))
+        variants.append((mode, kern or "auto", gemv or "auto"))
 
     lm = load(args)
     dev = lm.model.device
     if args.quant:
+        from ..eval.calibration import calibration_for
         from ..quant import QuantConfig, quantize_model, set_backend
-        from ..quant.gptq import calibration_for
 
         qcfg = QuantConfig.parse(args.quant)
         quantize_model(lm.model, qcfg, calibration=calibration_for(lm, qcfg),
@@ -172,8 +168,6 @@ def run(args) -> int:
                                "kernels": args.kernels,
                                "quant": qcfg.name if args.quant else None,
                                "gemv": resolve_gemv(args.gemv, dev) if mode != "none" else "eager",
-                               "attention": resolve_attention(args.attention, dev)
-                               if mode != "none" else "eager",
                                "prompt_len": prompt_len, "decode_len": args.decode_len,
                                "warmup_tokens": args.warmup_tokens,
                                "chunk_size": args.chunk_size, "seed": args.seed},
@@ -195,7 +189,7 @@ def run(args) -> int:
     prompt = tpot.random_prompt(prompt_len, lm.spec.vocab_size, args.seed, dev)
     t0 = time.perf_counter()
     dec, step, compile_s = tpot.build_and_compile(lm, cfg, mode, args.gemv, args.chunk_size,
-                                                  args.attention, args.kernels)
+                                                  args.kernels)
     record["config"].update(kernels=step.kernels, gemv=step.gemv, attention=step.attention)
     log(f"main: compiled ({mode}, kernels={step.kernels}, gemv={step.gemv}, "
         f"attention={step.attention}) in {compile_s:.1f} s")
@@ -290,14 +284,12 @@ def run(args) -> int:
         save()
 
     record["variants"] = {}
-    for vmode, vkern, vgemv, vattn in variants:
+    for vmode, vkern, vgemv in variants:
         vk = resolve_kernels(vkern, vmode, dec)
         name = ("none" if vmode == "none" else f"{vmode}:fused" if vk == "fused" else
-                f"{vmode}:inductor:{resolve_gemv(vgemv, dev)}:{resolve_attention(vattn, dev)}")
+                f"{vmode}:inductor:{resolve_gemv(vgemv, dev)}")
         try:
-            same = vk == step.kernels and (vk == "fused" or (
-                resolve_gemv(vgemv, dev) == step.gemv
-                and resolve_attention(vattn, dev) == step.attention))
+            same = vk == step.kernels and (vk == "fused" or resolve_gemv(vgemv, dev) == step.gemv)
             if vmode == "default" and mode == "graphs" and same:
                 def run_one(step=step, dec=dec):
                     step.fn(dec.tok_buf, dec.pos_buf)
@@ -308,7 +300,7 @@ def run(args) -> int:
                 r["notes"].append("the main step's compiled function, run without its graph")
             else:
                 vd, vs, vc = tpot.build_and_compile(lm, cfg, vmode, vgemv, args.chunk_size,
-                                                    vattn, vkern)
+                                                    vkern)
                 n = args.decode_len if vmode != "none" else min(args.decode_len,
                                                                  args.warmup_tokens + 32)
                 r = tpot.measure(vs, vd, prompt=prompt, decode_len=n,
@@ -334,7 +326,7 @@ def run(args) -> int:
             try:
                 wcfg = dataclasses.replace(cfg, window=W)
                 wd, ws, wc = tpot.build_and_compile(lm, wcfg, mode, args.gemv, args.chunk_size,
-                                                    args.attention, args.kernels)
+                                                    args.kernels)
                 wp = tpot.random_prompt(wcfg.budget, lm.spec.vocab_size, args.seed + W, dev)
                 r = tpot.measure(ws, wd, prompt=wp, decode_len=args.sweep_decode_len,
                                  warmup_tokens=args.sweep_warmup_tokens, compile_s=wc).to_dict()

@@ -19,9 +19,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..eval.calibration import calibration_for
     from ..quant import QuantConfig, quantize_model
     from ..quant.checkpoint import save_quantized
-    from ..quant.gptq import calibration_for
 
     cfg = QuantConfig.parse(args.recipe)  # validate before the (slow) load
     lm = load(args)

@@ -16,11 +16,11 @@ Where the down projection is int8 or of another format than out, the side stream
 the down projection too (into its own buffer) and step 5 is the out GEMV, adding x, the
 attention output and the MLP's output. A GEMV of int8/int4 weights reads its norm's
 output from one norm launch before the branches (both LayerNorms, one program each).
-``FASTDECODE_BRANCHES=0`` runs one stream with [qkv; up] stacked as one GEMV, 1 or 2 pins
-the layout. Llama layers (sequential residual, SwiGLU) take seven launches (float): qkv
+``FusedOptions.branches=0`` runs one stream with [qkv; up] stacked as one GEMV, 1 or 2
+pins the layout. Llama layers (sequential residual, SwiGLU) take seven launches (float): qkv
 (RMSNorm fused), rotary/cache, attention, combine, out + residual, gate/up (RMSNorm and
 SiLU gating fused), down + residual. Then the head GEMV (final norm fused), the greedy
-argmax and the position advance. ``FASTDECODE_NORM_IN_GEMV=0`` gives every norm its own
+argmax and the position advance. ``FusedOptions.norm_in_gemv=0`` gives every norm its own
 launch.
 
 Setup work per step, shared by all layers: one launch computes the cache's plan (slot
@@ -34,7 +34,10 @@ into ``pos``, so it can be captured as one CUDA graph and replayed back to back.
 
 Kernel launch parameters are chosen per shape by timing the candidates on the device on
 first use (:mod:`fastdecode.fused.tune`); under Triton's interpreter (CPU tests) a fixed
-small configuration is used.
+small configuration is used. Every option comes in one :class:`FusedOptions` object.
+
+The weights are the model's own, in the layout of :mod:`fastdecode.quant.layout` (read
+from ``model.layout``, built there when absent): the step holds no copy.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ import torch
 
 from ..cache.base import KVCache
 from ..errors import ConfigError
+from ..quant.layout import FLOAT, INT4, INT8, LayerWeights, Packed, ensure_layout, pack
 from . import tune
-from .weights import FLOAT, INT4, INT8, LayerWeights, Packed, layer_weights, pack
+from .options import FusedOptions
 
 NORM_LAYER, NORM_RMS = 1, 2
 
@@ -72,48 +76,41 @@ def unsupported_reason(decoder) -> str | None:
     return None
 
 
-def choose_branches(model) -> int:
-    """How a parallel-residual layer splits over two streams (tune.OPTIONS["branches"]):
+def choose_branches(model, opts: FusedOptions) -> int:
+    """How a parallel-residual layer splits over two streams (``opts.branches`` pins it):
     the whole MLP beside attention (2) when its down projection is int8, int4 on tensor
     cores, or cannot sit beside the out projection in one GEMV (formats differ), else its
-    up projection only (1). Chosen from an A/B of both on Pythia-2.8B shapes (H100,
-    4+2048, graphed, 3 rounds; perf/results/h100-fused-ab-branches-1v2.json): bf16 2.412
-    ms with 1, 2.444 with 2; int4 g128 2.067 / 2.126; int8 1.931 / 1.867; int4 MLP beside
-    bf16 attention 2.360 / 2.231. (One stream, [qkv; up] as one GEMV, -0v1.json: bf16
-    2.464, int8 2.131, int4 g128 2.142.) Again with the GEMV candidates of 569f63e, where
-    int4's long-input GEMVs got faster (-1v2-569f63e.json): int4 g128 1.827 / 1.845, int8
-    1.902 / 1.762. With int4's tensor-core GEMVs cut into input parts (out and down then
-    4 parts each): int4 g128 1.438 / 1.407 (-1v2-d19c540.json)."""
+    up projection only (1); each the faster in an A/B of both on Pythia-2.8B shapes
+    (perf/results/h100-fused-ab-branches-1v2*.json)."""
     if not model.spec.parallel_residual:
         return 0
+    if opts.branches is not None:
+        return opts.branches
     layer = model.layers[0]
     out, down = pack(layer.attn.out), pack(layer.mlp.down)
     if down.fmt == INT8 or out.fmt != down.fmt:
         return 2
-    mma = down.fmt == INT4 and tune.int4_paths(down, down.n, down.n, model.dtype) == (2,)
+    mma = down.fmt == INT4 and tune.int4_paths(down, down.n, down.n, model.dtype, opts) == (2,)
     return 2 if mma else 1
 
 
-def choose_priority(model, branches: int) -> bool:
+def choose_priority(model, branches: int, opts: FusedOptions) -> bool:
     """Whether the graph's main chain (q/k/v, rotary, attention, out) runs at a higher
-    stream priority than the side branch (tune.OPTIONS["priority"] pins it): where the
-    whole MLP is int8 beside attention. Measured (H100, Pythia-2.8B, 4+2048, graphed, A/B
-    of 5 rounds, perf/results/h100-fused-ab-priority-*.json): int8 1.652 -> 1.575 ms (and
-    1.694 -> 1.614 in another process): the int8 GEMVs fill every SM and, at one priority,
-    attention waited for the MLP's programs to drain, then ran alone; int4 g128 1.449 ->
-    1.444 and 1.798 -> 1.802, bf16 2.267 -> 2.269: no change; int4 MLP on tensor cores
-    beside bf16 attention 1.657 -> 1.679 and 2.020 -> 2.064: slower (its GEMVs are bound
-    by latency and want the SMs the attention takes)."""
-    pinned = tune.OPTIONS["priority"]
-    if pinned is not None:
-        return pinned
+    stream priority than the side branch (``opts.priority`` pins it): where the whole MLP
+    is int8 beside attention, whose GEMVs fill every SM and made attention wait for them
+    to drain (perf/results/h100-fused-ab-priority-*.json; no gain elsewhere)."""
+    if opts.priority is not None:
+        return opts.priority
     return branches == 2 and pack(model.layers[0].mlp.down).fmt == INT8
 
 
 class FusedStep:
     """``step(tok, pos) -> logits`` for one decoder (its model, cache and buffers)."""
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, options: FusedOptions | None = None):
+        """``options``: None for the defaults (the caller reads the environment, if at
+        all: ``FusedOptions.from_env()``)."""
+        self.opts = opts = options if options is not None else FusedOptions()
         reason = unsupported_reason(decoder)
         if reason:
             raise ConfigError(f"the fused decode step does not support this model: {reason}")
@@ -127,13 +124,11 @@ class FusedStep:
         inter = spec.intermediate_size
         # parallel residual: the MLP apart from q/k/v (1: its up projection, 2: all of it),
         # on a side stream on CUDA
-        pinned = tune.OPTIONS["branches"]
-        self.branches = 0 if not spec.parallel_residual else (
-            choose_branches(model) if pinned is None else pinned)
+        self.branches = choose_branches(model, opts)
         self.side = torch.cuda.Stream(dev) if self.branches and dev.type == "cuda" else None
         # captured at a higher priority than the side branch (compile.CompiledStep)
-        self.priority = self.side is not None and choose_priority(model, self.branches)
-        self.layers: list[LayerWeights] = layer_weights(model, side_by_side=self.branches < 2)
+        self.priority = self.side is not None and choose_priority(model, self.branches, opts)
+        self.layers: list[LayerWeights] = ensure_layout(model, self.branches < 2).layers
         self.norm_kind = NORM_LAYER if spec.norm == "layer" else NORM_RMS
         fb = getattr(model.norm, "bias", None)
         self.final_norm = (model.norm.weight.detach()[None],  # [1, K]: one segment
@@ -168,7 +163,7 @@ class FusedStep:
         self.kv = (st.k, st.v, getattr(st, "k_scale", st.k), getattr(st, "v_scale", st.v))
         self.scale = 1.0 / math.sqrt(D)
         self.eps = spec.norm_eps
-        self.norm_in_gemv = tune.OPTIONS["norm_in_gemv"]
+        self.norm_in_gemv = opts.norm_in_gemv
         # scratch of GEMVs cut into input parts (int4 on tensor cores): one a stream
         rows = max(self.n_qkv + inter, spec.hidden_size, spec.vocab_size)
         self.ws_main = tune.Workspace(rows, dev)
@@ -180,7 +175,8 @@ class FusedStep:
         """A GEMV launch; ``side``: on the side stream (inside ``_fork``), with its own
         workspace."""
         n = p.n // 2 if glu else p.n
-        tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, gap=gap,
+        tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, opts=self.opts,
+                  gap=gap,
                   xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2,
                   ws=self.ws_side if side else self.ws_main)
 
@@ -189,26 +185,26 @@ class FusedStep:
         (weight, bias or None), [segments, K]; a GEMV's second segment, rows >= nsplit,
         takes row 1): their input arguments. If all of them are float GEMVs, each
         normalises x in its own programs (norm_in_gemv); else one norm kernel launch writes
-        ``xn`` and all of them read it (the launch is not saved, so nothing is fused).
-        (H100, Pythia shapes, scripts/gpu_fused_ab.py --option norm_in_gemv: bf16 2.562 ->
-        2.483 ms with the norm inside; int4 g128 2.129 -> 2.328, its GEMVs being bound by
-        instruction latency, not bytes.)"""
+        ``xn`` and all of them read it (the launch is not saved, so nothing is fused; and
+        quantized GEMVs are bound by instruction latency:
+        perf/results/h100-fused-ab-norm_in_gemv-6d5352a.json)."""
         if self.norm_in_gemv == 2 or (self.norm_in_gemv == 1 and
                                       all(p.fmt == FLOAT for p in packs)):
             return [{"x": self.x, "xseg": 0,
                      "norm": (self.norm_kind, norms[0], norms[1], self.eps)}] * len(packs)
         tune.norm(self.x, norms[0], norms[1], self.xn, self.norm_kind, norms[0].shape[0],
-                  self.eps)
+                  self.eps, self.opts)
         return [{"x": self.xn, "xseg": self.spec.hidden_size}] * len(packs)
 
     def _attention(self, i: int, plan_mask, slot) -> None:
         k, v, ks, vs = self.kv
         tune.rope_write(self.buf, self.q, self.cs, slot, k, v, ks, vs, i, self.slots, self.HQ,
-                        self.HKV, self.D, self.half, self.cache.sink > 0, self.kv_int8)
+                        self.HKV, self.D, self.half, self.cache.sink > 0, self.kv_int8,
+                        self.opts)
         tune.attention(self.q, k, v, ks, vs, plan_mask, self.m, self.l, self.acc,
                        self.buf[self.n_qkv:self.n_qkv + self.hd], i, self.slots, self.HQ,
                        self.HKV, self.D, self.d0, self.d1, self.cache.sink, self.kv_int8,
-                       self.scale)
+                       self.scale, self.opts)
 
     def _fork(self):
         """Context whose launches go to the side stream, after everything launched so far
@@ -267,11 +263,12 @@ class FusedStep:
         ``plan_decode`` (tensor ops) and a cos/sin launch."""
         if self.plan_mask is not None:
             tune.decode_plan(pos, self.cache, self.model.freqs, self.cs, self.plan_mask,
-                             self.plan_slot, self.model.dtype)
+                             self.plan_slot, self.model.dtype, self.opts)
             return self.plan_mask, self.plan_slot
         plan = self.cache.plan_decode(pos)
         sink_pos = plan.q_pos_sink if plan.q_pos_sink is not None else plan.q_pos
-        tune.cos_sin(plan.q_pos, sink_pos, self.model.freqs, self.cs, self.model.dtype)
+        tune.cos_sin(plan.q_pos, sink_pos, self.model.freqs, self.cs, self.model.dtype,
+                     self.opts)
         return plan.mask.reshape(-1).view(torch.int8), plan.decode_slot
 
     @torch.no_grad()
@@ -281,8 +278,8 @@ class FusedStep:
         for i, lw in enumerate(self.layers):
             self._layer(i, lw, mask, slot)
         self._gemv(self.head, y=self.logits, **self._normed(self.final_norm, self.head)[0])
-        tune.argmax(self.logits, tok, pos)  # tok = argmax, pos += 1
+        tune.argmax(self.logits, tok, pos, self.opts)  # tok = argmax, pos += 1
         return self.logits
 
 
-__all__ = ["FusedStep", "choose_branches", "unsupported_reason"]
+__all__ = ["FusedStep", "FusedOptions", "choose_branches", "unsupported_reason"]

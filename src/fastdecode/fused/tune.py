@@ -11,120 +11,33 @@ Under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests) a fixed small
 configuration is used, chosen to exercise the same code paths (several row blocks, several
 K chunks, several attention splits).
 
-Besides block sizes, a GEMV candidate names two code paths of the quantized formats:
-``asm`` (int8/int4 codes to float by a magic-number byte permute in inline PTX instead of
-Triton's conversions) and ``int4``, the int4 path (kernels module docstring): 0 = a dot
-product per group then scale and zero, 1 = dequantise every weight and reduce once at the
-end, 2 = tensor cores (bfloat16/float16 models, groups of 32 or more). :data:`OPTIONS`
-(also read from the environment: ``FASTDECODE_ASM`` = 0 or 1, ``FASTDECODE_INT4`` = 0, 1
-or 2) pins them; unset, asm is on (:func:`_asm`), and int4 takes path 2 for groups of
-128 or more where it applies (else 1). On path 2 a GEMV's inputs may be cut
-into ``parts`` (1, 2 or 4), one program each, whose float32 partial sums the last of them
-adds in order (:class:`Workspace`); ``FASTDECODE_PARTS`` pins it, unset :func:`parts` picks
-it from the number of row blocks. ``pdl``
-(``FASTDECODE_PDL=0`` turns it off) launches every kernel with programmatic dependent
-launch on Hopper and later: a kernel's programs are placed while the one before finishes,
-and a GEMV (int4 paths 0 and 1, int8, float) loads its first weight tile before it waits.
-None of them changes a result beyond accumulation order: every path computes the same
-float32 values (tests/test_fused.py holds each to the float64 reference and the step to
-eager).
+Every launch takes the step's :class:`~fastdecode.fused.options.FusedOptions` (``opts``):
+besides block sizes, a GEMV candidate names two code paths of the quantized formats that
+the options may pin, ``asm`` and the ``int4`` path, and on the tensor-core path the input
+``parts`` (:class:`Workspace`). None of them changes a result beyond accumulation order.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..quant.layout import FLOAT, INT4, INT8, Packed
 from . import kernels
-from .weights import FLOAT, INT4, INT8, Packed
+from .options import MIN_PER, PARTS, FusedOptions
 
 _CHOSEN: dict[tuple, tuple] = {}
-
-
-def _env_flag(name: str) -> bool | None:
-    """A switch from the environment: 0 or 1 (unset or empty: None); anything else is an
-    error naming the variable, not a silent "on"."""
-    v = os.environ.get(name)
-    if v in (None, ""):
-        return None
-    if v not in ("0", "1"):
-        raise ValueError(f"{name}={v!r}: expected 0 or 1")
-    return v == "1"
-
-
-def _env_level(name: str, default: int | None, levels: int) -> int | None:
-    v = os.environ.get(name)
-    if v in (None, ""):
-        return default
-    if v not in {str(i) for i in range(levels)}:
-        raise ValueError(f"{name}={v!r}: expected one of 0..{levels - 1}")
-    return int(v)
-
-
-PARTS = (1, 2, 4)  # the input parts a tensor-core GEMV may be cut into
-
-
-def _env_parts(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v in (None, ""):
-        return None
-    if v not in {str(p) for p in PARTS}:
-        raise ValueError(f"{name}={v!r}: expected one of {', '.join(map(str, PARTS))}")
-    return int(v)
-
-
-MIN_PER = 32  # fewest slots per split of the attention launch; sizes the partial buffers
-
-
-def _env_attn(name: str) -> tuple[int, int, int] | None:
-    """An attention launch pinned as 'slots per split,BLOCK_N,num_warps' (experiments)."""
-    v = os.environ.get(name)
-    if v in (None, ""):
-        return None
-    try:
-        per, bn, warps = (int(t) for t in v.split(","))
-    except ValueError:
-        raise ValueError(f"{name}={v!r}: expected 'slots per split,BLOCK_N,num_warps', "
-                         "e.g. 64,16,2") from None
-    if per < MIN_PER or per % bn or bn & (bn - 1) or warps not in (1, 2, 4, 8):
-        raise ValueError(f"{name}={v!r}: slots per split >= {MIN_PER} and a multiple of "
-                         "BLOCK_N, a power of two; num_warps 1, 2, 4 or 8")
-    return per, bn, warps
-
-
-# tune=False (FASTDECODE_TUNE=0): take the first valid candidate without timing (tests on
-# CUDA, where timing every shape a property test draws would dominate)
-# norm_in_gemv (FASTDECODE_NORM_IN_GEMV=0, 1 or 2; default 1): the GEMV after a norm
-# normalises x in each of its programs instead of a norm kernel launched before it: 0 never,
-# 1 where all the GEMVs reading that norm are float, 2 whatever their format (read when a
-# FusedStep is built)
-# priority (FASTDECODE_PRIORITY=0 or 1; unset: chosen per model, step.choose_priority): the
-# captured graph's main chain at a higher stream priority than its side branch
-# branches (FASTDECODE_BRANCHES=0, 1 or 2; unset: chosen per model, step.choose_branches):
-# in a parallel-residual layer, 1 = the MLP's up projection runs on a second CUDA stream
-# beside q/k/v, rotary and attention (two branches of the captured graph), 2 = the whole
-# MLP (up, then down) does; 0 = one stream, [qkv; up] as one GEMV before attention (read
-# when a FusedStep is built)
-OPTIONS = {"pdl": _env_flag("FASTDECODE_PDL") is not False,
-           "asm": _env_flag("FASTDECODE_ASM"), "int4": _env_level("FASTDECODE_INT4", None, 3),
-           "tune": _env_flag("FASTDECODE_TUNE") is not False,
-           "norm_in_gemv": _env_level("FASTDECODE_NORM_IN_GEMV", 1, 3),
-           "branches": _env_level("FASTDECODE_BRANCHES", None, 3),
-           "parts": _env_parts("FASTDECODE_PARTS"),
-           "priority": _env_flag("FASTDECODE_PRIORITY"),
-           "attn": _env_attn("FASTDECODE_ATTN")}
 
 
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
 
 
-def pdl(x: torch.Tensor) -> bool:
+def pdl(x: torch.Tensor, opts: FusedOptions) -> bool:
     """Launch with programmatic dependent launch: on, on CUDA devices that have it."""
-    if not (OPTIONS["pdl"] and x.is_cuda):
+    if not (opts.pdl and x.is_cuda):
         return False
     i = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if i not in _HAS_PDL:
@@ -132,53 +45,31 @@ def pdl(x: torch.Tensor) -> bool:
     return _HAS_PDL[i]
 
 
-def _launch_opts(x: torch.Tensor) -> dict:
-    on = pdl(x)
+def _launch_opts(x: torch.Tensor, opts: FusedOptions) -> dict:
+    on = pdl(x, opts)
     return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages or None); the tuner adds asm / int4 path. Every
-# candidate is compiled and timed on first use, so the lists hold the ones that were
-# fastest for some Pythia-2.8B shape in scripts/gpu_gemv_sweep.py (each launch of a
-# 32-layer graph, perf/results/h100-gemv-sweep.json), and no more: int4 [out | down]
-# (12,800 inputs) went 21.9 -> 17.0 us with 1,024 inputs an iteration, int8 down (10,240)
-# 11.8 -> 11.1 us with 2,048
+# Candidate lists: (BLOCK_N, BLOCK_K, num_warps, num_stages or None); the tuner adds asm /
+# int4 path. Every candidate is compiled and timed on first use, so each list holds only
+# the configurations that were fastest for some Pythia-2.8B shape inside the graphed step
+# (scripts/gpu_gemv_sweep.py; perf/results/h100-gemv-sweep.json,
+# h100-gemv-sweep-bf16-9f19846.json, h100-gemv-sweep-int8-mma-5af6f77.json).
 GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 1024, 4, None), (8, 256, 4, None),
                    (8, 512, 4, None), (8, 512, 8, None), (8, 1024, 8, None), (16, 256, 4, None),
                    (4, 1024, 4, 1), (2, 2048, 4, None), (4, 2048, 8, None)]
-# bf16 keeps the timed list: the graphed sweep's winners (h100-gemv-sweep-bf16-9f19846.json:
-# 2/1024/4 without a norm inside, 8/512/8 with LayerNorm inside, each within 2% of the best
-# shape by shape) made the bf16-weight step slower than the tuner's picks (int8 KV
-# 2.24 -> 2.44 ms at be3f41d): alone and inside the two-stream step they rank differently
-# int8: the graphed sweep's winners only (h100-gemv-sweep.json, -int8-mma-5af6f77.json: 8 rows x
-# 512 inputs x 8 warps for q/k/v, up and out, 2 x 2048 x 4 for down). With the whole list,
-# do_bench's picks (one launch alone) changed from process to process (q/k/v 8/512/4 in
-# one, 10.0 us graphed against 9.1; down 4/1024/4, 11.7 against 11.1) and int8 ran
-# anywhere from 1.63 to 1.75 ms
+# int8: the graphed sweep's winners only (with more, do_bench's picks varied by process)
 INT8_CANDIDATES = [(8, 512, 8, None), (2, 2048, 4, None)]
 INT4_CANDIDATES = [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None),
                    (8, 512, 8, None), (4, 1024, 4, None),
                    (8, 1024, 8, None)]  # as GEMV_CANDIDATES; BLOCK_K a multiple of the group
-# int4 on tensor cores (path 2): (BLOCK_N, K splits = num_warps, num_stages). In a graph of
-# 32 layers (scripts/exp/tc_exp.py, H100, g128) 16 rows x 4 splits x 3 stages was the
-# fastest for 2,560 inputs (q/k/v 9.3 -> 7.4 us, up 12.2 -> 8.7 against path 1's best) and
-# 16 x 8 x 3 for 10,240 and 12,800 ([out | down] 17.6 -> 14.7 us); more rows, splits or
-# stages, a shared-memory stage of two groups, prefetched or transposed scales were slower
+# int4 on tensor cores (path 2): (BLOCK_N, K splits = num_warps, num_stages), the fastest in
+# a graph of 32 layers (perf/results/h100-gemv-sweep-int4-mma-e22100d.json)
 INT4_MMA_CANDIDATES = [(16, 4, 3), (16, 8, 3)]
-# cut into input parts: 4 warps (graphed, 4 parts: [out | down] 12.8 us with 4, 14.8 with 8;
-# down 10.5 / 15.6; perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)
+# cut into input parts: 4 warps (perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)
 INT4_MMA_PARTS_CANDIDATES = [(16, 4, 3)]
-# (slots per split, BLOCK_N, num_warps): one, fixed. Timed alone (do_bench, the tuner's
-# way) the attention configurations rank differently than inside the graphed step, where
-# each kernel overlaps the one before (PDL): the tuner picked 128-slot splits in some runs
-# (int4-g128 bench at 56a998a: 2.25 ms against 2.14 with 64/16/2), and 32-slot splits
-# before (023fbbc: 2.33 against 2.17). Timed as a graph of 32 layers on Pythia shapes
-# (perf/results/h100-attn-ab-preload.json, 2,053 slots), 64/16/2 beat all 25 others by
-# 0.4 us/layer or more (16.9 us; 128-slot splits 18.9-22.8, 256-slot 20.6-39). None of
-# those had one warp; in the whole step (bench, FASTDECODE_ATTN, same machine, f4c9930;
-# perf/results/h100-attn-warps-f4c9930.txt) 64/16/1 beat 64/16/2: int4 g128 1.448 ->
-# 1.382 ms, int8 1.762 -> 1.687 (32/16/1 1.397 / 1.710, 32/32/1 1.387 / 1.696, 128/16/1
-# 1.390 / 1.739): with one warp the softmax's reductions need no shared memory and no
-# barrier
+# (slots per split, BLOCK_N, num_warps): one, fixed, since timed alone the attention
+# launches rank differently than inside the graphed step (perf/results/
+# h100-attn-ab-preload.json, h100-attn-warps-f4c9930.txt)
 ATTN_CANDIDATES = [(64, 16, 1)]
 
 
@@ -205,48 +96,40 @@ def _valid(cfg, p: Packed, n: int, nsplit: int) -> bool:
     return True
 
 
-def _mma_ok(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> bool:
+def _mma_ok(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions) -> bool:
     """int4 on tensor cores: groups of 32 inputs or more (a dot's K is 16 or more), 16-row
     blocks inside each segment, x in a dtype the mma takes (float32 only when pinned)."""
     return (p.fmt == INT4 and p.group >= 32 and not (0 < nsplit < n and nsplit % 16)
-            and (dtype in (torch.bfloat16, torch.float16) or OPTIONS["int4"] == 2))
+            and (dtype in (torch.bfloat16, torch.float16) or opts.int4 == 2))
 
 
-def _asm(applies: bool) -> bool:
-    """Inline-PTX conversions: on wherever they apply, unless pinned. Not timed: do_bench's
-    choice (one launch alone) flipped from process to process, and inside the graphed step
-    the PTX conversion is the faster one everywhere (A/B, 5 rounds, H100,
-    perf/results/h100-fused-ab-asm-*.json: int8 1.611 -> 1.556 ms; int4 g128 2.170 ->
-    1.341, where Triton's conversion leaves the tensor-core path waiting on float32
-    casts)."""
-    return applies and (OPTIONS["asm"] is None or bool(OPTIONS["asm"]))
+def _asm(applies: bool, opts: FusedOptions) -> bool:
+    """Inline-PTX conversions: on wherever they apply, unless pinned; not timed, since
+    inside the graphed step they are the faster everywhere
+    (perf/results/h100-fused-ab-asm-c0d3167.json)."""
+    return applies and opts.asm is not False
 
 
-def int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype) -> tuple[int, ...]:
+def int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype,
+               opts: FusedOptions) -> tuple[int, ...]:
     """The int4 paths to time: as pinned, else tensor cores for groups of 128 or more
-    where they apply, path 1 otherwise. Timed one launch at a time (do_bench), path 1 won
-    [out | down] and down, which path 2 wins inside the graphed step (int4-g128 on the
-    H100: 1.586 ms/token as the tuner picked, 1.509 with path 2 everywhere; int4-mlp-g128
-    1.834 against 1.772). With groups of 64 a group is half the bytes an iteration, and the
-    suite's int4-mlp-g64 ran 2.212 ms on path 2 against 2.096 on path 1 (runs 0006, 0005)."""
+    where they apply, path 1 otherwise; not timed, since a launch timed alone ranks them
+    differently than the graphed step (docs/gpu.md)."""
     if p.fmt != INT4:
         return (0,)
-    mma = _mma_ok(p, n, nsplit, dtype)
-    if OPTIONS["int4"] is not None:
-        return (OPTIONS["int4"],) if OPTIONS["int4"] != 2 or mma else (1,)
+    mma = _mma_ok(p, n, nsplit, dtype, opts)
+    if opts.int4 is not None:
+        return (opts.int4,) if opts.int4 != 2 or mma else (1,)
     return (2,) if mma and p.group >= 128 else (1,)
 
 
-def parts(n: int, block_n: int, device: torch.device) -> int:
+def parts(n: int, block_n: int, device: torch.device, opts: FusedOptions) -> int:
     """How many input parts a tensor-core GEMV of ``n`` rows is cut into (pinned by
-    OPTIONS["parts"]): the fewest of :data:`PARTS` that give MIN_PROGRAMS_PER_SM programs
-    an SM. The tensor-core GEMVs are bound by instruction latency, so they run faster with
-    more warps on each SM, but a part costs its partial sums and more instructions an
-    iteration (H100, graphed, 32 layers, int4 g128: [out | down], 160 row blocks, 15.2 us
-    whole, 12.9 in 2 parts, 12.8 in 4; down 12.5 / 10.9 / 10.5; q/k/v, 480 blocks, 7.3 /
-    10.0 / 11.9; up, 640 blocks, 9.0 / 11.7 / 14.6)."""
-    if OPTIONS["parts"] is not None:
-        return OPTIONS["parts"]
+    ``opts.parts``): the fewest of :data:`PARTS` that give MIN_PROGRAMS_PER_SM programs an
+    SM. These GEMVs are bound by instruction latency and want more warps an SM, but a part
+    costs its partial sums (perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)."""
+    if opts.parts is not None:
+        return opts.parts
     sms = _sm_count(device)
     blocks = triton.cdiv(n, block_n)
     for k in PARTS:
@@ -285,15 +168,16 @@ class Workspace:
             self.counts.numel()
 
 
-def _parts_choices(n: int, bn: int, glu: bool, ws: Workspace | None) -> tuple[int, ...]:
+def _parts_choices(n: int, bn: int, glu: bool, ws: Workspace | None,
+                   opts: FusedOptions) -> tuple[int, ...]:
     if glu or ws is None:
         return (1,)
-    k = parts(n, bn, ws.parts.device)
+    k = parts(n, bn, ws.parts.device, opts)
     return (k,) if ws.fits(n, k, bn) else (1,)
 
 
-def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool = False,
-                     ws: Workspace | None = None) -> list[tuple]:
+def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions,
+                     glu: bool = False, ws: Workspace | None = None) -> list[tuple]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts) for this weight
     (int4 on tensor cores: num_warps is the number of K splits, BLOCK_K the group; parts
     only there, with a workspace)."""
@@ -304,23 +188,23 @@ def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bo
         bk = p.group if p.fmt == INT4 else _pow2_divisor(p.group if p.fmt == INT8 else 256, 256)
         valid = [(bn, bk, 4, None)]
     out = []
-    for path in int4_paths(p, n, nsplit, dtype):
-        cfgs = ([(bn, p.group, w, st, k) for k in _parts_choices(n, 16, glu, ws)
+    for path in int4_paths(p, n, nsplit, dtype, opts):
+        cfgs = ([(bn, p.group, w, st, k) for k in _parts_choices(n, 16, glu, ws, opts)
                  for bn, w, st in (INT4_MMA_CANDIDATES if k == 1 else
                                    INT4_MMA_PARTS_CANDIDATES)] if path == 2
                 else [c + (1,) for c in valid])
-        out += [c[:4] + (_asm(p.fmt != 0), path, c[4]) for c in cfgs]
+        out += [c[:4] + (_asm(p.fmt != 0, opts), path, c[4]) for c in cfgs]
     return out
 
 
 def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
-                 ws: Workspace | None) -> tuple:
+                 ws: Workspace | None, opts: FusedOptions) -> tuple:
     """Under the interpreter: small blocks; no inline PTX; the int4 path as pinned (default
     1; tensor cores with two K splits, and the input parts as pinned, else 2 where a
     workspace is given)."""
-    path = int4_paths(p, n, nsplit, dtype)[0]
+    path = int4_paths(p, n, nsplit, dtype, opts)[0]
     if path == 2:
-        k = OPTIONS["parts"] or 2
+        k = opts.parts or 2
         k = k if not glu and ws is not None and ws.fits(n, k, 16) else 1
         return 16, p.group, 2, None, False, 2, k
     bn = 4 if not 0 < nsplit < n else min(4, _pow2_divisor(nsplit, 4))
@@ -342,7 +226,7 @@ def _bench(fn, restore: torch.Tensor | None) -> float:
             restore.copy_(saved)
 
 
-def _pick(key: tuple, candidates_of, run, restore) -> tuple:
+def _pick(key: tuple, candidates_of, run, restore, tune: bool) -> tuple:
     """The configuration for ``key``: cached, else the fastest of ``candidates_of()`` (built
     only on a miss: this runs on every launch of an un-graphed step)."""
     if key in _CHOSEN:
@@ -350,7 +234,7 @@ def _pick(key: tuple, candidates_of, run, restore) -> tuple:
     candidates = candidates_of()
     if not candidates:
         raise RuntimeError(f"no valid launch configuration for {key}")
-    if not OPTIONS["tune"]:
+    if not tune:
         return candidates[0]
     best, best_ms = None, float("inf")
     for cfg in candidates:
@@ -361,8 +245,8 @@ def _pick(key: tuple, candidates_of, run, restore) -> tuple:
     return best
 
 
-def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
-         norm=None, res2=None, ws: Workspace | None = None) -> None:
+def gemv(x, p: Packed, y, res, *, n, nsplit, opts: FusedOptions, gap=0, xseg=0, act2=0,
+         glu=False, norm=None, res2=None, ws: Workspace | None = None) -> None:
     """y (= res +) act(x . W^T + b) (+ res2) over ``n`` output rows (kernels.gemv_kernel);
     ``norm`` = (kind, weight [segments, K], bias or None, eps): x is normalised in the
     kernel (kind 1 LayerNorm, 2 RMSNorm). ``ws``: this stream's workspace, which lets a
@@ -376,19 +260,20 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, gap=0, xseg=0, act2=0, glu=False,
     meta = dict(K=p.k, FMT=p.fmt, GROUP=p.group, ACT2=act2, GLU=glu,
                 HAS_BIAS=p.bias is not None, HAS_RES=res is not None,
                 HAS_RES2=res2 is not None, NORM=kind,
-                **_launch_opts(x))
+                **_launch_opts(x, opts))
 
     def run(cfg):
         launch_gemv(args, meta, n, cfg, ws)
 
     if not x.is_cuda:
-        run(_interp_gemv(p, n, nsplit, x.dtype, glu, ws))
+        run(_interp_gemv(p, n, nsplit, x.dtype, glu, ws, opts))
         return
     key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
            int(res is not None), int(res2 is not None), kind,
-           str(x.dtype).removeprefix("torch."), OPTIONS["asm"], OPTIONS["int4"],
-           OPTIONS["parts"], ws is not None)
-    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype, glu, ws), run, res))
+           str(x.dtype).removeprefix("torch."), opts.asm, opts.int4, opts.parts, opts.pdl,
+           ws is not None)
+    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype, opts, glu, ws), run, res,
+              opts.tune))
 
 
 def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | None = None):
@@ -408,7 +293,7 @@ def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | Non
                                                  num_warps=warps, **extra)
 
 
-def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
+def norm(x, nw, nb, out, kind: int, segments: int, eps: float, opts: FusedOptions) -> None:
     """out[s] = norm_s(x) for s < segments (nw, nb: [segments, K]; RMSNorm: nb unused)."""
     k = x.numel()
     # x in one block up to 8,192 (one read, see the kernel); the interpreter: blocks of 32,
@@ -418,21 +303,21 @@ def norm(x, nw, nb, out, kind: int, segments: int, eps: float) -> None:
     warps = (8 if block >= 4096 else 4) if x.is_cuda else 1
     kernels.norm_kernel[(segments,)](x, nw, nb if nb is not None else nw, out, eps, K=k,
                                      NORM=kind, BLOCK_K=block, num_warps=warps,
-                                     **_launch_opts(x))
+                                     **_launch_opts(x, opts))
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def cos_sin(pos, spos, freqs, cs, dtype) -> None:
+def cos_sin(pos, spos, freqs, cs, dtype, opts: FusedOptions) -> None:
     """cs (float32 [2, 2, half]) = cos/sin at pos and at spos (see kernels.cos_sin_kernel)."""
     half = freqs.numel()
     kernels.cos_sin_kernel[(1,)](pos, spos, freqs, cs, HALF=half, DT=_TL_DTYPE[dtype],
                                  BLOCK=triton.next_power_of_2(half), num_warps=1,
-                                 **_launch_opts(cs))
+                                 **_launch_opts(cs, opts))
 
 
-def decode_plan(pos, cache, freqs, cs, mask, slot, dtype) -> None:
+def decode_plan(pos, cache, freqs, cs, mask, slot, dtype, opts: FusedOptions) -> None:
     """mask/slot/cs for the token at ``pos`` from the cache's policy (sinks, window, evict
     every R, position mode and offset): ``cache.plan_decode`` and :func:`cos_sin` in one
     launch (see kernels.decode_plan_kernel)."""
@@ -442,22 +327,22 @@ def decode_plan(pos, cache, freqs, cs, mask, slot, dtype) -> None:
         pos, freqs, cs, mask, slot, cache.slots, cache.window, cache.compress_every,
         cache.position_offset, S=cache.sink, CACHE_MODE=cache.position_mode == "cache",
         HALF=half, DT=_TL_DTYPE[dtype], BLOCK_H=triton.next_power_of_2(half), BLOCK=block,
-        num_warps=2 if pos.is_cuda else 1, **_launch_opts(cs))
+        num_warps=2 if pos.is_cuda else 1, **_launch_opts(cs, opts))
 
 
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
-               kv_int8) -> None:
+               kv_int8, opts: FusedOptions) -> None:
     kernels.rope_write_kernel[(hq + hkv,)](
         buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d, HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
-        num_warps=1, **_launch_opts(buf))
+        num_warps=1, **_launch_opts(buf, opts))
 
 
-def argmax(x, tok, pos) -> None:
+def argmax(x, tok, pos, opts: FusedOptions) -> None:
     """tok = argmax(x), pos += 1 (see kernels.argmax_kernel)."""
     cuda = x.is_cuda
     kernels.argmax_kernel[(1,)](x, tok, pos, x.numel(), BLOCK=8192 if cuda else 1024,
-                                num_warps=16 if cuda else 1, **_launch_opts(x))
+                                num_warps=16 if cuda else 1, **_launch_opts(x, opts))
 
 
 def max_splits(slots: int) -> int:
@@ -465,8 +350,8 @@ def max_splits(slots: int) -> int:
 
 
 def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, d0, d1,
-              sink, kv_int8, scale) -> None:
-    opts = _launch_opts(q)
+              sink, kv_int8, scale, opts: FusedOptions) -> None:
+    launch = _launch_opts(q, opts)
 
     def run(cfg):
         per, bn, warps = cfg
@@ -474,20 +359,21 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
         kernels.attn_split_kernel[(hq, nsplit)](
             q, k, v, ks, vs, mask, m, l_, acc, layer, slots, nsplit, per, scale, HQ=hq,
             HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8, BLOCK_N=bn,
-            num_warps=warps, **opts)
+            num_warps=warps, **launch)
         kernels.attn_combine_kernel[(hq,)](
             m, l_, acc, out, nsplit, D=d, BLOCK_S=triton.next_power_of_2(nsplit),
-            BLOCK_D=triton.next_power_of_2(d), num_warps=1 if nsplit <= 32 else 4, **opts)
+            BLOCK_D=triton.next_power_of_2(d), num_warps=1 if nsplit <= 32 else 4, **launch)
 
     if not q.is_cuda:
         run((MIN_PER, 16, 1))
         return
     key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
-    if OPTIONS["attn"] is not None:
-        run(OPTIONS["attn"])
+    if opts.attn is not None:
+        run(opts.attn)
         return
     run(_pick(key, lambda: [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
-                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None))
+                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None,
+              opts.tune))
 
 
 __all__ = ["gemv", "Workspace", "parts", "norm", "cos_sin", "decode_plan", "rope_write",

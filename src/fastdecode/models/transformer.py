@@ -110,6 +110,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("freqs", rope.inv_freq(spec.rotary_dim, spec.rope_theta),
                              persistent=False)
+        self.layout = None  # the fused step's stacked weights, once built (adopt_layout)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) would cast the float64 rotary frequencies too; rebuild them instead.
@@ -118,7 +119,26 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.freqs = rope.inv_freq(self.spec.rotary_dim, self.spec.rope_theta,
                                    device=self.embed.weight.device)
+        self.layout = None  # built over the tensors just replaced
         return self
+
+    @torch.no_grad()
+    def adopt_layout(self, layout, views: dict[str, torch.Tensor]) -> None:
+        """Record ``layout`` (a structure built over these weights, e.g. the fused step's
+        stacks, quant/layout.py) in ``self.layout``, and let the tensors named in ``views``
+        (parameter or buffer names -> tensors of the same shape and dtype) live in its
+        memory: the model arranges its own storage, so one copy serves both."""
+        targets = []
+        for name, view in views.items():
+            mod_name, _, attr = name.rpartition(".")
+            t = getattr(self.get_submodule(mod_name), attr)
+            if t.shape != view.shape or t.dtype != view.dtype:
+                raise ValueError(f"{name}: a {tuple(view.shape)} {view.dtype} view for a "
+                                 f"{tuple(t.shape)} {t.dtype} tensor")
+            targets.append((t, view))
+        for t, view in targets:
+            t.data = view
+        self.layout = layout
 
     @property
     def dtype(self) -> torch.dtype:

@@ -94,9 +94,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
                    calibration: torch.Tensor | None = None, progress: bool = False) -> list[str]:
     """Replace matching nn.Linear modules in place; returns the names replaced.
 
-    ``calibration``: token ids, needed by ``gptq`` and ``kd`` (``gptq.calibration_for``);
-    GPTQ reads the first ``gptq.CALIB_TOKENS``, distillation all. ``progress``: a bar for
-    distillation."""
+    ``calibration``: token ids, needed by ``gptq`` and ``kd``, read by the caller
+    (``fastdecode.eval.calibration.calibration_for``); GPTQ reads the first
+    ``gptq.CALIB_TOKENS``, distillation all. ``progress``: a bar for distillation."""
     cls = KINDS[cfg.kind]
     targets = dict((name, mod) for name, mod in model.named_modules()
                    if isinstance(mod, nn.Linear) and cfg.matches(name))
@@ -110,16 +110,17 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
         setattr(parent, child, cls.from_linear(targets[name], group_size=cfg.group_size, **kw))
 
     if cfg.calibrates:
-        from .gptq import CALIB_TOKENS, input_moments, moment_batches
+        from .gptq import CALIB_TOKENS, gptq_int4, input_moments, moment_batches
 
         if calibration is None:
             raise ConfigError(f"{cfg.name} needs calibration tokens "
-                              "(fastdecode.quant.gptq.calibration_for)")
+                              "(fastdecode.eval.calibration.calibration_for)")
         teacher = copy.deepcopy(model).float() if cfg.method == "kd" else None
         for batch in moment_batches(model, list(targets)):  # later batches see earlier ones
             moments = input_moments(model, batch, calibration[:CALIB_TOKENS])  # quantized
             for name in batch:
-                replace(name, method="gptq", moments=moments.pop(name))
+                w = targets[name].weight.detach()
+                replace(name, codes=gptq_int4(w, moments.pop(name), cfg.group_size))
         if teacher is not None:
             from .distill import distill_int4
 
@@ -133,8 +134,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
 def set_backend(model: nn.Module, backend: str = "auto") -> None:
     """Choose the kernel every quantized linear of ``model`` uses.
 
-    ``auto``: ``reference`` off CUDA; on CUDA the fastest measured on the H100 (see
-    docs/quant.md and perf/results/h100-quant-gemv.json): ``AUTO_INT8`` / ``AUTO_INT4``.
+    ``auto``: ``reference`` off CUDA; on CUDA the fastest measured on the H100
+    (perf/results/h100-quant-gemv.json): ``AUTO_INT8`` / ``AUTO_INT4``.
     """
     for mod in model.modules():
         if isinstance(mod, (Int8Linear, Int4Linear)):
@@ -147,9 +148,7 @@ def set_backend(model: nn.Module, backend: str = "auto") -> None:
             mod.set_backend(choice)
 
 
-# H100, Pythia-2.8B shapes, 128 GEMVs in a CUDA graph (scripts/gpu_quant_bench.py):
-# int8: inductor 1.55 ms < ours (Triton) 1.68 ms; int4 g128: tinygemm 1.55 ms <
-# torchao tile_packed_to_4d (same kernel, compiled) 1.72 ms < ours 1.84 ms. bf16: 2.42 ms.
+# the fastest in a CUDA graph of Pythia-2.8B's GEMVs (perf/results/h100-quant-gemv.json)
 AUTO_INT8 = "inductor"
 AUTO_INT4 = "tinygemm"
 

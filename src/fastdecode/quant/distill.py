@@ -17,7 +17,7 @@ decay, ``EPOCHS`` passes over the calibration text in sequences of ``SEQ`` token
 models run as float32 copies on the model's device (for SmolLM2-135M: about 1.5 min on
 an H100; on a CPU, hours).
 
-Calibration (``calibration_for``): ``gptq.calibration_tokens`` with ``SHARES`` — 245,760
+Calibration (``eval.calibration.calibration_for``, from the caller): ``SHARES`` — 245,760
 tokens of wikitext-2 (test) and 73,728 of PG19 book 10321, never 10146, the evaluated
 book; GPTQ's moments use its first ``gptq.CALIB_TOKENS``. The settings were chosen on the
 H100 by the KL to the teacher on 8,192 held-out tokens of those two sources
@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import ConfigError
 from .int4 import Int4Linear, pack_int4, round_params, unpack_int4
 
-SHARES = (245760, 73728)  # calibration tokens from each of gptq.CALIBRATION
+SHARES = (245760, 73728)  # calibration tokens from each of eval.calibration.CALIBRATION
 EPOCHS = 6
 BATCH = 8
 SEQ = 512

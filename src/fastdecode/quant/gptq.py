@@ -15,9 +15,10 @@ calibration text too closely. ``gptq_int4``:
    codes. Steps 2-3 run ``ROUNDS`` times from the refitted groups; each row keeps the
    (codes, scale, zero) of least error.
 
-Calibration (``calibration_tokens``): ``CALIB_TOKENS`` tokens, half from wikitext-2 (test)
-and half from PG19 book 10321, in sequences of ``CALIB_SEQ`` — never PG19 10146, the book
-the perplexity target is measured on.
+Calibration: token ids given by the caller (``quantize_model(..., calibration=...)``;
+``fastdecode.eval.calibration`` reads ``CALIB_TOKENS`` of them, half from wikitext-2 (test)
+and half from PG19 book 10321, never PG19 10146, the book the perplexity target is measured
+on), fed in sequences of ``CALIB_SEQ`` through the model's own batched forward.
 """
 
 from __future__ import annotations
@@ -25,56 +26,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from .int4 import pack_int4, padded_width, quantize_int4, round_params
 
-CALIBRATION = ("wikitext-2", "pg19-10321")
 CALIB_TOKENS = 32768
 CALIB_SEQ = 512
 DAMP = 0.1
 ROUNDS = 3
 MOMENT_BYTES = 2 << 30  # input moments held at once; more targets take several passes
+SEQS_PER_PASS = 8  # calibration sequences a forward pass takes at once
 _BLOCK = 128  # columns per lazy GPTQ update
 _REFIT_ELEMENTS = 1 << 25  # rows per least-squares chunk: about this many of [rows, in, groups]
-
-
-def calibration_tokens(tokenizer, sources=CALIBRATION, n_tokens: int | None = None,
-                       totals: tuple[int, ...] | None = None):
-    """LongTensor of token ids: ``n_tokens`` (default CALIB_TOKENS), an equal share from
-    the start of each source; then, with ``totals`` (tokens per source, in order), the
-    rest of each source up to its total (distillation's calibration: GPTQ reads its first
-    ``n_tokens``)."""
-    from ..eval.data import load_text, tokenize
-
-    n_tokens = n_tokens or CALIB_TOKENS
-    per = n_tokens // len(sources)
-    totals = totals or (per,) * len(sources)
-    if len(totals) != len(sources) or min(totals) < per:
-        raise ConfigError(f"calibration totals {totals} must give each of {sources} at "
-                          f"least {per} tokens")
-    texts = []
-    for src, total in zip(sources, totals):
-        got = tokenize(load_text(src), tokenizer)
-        if len(got) < total:
-            raise InputError(f"calibration source {src!r} has {len(got)} tokens; "
-                             f"{total} needed")
-        texts.append(got[:total])
-    ids = [t for got in texts for t in got[:per]] + [t for got in texts for t in got[per:]]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def calibration_for(lm, cfg):
-    """The calibration tokens ``cfg`` needs for the loaded model ``lm`` (None if none)."""
-    if cfg.calibrates and lm.tokenizer is None:
-        raise ConfigError(f"{cfg.name} calibrates on text and needs the model's tokenizer; "
-                          f"{lm.source} has none (use -search or -rtn)")
-    if cfg.method == "gptq":
-        return calibration_tokens(lm.tokenizer)
-    if cfg.method == "kd":
-        from .distill import SHARES
-
-        return calibration_tokens(lm.tokenizer, totals=SHARES)
-    return None
 
 
 class _PassDone(Exception):
@@ -85,11 +47,10 @@ class _PassDone(Exception):
 def input_moments(model, names: list[str], tokens: torch.Tensor,
                   seq_len: int | None = None) -> dict[str, torch.Tensor]:
     """E[x xᵀ] (float32 [in, in]) of the inputs of the linears ``names`` (in execution
-    order) over ``tokens`` fed in sequences of ``seq_len`` (default CALIB_SEQ) through a
-    dense cache; a pass stops at the last of them."""
-    from ..cache import CacheConfig
-    from ..engine import Decoder
-
+    order) over ``tokens`` cut into sequences of ``seq_len`` (default CALIB_SEQ; a partial
+    last one is left out), each encoded from scratch by ``model.forward_batch`` (causal,
+    positions 0..seq_len-1: what a prefill into an empty dense cache computes); a pass stops
+    at the last of them."""
     seq_len = seq_len or CALIB_SEQ
     if tokens.numel() < seq_len:
         raise ConfigError(f"calibration needs at least {seq_len} tokens, got {tokens.numel()}")
@@ -108,12 +69,12 @@ def input_moments(model, names: list[str], tokens: torch.Tensor,
         return hook
 
     handles = [mods[n].register_forward_pre_hook(hook_for(n)) for n in names]
-    dec = Decoder.build(model, CacheConfig(policy="dense", max_len=seq_len), chunk_size=seq_len)
+    n_seq = tokens.numel() // seq_len
+    seqs = tokens[:n_seq * seq_len].reshape(n_seq, seq_len).to(model.device)
     try:
-        for s in range(0, tokens.numel() - seq_len + 1, seq_len):
-            dec.reset()
+        for s in range(0, n_seq, SEQS_PER_PASS):
             try:
-                dec.prefill(tokens[s:s + seq_len])
+                model.forward_batch(seqs[s:s + SEQS_PER_PASS])
             except _PassDone:
                 pass
     finally:

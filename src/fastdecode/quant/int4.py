@@ -11,8 +11,9 @@ the input is padded with zeros before the packed kernels see it, so the padding 
 nothing to any output.
 
 Choosing scale, zero and codes: ``quantize_int4`` (min-max ``rtn``, or the default
-``search`` for the least squared error per group, data-free) and, with calibration text,
-``quant.gptq.gptq_int4``. The stored format is the same whichever chose them.
+``search`` for the least squared error per group, data-free) and, with calibration data,
+``quant.gptq.gptq_int4`` (its codes passed to ``from_linear``). The stored format is the
+same whichever chose them.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def dequantize_int4(packed, scale, zero, group_size: int) -> torch.Tensor:
 
 class Int4Linear(nn.Module):
     kind = "int4"
-    backend = "reference"  # or "triton" / "tinygemm" (see quant/kernels.py)
+    backend = "reference"  # or "tinygemm" (see quant/kernels.py)
     _tinygemm = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, group_size: int,
@@ -161,18 +162,15 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int = 128, method: str = "search",
-                    moments: torch.Tensor | None = None, **_) -> Int4Linear:
-        """``method``: ``search`` | ``rtn`` (quantize_int4) or ``gptq`` (needs ``moments``,
-        E[x xᵀ] of the inputs; see quant/gptq.py)."""
+                    codes: tuple | None = None, **_) -> Int4Linear:
+        """``method``: ``search`` | ``rtn`` (quantize_int4), unless ``codes`` = (packed,
+        scale, zero) were chosen by a method that needs more than the weight (GPTQ:
+        quant/gptq.py, called by ``quantize_model``)."""
         w = lin.weight.detach()
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, w.dtype, group_size,
                 w.device)
-        if method == "gptq":
-            from .gptq import gptq_int4
-
-            if moments is None:
-                raise ConfigError("int4 gptq needs the input moments of the linear")
-            packed, scale, zero = gptq_int4(w, moments, group_size)
+        if codes is not None:
+            packed, scale, zero = codes
         else:
             packed, scale, zero = quantize_int4(w, group_size, method=method)
         m.weight.copy_(packed)
@@ -191,9 +189,8 @@ class Int4Linear(nn.Module):
         return torch.nn.functional.pad(x, (0, extra)) if extra else x
 
     def set_backend(self, backend: str) -> None:
-        if backend not in ("reference", "triton", "tinygemm"):
-            raise ConfigError(f"int4 backend {backend!r} is not one of reference, triton, "
-                              "tinygemm")
+        if backend not in ("reference", "tinygemm"):
+            raise ConfigError(f"int4 backend {backend!r} is not one of reference, tinygemm")
         self._tinygemm = None
         if backend == "tinygemm":
             if not self.weight.is_cuda:
@@ -210,11 +207,6 @@ class Int4Linear(nn.Module):
                                                    self.group_size, szs)
             y = y.to(x.dtype)
             return y + self.bias if self.bias is not None else y
-        if self.backend == "triton" and x.is_cuda and x.shape[0] == 1:
-            from .kernels import int4_gemv
-
-            return int4_gemv(self._pad(x), self.weight, self.scale, self.zero, self.bias,
-                             self.group_size)
         return F.linear(x, self.dequantized().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -30,7 +30,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class Int8Linear(nn.Module):
     kind = "int8"
-    backend = "reference"  # or "triton" / "inductor" (see quant/kernels.py)
+    backend = "reference"  # or "inductor" (see quant/kernels.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None):
         super().__init__()
@@ -56,16 +56,11 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.weight, self.scale)
 
     def set_backend(self, backend: str) -> None:
-        if backend not in ("reference", "triton", "inductor"):
-            raise ConfigError(f"int8 backend {backend!r} is not one of reference, triton, "
-                              "inductor")
+        if backend not in ("reference", "inductor"):
+            raise ConfigError(f"int8 backend {backend!r} is not one of reference, inductor")
         self.backend = backend
 
     def forward(self, x):
-        if self.backend == "triton" and x.is_cuda and x.shape[0] == 1:
-            from .kernels import int8_gemv
-
-            return int8_gemv(x, self.weight, self.scale, self.bias)
         if self.backend == "inductor" and x.dtype == torch.bfloat16:
             # Scale after the matmul: under torch.compile a one-row input becomes one fused
             # reduction over the int8 weight (fp32 accumulation, scaled before the store).

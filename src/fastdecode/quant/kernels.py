@@ -1,58 +1,21 @@
-"""Fast paths for the quantized linears on CUDA, as torch custom ops (opaque to
-torch.compile, capturable in CUDA graphs), and the tinygemm repacking for int4.
+"""The tinygemm repacking for int4 on CUDA (the ``tinygemm`` backend of Int4Linear).
 
-Backends (``module.backend``):
+Backends (``module.backend``), the kernels the eager step (and torch.compile of it) runs:
 - ``reference``: dequantize the weight, then ``F.linear`` — every device; the oracle.
-- ``triton``: our batch-1 GEMV kernels (quant/triton_gemv.py) for one-row inputs on CUDA;
-  other inputs fall back to ``reference``.
 - ``inductor`` (int8 only): ``linear(x, w.to(bf16)) * scale``, which torch.compile turns
   into one fused int8 reduction for one-row inputs (torchao's int8 weight-only formulation);
   bfloat16 only.
 - ``tinygemm`` (int4 only): PyTorch's own ``_weight_int4pack_mm`` (the kernel torchao's
   ``tile_packed_to_4d`` format runs on), CUDA + bfloat16.
+
+The fused step (fastdecode.fused) has GEMVs of its own over the same storage.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-BACKENDS = ("reference", "triton", "inductor", "tinygemm")
-
-
-@functools.cache
-def _ops():
-    """Register the custom ops on first use (imports triton only then)."""
-    from . import triton_gemv
-
-    @torch.library.custom_op("fastdecode::int8_gemv", mutates_args=())
-    def int8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-        return triton_gemv.int8_gemv(x, w, scale, bias)
-
-    @int8_gemv.register_fake
-    def _(x, w, scale, bias):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.custom_op("fastdecode::int4_gemv", mutates_args=())
-    def int4_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  bias: torch.Tensor | None, group: int) -> torch.Tensor:
-        return triton_gemv.int4_gemv(x, w, scale, zero, bias, group)
-
-    @int4_gemv.register_fake
-    def _(x, w, scale, zero, bias, group):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    return int8_gemv, int4_gemv
-
-
-def int8_gemv(x, w, scale, bias):
-    return _ops()[0](x, w, scale, bias)
-
-
-def int4_gemv(x, w, scale, zero, bias, group: int):
-    return _ops()[1](x, w, scale, zero, bias, group)
+BACKENDS = ("reference", "inductor", "tinygemm")
 
 
 def to_tinygemm(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
