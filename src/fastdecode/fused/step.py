@@ -190,7 +190,7 @@ class FusedStep:
         takes row 1): their input arguments. If all of them are float GEMVs, each
         normalises x in its own programs (norm_in_gemv); else one norm kernel launch writes
         ``xn`` and all of them read it (the launch is not saved, so nothing is fused).
-        (H100, Pythia shapes, scripts/gpu_fused_ab.py --option norm_in_gemv: bf16 2.562 ->
+        (H100, Pythia shapes, experiments/gpu_fused_ab.py --option norm_in_gemv: bf16 2.562 ->
         2.483 ms with the norm inside; int4 g128 2.129 -> 2.328, its GEMVs being bound by
         instruction latency, not bytes.)"""
         if self.norm_in_gemv == 2 or (self.norm_in_gemv == 1 and

@@ -159,7 +159,7 @@ INT4_CANDIDATES = [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None),
                    (8, 512, 8, None), (4, 1024, 4, None),
                    (8, 1024, 8, None)]  # as GEMV_CANDIDATES; BLOCK_K a multiple of the group
 # int4 on tensor cores (path 2): (BLOCK_N, K splits = num_warps, num_stages). In a graph of
-# 32 layers (scripts/exp/tc_exp.py, H100, g128) 16 rows x 4 splits x 3 stages was the
+# 32 layers (experiments/tc_exp.py, H100, g128) 16 rows x 4 splits x 3 stages was the
 # fastest for 2,560 inputs (q/k/v 9.3 -> 7.4 us, up 12.2 -> 8.7 against path 1's best) and
 # 16 x 8 x 3 for 10,240 and 12,800 ([out | down] 17.6 -> 14.7 us); more rows, splits or
 # stages, a shared-memory stage of two groups, prefetched or transposed scales were slower
