@@ -16,7 +16,7 @@
 #                                      # torch.compile graph, ~2 min), window and prompt sweeps
 #   bash scripts/gpu_bench.sh sweep    # scripts/gpu_gemv_sweep.py: every GEMV launch
 #                                      # configuration of the int8/int4 shapes, graphed
-#   bash scripts/gpu_bench.sh ab       # scripts/gpu_fused_ab.py: a code path off/on
+#   bash scripts/gpu_bench.sh ab       # experiments/gpu_fused_ab.py: a code path off/on
 #                                      # (AB_OPTION=pdl|norm_in_gemv|branches|priority) for bf16,
 #                                      # int8 and int4 on Pythia shapes (AB_RECIPES picks)
 #   bash scripts/gpu_bench.sh kd       # SmolLM2: `fastdecode ppl` of the base model, then per
@@ -94,7 +94,7 @@ elif [ "$PHASE" = sweep ]; then
   echo "sweep rc=$?"
 elif [ "$PHASE" = ab ]; then
   # AB_OPTION=pdl|norm_in_gemv|branches|priority (default pdl), AB_VALUES (default 0,1), AB_RECIPES
-  timeout 420 python3 scripts/gpu_fused_ab.py --option "${AB_OPTION:-pdl}" \
+  timeout 420 python3 experiments/gpu_fused_ab.py --option "${AB_OPTION:-pdl}" \
     --values "${AB_VALUES:-0,1}" \
     --recipes "${AB_RECIPES:-bf16,int8,int4-g128,int4-mlp-g128}" \
     --json "$OUT/h100-fused-ab-${AB_OPTION:-pdl}.json"

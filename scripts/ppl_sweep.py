@@ -15,7 +15,7 @@ can be run in pieces (``--configs``).
     python scripts/ppl_sweep.py --max-tokens 600 --budgets 64,128 \\
         --lazy 4,16 --device cpu --out /tmp/sweep                          # a smoke run
 
-See docs/ppl.md for the definitions and the README section it feeds.
+See docs/ppl.md for the definitions and the table this sweep feeds.
 """
 
 from __future__ import annotations

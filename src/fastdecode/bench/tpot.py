@@ -1,6 +1,6 @@
 """Decode timing: TPOT at steady state, prefill, totals, memory and achieved bandwidth.
 
-How a figure is taken (DESIGN.md, "Measuring"):
+How a figure is taken (docs/design.md, "Measuring"):
 
 - Per-token times come from the device's own clock: one CUDA event is recorded before each
   decode step and one after the last, with no host sync in between (on the CPU, where every

@@ -6,7 +6,7 @@ by index. Each of those policies is three numbers on it (sinks S, window W,
 compress_every R) and a position mode; what is held after any number of tokens follows
 from those alone, so a step needs no host-side bookkeeping and no Python-side growth.
 
-Positions (see DESIGN.md). Every key is rotated once, when it is written, at its position
+Positions (see docs/design.md). Every key is rotated once, when it is written, at its position
 in the text. Window keys are contiguous in the text, so the query-to-window distance is the
 same in text and in cache positions: queries score the window rotated at their own text
 position. Only sinks differ: in ``cache`` mode a query scores the sinks rotated at its own

@@ -187,7 +187,7 @@ class FusedStep:
         normalises x in its own programs (norm_in_gemv); else one norm kernel launch writes
         ``xn`` and all of them read it (the launch is not saved, so nothing is fused; and
         quantized GEMVs are bound by instruction latency:
-        perf/results/h100-fused-ab-norm_in_gemv-6d5352a.json)."""
+        experiments/results/h100-fused-ab-norm_in_gemv-6d5352a.json)."""
         if self.norm_in_gemv == 2 or (self.norm_in_gemv == 1 and
                                       all(p.fmt == FLOAT for p in packs)):
             return [{"x": self.x, "xseg": 0,

@@ -63,7 +63,7 @@ INT4_CANDIDATES = [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None),
                    (8, 512, 8, None), (4, 1024, 4, None),
                    (8, 1024, 8, None)]  # as GEMV_CANDIDATES; BLOCK_K a multiple of the group
 # int4 on tensor cores (path 2): (BLOCK_N, K splits = num_warps, num_stages), the fastest in
-# a graph of 32 layers (perf/results/h100-gemv-sweep-int4-mma-e22100d.json)
+# a graph of 32 layers (experiments/results/h100-gemv-sweep-int4-mma-e22100d.json)
 INT4_MMA_CANDIDATES = [(16, 4, 3), (16, 8, 3)]
 # cut into input parts: 4 warps (perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)
 INT4_MMA_PARTS_CANDIDATES = [(16, 4, 3)]

@@ -2,7 +2,7 @@
 
 GPTQ's objective is each linear's output error. On the bundled SmolLM2, whose weights are
 already 4-bit in groups of 32, that stops paying at g128: GPTQ and every per-linear or
-per-block refinement we tried leave MLP-only g128 at +5.5% perplexity (README). Here the
+per-block refinement we tried leave MLP-only g128 at +5.5% perplexity (docs/quant.md). Here the
 objective is the whole model's, the KL divergence of its next-token distributions from
 the unquantized model's (the teacher) on calibration text. What trains, and nothing else:
 
@@ -21,7 +21,7 @@ Calibration (``eval.calibration.calibration_for``, from the caller): ``SHARES`` 
 tokens of wikitext-2 (test) and 73,728 of PG19 book 10321, never 10146, the evaluated
 book; GPTQ's moments use its first ``gptq.CALIB_TOKENS``. The settings were chosen on the
 H100 by the KL to the teacher on 8,192 held-out tokens of those two sources
-(scripts/exp/kd_exp.py; perf/results/h100-kd-exp-*.json, README).
+(experiments/kd_exp.py; perf/results/h100-kd-exp-*.json, docs/quant.md).
 """
 
 from __future__ import annotations

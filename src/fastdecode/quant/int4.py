@@ -37,7 +37,7 @@ METHODS = ("search", "rtn")
 # REFINE_STEPS rounds of least-squares (scale, zero) given the codes and nearest codes
 # given those. SmolLM2's MLPs, g128: relative MSE 9.8e-3 min-max, 8.6e-3 with the shrinks
 # alone, 7.6e-3 / 7.4e-3 with 2 / 4 rounds; perplexity follows it only roughly (CPU proxy,
-# 0..8 rounds: 23.7..24.2 against min-max's 24.6), see README.
+# 0..8 rounds: 23.7..24.2 against min-max's 24.6), see docs/quant.md.
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 REFINE_STEPS = 2
 _CHUNK_ELEMENTS = 1 << 22  # rows are fitted in chunks of about this many weights

@@ -3,21 +3,21 @@
 
 A standalone kernel (no norm, bias or residual fusion) on the four int4 g128 GEMV shapes of
 Pythia-2.8B's step, 32 distinct weights a shape in one CUDA graph, no PDL, against the
-CUDA-core kernel's best configuration (path 1, with PDL, as gpu_gemv_sweep.py launches
+CUDA-core kernel's best configuration (path 1, with PDL, as scripts/gpu_gemv_sweep.py launches
 it). Configurations are (rows, groups an iteration, K splits = warps, stages, flags: 1 =
 scales prefetched an iteration ahead, 2 = scales stored group-major); EXACT: codes as
 q - 8 (the kept form) or as 128 + q with 136 x sum(x) folded into the zero term. Results
-of the three rounds: perf/results/h100-int4-mma-experiments.txt (earlier rounds also had a
+of the three rounds: experiments/results/h100-int4-mma-experiments.txt (earlier rounds also had a
 two-groups-a-stage variant, since removed: slower everywhere).
 
-    PYTHONPATH=src:scripts TC_CFGS="16,1,4,3,0;16,1,8,3,0" python scripts/exp/tc_exp.py
+    PYTHONPATH=src:scripts TC_CFGS="16,1,4,3,0;16,1,8,3,0" python experiments/tc_exp.py
 """
 import itertools
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import torch
 import triton
 import triton.language as tl

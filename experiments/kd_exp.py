@@ -6,7 +6,7 @@ runs the library's ``distill_int4`` from the same GPTQ codes. The recorded runs
 training loop (the same steps); runs 1-2 held out 8 sequences of PG19 10321 only.
 
 The question: GPTQ's per-linear objective stopped turning into perplexity at g128 on the
-bundled SmolLM2 (README: every per-linear or per-block fit we tried lands at +5.4%). Does
+bundled SmolLM2 (docs/quant.md: every per-linear or per-block fit we tried lands at +5.4%). Does
 an end-to-end objective — KL(teacher || student) of the whole model's next-token
 distributions on calibration text — move the perplexity on PG19 10146?
 
@@ -19,7 +19,7 @@ held out = 4,096 tokens after each source's calibration part (the KL to the teac
 there chooses); validation = the end of PG19 10321 (streaming 4+1020); test = PG19 10146,
 8,192 tokens, streaming 4+1020 (the #5 target).
 
-    python scripts/exp/kd_exp.py --model /tmp/fd/smollm2.gguf \
+    PYTHONPATH=src python experiments/kd_exp.py --model /tmp/fd/smollm2.gguf \
         --variants round:1e-4:2e-2:6:0,sz:1e-4:0:2:0 --json $OUT/kd.json
 
 A variant is ``kind:lr_scale:lr_codes:epochs:calibration tokens (0: all)[:seed]``.

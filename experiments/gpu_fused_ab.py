@@ -11,7 +11,7 @@ stream priority; ``asm``, the int8/int4 codes converted by inline PTX), interlea
 it picked is in the record. None may change a result beyond rounding: the last greedy token
 of each run is compared with the first variant's.
 
-    PYTHONPATH=src python scripts/gpu_fused_ab.py --option pdl --json out.json
+    PYTHONPATH=src python experiments/gpu_fused_ab.py --option pdl --json out.json
 """
 
 from __future__ import annotations
