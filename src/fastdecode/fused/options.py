@@ -4,7 +4,7 @@ Environment variables are read in one place, :meth:`FusedOptions.from_env`, call
 edge (``compile_decoder`` when given no options, the command line, the GPU scripts); the
 step, the tuner and the launches only ever see the object. None of the options changes a
 result beyond accumulation order (tests/test_fused.py holds every path to the float64
-reference and the step to eager); they exist for measurement (scripts/gpu_fused_ab.py).
+reference and the step to eager); they exist for measurement (experiments/gpu_fused_ab.py).
 """
 
 from __future__ import annotations
