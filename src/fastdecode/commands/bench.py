@@ -15,6 +15,7 @@ import time
 from ..config import COMPILE_MODES
 from ..errors import ConfigError
 from .common import add_cache_args, add_model_args, cache_config, load
+from .outputs import check_bench_outputs
 
 
 def _csv(kind):
@@ -147,6 +148,9 @@ def run(args) -> int:
                               f"MODE in {COMPILE_MODES}, KERNELS in {KERNEL_MODES}, GEMV in "
                               f"{GEMV_MODES}")
         variants.append((mode, kern or "auto", gemv or "auto", attention or "auto"))
+    if args.profile and args.profile_steps < 1:
+        raise ConfigError(f"--profile-steps must be >= 1, got {args.profile_steps}")
+    check_bench_outputs(args)  # before the (slow) load and the timing
 
     lm = load(args)
     dev = lm.model.device
