@@ -134,7 +134,7 @@ def read_quantized(path: str | Path):
 
 
 def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                cfg: QuantConfig, optional: tuple[str, ...] = ()) -> None:
+                cfg: QuantConfig, spec: ModelSpec, optional: tuple[str, ...] = ()) -> None:
     """The checkpoint's tensors are exactly the model's: no missing or extra names, the
     same shapes, and integer codes where the recipe has them (a float tensor may be stored
     in another float dtype; it is cast on load)."""
@@ -142,7 +142,8 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     extra = [k for k in state if k not in expected]
     if missing or extra:
         raise ModelLoadError(
-            f"quantized checkpoint ({cfg.name}) does not match its spec: "
+            f"quantized checkpoint tensors do not match its {MARKER} (recipe {cfg.name}, "
+            f"{spec.num_layers} layers): "
             + "; ".join(f"{what} {len(v)} tensor(s), e.g. {v[:3]}"
                         for what, v in (("missing", missing), ("extra", extra)) if v))
     for k, want in expected.items():
@@ -151,7 +152,7 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
             continue
         if tuple(got.shape) != tuple(want.shape):
             raise ModelLoadError(f"quantized checkpoint tensor {k!r} has shape "
-                                 f"{tuple(got.shape)}; recipe {cfg.name} and the spec expect "
+                                 f"{tuple(got.shape)}; {MARKER} (recipe {cfg.name}) expects "
                                  f"{tuple(want.shape)}")
         if got.is_floating_point() != want.is_floating_point() or (
                 not want.is_floating_point() and got.dtype != want.dtype):
@@ -164,7 +165,7 @@ def load_quantized_into(model: nn.Module, cfg: QuantConfig, state: dict, dtype,
                         device) -> nn.Module:
     build_quantized_skeleton(model, cfg, dtype)
     tied = ("lm_head.weight",) if model.spec.tie_embeddings else ()
-    check_state(model.state_dict(keep_vars=True), state, cfg, optional=tied)
+    check_state(model.state_dict(keep_vars=True), state, cfg, model.spec, optional=tied)
     model = model.to_empty(device=device)
     if model.spec.tie_embeddings:
         model.lm_head.weight = model.embed.weight
