@@ -209,6 +209,15 @@ def test_a_write_failure_at_the_end_is_one_line(tmp_path, monkeypatch):
     (["ppl", "--data", "DATA", "--diagnose", "--smooth", "0"], "--smooth must be >= 1"),
     (["ppl", "--data", "DATA", "--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["bench", "--profile", "t.json", "--profile-steps", "0"], "--profile-steps must be >= 1"),
+    (["bench", "--chunk-size", "0"], "chunk_size must be >= 1, got 0"),
+    (["bench", "--check", "-1"], "--check must be >= 0"),
+    (["bench", "--sweep-prompts", "8,0"], "--sweep-*: prompt length must be >= 1, got 0"),
+    (["bench", "--sweep-windows", "0"], "--sweep-windows: window must be >= 1, got 0"),
+    (["bench", "--sweep-windows", "8", "--sweep-decode-len", "1"], "decode length must be >= 2"),
+    (["bench", "--peers", "hf-eager", "--peer-decode-len", "0"], "--peer-*: decode length"),
+    (["bench", "--peers", "hf-eager", "--peer-warmup-tokens", "64"], "--peer-*: warm-up"),
+    (["bench", "--quant", "int9"], "int9"),
+    (["generate", "--prompt", "hi", "--chunk-size", "0"], "chunk_size must be >= 1, got 0"),
 ])
 def test_argument_checks_run_before_the_load(argv, expect, tmp_path, no_load, capsys):
     text = tmp_path / "text.txt"
