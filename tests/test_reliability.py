@@ -257,6 +257,19 @@ def test_generate_refuses_nan_logits(nan_model, sampling, capsys):
     assert out.strip() == "Hello"  # nothing generated
 
 
+@pytest.mark.parametrize("method", ["parallel", "token"])
+def test_ppl_refuses_nan_in_one_line(nan_model, method, tmp_path, capsys):
+    """ppl checked, but its FloatingPointError was a traceback; no record is written."""
+    text = tmp_path / "t.txt"
+    text.write_text("some words in a row, " * 40)
+    rec = tmp_path / "r.json"
+    code, _, err = cli(["ppl", "--model", str(nan_model), "--device", "cpu", "--data",
+                        str(text), "--max-tokens", "16", "--no-progress", "--method", method,
+                        "--json", str(rec)], capsys)
+    one_line_error(code, err, "ppl", "non-finite NLL at step 0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
 def test_bench_refuses_nan_logits(nan_model, capsys):
     code, out, err = cli(["bench", "--model", str(nan_model), "--device", "cpu",
                           "--compile", "none", "--sink", "2", "--window", "8",
@@ -422,6 +435,17 @@ def test_a_bad_baseline_is_one_line(content, tmp_path, budgets, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and str(base) in err
     assert base.read_text() == content
+
+
+def test_a_missing_explicit_baseline_is_an_error(tmp_path, budgets, capsys):
+    """--baseline FILE that does not exist fell back to the previous run without a word."""
+    hist = tmp_path / "h100"
+    hist.mkdir()
+    write_run(hist, 1, {"a": 2.0})
+    write_run(hist, 2, {"a": 2.0})
+    assert cmp.main(["--storage", str(hist), "--budgets", str(budgets), "--baseline",
+                     str(tmp_path / "typo.json")]) == 2
+    assert "typo.json does not exist" in capsys.readouterr().err
 
 
 def test_report_default_out_is_beside_the_history(tmp_path, monkeypatch, capsys):
