@@ -249,6 +249,7 @@ def main(argv=None) -> int:
 def run(args, specs) -> int:
     import torch
 
+    from fastdecode import atomic
     from fastdecode.config import parse_dtype
     from fastdecode.eval.plot import plot_segments
     from fastdecode.eval.record import environment, write_json
@@ -342,7 +343,7 @@ def run(args, specs) -> int:
                         command=command, env=record_env or env, data=data,
                         model=args.name or args.model)
     write_json(summary, out / "summary.json")
-    (out / "table.md").write_text(table_md(summary))
+    atomic.write_text(out / "table.md", table_md(summary))
     budgets = sorted({s.sink + s.window for s in specs if s.mode != "dense"})
     panels = {}
     for c in budgets:

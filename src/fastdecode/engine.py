@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .cache import KVCache, PolicyConfig, make_cache
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, NonFiniteError
 from .models.transformer import Transformer
 
 
@@ -91,22 +91,28 @@ class Decoder:
         return logits
 
 
+def check_sampling(temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> None:
+    """Validate sampling settings (cheap: commands call it before loading a model)."""
+    if not temperature >= 0:  # also NaN
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token (int64 tensor [1], on the logits' device): greedy when temperature == 0."""
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k if temperature else None, top_p if temperature else None)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     scores = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
         sorted_scores, order = torch.sort(scores, descending=True)
         cum = torch.softmax(sorted_scores, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_scores, -1) > top_p  # keep the first over top_p
@@ -118,16 +124,33 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 def generate(decoder: Decoder, prompt: Sequence[int], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_token_id: int | None = None) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` generated token ids (stops after ``eos_token_id``)."""
+    """Yield up to ``max_new_tokens`` generated token ids (stops after ``eos_token_id``).
+
+    Every step's logits are checked for NaN/Inf before its token is yielded (a
+    :class:`NonFiniteError` names the step): the flag is computed on the device and comes
+    to the host with the token, in the one transfer per token that yielding an int needs
+    anyway, so the check adds no sync, on a CUDA graph as on the CPU. The sampler sees a
+    neutral copy of bad logits, so a NaN never reaches ``torch.multinomial`` (on CUDA a
+    device-side assert there would kill the context)."""
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=decoder.model.device).manual_seed(seed)
     logits = decoder.prefill(prompt)
     for i in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_k, top_p, gen)
-        tok = int(nxt)
+        ok = torch.isfinite(logits).all()
+        nxt = sample(torch.where(ok, logits, torch.zeros_like(logits)), temperature, top_k,
+                     top_p, gen)
+        tok, good = torch.stack((nxt.reshape(()), ok.to(nxt.dtype))).tolist()
+        if not good:
+            where = "the prompt's last token" if i == 0 else f"generated token {i}"
+            raise NonFiniteError(
+                f"non-finite logits (NaN/Inf) at generation step {i} (after {where}, position "
+                f"{decoder.t - 1}): the model's weights hold NaN/Inf, or "
+                f"{str(decoder.model.dtype).removeprefix('torch.')} overflowed (try "
+                "--dtype float32)")
         yield tok
         if tok == eos_token_id or i == max_new_tokens - 1:
             return

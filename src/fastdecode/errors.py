@@ -23,3 +23,11 @@ class InputError(FastdecodeError, ValueError):
 
 class DeviceError(FastdecodeError):
     """The requested device or dtype cannot run here."""
+
+
+class OutputError(FastdecodeError):
+    """An output path cannot be written, or writing it would destroy data."""
+
+
+class NonFiniteError(FastdecodeError, FloatingPointError):
+    """A model produced NaN or Inf logits (a broken checkpoint, or an overflow)."""

@@ -6,7 +6,9 @@
 Fails (exit 1) when a configuration got slower (TPOT), less accurate (PPL) or heavier
 (peak memory) than the baseline by more than its noise margin (perf/budgets.toml:
 ``[meta].noise_margin``, overridable per configuration); improvements beyond the margin
-are reported too. Without a baseline file, the previous run is the baseline.
+are reported too. Without a baseline file, the previous run is the baseline. Only runs of
+one GPU class are read (the newest run's, or ``--gpu``); files that are not valid runs, and
+runs of other classes, are skipped and listed.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import check_output_file, write_json
 from ..errors import FastdecodeError, InputError
-from .history import METRICS, Run, load_runs
+from .history import METRICS, Run, load_history
 
 LOWER_IS_BETTER = set(METRICS)
 
@@ -93,39 +96,71 @@ def compare(latest: Run, baseline: dict[str, dict[str, float]], budgets: dict) -
     return findings
 
 
+def read_baseline(path: Path, gpu: str) -> dict[str, dict[str, float]]:
+    """A baseline file written by ``--record-baseline``, validated: InputError naming the
+    file for anything else, or for a baseline of another GPU class."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read baseline {path}: {e}") from None
+    configs = data.get("configs") if isinstance(data, dict) else None
+    if not isinstance(configs, dict) or not all(
+            isinstance(m, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        for v in m.values()) for m in configs.values()):
+        raise InputError(f"baseline {path} is malformed: expected {{\"gpu\": ..., \"configs\": "
+                         "{config: {metric: number}}} (write one with --record-baseline N)")
+    if data.get("gpu") not in (None, gpu):
+        raise InputError(f"baseline {path} is for GPU class {data['gpu']}, the runs compared "
+                         f"are {gpu}")
+    return {c: {k: float(v) for k, v in m.items()} for c, m in configs.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastdecode.bench.compare",
                                  description=__doc__.split("\n")[1])
     ap.add_argument("--storage", required=True, help="perf/history/<gpu class>")
+    ap.add_argument("--gpu", default=None, metavar="CLASS",
+                    help="GPU class compared (default: the newest run's); runs of other "
+                         "classes are skipped and listed")
     ap.add_argument("--budgets", default="perf/budgets.toml")
     ap.add_argument("--baseline", default=None, help="baseline JSON (default: "
                     "perf/baselines/<gpu class>.json if present, else the previous run)")
     ap.add_argument("--record-baseline", type=int, metavar="N", default=None,
-                    help="write the mean of the last N runs as the baseline and exit")
+                    help="write the mean of the last N runs (1 <= N <= runs available) as "
+                         "the baseline and exit")
     args = ap.parse_args(argv)
     try:
-        runs = load_runs(args.storage)
+        hist = load_history(args.storage, args.gpu)
+        for line in hist.report_skipped():
+            print(line)
+        runs, gpu = hist.runs, hist.gpu
         if not runs:
-            raise InputError(f"no runs under {args.storage}")
-        gpu = runs[-1].gpu
+            raise InputError(f"no usable runs of GPU class {gpu} under {args.storage}")
         default_base = Path("perf/baselines") / f"{gpu}.json"
-        if args.record_baseline:
-            chosen = runs[-args.record_baseline:]
+        if args.record_baseline is not None:
+            n = args.record_baseline
+            if not 1 <= n <= len(runs):
+                raise InputError(f"--record-baseline N must be in 1..{len(runs)} (the {gpu} "
+                                 f"runs under {args.storage}), got {n}")
+            chosen = runs[-n:]
             path = Path(args.baseline or default_base)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"gpu": gpu, "runs": [str(r.path) for r in chosen],
-                                        "configs": mean_baseline(chosen)}, indent=2) + "\n")
-            print(f"baseline: mean of {len(chosen)} run(s) -> {path}")
+            check_output_file(path, "baseline file")
+            write_json(path, {"gpu": gpu, "runs": [str(r.path) for r in chosen],
+                              "configs": mean_baseline(chosen)}, what="baseline", indent=2)
+            print(f"baseline: mean of {len(chosen)} {gpu} run(s) -> {path}")
             return 0
         budgets = load_budgets(args.budgets)
         base_path = Path(args.baseline) if args.baseline else default_base
+        if args.baseline and not base_path.is_file():
+            raise InputError(f"baseline {base_path} does not exist")
         if base_path.is_file():
-            baseline = json.loads(base_path.read_text())["configs"]
+            baseline = read_baseline(base_path, gpu)
             label = str(base_path)
         elif len(runs) >= 2:
-            baseline, label = runs[-2].results, f"previous run {runs[-2].path.name}"
+            baseline, label = runs[-2].results, f"previous {gpu} run {runs[-2].path.name}"
         else:
-            print(f"only one run under {args.storage} and no baseline file: nothing to compare")
+            print(f"only one {gpu} run under {args.storage} and no baseline file: nothing to "
+                  "compare")
             return 0
     except FastdecodeError as e:
         print(f"compare: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ ratios); the runs are keyed by GPU class so an A800 is only ever compared with a
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,30 +35,96 @@ class Run:
     results: dict[str, dict[str, float]] = field(default_factory=dict)  # config -> metrics
 
 
+def _fail(path, why: str):
+    raise InputError(f"benchmark run {path} is not usable: {why}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def read_run(path: Path) -> Run:
+    """One pytest-benchmark file, validated: InputError (naming the file and the problem)
+    for anything that is not a run of benchmarks with figures."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read benchmark run {path}: {e}") from None
-    machine = data.get("machine_info", {})
-    run = Run(path=Path(path), datetime=data.get("datetime", ""),
-              commit=(data.get("commit_info") or {}).get("id", "")[:12],
-              gpu=machine.get("gpu_class") or gpu_class(machine.get("gpu", "unknown")))
-    for bench in data.get("benchmarks", []):
-        extra = bench.get("extra_info", {})
-        name = extra.get("config") or (bench.get("params") or {}).get("config") or bench["name"]
-        metrics = {k: float(v) for k, v in extra.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not isinstance(data, dict):
+        _fail(path, f"the JSON is a {type(data).__name__}, not an object")
+    machine = data.get("machine_info") or {}
+    commit = data.get("commit_info") or {}
+    benches = data.get("benchmarks")
+    if not isinstance(machine, dict) or not isinstance(commit, dict):
+        _fail(path, "machine_info / commit_info are not objects")
+    if not isinstance(benches, list):
+        _fail(path, "no 'benchmarks' list")
+    gpu = machine.get("gpu_class") or gpu_class(str(machine.get("gpu") or "unknown"))
+    run = Run(path=Path(path), datetime=str(data.get("datetime") or ""),
+              commit=str(commit.get("id") or "")[:12], gpu=str(gpu))
+    for i, bench in enumerate(benches):
+        if not isinstance(bench, dict):
+            _fail(path, f"benchmark #{i} is not an object")
+        extra = bench.get("extra_info") or {}
+        params = bench.get("params") or {}
+        if not isinstance(extra, dict) or not isinstance(params, dict):
+            _fail(path, f"benchmark #{i}: extra_info / params are not objects")
+        name = extra.get("config") or params.get("config") or bench.get("name")
+        if not isinstance(name, str) or not name:
+            _fail(path, f"benchmark #{i} has no name")
+        metrics = {k: float(v) for k, v in extra.items() if _number(v)}
         # The timed quantity is one decode step: pytest-benchmark's stats are in seconds.
-        metrics.setdefault("tpot_ms", bench["stats"]["median"] * 1e3)
+        if "tpot_ms" not in metrics:
+            stats = bench.get("stats")
+            median = stats.get("median") if isinstance(stats, dict) else None
+            if not _number(median):
+                _fail(path, f"benchmark {name!r} has no stats.median and no tpot_ms")
+            metrics["tpot_ms"] = median * 1e3
         run.results[name] = metrics
+    if not run.results:
+        _fail(path, "it holds no benchmarks")
     return run
 
 
-def load_runs(storage: str | Path) -> list[Run]:
-    """All runs under ``storage`` (searched recursively), oldest first."""
+@dataclass
+class History:
+    """The runs of one GPU class under a directory, oldest first, and what was left out
+    (``skipped``: (file, why) for unreadable files and runs of other GPU classes)."""
+
+    storage: Path
+    gpu: str
+    runs: list[Run]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def report_skipped(self) -> list[str]:
+        """One line per file left out (for the user: nothing is dropped silently)."""
+        return [f"skipped {p}: {why}" for p, why in self.skipped]
+
+
+def load_history(storage: str | Path, gpu: str | None = None) -> History:
+    """The runs under ``storage`` (searched recursively) of GPU class ``gpu`` (default:
+    the class of the newest valid run), oldest first. A file that is not a valid run is
+    skipped and reported, never fatal; runs of another class are skipped and reported (an
+    A800 is never compared with an H100)."""
     storage = Path(storage)
     if not storage.exists():
         raise InputError(f"no benchmark history at {storage}")
-    runs = [read_run(p) for p in sorted(storage.rglob("*.json"))]
-    return sorted(runs, key=lambda r: r.datetime)
+    if not storage.is_dir():
+        raise InputError(f"benchmark history {storage} is not a directory")
+    valid, skipped = [], []
+    for p in sorted(storage.rglob("*.json")):
+        try:
+            valid.append(read_run(p))
+        except InputError as e:
+            skipped.append((p, str(e)))
+    valid.sort(key=lambda r: r.datetime)
+    if gpu is None:
+        gpu = valid[-1].gpu if valid else "unknown"
+    runs = [r for r in valid if r.gpu == gpu]
+    skipped += [(r.path, f"GPU class {r.gpu}, not {gpu}") for r in valid if r.gpu != gpu]
+    return History(storage, gpu, runs, skipped)
+
+
+def load_runs(storage: str | Path, gpu: str | None = None) -> list[Run]:
+    """The runs of :func:`load_history` (one GPU class, bad files skipped)."""
+    return load_history(storage, gpu).runs

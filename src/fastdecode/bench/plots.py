@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..atomic import atomic_path
 from .history import Run
 
 
@@ -15,6 +16,12 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, out: Path) -> None:
+    """Write the figure atomically (a temporary PNG beside ``out``, then a rename)."""
+    with atomic_path(out, "plot") as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
@@ -50,7 +57,7 @@ def plot_pareto(run: Run, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=130)
+    _save(fig, out)
     plt.close(fig)
     return out
 
@@ -79,7 +86,7 @@ def plot_window(run: Run, out: Path) -> Path | None:
     ax.set_title(f"Decode time vs window, bf16, graphed ({run.gpu})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=130)
+    _save(fig, out)
     plt.close(fig)
     return out
 
@@ -101,6 +108,6 @@ def plot_history(runs: list[Run], out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out, dpi=130)
+    _save(fig, out)
     plt.close(fig)
     return out

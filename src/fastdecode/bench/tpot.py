@@ -18,7 +18,6 @@ How a figure is taken (docs/design.md, "Measuring"):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -27,12 +26,12 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..cache import PolicyConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..eval.record import git_info
 
 
@@ -240,6 +239,7 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
     times, start = time_decode(step, decoder, first, decode_len, warmup_tokens, run_one=run_one)
     clock.sync()
     t_end = time.perf_counter()
+    check_finite(decoder, logits, step, decode_len)  # after the clocks: nothing timed syncs
     ff = full_from(cache)
     steady_idx = [i for i in range(decode_len) if i >= warmup_tokens and start + i >= ff]
     mode = mode or step.mode
@@ -267,6 +267,27 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
     run.bytes_per_token = bytes_per_token(decoder.model, cache)
     run.achieved_gbps = run.bytes_per_token["total"] / run.tpot_ms["median"] / 1e6
     return run
+
+
+def check_finite(decoder, prefill_logits: torch.Tensor, step, decode_len: int) -> None:
+    """Refuse a run whose numbers would time garbage: NaN/Inf in the prefill's logits, or
+    after the timed decode in the last step's logits (when a graph keeps them) or anywhere
+    in the KV cache. Checked once, at the end: the timed loop keeps its tokens on the device
+    with no host sync per step, so a NaN that appeared and was evicted again mid-decode
+    would not be seen; one from a weight or an overflow stays in the cache or the logits."""
+    prompt_len = decoder.t - decode_len
+    if not bool(torch.isfinite(prefill_logits).all()):
+        raise NonFiniteError(f"non-finite logits (NaN/Inf) after the {prompt_len}-token "
+                             "prefill, before decode step 0: the model's weights hold NaN/Inf, "
+                             f"or {str(decoder.model.dtype).removeprefix('torch.')} overflowed")
+    held = [("the last step's logits", getattr(step, "static_logits", None))]
+    held += [(f"KV cache {name}", t) for name, t in vars(decoder.cache.storage).items()
+             if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for name, t in held:
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"non-finite values (NaN/Inf) in {name} after {decode_len} "
+                                 f"decode steps (positions {prompt_len}..{decoder.t - 1}; "
+                                 "checked at the end of the timed decode, not per step)")
 
 
 def random_prompt(n: int, vocab: int, seed: int, device) -> torch.Tensor:
@@ -360,8 +381,8 @@ def profile_steps(run_one: Callable[[], None], steps: int, trace_path: str | Non
         clock.sync()
     step_ms = statistics.median(clock.deltas_ms(marks))
     if trace_path:
-        Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace_path))
+        with atomic.atomic_path(trace_path, "profile trace") as tmp:
+            prof.export_chrome_trace(str(tmp))
     kernels: dict[str, list] = {}
     for ev in prof.events():
         if clock.cuda:  # device kernels (also those replayed from a CUDA graph)
@@ -407,11 +428,8 @@ def target(name: str, value: float | None, limit: float, lower_is_better: bool) 
 
 
 def write_json(path: str | os.PathLike, record: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(path)
+    """Write the bench record atomically (see fastdecode.atomic)."""
+    atomic.write_json(path, record, what="bench record", default=str)
 
 
 def check_lengths(prompt_len: int, decode_len: int, warmup_tokens: int) -> None:

@@ -15,6 +15,7 @@ import time
 from ..config import COMPILE_MODES
 from ..errors import ConfigError
 from .common import add_cache_args, add_model_args, cache_config, load
+from .outputs import check_bench_outputs
 
 
 def _csv(kind):
@@ -92,6 +93,36 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _lengths(what: str, decode_len: int, warmup: int, prompts=()) -> None:
+    for p in prompts:
+        if p is not None and p < 1:
+            raise ConfigError(f"{what}: prompt length must be >= 1, got {p}")
+    if decode_len < 2:
+        raise ConfigError(f"{what}: decode length must be >= 2, got {decode_len}")
+    if not 0 <= warmup < decode_len:
+        raise ConfigError(f"{what}: warm-up tokens must be in [0, {decode_len}), got {warmup}")
+
+
+def check_run_args(args) -> None:
+    """Everything the later parts of a run need, checked before the model is loaded (a
+    bad sweep or peer length used to cost the whole main measurement first)."""
+    if args.chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {args.chunk_size}")
+    if args.check < 0:
+        raise ConfigError(f"--check must be >= 0 (steps compared), got {args.check}")
+    if args.profile and args.profile_steps < 1:
+        raise ConfigError(f"--profile-steps must be >= 1, got {args.profile_steps}")
+    if args.peers:
+        _lengths("--peer-*", args.peer_decode_len, args.peer_warmup_tokens,
+                 [args.peer_prompt_len])
+    if args.sweep_prompts or args.sweep_windows:
+        _lengths("--sweep-*", args.sweep_decode_len, args.sweep_warmup_tokens,
+                 args.sweep_prompts)
+    for w in args.sweep_windows:
+        if w < 1:
+            raise ConfigError(f"--sweep-windows: window must be >= 1, got {w}")
+
+
 def step_kernels_fused(record: dict) -> bool:
     return record["config"].get("kernels") == "fused" or any(
         k.endswith(":fused") for k in record.get("variants", {}))
@@ -142,14 +173,19 @@ def run(args) -> int:
                               f"MODE in {COMPILE_MODES}, KERNELS in {KERNEL_MODES}, GEMV in "
                               f"{GEMV_MODES}")
         variants.append((mode, kern or "auto", gemv or "auto"))
+    check_run_args(args)
+    check_bench_outputs(args)  # before the (slow) load and the timing
+    if args.quant:
+        from ..quant import QuantConfig
+
+        qcfg = QuantConfig.parse(args.quant)
 
     lm = load(args)
     dev = lm.model.device
     if args.quant:
         from ..eval.calibration import calibration_for
-        from ..quant import QuantConfig, quantize_model, set_backend
+        from ..quant import quantize_model, set_backend
 
-        qcfg = QuantConfig.parse(args.quant)
         quantize_model(lm.model, qcfg, calibration=calibration_for(lm, qcfg),
                        progress=True)
         set_backend(lm.model, "auto")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..config import COMPILE_MODES, KERNEL_MODES
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .common import add_cache_args, add_model_args, cache_config, load
 
 
@@ -29,11 +29,17 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..engine import Decoder, generate
+    from ..engine import Decoder, check_sampling, generate
 
     if not args.prompt:
         raise InputError("empty prompt: --prompt must not be empty")
     cfg = cache_config(args)
+    # everything cheap is checked before the (slow) load
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {args.chunk_size}")
     lm = load(args)
     if lm.tokenizer is None:
         raise InputError(f"model {args.model} has no tokenizer; cannot encode a text prompt")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .common import add_model_args, load
+from .outputs import check_eval_outputs
 
 
 def add_eval_args(p) -> None:
@@ -86,13 +87,21 @@ def run(args, with_diagnosis: bool | None = None) -> int:
     from ..eval.run import prepare_tokens, run_one, summary_line
 
     spec = eval_spec(args)  # validate everything cheap before the (slow) load
-    load_text(args.data, text_column=args.text_column, split=args.split)
+    diag = args.diagnose if with_diagnosis is None else with_diagnosis
     if args.segment < 1:
         raise ConfigError(f"--segment must be >= 1, got {args.segment}")
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be >= 1 (tokens scored), got {args.max_tokens}")
+    if diag:
+        for flag, v in (("--before", args.before), ("--after", args.after),
+                        ("--smooth", args.smooth)):
+            if v < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {v}")
+    check_eval_outputs(args)
+    load_text(args.data, text_column=args.text_column, split=args.split)
     lm = load(args)
     ids, data = prepare_tokens(lm, args.data, args.max_tokens, text_column=args.text_column,
                                split=args.split, bos=args.bos)
-    diag = args.diagnose if with_diagnosis is None else with_diagnosis
     ref_mode = args.reference or ("dense" if with_diagnosis else "none")
     reference = None
     if diag and ref_mode == "dense" and spec.mode != "dense":

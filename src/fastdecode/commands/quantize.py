@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .common import add_model_args, load
+from .outputs import check_checkpoint_out
 
 
 def add_parser(sub) -> None:
@@ -14,7 +15,12 @@ def add_parser(sub) -> None:
                         "on wikitext-2 + PG19 10321) or -kd (GPTQ, then distilled against "
                         "the model itself: a GPU job) to choose how the codes are chosen; "
                         "append +head to quantize the output head too)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output directory (new or empty; written beside, renamed into place "
+                        "when complete)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out (never the source model or a directory "
+                        "holding it)")
     p.set_defaults(run=run)
 
 
@@ -24,6 +30,7 @@ def run(args) -> int:
     from ..quant.checkpoint import save_quantized
 
     cfg = QuantConfig.parse(args.recipe)  # validate before the (slow) load
+    check_checkpoint_out(args)
     lm = load(args)
     if lm.quant is not None:
         from ..errors import InputError
@@ -36,6 +43,6 @@ def run(args) -> int:
               "(about 2.5 min on an H100): --device cuda", file=sys.stderr)
     names = quantize_model(lm.model, cfg, calibration=calibration_for(lm, cfg),
                            progress=True)
-    out = save_quantized(lm, cfg, args.out)
+    out = save_quantized(lm, cfg, args.out, force=args.force)
     print(f"quantized {len(names)} linears with {cfg.name}; wrote {out}")
     return 0

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import atomic
 from ..errors import ConfigError
 from .ppl import PPLResult, dropped_tokens
 
@@ -167,17 +168,17 @@ def diagnose(result: PPLResult | None = None, *, nll=None, kv_len=None, referenc
 
 def write_per_token(result: PPLResult, ids, path: str | Path) -> Path:
     """Write step, input id, target id, NLL, attention span and tokens dropped per step
-    (``.csv``, or ``.npz`` with the same names)."""
+    (``.csv``, or ``.npz`` with the same names), atomically (fastdecode.atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ids = np.asarray(ids, dtype=np.int64)
     n = result.n
     cols = {"step": np.arange(n), "input_id": ids[:n], "target_id": ids[1:n + 1],
             "nll": result.nll, "kv_len": result.kv_len, "dropped": result.dropped}
     if path.suffix == ".npz":
-        np.savez_compressed(path, **cols)
+        with atomic.atomic_open(path, "wb", "per-token file") as f:
+            np.savez_compressed(f, **cols)
         return path
-    with path.open("w", newline="") as f:
+    with atomic.atomic_open(path, "w", "per-token file", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for i in range(n):

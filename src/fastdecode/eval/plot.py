@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import FastdecodeError
 from .ppl import segment_ppl
 
@@ -75,7 +76,7 @@ def plot_segments(curves: dict[str, np.ndarray], path: str | Path, *, segment: i
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    with atomic_path(path, "plot") as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..cache import KV_DTYPES, POSITION_MODES, CacheConfig, PolicyConfig
 from ..engine import Decoder
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NonFiniteError
 from ..models.transformer import Transformer
 from . import recompute as rc
 
@@ -244,8 +244,9 @@ def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
     out = nll.double().cpu().numpy()
     if not np.isfinite(out).all():
         bad = int(np.flatnonzero(~np.isfinite(out))[0])
-        raise FloatingPointError(f"{spec.label}: non-finite NLL at step {bad} (overflow in "
-                                 f"{model.dtype}? try float32)")
+        raise NonFiniteError(f"{spec.label}: non-finite NLL at step {bad}: the model's "
+                             f"weights hold NaN/Inf, or {model.dtype} overflowed (try "
+                             "float32)")  # a FloatingPointError too, as it was
     return PPLResult(spec, out, attended(spec, n, cache).astype(np.int64), seconds, info)
 
 

@@ -3,7 +3,6 @@ per-token NLL went."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -11,6 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from .. import atomic
 
 RECORD_KIND = "fastdecode.ppl"
 RECORD_VERSION = 1
@@ -95,9 +96,6 @@ def build_record(*, result, config: dict, data: dict, env: dict, per_token: dict
 
 
 def write_json(obj: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    """Write the record atomically (fastdecode.atomic: concurrent writers and readers of
+    one path are safe); NaN is refused, not written as invalid JSON."""
+    return atomic.write_json(path, obj, what="record", allow_nan=False)

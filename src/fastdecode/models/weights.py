@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -56,6 +57,11 @@ def load_hf_dir(path: str | Path):
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
     spec = ModelSpec.from_hf_config(cfg)
     hf = _read_hf_tensors(path)
+    deeper = sorted({int(m.group(1)) for k in hf if (m := re.search(r"\.layers\.(\d+)\.", k))
+                     and int(m.group(1)) >= spec.num_layers})
+    if deeper:  # a config with fewer layers than the weights would drop them silently
+        raise ModelLoadError(f"{path}: the checkpoint has tensors for {deeper[-1] + 1} layers, "
+                             f"config.json says {spec.num_layers}")
     try:
         state = spec.arch.hf_to_canonical(spec, hf)
     except KeyError as e:

@@ -1,37 +1,63 @@
-"""Quantized checkpoints: a directory with ``fastdecode.json`` (spec + recipe),
+"""Quantized checkpoints: a directory with ``fastdecode.json`` (spec + recipe + a manifest),
 ``model.safetensors`` (the quantized state) and ``tokenizer.json`` when the source had one.
-Every command accepts such a directory as ``--model DIR``."""
+Every command accepts such a directory as ``--model DIR``.
+
+A checkpoint verifies itself: the manifest in ``fastdecode.json`` holds each file's size
+and SHA-256, checked on load, and the tensors are cross-checked against the spec and the
+recipe (names, shapes, integer dtypes) before any is copied, so a damaged or mismatched
+checkpoint is a one-line ModelLoadError, never gibberish or a traceback. It is written
+into a temporary directory beside the target and renamed into place when complete
+(fastdecode.atomic), so an interrupted run leaves what was there before.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from .. import atomic
 from ..errors import ModelLoadError
 from ..models.spec import ModelSpec
 from . import KINDS, QuantConfig
 
 FORMAT = "fastdecode-quantized"
 MARKER = "fastdecode.json"
+VERSION = 2  # 2: with the manifest ("files")
 
 
-def save_quantized(lm, cfg: QuantConfig, out_dir: str | Path) -> Path:
+def file_digest(path: Path) -> dict:
+    """Size and SHA-256 of one file (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def save_quantized(lm, cfg: QuantConfig, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write the checkpoint of ``lm`` (quantized with ``cfg``) as ``out_dir``. A non-empty
+    ``out_dir`` is replaced only with ``force`` (OutputError otherwise)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
     if lm.spec.tie_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(out / "model.safetensors"))
-    meta = {"format": FORMAT, "version": 1, "spec": asdict(lm.spec), "quant": cfg.to_dict(),
-            "dtype": str(lm.model.dtype).removeprefix("torch."), "source": lm.source}
-    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-    if lm.tokenizer is not None:
-        lm.tokenizer.backend.save(str(out / "tokenizer.json"))
+    with atomic.atomic_dir(out, force=force, what="checkpoint directory") as tmp:
+        save_file(state, str(tmp / "model.safetensors"))
+        if lm.tokenizer is not None:
+            lm.tokenizer.backend.save(str(tmp / "tokenizer.json"))
+        files = {f.name: file_digest(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        meta = {"format": FORMAT, "version": VERSION, "spec": asdict(lm.spec),
+                "quant": cfg.to_dict(), "dtype": str(lm.model.dtype).removeprefix("torch."),
+                "source": lm.source, "files": files}
+        atomic.write_text(tmp / MARKER, json.dumps(meta, indent=2) + "\n", "checkpoint marker")
     return out
 
 
@@ -51,23 +77,54 @@ def build_quantized_skeleton(model: nn.Module, cfg: QuantConfig, dtype) -> None:
                                        dtype, device="meta", **kw))
 
 
+def verify_files(path: Path, files) -> None:
+    """Check every file the manifest lists against its size and SHA-256."""
+    if not isinstance(files, dict):
+        raise ModelLoadError(f"{path / MARKER} is malformed: 'files' is not a mapping")
+    for name, want in files.items():
+        f = path / name
+        if Path(name).name != name or not isinstance(want, dict):
+            raise ModelLoadError(f"{path / MARKER} is malformed: bad manifest entry {name!r}")
+        if not f.is_file():
+            raise ModelLoadError(f"checkpoint {path} lacks {name}, which its manifest lists")
+        size = f.stat().st_size
+        if size != want.get("size"):
+            raise ModelLoadError(f"checkpoint file {f} has {size} bytes, its manifest says "
+                                 f"{want.get('size')}: the file is damaged or was replaced")
+        if file_digest(f)["sha256"] != want.get("sha256"):
+            raise ModelLoadError(f"checkpoint file {f} does not match its SHA-256 in "
+                                 f"{MARKER}: the file is damaged or was replaced")
+
+
 def read_quantized(path: str | Path):
-    """-> (spec, QuantConfig, state dict on CPU, tokenizer file or None)."""
+    """-> (spec, QuantConfig, state dict on CPU, tokenizer file or None), the files
+    verified against the manifest (a checkpoint written before there was one loads with a
+    warning)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     try:
         meta = json.loads((path / MARKER).read_text())
-        if meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ModelLoadError(f"{path / MARKER} is not a {FORMAT} file")
         spec = ModelSpec(**meta["spec"]).validate()
         # written before QuantConfig had a method: int4 was then min-max (rtn) only
         cfg = QuantConfig(**{"method": "rtn", **meta["quant"]})
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path / MARKER} is malformed: {e}") from None
+    except ValueError as e:  # a spec or recipe out of range (ConfigError is one)
+        raise ModelLoadError(f"{path / MARKER} is malformed: {e}") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path / MARKER}: {e.strerror or e}") from None
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise ModelLoadError(f"{path} has no model.safetensors")
+    if "files" in meta:
+        verify_files(path, meta["files"])
+    else:
+        warnings.warn(f"checkpoint {path} has no manifest (written by an older fastdecode): "
+                      "its files are not verified; write it again with fastdecode quantize",
+                      stacklevel=2)
     try:
         state = load_file(str(weights))
     except Exception as e:
@@ -76,9 +133,39 @@ def read_quantized(path: str | Path):
     return spec, cfg, state, tok if tok.is_file() else None
 
 
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                cfg: QuantConfig, spec: ModelSpec, optional: tuple[str, ...] = ()) -> None:
+    """The checkpoint's tensors are exactly the model's: no missing or extra names, the
+    same shapes, and integer codes where the recipe has them (a float tensor may be stored
+    in another float dtype; it is cast on load)."""
+    missing = [k for k in expected if k not in state and k not in optional]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        raise ModelLoadError(
+            f"quantized checkpoint tensors do not match its {MARKER} (recipe {cfg.name}, "
+            f"{spec.num_layers} layers): "
+            + "; ".join(f"{what} {len(v)} tensor(s), e.g. {v[:3]}"
+                        for what, v in (("missing", missing), ("extra", extra)) if v))
+    for k, want in expected.items():
+        got = state.get(k)
+        if got is None:
+            continue
+        if tuple(got.shape) != tuple(want.shape):
+            raise ModelLoadError(f"quantized checkpoint tensor {k!r} has shape "
+                                 f"{tuple(got.shape)}; {MARKER} (recipe {cfg.name}) expects "
+                                 f"{tuple(want.shape)}")
+        if got.is_floating_point() != want.is_floating_point() or (
+                not want.is_floating_point() and got.dtype != want.dtype):
+            raise ModelLoadError(f"quantized checkpoint tensor {k!r} is "
+                                 f"{str(got.dtype).removeprefix('torch.')}; recipe {cfg.name} "
+                                 f"stores {str(want.dtype).removeprefix('torch.')}")
+
+
 def load_quantized_into(model: nn.Module, cfg: QuantConfig, state: dict, dtype,
                         device) -> nn.Module:
     build_quantized_skeleton(model, cfg, dtype)
+    tied = ("lm_head.weight",) if model.spec.tie_embeddings else ()
+    check_state(model.state_dict(keep_vars=True), state, cfg, model.spec, optional=tied)
     model = model.to_empty(device=device)
     if model.spec.tie_embeddings:
         model.lm_head.weight = model.embed.weight
