@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from fastdecode.bench import compare as cmp
 from fastdecode.cli import build_parser, main
-from fastdecode.config import CacheConfig
+from fastdecode.cache import CacheConfig
 from fastdecode.engine import Decoder, generate, sample
 from fastdecode.errors import NonFiniteError
 from fastdecode.models import load_model
