@@ -32,7 +32,6 @@ import torch
 
 from ..cache.storage import quantize_int8
 from ..models.transformer import Transformer
-from .streaming import _rotate
 
 
 def h2o_rule(held_scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -104,14 +103,11 @@ class ScoredLayer:
         qr = self.rotate(q, qpos[None].expand(Hq, T))
         visible = torch.ones(T, n + T, dtype=torch.bool)
         visible[:, n:] = torch.ones(T, T, dtype=torch.bool).tril()
-        probs = torch.empty(Hkv, G, T, n + T)
-        out = torch.empty_like(q)
-        for h in range(Hq):
-            s = (qr[h] @ kr[h // G].T).float() / math.sqrt(D)
-            p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
-            probs[h // G, h % G] = p
-            out[h] = p.to(values.dtype) @ values[h // G]
-        self.probs = probs
+        kr, vr = kr.repeat_interleave(G, 0), values.repeat_interleave(G, 0)  # query head h
+        s = (qr @ kr.transpose(1, 2)).float() / math.sqrt(D)  # reads KV head h // G
+        p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)
+        out = p.to(vr.dtype) @ vr
+        self.probs = probs = p.view(Hkv, G, T, n + T)
         score = RULES[self.rule](self.score, probs)
         keep = [self._survivors(pos[h].tolist(), score[h].tolist(), t0 + T)
                 for h in range(Hkv)]
@@ -197,6 +193,13 @@ def scored_logits(model: Transformer, tokens, *, rule: str, budget: int, sink: i
 
 
 def _rotate_rows(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float):
-    """x [H, N, D] rotated at int positions [H, N] (one row of positions per head)."""
-    return torch.stack([_rotate(x[h], positions[h], rotary_dim, theta)
-                        for h in range(x.shape[0])])
+    """x [H, N, D] rotated at int positions [H, N] (one row of positions per head);
+    angles and products in float64, as :func:`fastdecode.reference.streaming._rotate`."""
+    half = rotary_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(half, dtype=torch.float64) * 2 / rotary_dim)
+    ang = positions.to(torch.float64)[..., None] * freqs
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    xd = x.to(torch.float64)
+    x1, x2 = xd[..., :half], xd[..., half:rotary_dim]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, xd[..., rotary_dim:]), -1)
+    return rotated.to(x.dtype)
