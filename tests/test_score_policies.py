@@ -112,7 +112,7 @@ def check_state(cache, ref_state, cfg, t: int, G: int) -> None:
             assert set(range(max(t - R, 0), t)) <= set(held), "a recent token was evicted"
             slot = [row.index(p) for p in held]
             torch.testing.assert_close(score[layer, h, slot], ref_score[h], rtol=1e-5,
-                                       atol=1e-6, msg=lambda m: f"scores {layer} {h} t={t}: {m}")
+                                       atol=1e-6, msg=f"scores, layer {layer} head {h} t={t}")
             assert row[int(cache.free[layer, h])] == -1, "the next write would evict a token"
             if t <= B:  # nothing evicted yet: every probability ever given is still held
                 total = float(score[layer, h, slot].sum())
@@ -278,7 +278,7 @@ OFFSETS = st.one_of(st.just(0), st.integers(1, 10**7))
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova"])
-@settings(max_examples=max(10, settings.default.max_examples // 2))
+@settings(max_examples=max(10, settings.default.max_examples * 3 // 4))
 @given(family=st.sampled_from(FAMILIES), offset=OFFSETS, seed=st.integers(0, 2**16),
        data=st.data())
 def test_fast_cache_equals_oracle(tiny_models, policy, family, offset, seed, data):
@@ -364,20 +364,20 @@ def test_int8_storage_equals_oracle_on_int8(tiny_models, family, cfg):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_long_streams_are_finite(tiny_model_factory, family, dtype):
-    """Streams of 120 tokens (chunks, then decode steps) through small H2O and TOVA caches,
+    """Streams of 100 tokens (chunks, then decode steps) through small H2O and TOVA caches,
     in both position modes and int8, give finite logits and finite scores in bf16 and fp16
     (fp32: the parity tests), the caches full to their budget."""
     lm = tiny_model_factory(family, dtype)
-    tokens = tokens_for(7, 120)
+    tokens = tokens_for(7, 100)
     configs = [H2OConfig(heavy=4, recent=3, sink=2), H2OConfig(heavy=3, recent=1,
                                                                position_mode="cache"),
                TOVAConfig(budget=6, sink=1, kv_dtype="int8"),
                TOVAConfig(budget=5, position_mode="cache")]
     for cfg in configs:
         dec = Decoder.build(lm.model, cfg, chunk_size=23)
-        out = torch.cat([dec.prefill(tokens[:90], all_logits=True),
-                         torch.stack([dec.step(int(x)) for x in tokens[90:]])])
-        assert out.shape == (120, VOCAB) and torch.isfinite(out).all(), (cfg, dtype)
+        out = torch.cat([dec.prefill(tokens[:75], all_logits=True),
+                         torch.stack([dec.step(int(x)) for x in tokens[75:]])])
+        assert out.shape == (100, VOCAB) and torch.isfinite(out).all(), (cfg, dtype)
         c = dec.cache
         assert torch.isfinite(c.score).all()
         assert ((c.pos >= 0).sum(-1) == cfg.budget).all()
