@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -77,7 +77,7 @@ class ScoredLayer:
     v: torch.Tensor | None = None
     pos: torch.Tensor | None = None  # int64 [Hkv, n], ascending per head
     score: torch.Tensor | None = None  # float32 [Hkv, n]
-    probs: list = field(default_factory=list)  # the last chunk's probabilities (tests)
+    probs: torch.Tensor | None = None  # the last chunk's probabilities [Hkv, G, T, N]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t0: int) -> torch.Tensor:
         """Queries q [Hq, T, D], new keys (before RoPE) and values [Hkv, T, D] of the text
