@@ -24,9 +24,10 @@ SHARED = {f.name for f in fields(PolicyConfig)}
 
 
 def small(cls: type[PolicyConfig]) -> PolicyConfig:
-    """The policy's defaults with every integer option shrunk to a few tokens."""
-    over = {f.name: max(f.metadata.get("min") or 0, 1) + 2 for f in fields(cls)
-            if type(f.default) is int}
+    """The policy's defaults with every integer option shrunk to a few tokens (sinks to
+    one: a budget that includes the sinks must exceed them)."""
+    over = {f.name: max(f.metadata.get("min") or 0, 1) + (0 if f.name == "sink" else 2)
+            for f in fields(cls) if type(f.default) is int}
     return cls(**over)
 
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from fastdecode.bench import compare as cmp
-from fastdecode.cli import build_parser, main
 from fastdecode.cache import CacheConfig
+from fastdecode.cli import build_parser, main
 from fastdecode.engine import Decoder, generate, sample
 from fastdecode.errors import NonFiniteError
 from fastdecode.models import load_model

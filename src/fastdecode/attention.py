@@ -18,7 +18,8 @@ def attend(q: torch.Tensor, q_sink: torch.Tensor | None, kv: KV, plan: Plan,
     kv: keys, values [Hkv, Nk, D] (int8 storage: codes plus per-key scales, applied to the
     scores and the probabilities rather than to the keys/values); returns [Hq, T, D].
     Grouped-query attention when Hq > Hkv. In decode (``plan.key_is_sink is None``) the
-    sinks are the first ``num_sink`` keys.
+    sinks are the first ``num_sink`` keys. ``kv.mask`` (score-based caches) replaces
+    ``plan.mask`` by one mask per KV head, and ``kv.observe`` is handed the probabilities.
     """
     keys, values = kv.k, kv.v
     if kv.k_scale is not None:
@@ -40,8 +41,11 @@ def attend(q: torch.Tensor, q_sink: torch.Tensor | None, kv: KV, plan: Plan,
     scores = scores.float().view(Hkv, G, T, Nk) * (1.0 / math.sqrt(D))
     if kv.k_scale is not None:
         scores = scores * kv.k_scale[:, None, None, :]
-    scores = scores.masked_fill(~plan.mask, float("-inf"))
+    mask = plan.mask if kv.mask is None else kv.mask[:, None]  # per-KV-head mask
+    scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if kv.observe is not None:  # score-based eviction: what each key received
+        kv.observe(probs)
     if kv.v_scale is not None:
         probs = probs * kv.v_scale[:, None, None, :]
     probs = probs.to(values.dtype).view(Hkv, G * T, Nk)

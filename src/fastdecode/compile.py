@@ -187,6 +187,9 @@ class CompiledStep:
     def __init__(self, decoder, mode: str = "none", gemv: str = "auto", warmup: int = 3,
                  kernels: str = "auto", options=None):
         CompileConfig(mode, kernels)  # validates the mode
+        if mode != "none" and getattr(decoder.cache, "score_based", False):
+            raise ConfigError(f"the {decoder.cache.name} cache runs eagerly for now (compile "
+                              "mode none): the compiled and fused steps do not score keys yet")
         self.decoder, self.mode = decoder, mode
         dev = decoder.model.device
         self.kernels = resolve_kernels(kernels, mode, decoder)

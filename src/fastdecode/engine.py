@@ -35,6 +35,7 @@ class Decoder:
 
     def reset(self) -> None:
         self.t = 0
+        self.cache.reset()  # a no-op for the stateless ring caches; score caches forget
 
     def _as_ids(self, tokens) -> torch.Tensor:
         ids = torch.as_tensor(tokens, dtype=torch.long).flatten().to(self.model.device)

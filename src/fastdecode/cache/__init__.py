@@ -46,11 +46,13 @@ import torch
 from ..errors import ConfigError
 from .base import KVCache, Plan
 from .dense import DenseCache, DenseConfig
+from .h2o import H2OCache, H2OConfig
 from .policy import KV_DTYPES, POSITION_MODES, PolicyConfig, option
 from .streaming import StreamingCache, StreamingConfig
+from .tova import TOVACache, TOVAConfig
 from .window import WindowCache, WindowConfig
 
-_CONFIGS = (DenseConfig, WindowConfig, StreamingConfig)
+_CONFIGS = (DenseConfig, WindowConfig, StreamingConfig, H2OConfig, TOVAConfig)
 POLICIES: dict[str, type[PolicyConfig]] = {c.policy: c for c in _CONFIGS}
 
 
@@ -67,9 +69,13 @@ def CacheConfig(policy: str = "streaming", **options) -> PolicyConfig:  # noqa: 
 
 def make_cache(cfg: PolicyConfig, spec, dtype=torch.float32, device="cpu",
                position_offset: int = 0) -> KVCache:
-    return cfg.cache_class(cfg, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
-                           head_dim=spec.head_dim, dtype=dtype, device=device,
-                           position_offset=position_offset)
+    cls = cfg.cache_class
+    # Score-based caches in cache position mode re-rotate keys at read time.
+    rotary = ({"rotary_dim": spec.rotary_dim, "rope_theta": spec.rope_theta}
+              if getattr(cls, "needs_rotary", False) else {})
+    return cls(cfg, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+               head_dim=spec.head_dim, dtype=dtype, device=device,
+               position_offset=position_offset, **rotary)
 
 
 def policy_options() -> dict[str, dict]:
@@ -92,4 +98,5 @@ def policy_options() -> dict[str, dict]:
 
 __all__ = ["KVCache", "Plan", "make_cache", "CacheConfig", "POLICIES", "PolicyConfig",
            "option", "policy_options", "POSITION_MODES", "KV_DTYPES", "DenseCache",
-           "DenseConfig", "WindowCache", "WindowConfig", "StreamingCache", "StreamingConfig"]
+           "DenseConfig", "WindowCache", "WindowConfig", "StreamingCache", "StreamingConfig",
+           "H2OCache", "H2OConfig", "TOVACache", "TOVAConfig"]

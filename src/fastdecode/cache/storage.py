@@ -4,6 +4,7 @@ the option's choices)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -11,12 +12,18 @@ import torch
 
 class KV(NamedTuple):
     """What attention reads: keys/values [Hkv, N, D], and for int8 storage their scales
-    [Hkv, N] (float32) such that ``key = k * k_scale[..., None]``."""
+    [Hkv, N] (float32) such that ``key = k * k_scale[..., None]``.
+
+    Score-based caches (H2O, TOVA) hold different tokens per KV head, so they hand
+    attention a per-head ``mask`` [Hkv, T, N] (overriding ``Plan.mask``) and an
+    ``observe(probs)`` callback that receives the softmax probabilities [Hkv, G, T, N]."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    observe: Callable[[torch.Tensor], None] | None = None
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k_scale is None:
@@ -92,7 +99,7 @@ class Int8Storage(DenseStorage):
 
     @staticmethod
     def concat(a: KV, b: KV) -> KV:
-        return KV(*(torch.cat((x, y), 1) for x, y in zip(a, b)))
+        return KV(*(torch.cat((x, y), 1) for x, y in zip(a[:4], b[:4])))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
