@@ -275,7 +275,8 @@ def random_prompt(n: int, vocab: int, seed: int, device) -> torch.Tensor:
 
 
 def build_and_compile(lm, cache_cfg: CacheConfig, mode: str, gemv: str = "auto",
-                      chunk_size: int = 512, attention: str = "auto", kernels: str = "auto"):
+                      chunk_size: int | None = None, attention: str = "auto",
+                      kernels: str = "auto"):
     """A fresh decoder for ``cache_cfg`` and its compiled step; returns (decoder, step,
     seconds spent compiling, tuning and capturing)."""
     from ..compile import compile_decoder

@@ -51,7 +51,9 @@ def add_parser(sub) -> None:
                    help="with --kernels inductor, decode attention in compiled CUDA steps: "
                         "a Triton kernel (triton) or what inductor makes of attention.attend "
                         "(inductor); auto = triton on CUDA")
-    g.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk length (default: 16384 with the flash prefill kernel, "
+                        "512 with the reference attention)")
     g.add_argument("--quant", default=None, metavar="RECIPE",
                    help="weight-only quantization applied after loading, e.g. int8, "
                         "int4-mlp-g128, int4-g128, int4-mlp-g128-gptq (see fastdecode "

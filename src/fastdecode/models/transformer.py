@@ -127,14 +127,18 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, plan: Plan) -> torch.Tensor:
-        """Logits [T, vocab] for ``tokens`` [T] at the positions ``plan`` gives."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache, plan: Plan,
+                rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [T, vocab] for ``tokens`` [T] at the positions ``plan`` gives; with
+        ``rows`` (an index or slice of the T positions) only those rows reach the head."""
         x = self.embed(tokens)
         rot = rope.cos_sin(plan.q_pos, self.freqs, x.dtype)
         rot_sink = (rope.cos_sin(plan.q_pos_sink, self.freqs, x.dtype)
                     if plan.q_pos_sink is not None else None)
         for layer in self.layers:
             x = layer(x, cache, plan, rot, rot_sink)
+        if rows is not None:
+            x = x[rows]
         return self.lm_head(self.norm(x))
 
     def forward_batch(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
