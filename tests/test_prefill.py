@@ -143,21 +143,31 @@ def test_the_kernel_check_is_discriminating():
        bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]))
 def test_block_table_lists_every_visible_key(cfg, t0, T, bm, bn):
     """Skipping is safe: every (query, key) pair the plan's mask makes visible lies in a
-    key block the table lists for the query's block; and it does skip where it can."""
+    key block the table lists for the query's block, and every visible sink in one of the
+    first group (scored with the sink query); and it does skip where it can."""
     if cfg.policy == "dense":
         cfg = CacheConfig(policy="dense", max_len=t0 + T, kv_dtype=cfg.kv_dtype)
     c = make_cache(cfg, _Spec(1, 16))
     plan = c.plan_prefill(t0, T)
-    idx, cnt = block_table(plan.key_pos, plan.q_lo, plan.q_ti, c.sink, bm, bn)
+    idx, cnts = block_table(plan.key_pos, plan.q_lo, plan.q_ti, c.sink, bm, bn)
+    cnt = cnts[:, 1]
+    assert (cnts[:, 0] <= cnt).all() and (c.sink or not cnts[:, 0].any())
     n_qb, n_kb = idx.shape
     listed = torch.zeros(n_qb, n_kb, dtype=torch.bool)
     for b in range(n_qb):
         listed[b, idx[b, :cnt[b]].long()] = True
-        assert idx[b, :cnt[b]].tolist() == sorted(idx[b, :cnt[b]].tolist())
+        n_sink = int(cnts[b, 0])
+        for group in (idx[b, :n_sink].tolist(), idx[b, n_sink:cnt[b]].tolist()):
+            assert group == sorted(group)
     qb = torch.arange(T) // bm
     kb = torch.arange(plan.key_pos.numel()) // bn
     need = listed[qb[:, None], kb[None, :]]
     assert not (plan.mask & ~need).any()
+    first = torch.zeros(n_qb, n_kb, dtype=torch.bool)
+    for b in range(n_qb):
+        first[b, idx[b, :cnts[b, 0]].long()] = True
+    is_sink = (plan.key_pos >= 0) & (plan.key_pos < c.sink)
+    assert not (plan.mask & is_sink[None, :] & ~first[qb[:, None], kb[None, :]]).any()
     if cfg.policy != "dense" and T >= 4 * max(bm, bn) and c.slots + T > 4 * bn:
         assert int(cnt.sum()) < n_qb * n_kb  # a bounded window: far blocks skipped
 

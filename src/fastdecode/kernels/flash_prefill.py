@@ -91,49 +91,53 @@ def _flash_prefill(Q, QS, K, V, KS, VS, KPOS, QLO, QTI, BIDX, BCNT, OUT,
     if DB > 0:
         acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
 
-    cnt = tl.load(BCNT + qb)
-    for i in range(0, cnt):
-        kb = tl.load(BIDX + qb * n_kb + i)
-        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < NK
-        kj = tl.load(KPOS + cols, mask=cmask, other=-1)
-        k_a = tl.load(K + kvh * sk_h + cols[:, None] * sk_n + da[None, :],
-                      mask=cmask[:, None] & dam[None, :], other=0).to(cdt)
-        s = tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
-        if DB > 0:
-            k_b = tl.load(K + kvh * sk_h + cols[:, None] * sk_n + db[None, :],
-                          mask=cmask[:, None], other=0).to(cdt)
-            s += tl.dot(q_b, tl.trans(k_b), input_precision=PREC)
-        if HAS_SINK:
-            is_sink = (kj >= 0) & (kj < S)
-            if tl.max(is_sink.to(tl.int32), axis=0) > 0:
+    # Phase 0: the key blocks that hold a visible sink (scored with both queries); phase 1:
+    # the rest (one product). Unrolled at compile time: no branch inside either loop.
+    cnt_sink = tl.load(BCNT + 2 * qb)
+    cnt = tl.load(BCNT + 2 * qb + 1)
+    for phase in tl.static_range(2):
+        start = 0 if phase == 0 else cnt_sink
+        stop = cnt_sink if phase == 0 else cnt
+        for i in range(start, stop):
+            kb = tl.load(BIDX + qb * n_kb + i)
+            cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            cmask = cols < NK
+            kj = tl.load(KPOS + cols, mask=cmask, other=-1)
+            k_a = tl.load(K + kvh * sk_h + cols[:, None] * sk_n + da[None, :],
+                          mask=cmask[:, None] & dam[None, :], other=0).to(cdt)
+            s = tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
+            if DB > 0:
+                k_b = tl.load(K + kvh * sk_h + cols[:, None] * sk_n + db[None, :],
+                              mask=cmask[:, None], other=0).to(cdt)
+                s += tl.dot(q_b, tl.trans(k_b), input_precision=PREC)
+            if HAS_SINK and phase == 0:
                 ss = tl.dot(qs_a, tl.trans(k_a), input_precision=PREC)
                 if DB > 0:
                     ss += tl.dot(qs_b, tl.trans(k_b), input_precision=PREC)
-                s = tl.where(is_sink[None, :], ss, s)
-        s = s * qk_scale
-        if INT8:
-            ks = tl.load(KS + kvh * ss_h + cols, mask=cmask, other=0.0)
-            s = s * ks[None, :]
-        vis = ((kj[None, :] >= 0) & (kj[None, :] <= ti[:, None])
-               & ((kj[None, :] < S) | (kj[None, :] >= lo[:, None])))
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-        if INT8:
-            vs = tl.load(VS + kvh * ss_h + cols, mask=cmask, other=0.0)
-            p = p * vs[None, :]
-        p = p.to(cdt)
-        v_a = tl.load(V + kvh * sv_h + cols[:, None] * sv_n + da[None, :],
-                      mask=cmask[:, None] & dam[None, :], other=0).to(cdt)
-        acc_a = acc_a * alpha[:, None] + tl.dot(p, v_a, input_precision=PREC)
-        if DB > 0:
-            v_b = tl.load(V + kvh * sv_h + cols[:, None] * sv_n + db[None, :],
-                          mask=cmask[:, None], other=0).to(cdt)
-            acc_b = acc_b * alpha[:, None] + tl.dot(p, v_b, input_precision=PREC)
+                s = tl.where(((kj >= 0) & (kj < S))[None, :], ss, s)
+            s = s * qk_scale
+            if INT8:
+                ks = tl.load(KS + kvh * ss_h + cols, mask=cmask, other=0.0)
+                s = s * ks[None, :]
+            vis = ((kj[None, :] >= 0) & (kj[None, :] <= ti[:, None])
+                   & ((kj[None, :] < S) | (kj[None, :] >= lo[:, None])))
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            if INT8:
+                vs = tl.load(VS + kvh * ss_h + cols, mask=cmask, other=0.0)
+                p = p * vs[None, :]
+            p = p.to(cdt)
+            v_a = tl.load(V + kvh * sv_h + cols[:, None] * sv_n + da[None, :],
+                          mask=cmask[:, None] & dam[None, :], other=0).to(cdt)
+            acc_a = acc_a * alpha[:, None] + tl.dot(p, v_a, input_precision=PREC)
+            if DB > 0:
+                v_b = tl.load(V + kvh * sv_h + cols[:, None] * sv_n + db[None, :],
+                              mask=cmask[:, None], other=0).to(cdt)
+                acc_b = acc_b * alpha[:, None] + tl.dot(p, v_b, input_precision=PREC)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out_a = acc_a / l_i[:, None]
@@ -147,9 +151,10 @@ def _flash_prefill(Q, QS, K, V, KS, VS, KPOS, QLO, QTI, BIDX, BCNT, OUT,
 
 def block_table(key_pos: torch.Tensor, q_lo: torch.Tensor, q_ti: torch.Tensor, num_sink: int,
                 block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block: the key blocks some query of it may see (visible ones first, in
-    index order) as int32 [n_qb, n_kb], and how many, int32 [n_qb]. Torch ops on the
-    device; conservative (the kernel's element mask is exact)."""
+    """Per query block: the key blocks some query of it may see, as int32 [n_qb, n_kb]:
+    first those holding a sink it may see, then the others, each group in index order;
+    and int32 [n_qb, 2]: the size of the first group and of both. Torch ops on the
+    device, no host sync; conservative (the kernel's element mask is exact)."""
     NK, T = key_pos.numel(), q_ti.numel()
     n_kb, n_qb = triton.cdiv(NK, block_n), triton.cdiv(T, block_m)
     big = torch.iinfo(torch.int64).max
@@ -163,11 +168,12 @@ def block_table(key_pos: torch.Tensor, q_lo: torch.Tensor, q_ti: torch.Tensor, n
     pad = n_qb * block_m - T
     lo = torch.cat((q_lo, q_lo[-1:].expand(pad))).view(n_qb, block_m).amin(1)
     ti = torch.cat((q_ti, q_ti[-1:].expand(pad))).view(n_qb, block_m).amax(1)
-    vis = ((smin[None, :] <= ti[:, None])
-           | ((wmax[None, :] >= lo[:, None]) & (wmin[None, :] <= ti[:, None])))
-    count = vis.sum(1, dtype=torch.int32)
-    order = torch.argsort((~vis).to(torch.uint8), dim=1, stable=True).to(torch.int32)
-    return order.contiguous(), count
+    vis_sink = smin[None, :] <= ti[:, None]
+    vis = vis_sink | ((wmax[None, :] >= lo[:, None]) & (wmin[None, :] <= ti[:, None]))
+    count = torch.stack((vis_sink.sum(1, dtype=torch.int32), vis.sum(1, dtype=torch.int32)), 1)
+    rank = 2 - vis_sink.to(torch.uint8) - vis.to(torch.uint8)  # 0 sink, 1 window, 2 unseen
+    order = torch.argsort(rank, dim=1, stable=True).to(torch.int32)
+    return order.contiguous(), count.contiguous()
 
 
 def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
