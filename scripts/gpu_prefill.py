@@ -119,7 +119,8 @@ def kernel_checks(spec_heads):
                 r = A.attend(q, qs, kv, plan, c.sink)
                 t_ref = time_ms(lambda a=(q, qs, kv, plan, c.sink): A.attend(*a), 3)["median"]
             row = {"heads": [Hq, Hkv, D], "cache": cfg.to_dict(), "t0": t0, "T": T,
-                   "rel_err": rel(o, r), "flash_ms": t_flash, "reference_ms": t_ref}
+                   "rel_err": rel(o, r), "flash_ms": t_flash, "reference_ms": t_ref,
+                   "flash_nan": bool(o.isnan().any()), "reference_nan": bool(r.isnan().any())}
             out.append(row)
             print(f"check {Hq}/{Hkv}x{D} {cfg.policy} S{c.sink} W{cfg.window} "
                   f"R{cfg.compress_every} {cfg.kv_dtype} {cfg.position_mode} t0={t0} T={T}: "

@@ -24,12 +24,14 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if CUDA else "1")
 pytest.importorskip("triton")
 
 from fastdecode import attention as A  # noqa: E402
+from fastdecode import rope  # noqa: E402
 from fastdecode.cache import make_cache  # noqa: E402
 from fastdecode.config import CacheConfig  # noqa: E402
 from fastdecode.engine import FLASH_CHUNK, REFERENCE_CHUNK, Decoder  # noqa: E402
 from fastdecode.errors import ConfigError, DeviceError  # noqa: E402
 from fastdecode.eval.ppl import EvalSpec, evaluate  # noqa: E402
 from fastdecode.kernels.flash_prefill import block_table, head_split  # noqa: E402
+from fastdecode.kernels.prefill_rope import prefill_rope  # noqa: E402
 
 FAMILIES = ("tiny-neox", "tiny-llama")
 # (query heads, kv heads, head dim): GPT-NeoX 2.8B's 80 (64 + 16), Llama GQA at 64, and the
@@ -143,31 +145,34 @@ def test_the_kernel_check_is_discriminating():
        bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]))
 def test_block_table_lists_every_visible_key(cfg, t0, T, bm, bn):
     """Skipping is safe: every (query, key) pair the plan's mask makes visible lies in a
-    key block the table lists for the query's block, and every visible sink in one of the
-    first group (scored with the sink query); and it does skip where it can."""
+    key block the table lists for the query's block, every visible sink in the first group
+    (scored with the sink query), and the third group (run without a mask) holds only
+    visible pairs; and it does skip where it can."""
     if cfg.policy == "dense":
         cfg = CacheConfig(policy="dense", max_len=t0 + T, kv_dtype=cfg.kv_dtype)
     c = make_cache(cfg, _Spec(1, 16))
     plan = c.plan_prefill(t0, T)
     idx, cnts = block_table(plan.key_pos, plan.q_lo, plan.q_ti, c.sink, bm, bn)
-    cnt = cnts[:, 1]
-    assert (cnts[:, 0] <= cnt).all() and (c.sink or not cnts[:, 0].any())
     n_qb, n_kb = idx.shape
-    listed = torch.zeros(n_qb, n_kb, dtype=torch.bool)
-    for b in range(n_qb):
-        listed[b, idx[b, :cnt[b]].long()] = True
-        n_sink = int(cnts[b, 0])
-        for group in (idx[b, :n_sink].tolist(), idx[b, n_sink:cnt[b]].tolist()):
-            assert group == sorted(group)
+    assert (cnts[:, 0] <= cnts[:, 1]).all() and (cnts[:, 1] <= cnts[:, 2]).all()
+    assert c.sink or not cnts[:, 0].any()
+    cnt = cnts[:, 2]
     qb = torch.arange(T) // bm
     kb = torch.arange(plan.key_pos.numel()) // bn
-    need = listed[qb[:, None], kb[None, :]]
-    assert not (plan.mask & ~need).any()
-    first = torch.zeros(n_qb, n_kb, dtype=torch.bool)
-    for b in range(n_qb):
-        first[b, idx[b, :cnts[b, 0]].long()] = True
+    groups = []
+    for g in range(3):
+        m = torch.zeros(n_qb, n_kb, dtype=torch.bool)
+        for b in range(n_qb):
+            lo_i = int(cnts[b, g - 1]) if g else 0
+            sel = idx[b, lo_i:cnts[b, g]].tolist()
+            assert sel == sorted(sel)
+            m[b, sel] = True
+        groups.append(m[qb[:, None], kb[None, :]])  # [T, Nk]: pair's block in group g
+    listed = groups[0] | groups[1] | groups[2]
+    assert not (plan.mask & ~listed).any()
     is_sink = (plan.key_pos >= 0) & (plan.key_pos < c.sink)
-    assert not (plan.mask & is_sink[None, :] & ~first[qb[:, None], kb[None, :]]).any()
+    assert not (plan.mask & is_sink[None, :] & ~groups[0]).any()  # sinks: the sink query
+    assert plan.mask[groups[2]].all()  # the unmasked group: every pair visible
     if cfg.policy != "dense" and T >= 4 * max(bm, bn) and c.slots + T > 4 * bn:
         assert int(cnt.sum()) < n_qb * n_kb  # a bounded window: far blocks skipped
 
@@ -179,6 +184,32 @@ def test_head_split():
     assert head_split(8) == (16, 0)
     assert head_split(72) == (128, 0)
     assert head_split(128) == (128, 0)
+
+
+@settings(max_examples=8)
+@given(shape=st.sampled_from([(4, 2, 80, 20), (4, 4, 8, 8), (3, 1, 64, 64), (2, 2, 16, 4)]),
+       T=st.integers(1, 40), sink=st.booleans(), t0=st.integers(0, 10**7),
+       seed=st.integers(0, 2**16))
+def test_prefill_rope_equals_rope_apply(shape, T, sink, t0, seed):
+    """The one-pass rotary + layout kernel gives what ``rope.apply`` and the transposes
+    give (partial rotary, GQA, positions up to 10^7)."""
+    H, Hkv, D, rd = shape
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(T, H + 2 * Hkv, D, generator=gen)
+    f = rope.inv_freq(rd, 10000.0)
+    rot = rope.cos_sin(torch.arange(t0, t0 + T), f, torch.float32)
+    rot_s = rope.cos_sin(torch.arange(T) % 5, f, torch.float32) if sink else None
+    q, qs, k, v = prefill_rope(qkv, H, Hkv, rot, rot_s)
+    rq, rk, rv = qkv.transpose(0, 1).split((H, Hkv, Hkv))
+    torch.testing.assert_close(q, rope.apply(rq, *rot), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, rope.apply(rk, *rot), rtol=1e-6, atol=1e-6)
+    assert torch.equal(v, rv)
+    if sink:
+        torch.testing.assert_close(qs, rope.apply(rq, *rot_s), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(qs, q)
+    else:
+        assert qs is None
+    assert all(t.is_contiguous() for t in (q, k, v))
 
 
 # ------------------------------------------------------------------ whole model

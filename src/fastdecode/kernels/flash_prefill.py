@@ -17,9 +17,10 @@ is in slot order, so its one wrapped block is merely conservative; the element m
 exact.
 
 Head dims that are not a power of two (GPT-NeoX 2.8B: 80) are split as 64 + 16 so that no
-multiply is wasted on padding; others are padded to the next power of two (>= 16, what
-``tl.dot`` needs). Inputs in bf16/fp16 use fp32 accumulation; fp32 inputs use IEEE fp32
-products (no TF32), which is also what the CPU interpreter (tests) runs.
+multiply is wasted on padding (int8 storage: padded); others are padded to the next power
+of two (>= 16, what ``tl.dot`` needs). Inputs in bf16/fp16 use fp32 accumulation; fp32
+inputs use IEEE fp32 products (no TF32), which is also what the CPU interpreter (tests)
+runs.
 """
 
 from __future__ import annotations
@@ -92,12 +93,11 @@ def _flash_prefill(Q, QS, K, V, KS, VS, KPOS, QLO, QTI, BIDX, BCNT, OUT,
         acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
 
     # Phase 0: the key blocks that hold a visible sink (scored with both queries); phase 1:
-    # the rest (one product). Unrolled at compile time: no branch inside either loop.
-    cnt_sink = tl.load(BCNT + 2 * qb)
-    cnt = tl.load(BCNT + 2 * qb + 1)
-    for phase in tl.static_range(2):
-        start = 0 if phase == 0 else cnt_sink
-        stop = cnt_sink if phase == 0 else cnt
+    # window blocks some of whose keys are hidden (masked); phase 2: blocks every query of
+    # this block sees whole (no mask). Unrolled at compile time: no branch in any loop.
+    for phase in tl.static_range(3):
+        start = 0 if phase == 0 else tl.load(BCNT + 3 * qb + phase - 1)
+        stop = tl.load(BCNT + 3 * qb + phase)
         for i in range(start, stop):
             kb = tl.load(BIDX + qb * n_kb + i)
             cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,9 +119,10 @@ def _flash_prefill(Q, QS, K, V, KS, VS, KPOS, QLO, QTI, BIDX, BCNT, OUT,
             if INT8:
                 ks = tl.load(KS + kvh * ss_h + cols, mask=cmask, other=0.0)
                 s = s * ks[None, :]
-            vis = ((kj[None, :] >= 0) & (kj[None, :] <= ti[:, None])
-                   & ((kj[None, :] < S) | (kj[None, :] >= lo[:, None])))
-            s = tl.where(vis, s, float("-inf"))
+            if phase < 2:
+                vis = ((kj[None, :] >= 0) & (kj[None, :] <= ti[:, None])
+                       & ((kj[None, :] < S) | (kj[None, :] >= lo[:, None])))
+                s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -151,10 +152,12 @@ def _flash_prefill(Q, QS, K, V, KS, VS, KPOS, QLO, QTI, BIDX, BCNT, OUT,
 
 def block_table(key_pos: torch.Tensor, q_lo: torch.Tensor, q_ti: torch.Tensor, num_sink: int,
                 block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block: the key blocks some query of it may see, as int32 [n_qb, n_kb]:
-    first those holding a sink it may see, then the others, each group in index order;
-    and int32 [n_qb, 2]: the size of the first group and of both. Torch ops on the
-    device, no host sync; conservative (the kernel's element mask is exact)."""
+    """Per query block, the key blocks some query of it may see, as int32 [n_qb, n_kb]:
+    first those holding a sink it may see, then window blocks it sees in part, then those
+    every query of the block sees whole (no mask needed), each group in index order; and
+    int32 [n_qb, 3], where each group ends. Torch ops on the device, no host sync;
+    conservative for the first two groups (the kernel's element mask is exact there) and
+    exact for the third."""
     NK, T = key_pos.numel(), q_ti.numel()
     n_kb, n_qb = triton.cdiv(NK, block_n), triton.cdiv(T, block_m)
     big = torch.iinfo(torch.int64).max
@@ -165,15 +168,22 @@ def block_table(key_pos: torch.Tensor, q_lo: torch.Tensor, q_ti: torch.Tensor, n
     smin = torch.where(sink, kp, big).amin(1)
     wmin = torch.where(win, kp, big).amin(1)
     wmax = torch.where(win, kp, -1).amax(1)
+    all_win = win.all(1)
     pad = n_qb * block_m - T
-    lo = torch.cat((q_lo, q_lo[-1:].expand(pad))).view(n_qb, block_m).amin(1)
-    ti = torch.cat((q_ti, q_ti[-1:].expand(pad))).view(n_qb, block_m).amax(1)
-    vis_sink = smin[None, :] <= ti[:, None]
-    vis = vis_sink | ((wmax[None, :] >= lo[:, None]) & (wmin[None, :] <= ti[:, None]))
-    count = torch.stack((vis_sink.sum(1, dtype=torch.int32), vis.sum(1, dtype=torch.int32)), 1)
-    rank = 2 - vis_sink.to(torch.uint8) - vis.to(torch.uint8)  # 0 sink, 1 window, 2 unseen
+    lo = torch.cat((q_lo, q_lo[-1:].expand(pad))).view(n_qb, block_m)
+    ti = torch.cat((q_ti, q_ti[-1:].expand(pad))).view(n_qb, block_m)
+    lo_min, lo_max, ti_min, ti_max = lo.amin(1), lo.amax(1), ti.amin(1), ti.amax(1)
+    vis_sink = smin[None, :] <= ti_max[:, None]
+    vis = vis_sink | ((wmax[None, :] >= lo_min[:, None]) & (wmin[None, :] <= ti_max[:, None]))
+    full = (all_win[None, :] & (wmin[None, :] >= lo_max[:, None])
+            & (wmax[None, :] <= ti_min[:, None]))
+    part = vis & ~vis_sink & ~full
+    count = torch.stack((vis_sink.sum(1), (vis_sink | part).sum(1), vis.sum(1)), 1)
+    # rank: 0 sink, 1 partial window, 2 whole window, 3 unseen
+    rank = torch.full(vis.shape, 3, dtype=torch.uint8, device=vis.device)
+    rank = rank.masked_fill(full, 2).masked_fill(part, 1).masked_fill(vis_sink, 0)
     order = torch.argsort(rank, dim=1, stable=True).to(torch.int32)
-    return order.contiguous(), count.contiguous()
+    return order.contiguous(), count.to(torch.int32).contiguous()
 
 
 def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
@@ -221,7 +231,9 @@ def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
     vs = v_scale if int8 else v
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     o = out.transpose(0, 1)
-    DA, DB = head_split(D)
+    # int8 codes: one padded part (on the H200, the 80 = 64 + 16 split gave NaN with int8
+    # loads in a first run; the padded form is the one that was checked there).
+    DA, DB = head_split(D) if not int8 else (max(16, triton.next_power_of_2(D)), 0)
     n_qb, n_kb = bidx.shape
     grid = (n_qb, Hq)
     _flash_prefill[grid](
