@@ -35,7 +35,8 @@ from ..errors import InputError
 
 # Launch parameters (CUDA). scripts/gpu_prefill.py times alternatives; the interpreter
 # uses small blocks (it runs every program in numpy).
-CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+# 4 warps: 53.0 ms for the 4k prefill against 54.5 with 8 (perf/results/h200-prefill-*.json).
+CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 
 _LOG2E = 1.4426950408889634
