@@ -322,3 +322,31 @@ def test_flash_kernel_on_cuda_bf16(cfg, shape):
                   torch.randn(Hkv, T, D, generator=gen).bfloat16().cuda(), plan)
     out, ref = _both(q, qs if c.sink else None, kv, plan, c.sink)
     assert _rel(out, ref) < 2e-2
+
+
+# ------------------------------------------------------------------ the bench's TTFT / total
+def test_bench_reports_ttft_and_total_beside_the_peers(tmp_path, capsys):
+    """``fastdecode bench --peer-total``: time to first token and total time for us and
+    for the peer run on our own shape (prompt and decode lengths), and their ratio."""
+    pytest.importorskip("transformers")
+    from fastdecode.cli import main
+
+    out = tmp_path / "rec.json"
+    rc = main(["bench", "--model", "tiny-neox", "--device", "cpu", "--window", "12",
+               "--sink", "2", "--prompt-len", "30", "--decode-len", "8",
+               "--warmup-tokens", "2", "--compile", "none", "--peers", "hf-eager",
+               "--peer-prompt-len", "8", "--peer-decode-len", "4", "--peer-warmup-tokens", "1",
+               "--peer-total", "--json", str(out)])
+    assert rc == 0
+    import json
+
+    rec = json.loads(out.read_text())
+    r = rec["result"]
+    assert 0 < r["ttft_ms"] == r["prefill_ms"] < r["total_ms"]
+    peer = rec["peers"]["hf-eager"]
+    assert peer["prompt_len"] == 8 and 0 < peer["ttft_ms"] < peer["total_ms"]
+    tot = rec["peers_total"]["hf-eager"]
+    assert tot["prompt_len"] == 30 and tot["decode_len"] == 8
+    assert 0 < tot["ttft_ms"] < tot["total_ms"]
+    assert tot["ours_total_ratio"] == pytest.approx(r["total_ms"] / tot["total_ms"])
+    assert "hf-eager (our shape)" in capsys.readouterr().out

@@ -35,7 +35,7 @@ from ..errors import InputError
 
 # Launch parameters (CUDA). scripts/gpu_prefill.py times alternatives; the interpreter
 # uses small blocks (it runs every program in numpy).
-# 4 warps: 53.0 ms for the 4k prefill against 54.5 with 8 (perf/results/h200-prefill-*.json).
+# Chosen by the sweep in scripts/gpu_prefill.py (perf/results/h200-prefill-0e1f695.json).
 CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 

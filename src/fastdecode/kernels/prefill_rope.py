@@ -3,8 +3,8 @@ take: queries rotated at their text positions (and again at their sink positions
 rotated, values, each [heads, T, D] contiguous.
 
 The eager path (``rope.apply`` per tensor) makes a strided concatenation and four
-elementwise kernels per tensor, ~15% of a 16k-token prefill on Pythia-2.8B
-(perf: scripts/gpu_prefill.py's profile). Same rotate-half arithmetic, in float32, rounded
+elementwise kernels per tensor, a large share of a long prefill on Pythia-2.8B (the
+profiles in perf/results/h200-prefill-*.json). Same rotate-half arithmetic, in float32, rounded
 once to the model dtype; ``cos``/``sin`` come from :func:`fastdecode.rope.cos_sin`
 (float64 angles), so long streams lose nothing here either.
 """
