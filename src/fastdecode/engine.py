@@ -12,14 +12,22 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .attention import flash_prefill_enabled
 from .cache import KVCache, PolicyConfig, make_cache
 from .errors import ConfigError, InputError, NonFiniteError
 from .models.transformer import Transformer
 
+# Prefill chunk when none is given. With the flash kernel, chunks serve speed: the whole
+# prompt up to this cap in one pass (activations of a 16k chunk on Pythia-2.8B: ~1 GB; the
+# cache state stays exact whatever the chunk). The reference attention holds float32
+# [heads, T, Nk] scores, so there chunks stay small.
+FLASH_CHUNK = 16384
+REFERENCE_CHUNK = 512
+
 
 class Decoder:
-    def __init__(self, model: Transformer, cache: KVCache, chunk_size: int = 512):
-        if chunk_size < 1:
+    def __init__(self, model: Transformer, cache: KVCache, chunk_size: int | None = None):
+        if chunk_size is not None and chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model, self.cache, self.chunk_size = model, cache, chunk_size
         dev = model.device
@@ -53,21 +61,32 @@ class Decoder:
             raise InputError(f"token id {tok} is out of range for the model's vocabulary "
                              f"(0..{vocab - 1}); is the tokenizer the model's?")
 
+    def prefill_chunk(self) -> int:
+        """Tokens per prefill pass: ``chunk_size`` if given, else as many as the attention
+        path serves well (:data:`FLASH_CHUNK` with the flash kernel)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return FLASH_CHUNK if flash_prefill_enabled(self.model.device) else REFERENCE_CHUNK
+
     @torch.no_grad()
     def prefill(self, tokens: Sequence[int] | torch.Tensor, all_logits: bool = False):
         """Feed ``tokens`` in chunks. Returns the last token's logits [V], or all [T, V].
 
-        Chunks leave the cache exactly as feeding the tokens one by one would.
+        Chunks leave the cache exactly as feeding the tokens one by one would. Without
+        ``all_logits`` the output head runs on the last token only (no [T, V] logits).
         """
         ids = self._as_ids(tokens)
-        self.cache.check_room(self.t + ids.numel())
+        n = ids.numel()
+        self.cache.check_room(self.t + n)
+        size = self.prefill_chunk()
         outs = []
-        for start in range(0, ids.numel(), self.chunk_size):
-            chunk = ids[start:start + self.chunk_size]
+        for start in range(0, n, size):
+            chunk = ids[start:start + size]
             plan = self.cache.plan_prefill(self.t, chunk.numel())
-            logits = self.model(chunk, self.cache, plan)
+            last = start + size >= n
+            rows = None if all_logits else slice(-1, None) if last else slice(0, 0)
+            outs.append(self.model(chunk, self.cache, plan, rows=rows))
             self.t += chunk.numel()
-            outs.append(logits if all_logits else logits[-1:])
         return torch.cat(outs) if all_logits else outs[-1][0]
 
     def eager_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,10 @@ def _result(name, times, warmup, prefill_ms, compile_s, prompt_len, kv_len, devi
     sel = times[warmup:]
     out = {"peer": name, "tpot_ms": stats_ms(sel), "all_tokens_ms": stats_ms(times),
            "prefill_ms": prefill_ms, "compile_s": compile_s, "prompt_len": prompt_len,
-           "decode_len": len(times), "warmup_tokens": warmup, "kv_len_at_end": kv_len}
+           "decode_len": len(times), "warmup_tokens": warmup, "kv_len_at_end": kv_len,
+           # time to first token (the forward of the prompt, last logits only) and total:
+           # that plus every timed decode step (compilation and warm-up calls excluded)
+           "ttft_ms": prefill_ms, "total_ms": prefill_ms + sum(times)}
     out["tokens_per_s"] = 1e3 / out["tpot_ms"]["median"]
     if torch.device(device).type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9

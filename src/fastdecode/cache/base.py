@@ -46,6 +46,11 @@ class Plan:
     write_src: torch.Tensor | None = None  # prefill: which new tokens are stored...
     write_dst: torch.Tensor | None = None  # ...and in which slots
     decode_slot: torch.Tensor | None = None  # decode: the slot of the new token, int64 [1]
+    # Prefill, for the flash kernel (the mask's inputs, so it need not read [T, Nk]):
+    key_pos: torch.Tensor | None = None  # int64 [Nk]: text position of each key, -1 empty
+    q_lo: torch.Tensor | None = None  # int64 [T]: lowest visible window position
+    q_ti: torch.Tensor | None = None  # int64 [T]: the queries' text positions (no offset)
+    memo: dict | None = None  # per-plan scratch shared by the layers (kernel block tables)
 
 
 class KVCache:
@@ -129,6 +134,7 @@ class KVCache:
             key_is_sink=(keys_j >= 0) & (keys_j < self.sink) if self.sink else None,
             write_src=src,
             write_dst=self.slot_of(ti[src]),
+            key_pos=keys_j, q_lo=lo, q_ti=ti, memo={},
         )
 
     def plan_decode(self, t: torch.Tensor) -> Plan:

@@ -4,6 +4,12 @@ variants, sweeps and a profile in the same run; writes one JSON record.
     fastdecode bench --model pythia-2.8b --random-weights --prompt-len 4096 --decode-len 256 \\
         --sink 4 --window 2048 --compile graphs --peers hf-eager,hf-static-compile \\
         --json out.json
+
+Time to first token and total time for the users' shape, beside HF static + compile run
+on the same shape (``--peer-total``, implied by ``--target-total-vs-static``)::
+
+    fastdecode bench --model pythia-2.8b --random-weights --prompt-len 16384 \\
+        --decode-len 1024 --sink 4 --window 2048 --target-total-vs-static 0.5 --json out.json
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ def add_parser(sub) -> None:
     g.add_argument("--gemv", choices=GEMV_MODES, default="auto",
                    help="with --kernels inductor, one-row matmuls: inductor reductions "
                         "(reduction) or cuBLAS (extern); auto = reduction on CUDA")
-    g.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk length (default: 16384 with the flash prefill kernel, "
+                        "512 with the reference attention)")
     g.add_argument("--quant", default=None, metavar="RECIPE",
                    help="weight-only quantization applied after loading, e.g. int8, "
                         "int4-mlp-g128, int4-g128, int4-mlp-g128-gptq (see fastdecode "
@@ -67,6 +75,10 @@ def add_parser(sub) -> None:
                         "KV length matches ours at steady state")
     g.add_argument("--peer-decode-len", type=int, default=64)
     g.add_argument("--peer-warmup-tokens", type=int, default=8)
+    g.add_argument("--peer-total", action="store_true",
+                   help="also run the peers on our shape (--prompt-len, --decode-len) for "
+                        "time to first token and total time (hf-static-compile if --peers "
+                        "is empty)")
     g.add_argument("--variants", type=_csv(str), default=[],
                    help="more runs of our engine on the same shapes: "
                         "MODE[:KERNELS[:GEMV]], e.g. "
@@ -89,6 +101,10 @@ def add_parser(sub) -> None:
                    help="minimum speed-up over hf-static-compile")
     g.add_argument("--target-vs-eager", type=float, default=None,
                    help="minimum speed-up over hf-eager")
+    g.add_argument("--target-total-vs-static", type=float, default=None,
+                   help="maximum ratio of our total time (prefill + decode) to "
+                        "hf-static-compile's on the same shape, e.g. 0.5 (implies "
+                        "--peer-total)")
     p.add_argument("--json", default=None, help="write the record here")
     p.set_defaults(run=run)
 
@@ -140,7 +156,8 @@ def _run_line(name: str, r: dict) -> str:
     bw = r.get("achieved_gbps")
     return (f"{name:34s} {t.get('median', float('nan')):8.3f} {t.get('mean', float('nan')):8.3f}"
             f" {t.get('p90', float('nan')):8.3f} {r.get('prefill_ms', float('nan')):9.1f}"
-            f" {(bw or float('nan')):8.0f} {r.get('compile_s', 0.0):7.1f}")
+            f" {(bw or float('nan')):8.0f} {r.get('compile_s', 0.0):7.1f}"
+            f" {r.get('total_ms', float('nan')):9.1f}")
 
 
 def run(args) -> int:
@@ -238,8 +255,8 @@ def run(args) -> int:
         main["fraction_of_copy_bw"] = main["achieved_gbps"] / bw["copy_gbps"]
     record["result"] = main
     log(f"main: TPOT median {main['tpot_ms']['median']:.3f} ms over {main['steady_tokens']} "
-        f"steady tokens; prefill {main['prefill_ms']:.1f} ms; {b['total'] / 1e9:.2f} GB/token "
-        f"-> {main['achieved_gbps']:.0f} GB/s")
+        f"steady tokens; TTFT {main['ttft_ms']:.1f} ms, total {main['total_ms']:.1f} ms; "
+        f"{b['total'] / 1e9:.2f} GB/token -> {main['achieved_gbps']:.0f} GB/s")
     save()
 
     def set_targets() -> list:
@@ -252,6 +269,11 @@ def run(args) -> int:
             if flag is not None:
                 ratio = record.get("peers", {}).get(peer, {}).get("ratio_vs_ours")
                 out.append(tpot.target(f"speedup_vs_{peer}", ratio, flag, False))
+        if args.target_total_vs_static is not None:
+            ratio = record.get("peers_total", {}).get("hf-static-compile", {}).get(
+                "ours_total_ratio")
+            out.append(tpot.target("total_vs_hf-static-compile", ratio,
+                                   args.target_total_vs_static, True))
         if out:
             record["targets"] = out
         return out
@@ -316,6 +338,24 @@ def run(args) -> int:
             if "tpot_ms" in r:
                 r["ratio_vs_ours"] = r["tpot_ms"]["median"] / main["tpot_ms"]["median"]
         record["peers"] = peers
+        set_targets()
+        save()
+
+    total_peers = list(args.peers) or (["hf-static-compile"] if args.peer_total
+                                       or args.target_total_vs_static is not None else [])
+    if total_peers and (args.peer_total or args.target_total_vs_static is not None):
+        # The same shape as ours: TTFT is their forward of our prompt, total adds our
+        # number of decode steps (their dense cache grows to prompt + decode).
+        totals = run_peers(total_peers, lm.spec, lm.model.dtype, dev, prompt,
+                           args.decode_len, min(args.warmup_tokens, args.decode_len // 2),
+                           log=log)
+        for r in totals.values():
+            if "total_ms" in r:
+                r["ours_total_ratio"] = main["total_ms"] / r["total_ms"]
+                r["ours_ttft_ratio"] = main["ttft_ms"] / r["ttft_ms"]
+                log(f"peer {r['peer']} on our shape: TTFT {r['ttft_ms']:.1f} ms, total "
+                    f"{r['total_ms']:.1f} ms; ours/theirs total x{r['ours_total_ratio']:.2f}")
+        record["peers_total"] = totals
         set_targets()
         save()
 
@@ -389,7 +429,7 @@ def run(args) -> int:
     # ---------------------------------------------------------------- table
     log("")
     log(f"{'run':34s} {'median':>8s} {'mean':>8s} {'p90':>8s} {'prefill':>9s} {'GB/s':>8s} "
-        f"{'comp_s':>7s}   (ms)")
+        f"{'comp_s':>7s} {'total':>9s}   (ms)")
     main_name = (f"ours {mode}:fused" if record["config"]["kernels"] == "fused" else
                  f"ours {mode}:inductor:{record['config']['gemv']}:"
                  f"{record['config']['attention']}")
@@ -401,6 +441,8 @@ def run(args) -> int:
         if "ratio_vs_ours" in r:
             line += f"   x{r['ratio_vs_ours']:.1f} slower than ours"
         log(line)
+    for name, r in record.get("peers_total", {}).items():
+        log(_run_line(f"{name} (our shape)", r))
     if bw["copy_gbps"]:
         log(f"floor at copy bandwidth: {main['floor_ms']:.3f} ms/token; achieved "
             f"{main['fraction_of_copy_bw'] * 100:.0f}% of {bw['copy_gbps']:.0f} GB/s")

@@ -18,7 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk length")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk length (default: 16384 with the flash prefill kernel, "
+                        "512 with the reference attention)")
     p.add_argument("--compile", choices=COMPILE_MODES, default=None,
                    help="none (eager) | default (compiled kernels) | graphs (one CUDA graph "
                         "per step; CUDA only). Default: graphs on CUDA, none on the CPU")

@@ -39,7 +39,9 @@ def add_eval_args(p) -> None:
     g.add_argument("--method", choices=("parallel", "token"), default="parallel",
                    help="parallel: exact, many tokens per pass (default); token: one step "
                         "per token")
-    g.add_argument("--chunk-size", type=int, default=512, help="tokens per parallel pass")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per parallel pass (default: 4096 with the flash prefill "
+                        "kernel, 512 with the reference attention)")
     g.add_argument("--recompute-batch", type=int, default=None,
                    help="recompute: contexts per batched pass (default: auto)")
     g = p.add_argument_group("output")

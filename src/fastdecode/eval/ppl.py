@@ -21,7 +21,10 @@ relative in PPL):
   banded-plus-sink mask and the exact cache/absolute positions (see ``cache/base.py``),
   and leaves the cache as token-by-token feeding would; so every query sees exactly what
   it would have seen at its own step. The NLL is taken per chunk in float32 (the logits of
-  all N tokens are never held at once). For ``recompute``, ``parallel`` batches contexts.
+  all N tokens are never held at once). With the flash prefill kernel (CUDA) the chunk is
+  :data:`FLASH_EVAL_CHUNK` tokens unless ``chunk_size`` says otherwise (the limit is the
+  chunk's float32 logits, not attention), else 512. For ``recompute``, ``parallel``
+  batches contexts.
 """
 
 from __future__ import annotations
@@ -34,14 +37,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..attention import flash_prefill_enabled
 from ..cache import KV_DTYPES, POSITION_MODES, CacheConfig, PolicyConfig
-from ..engine import Decoder
+from ..engine import REFERENCE_CHUNK, Decoder
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..models.transformer import Transformer
 from . import recompute as rc
 
 MODES = ("dense", "window", "streaming", "recompute")
 METHODS = ("parallel", "token")
+FLASH_EVAL_CHUNK = 4096  # float32 logits of a chunk: 4096 x 50k vocab = 0.8 GB
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class EvalSpec:
     position_mode: str = "cache"
     kv_dtype: str = "auto"
     method: str = "parallel"
-    chunk_size: int = 512  # parallel: tokens per forward pass
+    chunk_size: int | None = None  # parallel: tokens per forward pass (None: see above)
     recompute_batch: int | None = None  # recompute/parallel: contexts per pass (None: auto)
 
     def __post_init__(self):
@@ -70,9 +75,12 @@ class EvalSpec:
             raise ConfigError(f"kv_dtype {self.kv_dtype!r} is not one of {KV_DTYPES}")
         for name in ("sink", "window", "compress_every", "chunk_size"):
             v = getattr(self, name)
+            if name == "chunk_size" and v is None:
+                continue
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
-        if self.sink < 0 or self.window < 1 or self.compress_every < 1 or self.chunk_size < 1:
+        if (self.sink < 0 or self.window < 1 or self.compress_every < 1
+                or (self.chunk_size is not None and self.chunk_size < 1)):
             raise ConfigError("need sink >= 0, window >= 1, compress_every >= 1, "
                               f"chunk_size >= 1; got {self.sink}, {self.window}, "
                               f"{self.compress_every}, {self.chunk_size}")
@@ -119,6 +127,12 @@ class EvalSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def chunk_for(self, device) -> int:
+        """Tokens per parallel pass on ``device`` (``chunk_size``, or the default)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return FLASH_EVAL_CHUNK if flash_prefill_enabled(device) else REFERENCE_CHUNK
 
 
 def attended(spec: EvalSpec, n: int, cache=None) -> np.ndarray:
@@ -224,11 +238,13 @@ def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
         if spec.mode == "recompute":
             info = _recompute(model, ids, spec, nll, bar)
         else:
-            dec = Decoder.build(model, spec.cache_config(n), chunk_size=spec.chunk_size)
+            chunk = spec.chunk_for(dev)
+            dec = Decoder.build(model, spec.cache_config(n), chunk_size=chunk)
             cache = dec.cache
             if spec.method == "parallel":
-                for s in range(0, n, spec.chunk_size):
-                    e = min(s + spec.chunk_size, n)
+                info["chunk_size"] = chunk
+                for s in range(0, n, chunk):
+                    e = min(s + chunk, n)
                     logits = dec.prefill(x[s:e], all_logits=True)
                     nll[s:e] = F.cross_entropy(logits.float(), y[s:e], reduction="none")
                     bar.update(e - s)
@@ -256,8 +272,9 @@ def _recompute(model, ids, spec: EvalSpec, nll, bar) -> dict:
     y = ids[1:]
     L = S + W + 1
     dense = CacheConfig(policy="dense", sink=0, max_len=L)
+    chunk = spec.chunk_for(ids.device)
     if spec.method == "token":
-        dec = Decoder.build(model, dense, chunk_size=spec.chunk_size)
+        dec = Decoder.build(model, dense, chunk_size=chunk)
         for t in range(n):
             dec.reset()
             logits = dec.prefill(rc.context_ids(ids, t, S, W))
@@ -266,9 +283,9 @@ def _recompute(model, ids, spec: EvalSpec, nll, bar) -> dict:
         return {}
     # Contexts of steps 0 .. L-1 are the prefixes of the text: one dense chunked pass.
     head = min(n, L)
-    dec = Decoder.build(model, dense, chunk_size=spec.chunk_size)
-    for s in range(0, head, spec.chunk_size):
-        e = min(s + spec.chunk_size, head)
+    dec = Decoder.build(model, dense, chunk_size=chunk)
+    for s in range(0, head, chunk):
+        e = min(s + chunk, head)
         logits = dec.prefill(ids[s:e], all_logits=True)
         nll[s:e] = F.cross_entropy(logits.float(), y[s:e], reduction="none")
         bar.update(e - s)

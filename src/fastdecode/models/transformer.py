@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import rope
-from ..attention import attend
+from ..attention import attend, flash_prefill_enabled
 from ..cache.base import KVCache, Plan
 from .spec import ModelSpec
 
@@ -53,11 +53,21 @@ class Attention(nn.Module):
     def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink):
         s = self.spec
         T, D = x.shape[0], s.head_dim
-        qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D).transpose(0, 1)
-        q, k, v = qkv.split((s.num_heads, s.num_kv_heads, s.num_kv_heads), dim=0)
-        q_win = rope.apply(q, *rot)
-        q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
-        kv = cache.update(layer, rope.apply(k, *rot), v.contiguous(), plan)
+        qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D)
+        if T > 1 and plan.key_pos is not None and flash_prefill_enabled(x.device):
+            # Prefill on the flash path: rotary and layout in one Triton pass. (Imported
+            # here: Triton reads TRITON_INTERPRET when a kernel is defined.)
+            from ..kernels.prefill_rope import prefill_rope
+
+            q_win, q_sink, k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot,
+                                               rot_sink)
+        else:
+            q, k, v = qkv.transpose(0, 1).split((s.num_heads, s.num_kv_heads,
+                                                 s.num_kv_heads), dim=0)
+            q_win = rope.apply(q, *rot)
+            q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
+            k, v = rope.apply(k, *rot), v.contiguous()
+        kv = cache.update(layer, k, v, plan)
         o = attend(q_win, q_sink, kv, plan, cache.sink)
         return self.out(o.transpose(0, 1).reshape(T, s.num_heads * D))
 
@@ -148,14 +158,18 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, plan: Plan) -> torch.Tensor:
-        """Logits [T, vocab] for ``tokens`` [T] at the positions ``plan`` gives."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache, plan: Plan,
+                rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [T, vocab] for ``tokens`` [T] at the positions ``plan`` gives; with
+        ``rows`` (an index or slice of the T positions) only those rows reach the head."""
         x = self.embed(tokens)
         rot = rope.cos_sin(plan.q_pos, self.freqs, x.dtype)
         rot_sink = (rope.cos_sin(plan.q_pos_sink, self.freqs, x.dtype)
                     if plan.q_pos_sink is not None else None)
         for layer in self.layers:
             x = layer(x, cache, plan, rot, rot_sink)
+        if rows is not None:
+            x = x[rows]
         return self.lm_head(self.norm(x))
 
     def forward_batch(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
