@@ -75,8 +75,7 @@ def section(name, rec, fn):
 
 def kernel_checks(spec_heads):
     from fastdecode import attention as A
-    from fastdecode.cache import make_cache
-    from fastdecode.config import CacheConfig
+    from fastdecode.cache import CacheConfig, make_cache
 
     class Spec:
         num_layers = 1
@@ -142,7 +141,7 @@ def main():
 
     from fastdecode import attention as A
     from fastdecode.bench import tpot
-    from fastdecode.config import CacheConfig
+    from fastdecode.cache import CacheConfig
     from fastdecode.engine import Decoder
     from fastdecode.eval.ppl import EvalSpec, evaluate
     from fastdecode.kernels import flash_prefill as FP

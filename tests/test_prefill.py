@@ -25,8 +25,7 @@ pytest.importorskip("triton")
 
 from fastdecode import attention as A  # noqa: E402
 from fastdecode import rope  # noqa: E402
-from fastdecode.cache import make_cache  # noqa: E402
-from fastdecode.config import CacheConfig  # noqa: E402
+from fastdecode.cache import CacheConfig, make_cache  # noqa: E402
 from fastdecode.engine import FLASH_CHUNK, REFERENCE_CHUNK, Decoder  # noqa: E402
 from fastdecode.errors import ConfigError, DeviceError  # noqa: E402
 from fastdecode.eval.ppl import EvalSpec, evaluate  # noqa: E402

@@ -122,7 +122,7 @@ def _lengths(what: str, decode_len: int, warmup: int, prompts=()) -> None:
 def check_run_args(args) -> None:
     """Everything the later parts of a run need, checked before the model is loaded (a
     bad sweep or peer length used to cost the whole main measurement first)."""
-    if args.chunk_size < 1:
+    if args.chunk_size is not None and args.chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {args.chunk_size}")
     if args.check < 0:
         raise ConfigError(f"--check must be >= 0 (steps compared), got {args.check}")
