@@ -176,8 +176,7 @@ class FusedStep:
         workspace."""
         n = p.n // 2 if glu else p.n
         tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, opts=self.opts,
-                  gap=gap,
-                  xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2,
+                  gap=gap, xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2,
                   ws=self.ws_side if side else self.ws_main)
 
     def _normed(self, norms, *packs: Packed) -> list[dict]:
