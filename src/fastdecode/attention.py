@@ -4,8 +4,8 @@ Prefill (T > 1 queries on a prefill plan) takes the flash kernel
 (:mod:`fastdecode.kernels.flash_prefill`) where it runs, else the reference below, which
 builds the float32 [heads, T, Nk] scores. ``prefill_kernel`` says which: ``auto`` (flash on
 CUDA, the reference on the CPU), ``flash`` (on the CPU only under ``TRITON_INTERPRET=1``,
-for tests), ``reference``; the environment variable ``FASTDECODE_PREFILL`` sets the
-default. Not the interpreter flag alone: pytest sets it process-wide as soon as one test
+for tests), ``reference``; tests and measurement scripts scope a choice with :func:`prefill_kernel`.
+Not the interpreter flag alone: pytest sets it process-wide as soon as one test
 module needs it, and every CPU prefill would then crawl through the interpreter.
 ``PREFILL_PATHS`` counts the prefill calls each path served (tests read it).
 """
@@ -24,7 +24,7 @@ from .cache.storage import KV
 from .errors import ConfigError, DeviceError
 
 PREFILL_KERNELS = ("auto", "flash", "reference")
-_prefill = {"kernel": os.environ.get("FASTDECODE_PREFILL", "auto")}
+_prefill = {"kernel": "auto"}
 PREFILL_PATHS: Counter = Counter()
 
 
