@@ -8,6 +8,10 @@
 #                                      # with the eager check, a profile, the HF peers, the
 #                                      # window sweep; the figures #4 asks for
 #   bash scripts/gpu_bench.sh quant    # int8 / int4-mlp-g128 / int4-g128 and int8 KV benches
+#   bash scripts/gpu_bench.sh prefill  # scripts/gpu_prefill.py: flash prefill vs HF SDPA, the
+#                                      # compute floor, the parallel PPL evaluator old vs new
+#   bash scripts/gpu_bench.sh total    # the users' shape (prompt 16,384, 1,024 new tokens,
+#                                      # 4+2048): TTFT and total time beside HF static + compile
 #   bash scripts/gpu_bench.sh stage    # nothing but leave .carry/gguf.00 in /tmp/fd
 #   bash scripts/gpu_bench.sh pythia   # gpu-marked fused tests; Pythia-2.8B shapes, 4+2048:
 #                                      # main bench (fused graphs) with the eager check, a
@@ -38,6 +42,7 @@ set -uo pipefail
 PHASES=("${@:-pythia}")
 KD_RECIPES=${KD_RECIPES:-int4-mlp-g128-kd}
 OUT=${OUT:-/tmp/fd-out}
+CLASS=${CLASS:-h200}  # prefix of the records' names: the GPU class the run is made on
 mkdir -p "$OUT" /tmp/fd
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/fd/inductor TRITON_CACHE_DIR=/tmp/fd/triton
 export PYTHONPATH=$PWD/src FASTDECODE_CACHE=/tmp/fd/cache
@@ -73,7 +78,7 @@ if [ "$PHASE" = stage ]; then
   ls -la /tmp/fd
 elif [ "$PHASE" = check ]; then
   # every fused test on CUDA: the GEMV property over every code path, whole steps graphed
-  FASTDECODE_TUNE=0 timeout 240 python3 -m pytest -q tests/test_fused.py -p no:cacheprovider
+  FASTDECODE_TUNE=0 timeout 240 python3 -m pytest -q tests/test_fused.py tests/test_prefill.py tests/test_layering.py -p no:cacheprovider
   echo "pytest fused (all, cuda) rc=$?"
 elif [ "$PHASE" = pythia ]; then
   timeout 150 python3 -m pytest -q -m gpu tests/test_fused.py -p no:cacheprovider
@@ -84,20 +89,20 @@ elif [ "$PHASE" = pythia ]; then
     --peers hf-eager,hf-static-compile --peer-decode-len 64 --peer-warmup-tokens 8 \
     --variants ${VARIANTS:-default,none} --sweep-windows 512,1024,4096 \
     --target-tpot-ms 2.4 --target-vs-static 2 --target-vs-eager 30 \
-    --json "$OUT/h100-pythia-fused.json"
+    --json "$OUT/$CLASS-pythia-fused.json"
   echo "bench rc=$?"
 elif [ "$PHASE" = sweep ]; then
   timeout 420 python3 scripts/gpu_gemv_sweep.py ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"} \
     ${SWEEP_CANDIDATES:+--candidates "$SWEEP_CANDIDATES"} \
     ${SWEEP_PARTS:+--parts "$SWEEP_PARTS"} \
-    --json "$OUT/h100-gemv-sweep.json"
+    --json "$OUT/$CLASS-gemv-sweep.json"
   echo "sweep rc=$?"
 elif [ "$PHASE" = ab ]; then
   # AB_OPTION=pdl|norm_in_gemv|branches|priority (default pdl), AB_VALUES (default 0,1), AB_RECIPES
   timeout 420 python3 experiments/gpu_fused_ab.py --option "${AB_OPTION:-pdl}" \
     --values "${AB_VALUES:-0,1}" \
     --recipes "${AB_RECIPES:-bf16,int8,int4-g128,int4-mlp-g128}" \
-    --json "$OUT/h100-fused-ab-${AB_OPTION:-pdl}.json"
+    --json "$OUT/$CLASS-fused-ab-${AB_OPTION:-pdl}.json"
   echo "ab rc=$?"
 elif [ "$PHASE" = main ]; then
   timeout 240 "${BENCH[@]}" --prompt-len 4096 --decode-len 256 --warmup-tokens 32 --check 16 \
@@ -105,17 +110,25 @@ elif [ "$PHASE" = main ]; then
     --peers hf-eager,hf-static-compile --peer-decode-len 64 --peer-warmup-tokens 8 \
     --variants default --sweep-windows 512,1024,4096 \
     --target-tpot-ms 2.4 --target-vs-static 2 --target-vs-eager 30 \
-    --json "$OUT/h100-pythia-final.json"
+    --json "$OUT/$CLASS-pythia-final.json"
   echo "bench rc=$?"
+elif [ "$PHASE" = prefill ]; then
+  timeout 300 python3 scripts/gpu_prefill.py --json "$OUT/$CLASS-prefill.json"
+  echo "prefill rc=$?"
+elif [ "$PHASE" = total ]; then
+  timeout 400 "${BENCH[@]}" --prompt-len 16384 --decode-len 1024 --warmup-tokens 32 \
+    --peers hf-static-compile --peer-total --peer-decode-len 64 --peer-warmup-tokens 8 \
+    --target-total-vs-static 0.5 --json "$OUT/$CLASS-pythia-total.json"
+  echo "bench total rc=$?"
 elif [ "$PHASE" = quant ]; then
   for q in int8:1.6 int4-mlp-g128:1.9 int4-g128:1.35; do
     r=${q%%:*}; t=${q##*:}
     timeout 90 "${BENCH[@]}" --quant "$r" --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --check 8 \
       --profile "/tmp/fd/trace-$r.json.gz" --profile-steps 5 \
-      --target-tpot-ms "$t" --json "$OUT/h100-pythia-$r.json" | tail -4
+      --target-tpot-ms "$t" --json "$OUT/$CLASS-pythia-$r.json" | tail -4
     echo "bench $r rc=$?"
   done
-  timeout 60 "${BENCH[@]}" --kv-dtype int8 --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/h100-pythia-int8kv.json" | tail -3
+  timeout 60 "${BENCH[@]}" --kv-dtype int8 --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/$CLASS-pythia-int8kv.json" | tail -3
   echo "bench int8kv rc=$?"
 elif [ "$PHASE" = kd ]; then
   # KD_RECIPES: comma-separated (default int4-mlp-g128-kd)
@@ -123,14 +136,14 @@ elif [ "$PHASE" = kd ]; then
   PPL=(python3 -m fastdecode.cli ppl --data pg19-10146 --max-tokens 8192 --mode streaming
        --sink 4 --window 1020 --dtype bfloat16 --device cuda)
   # per-token NLL files stay on the machine: a call returns a limited number of files
-  timeout 60 "${PPL[@]}" --model /tmp/fd/smollm2.gguf --json "$OUT/h100-ppl-bf16.json" \
+  timeout 60 "${PPL[@]}" --model /tmp/fd/smollm2.gguf --json "$OUT/$CLASS-ppl-bf16.json" \
     --per-token /tmp/fd/bf16.nll.csv
   for r in ${KD_RECIPES//,/ }; do
     start=$SECONDS
     timeout 400 python3 -m fastdecode.cli quantize --model /tmp/fd/smollm2.gguf --device cuda \
       --dtype bfloat16 --recipe "$r" --out "/tmp/fd/q-$r"
     echo "quantize $r rc=$? wall $((SECONDS - start)) s"
-    timeout 60 "${PPL[@]}" --model "/tmp/fd/q-$r" --json "$OUT/h100-ppl-$r.json" \
+    timeout 60 "${PPL[@]}" --model "/tmp/fd/q-$r" --json "$OUT/$CLASS-ppl-$r.json" \
       --per-token "/tmp/fd/$r.nll.csv"
     echo "ppl $r rc=$?"
   done
@@ -140,7 +153,7 @@ elif [ "$PHASE" = suite ] || [ "$PHASE" = real ] || [ "$PHASE" = perf ]; then
   join_gguf || exit 3
   if [ "$PHASE" != perf ]; then
     timeout 240 python3 scripts/gpu_real_check.py --model /tmp/fd/smollm2.gguf --tokens 300 \
-      --dtypes float32,bfloat16 --json "$OUT/h100-real-check.json"
+      --dtypes float32,bfloat16 --json "$OUT/$CLASS-real-check.json"
     echo "real check rc=$?"
   fi
   if [ "$PHASE" != real ]; then
