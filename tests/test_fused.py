@@ -555,7 +555,7 @@ def test_compile_decoder_declares_what_it_sets(tiny_models):
 
     from fastdecode.compile import compile_decoder
 
-    model = copy.deepcopy(tiny_models["tiny-llama"].model)
+    model = copy.deepcopy(tiny_models["tiny-llama"].model).to(DEV)
     dec = Decoder.build(model, CacheConfig(policy="streaming", sink=2, window=10))
     attrs = set(vars(dec))
     assert dec.compiled is None

@@ -20,6 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 CUDA = torch.cuda.is_available()
+# Tests that run the kernel on CPU tensors under the interpreter; on a CUDA machine the
+# interpreter is off (the GPU tests below run the kernel itself).
+on_interpreter = pytest.mark.skipif(CUDA, reason="runs the kernel under Triton's interpreter "
+                                    "on CPU tensors; CUDA runs test_flash_kernel_on_cuda_bf16")
 os.environ.setdefault("TRITON_INTERPRET", "0" if CUDA else "1")
 pytest.importorskip("triton")
 
@@ -93,6 +97,7 @@ def _both(q, q_sink, kv, plan, S):
 
 
 # ------------------------------------------------------------------ the kernel alone
+@on_interpreter
 @settings(max_examples=12)
 @given(cfg=cache_configs(), shape=st.sampled_from(SHAPES), t0=st.integers(0, 80),
        T=st.integers(2, 36), seed=st.integers(0, 2**16))
@@ -117,6 +122,7 @@ def test_flash_kernel_equals_reference_attention(cfg, shape, t0, T, seed):
     assert _rel(out, ref) < 1e-5, (cfg, shape, t0, T)
 
 
+@on_interpreter
 def test_the_kernel_check_is_discriminating():
     """A wrong sink query, or one key made visible that should not be, shows far above
     the tolerance the property test uses."""
@@ -212,6 +218,7 @@ def test_prefill_rope_equals_rope_apply(shape, T, sink, t0, seed):
 
 
 # ------------------------------------------------------------------ whole model
+@on_interpreter
 @settings(max_examples=6)
 @given(family=st.sampled_from(FAMILIES), cfg=cache_configs(max_slots=20),
        n=st.integers(2, 40), chunk=st.sampled_from([None, 5, 16, 40]), seed=st.integers(0, 99))
@@ -239,6 +246,7 @@ def test_decoder_prefill_flash_equals_reference(tiny_models, family, cfg, n, chu
             assert (x.long() - y.long()).abs().max() <= 1  # int8 codes: a rounding apart
 
 
+@on_interpreter
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parallel_ppl_with_flash_equals_token_by_token(tiny_models, family):
     """The exact parallel evaluator on the flash kernel, one chunk (the default chunking)
@@ -256,6 +264,7 @@ def test_parallel_ppl_with_flash_equals_token_by_token(tiny_models, family):
 
 
 # ------------------------------------------------------------------ chunking and the head
+@on_interpreter
 def test_default_chunks_follow_the_attention_path(tiny_llama):
     cfg = CacheConfig(policy="streaming", sink=1, window=6, compress_every=2)
     dec = Decoder.build(tiny_llama.model, cfg)

@@ -224,13 +224,17 @@ def time_decode(step, decoder, first_token, n: int, warmup_tokens: int, *,
 def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_tokens: int,
             run_one=None, mode: str | None = None, gemv: str | None = None,
             compile_s: float = 0.0, reset_peak: bool = True) -> DecodeRun:
-    """Reset the decoder, prefill ``prompt`` (timed), decode ``decode_len`` tokens (timed per
-    token) and gather the figures."""
+    """Reset the decoder, prefill ``prompt`` (timed; on CUDA after one untimed prefill of the
+    same length, as the peers are timed after their warm-up), decode ``decode_len`` tokens
+    (timed per token) and gather the figures."""
     dev = decoder.model.device
     clock = Clock(dev)
     cache = decoder.cache
     if reset_peak and clock.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
+    if clock.cuda:  # one untimed prefill first: Triton compiles its kernels per shape
+        decoder.reset()
+        decoder.prefill(prompt)
     decoder.reset()
     t_start = time.perf_counter()
     clock.sync()

@@ -40,7 +40,7 @@ def run(args) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.chunk_size < 1:
+    if args.chunk_size is not None and args.chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {args.chunk_size}")
     lm = load(args)
     if lm.tokenizer is None:

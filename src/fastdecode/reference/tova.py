@@ -1,4 +1,4 @@
-"""TOVA (Token Omission Via Attention, schwartz-lab-NLP/TOVA ``src/tova_cache.py``) as a
+"""TOVA (Token Omission Via Attention, the authors' ``tova_cache.py`` in schwartz-lab-NLP/TOVA) as a
 slow oracle.
 
 One budget per layer: whenever more than ``budget`` tokens are held, the token with the
