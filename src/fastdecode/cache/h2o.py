@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import POSITION_MODES, PolicyConfig, option
-from .scored import ScoredCache
+from .policy import PolicyConfig, option
+from .scored import ScoredCache, position_mode_option
 
 
 class H2OCache(ScoredCache):
@@ -39,10 +39,7 @@ class H2OConfig(PolicyConfig):
     heavy: int = option(1024, "heavy hitters kept (highest accumulated attention)", min=0)
     recent: int = option(1024, "most recent tokens kept", min=0)
     sink: int = option(0, "tokens at the start never evicted (0 = plain H2O)", min=0)
-    position_mode: str = option(
-        "absolute", "absolute: keys keep their text positions (the authors' default); "
-        "cache: keys at their rank in the cache (position rolling)", choices=POSITION_MODES,
-        label="position mode")
+    position_mode: str = position_mode_option()
 
     def check(self) -> None:
         if self.heavy + self.recent < 1:

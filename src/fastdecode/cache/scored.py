@@ -37,7 +37,16 @@ import torch
 from .. import rope
 from ..errors import ConfigError, InputError
 from .base import KVCache, Plan
+from .policy import POSITION_MODES, option
 from .storage import KV, STORAGES
+
+
+def position_mode_option():
+    """The ``position_mode`` option of score-based policies: ``absolute`` by default (the
+    authors'), ``cache`` for their "position rolling"."""
+    return option("absolute", "absolute: keys keep their text positions (the authors' "
+                  "default); cache: keys at their rank in the cache (position rolling)",
+                  choices=POSITION_MODES, label="position mode")
 
 
 class ScoredCache(KVCache):

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import POSITION_MODES, PolicyConfig, option
-from .scored import ScoredCache
+from .policy import PolicyConfig, option
+from .scored import ScoredCache, position_mode_option
 
 
 class TOVACache(ScoredCache):
@@ -35,10 +35,7 @@ class TOVAConfig(PolicyConfig):
 
     budget: int = option(2048, "tokens held per layer (sinks included)", min=1)
     sink: int = option(0, "tokens at the start never evicted (the authors have none)", min=0)
-    position_mode: str = option(
-        "absolute", "absolute: keys keep their text positions (the authors' default); "
-        "cache: keys at their rank in the cache", choices=POSITION_MODES,
-        label="position mode")
+    position_mode: str = position_mode_option()
 
     def check(self) -> None:
         if self.sink >= self.budget:
