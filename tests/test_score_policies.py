@@ -27,6 +27,7 @@ from fastdecode.reference.h2o import h2o_logits
 from fastdecode.reference.scored import ScoredLayer
 from fastdecode.reference.streaming import _rotate, dense_logits, streaming_logits
 from fastdecode.reference.tova import tova_logits
+from test_cache_properties import schedules  # the same chunk/step splits
 
 FAMILIES = ("tiny-neox", "tiny-llama")
 VOCAB = 97
@@ -259,19 +260,6 @@ def scored_cases(draw, policy: str, max_tokens: int = 22):
                          position_mode=mode)
     low = 1 if draw(st.booleans()) else min(cfg.budget + 2, max_tokens)
     return cfg, draw(st.integers(low, max_tokens))
-
-
-@st.composite
-def schedules(draw, n: int):
-    out, left = [], n
-    while left:
-        size = draw(st.integers(1, left))
-        if draw(st.booleans()):
-            out.append(("prefill", size, draw(st.integers(1, size))))
-        else:
-            out.append(("step", size, 0))
-        left -= size
-    return out
 
 
 OFFSETS = st.one_of(st.just(0), st.integers(1, 10**7))
