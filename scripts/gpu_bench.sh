@@ -28,6 +28,10 @@
 #                                      # `fastdecode quantize` on CUDA (bf16) and its `ppl`
 #                                      # (PG19 10146, 8,192 tokens, 4+1020): #5's perplexity
 #                                      # target; needs both GGUF halves (stage first)
+#   bash scripts/gpu_bench.sh baseline # BASELINE_RUNS (3) speed-only runs of the perf suite
+#                                      # (no PPL; BASELINE_K, default the graphed steps), then
+#                                      # compare --record-baseline and --suggest-budgets: the
+#                                      # class's absolute budgets from the mean of the runs
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`;
@@ -164,6 +168,19 @@ elif [ "$PHASE" = suite ] || [ "$PHASE" = real ] || [ "$PHASE" = perf ]; then
     echo "nox compare rc=$?"
     mkdir -p "$OUT/history" && cp perf/history/h100/*/*.json "$OUT/history/" 2>/dev/null
   fi
+elif [ "$PHASE" = baseline ]; then
+  for i in $(seq "${BASELINE_RUNS:-3}"); do
+    FASTDECODE_PERF_PPL_TOKENS=0 timeout "${BASELINE_TIMEOUT:-170}" python3 -m pytest tests/perf \
+      -m gpu -q -p no:cacheprovider -k "${BASELINE_K:-not eager and not compiled}" --durations=0 \
+      --benchmark-storage="file://perf/history/$CLASS" --benchmark-autosave \
+      --benchmark-columns=median,mean,iqr,rounds
+    echo "perf suite run $i rc=$?"
+  done
+  python3 -m fastdecode.bench.compare --storage "perf/history/$CLASS" \
+    --record-baseline "${BASELINE_RUNS:-3}" && python3 -m fastdecode.bench.compare \
+    --storage "perf/history/$CLASS" --suggest-budgets | tee "$OUT/$CLASS-budgets.toml"
+  mkdir -p "$OUT/history" && cp perf/history/"$CLASS"/*.json perf/baselines/"$CLASS".json \
+    "$OUT/history/" 2>/dev/null
 else
   echo "unknown phase $PHASE" && exit 2
 fi

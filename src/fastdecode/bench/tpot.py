@@ -147,9 +147,10 @@ class DecodeRun:
     efficiency: float | None = None  # floor_ms / median TPOT
     notes: list = field(default_factory=list)
     kernels: str = ""  # fused | inductor | eager
+    steady_times_ms: list = field(default_factory=list, repr=False)  # not in the record
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "steady_times_ms"}
 
 
 def full_from(cache) -> int:
@@ -226,7 +227,7 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
         run.notes.append(f"cache not full before the last step (full from position {ff}); "
                          "statistics over all post-warm-up steps")
     sel = [times[i] for i in steady_idx]
-    run.steady_tokens = len(sel)
+    run.steady_tokens, run.steady_times_ms = len(sel), sel
     run.tpot_ms = stats_ms(sel)
     run.all_tokens_ms = stats_ms(times)
     run.prefill_ms = run.ttft_ms = prefill_ms
