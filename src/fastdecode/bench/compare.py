@@ -2,9 +2,9 @@
 against the other classes' history in efficiencies.
 
     python -m fastdecode.bench.compare --storage perf/history/h100 [--baseline FILE]
-    python -m fastdecode.bench.compare --storage perf/history/h200 --record-baseline 3
-    python -m fastdecode.bench.compare --storage perf/history/h200 --suggest-budgets
-    python -m fastdecode.bench.compare --storage perf/history/a800 --against h100,h200
+    python -m fastdecode.bench.compare --storage perf/history/<class> --record-baseline 3
+    python -m fastdecode.bench.compare --storage perf/history/<class> --suggest-budgets
+    python -m fastdecode.bench.compare --storage perf/history/<class> --against h100,h200
     python -m fastdecode.bench.compare --storage perf/history/h100 --derive a800 --copy-gbps 1805
 
 Fails (exit 1) when a configuration got slower (TPOT), less accurate (PPL) or heavier
