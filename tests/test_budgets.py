@@ -215,6 +215,34 @@ def test_compare_reads_another_class_in_efficiencies(tmp_path, capsys):
     assert "REGRESSION  bf16-stream-graphs       tpot_ms" in out and "against h100" in out
 
 
+def test_bench_records_read_against_the_suite_run(tmp_path, capsys):
+    """compare --bench: each bench record beside the suite's TPOT of the registry
+    configuration it matches (cache, compile mode, stored format; not the int4 method)."""
+    hist = tmp_path / "h200"
+    write_run(hist, 1, {"bf16-stream-graphs": {"tpot_ms": 1.80},
+                        "int4-mlp-g128-graphs": {"tpot_ms": 1.50}})
+    cache = {"policy": "streaming", "sink": 4, "window": 2048, "compress_every": 1,
+             "position_mode": "cache", "kv_dtype": "auto"}
+
+    def record(name, tpot_ms, **config):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"config": {"model": "pythia-2.8b", "cache": cache,
+                                               "compile": "graphs", "quant": None, **config},
+                                    "result": {"tpot_ms": {"median": tpot_ms}}}))
+        return str(path)
+
+    ok = [record("bf16", 1.83), record("int4", 1.52, quant="int4-mlp-g128-search")]
+    args = ["--storage", str(hist), "--bench"]
+    assert cmp.main([*args, ",".join(ok)]) == 0
+    out = capsys.readouterr().out
+    assert "AGREE       bf16-stream-graphs       suite 1.800 bench 1.830 (+1.7%)" in out
+    assert "AGREE       int4-mlp-g128-graphs" in out
+    assert cmp.main([*args, record("int8", 1.4, quant="int8-all")]) == 1
+    assert "UNMATCHED" in capsys.readouterr().out  # int8 is not in that suite run
+    assert cmp.main([*args, record("slow", 1.9)]) == 1
+    assert "DISAGREE    bf16-stream-graphs" in capsys.readouterr().out
+
+
 def test_bench_and_suite_take_tpot_the_same_way(capsys):
     """Both call tpot.time_config with its defaults; the bench's flags default to them."""
     from fastdecode.cli import build_parser

@@ -169,9 +169,61 @@ def cross_class(latest: Run, others: list[str], root: Path, baselines: Path,
     return lines
 
 
+def _stored_format(recipe: str | None):
+    """What TPOT depends on in a quantization recipe: the stored format, not the method."""
+    from ..quant import QuantConfig
+
+    if not recipe:
+        return None
+    q = QuantConfig.parse(recipe)
+    return q.kind, q.filter, q.group_size if q.kind == "int4" else None, q.head
+
+
+def bench_agreement(latest: Run, records: dict[str, dict]) -> list[tuple]:
+    """Each `fastdecode bench` record (name -> record) beside the suite run's TPOT of the
+    registry configuration it matches (model, cache, compile mode, stored format): rows of
+    (record name, config or None, suite TPOT, bench TPOT)."""
+    from .. import registry
+
+    rows = []
+    for name, rec in records.items():
+        c = rec.get("config", {})
+        match = next((n for n, cfg in registry.CONFIGS.items()
+                      if c.get("model") == "pythia-2.8b" and c.get("compile") == cfg.compile.mode
+                      and c.get("cache") == cfg.speed_cache.to_dict()
+                      and _stored_format(c.get("quant")) == _stored_format(cfg.quant)), None)
+        suite = latest.results.get(match, {}).get("tpot_ms") if match else None
+        rows.append((name, match, suite, rec.get("result", {}).get("tpot_ms", {}).get("median")))
+    return rows
+
+
 def _classes_beside(root: Path, gpu: str) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != gpu) \
         if root.is_dir() else []
+
+
+def _agreement(latest: Run, paths: list[str], budgets: dict) -> int:
+    limit = budgets.get("meta", {}).get("bench_agreement", 0.03)
+    records = {}
+    for p in paths:
+        try:
+            records[p] = json.loads(Path(p).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read bench record {p}: {e}") from None
+    bad = 0
+    print(f"bench records vs suite run {latest.path.name} (TPOT, ms; limit {limit:.0%})")
+    for name, config, suite, bench in bench_agreement(latest, records):
+        if config is None or suite is None or bench is None:
+            bad += 1
+            why = "no registry configuration matches" if config is None else \
+                f"{config} is not in the suite run" if suite is None else "no TPOT in it"
+            print(f"UNMATCHED   {name}: {why}")
+            continue
+        diff = bench / suite - 1
+        bad += abs(diff) > limit
+        print(f"{'AGREE' if abs(diff) <= limit else 'DISAGREE':11s} {config:24s} suite "
+              f"{suite:.3f} bench {bench:.3f} ({diff:+.1%}) {name}")
+    return 1 if bad else 0
 
 
 def main(argv=None) -> int:
@@ -200,6 +252,10 @@ def main(argv=None) -> int:
                     help="print derived budgets for CLASS (TPOT from the efficiency budgets "
                          "at --copy-gbps; PPL and memory of the --storage class, bytes per "
                          "token from its latest run) and exit")
+    ap.add_argument("--bench", default=None, metavar="JSON[,JSON]",
+                    help="`fastdecode bench` records of this lease: each one's TPOT against "
+                         "the latest suite run's for the registry configuration it matches; "
+                         "fails beyond [meta].bench_agreement (3%%)")
     ap.add_argument("--copy-gbps", type=float, default=None,
                     help="with --derive: the copy bandwidth assumed for CLASS (GB/s)")
     args = ap.parse_args(argv)
@@ -244,6 +300,8 @@ def main(argv=None) -> int:
             print(f"[{args.derive}]\nderived = true\n")
             print(bud.toml_block(args.derive, rows, f"derived at {args.copy_gbps:g} GB/s"))
             return 0
+        if args.bench:
+            return _agreement(runs[-1], args.bench.split(","), budgets)
         base_path = Path(args.baseline) if args.baseline else default_base
         if args.baseline and not base_path.is_file():
             raise InputError(f"baseline {base_path} does not exist")
