@@ -271,3 +271,16 @@ def test_gpu_workflow_runs_the_suite_then_compare():
             if line.strip().startswith("run:")]
     assert runs == ["nvidia-smi", "python -m nox -s gpu", "python -m nox -s compare"]
     assert "a800" in text
+
+
+def test_every_registry_configuration_has_a_budget_for_any_card():
+    """Graphed steps an efficiency budget, the others a ratio budget: a card nobody measured
+    is gated on every configuration (a new configuration needs its [any.<name>] table)."""
+    from fastdecode import registry
+
+    missing = [f"[any.{n}] {'min_efficiency' if c.compile.mode == 'graphs' else 'max_ratio'}"
+               for n, c in registry.CONFIGS.items()
+               if ("min_efficiency" if c.compile.mode == "graphs" else "max_ratio")
+               not in BUDGETS["any"].get(n, {})]
+    assert not missing, "perf/budgets.toml lacks " + ", ".join(missing)
+    assert bud.reference(BUDGETS) in registry.CONFIGS
