@@ -122,8 +122,11 @@ def gpu(session: nox.Session) -> None:
     gpu tests would otherwise all skip and look green.
 
     1. gpu-marked correctness tests (graphed vs eager, quantized kernels vs reference);
-    2. tests/perf: every registry configuration timed, scored and held to its budget in
-       perf/budgets.toml; the run is saved as JSON under perf/history/<gpu class>/."""
+    2. tests/perf: every registry configuration timed (as `fastdecode bench` times it),
+       scored and held to the budgets perf/budgets.toml gives the class (its own, and the
+       efficiency / same-run ratio budgets of every class; listed with their margins at the
+       end); the run is saved as JSON under perf/history/<gpu class>/.
+       FASTDECODE_PERF_PPL_TOKENS=0 skips perplexity (speed-only runs for a baseline)."""
     cls = _gpu_class(session)
     env = {**_env(), "PYTHONPATH": _src_path()}
     session.run("pytest", "-m", "gpu", "tests", "--ignore=tests/perf", "-p", "no:cacheprovider",
@@ -136,7 +139,8 @@ def gpu(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def compare(session: nox.Session) -> None:
     """Latest perf run vs the baseline of the same GPU class (perf/baselines/<class>.json,
-    else the previous run); fails on a regression beyond the noise margin."""
+    else the previous run); fails on a regression beyond the noise margin. A class with no
+    baseline and one run is read against the other classes in efficiencies (not gated)."""
     cls = _gpu_class(session) if not session.posargs or "--storage" not in session.posargs \
         else None
     args = list(session.posargs)

@@ -28,6 +28,13 @@
 #                                      # `fastdecode quantize` on CUDA (bf16) and its `ppl`
 #                                      # (PG19 10146, 8,192 tokens, 4+1020): #5's perplexity
 #                                      # target; needs both GGUF halves (stage first)
+#   bash scripts/gpu_bench.sh baseline # BASELINE_RUNS (3) speed-only runs of the perf suite
+#                                      # (no PPL; BASELINE_K, default the graphed steps), then
+#                                      # compare --record-baseline and --suggest-budgets: the
+#                                      # class's absolute budgets from the mean of the runs
+#   bash scripts/gpu_bench.sh agree    # the perf suite (speed only) and `fastdecode bench` on
+#                                      # bf16, int8, int4-mlp g128, int4 g128, int8 KV in one
+#                                      # lease, then compare --bench: within 3%? (#22 item 2)
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`;
@@ -164,6 +171,34 @@ elif [ "$PHASE" = suite ] || [ "$PHASE" = real ] || [ "$PHASE" = perf ]; then
     echo "nox compare rc=$?"
     mkdir -p "$OUT/history" && cp perf/history/h100/*/*.json "$OUT/history/" 2>/dev/null
   fi
+elif [ "$PHASE" = baseline ]; then
+  for i in $(seq "${BASELINE_RUNS:-3}"); do
+    FASTDECODE_PERF_PPL_TOKENS=0 timeout "${BASELINE_TIMEOUT:-170}" python3 -m pytest tests/perf \
+      -m gpu -q -p no:cacheprovider -k "${BASELINE_K:-not eager and not compiled}" --durations=0 \
+      --benchmark-storage="file://perf/history/$CLASS" --benchmark-autosave \
+      --benchmark-columns=median,mean,iqr,rounds
+    echo "perf suite run $i rc=$?"
+  done
+  python3 -m fastdecode.bench.compare --storage "perf/history/$CLASS" \
+    --record-baseline "${BASELINE_RUNS:-3}" && python3 -m fastdecode.bench.compare \
+    --storage "perf/history/$CLASS" --suggest-budgets | tee "$OUT/$CLASS-budgets.toml"
+  mkdir -p "$OUT/history" && cp perf/history/"$CLASS"/*.json perf/baselines/"$CLASS".json \
+    "$OUT/history/" 2>/dev/null
+elif [ "$PHASE" = agree ]; then
+  FASTDECODE_PERF_PPL_TOKENS=0 timeout 300 python3 -m pytest tests/perf -m gpu -q \
+    -p no:cacheprovider -k "bf16-stream-graphs or int8-all or int4-mlp-g128 or int4-all-g128 or int8kv" \
+    --benchmark-storage="file://perf/history/$CLASS" --benchmark-autosave
+  echo "perf suite rc=$?"
+  recs=()
+  for q in bf16 int8 int4-mlp-g128-rtn int4-g128-rtn kv8; do
+    case $q in bf16) a=();; kv8) a=(--kv-dtype int8);; *) a=(--quant "$q");; esac
+    timeout 90 "${BENCH[@]}" "${a[@]}" --json "$OUT/$CLASS-agree-$q.json" | tail -2
+    recs+=("$OUT/$CLASS-agree-$q.json")
+  done
+  python3 -m fastdecode.bench.compare --storage "perf/history/$CLASS" \
+    --bench "$(IFS=,; echo "${recs[*]}")"
+  echo "agree rc=$?"
+  mkdir -p "$OUT/history" && cp perf/history/"$CLASS"/*.json "$OUT/history/" 2>/dev/null
 else
   echo "unknown phase $PHASE" && exit 2
 fi

@@ -1,5 +1,6 @@
 """GPU perf suite fixtures: the machine info recorded with every benchmark run, the models,
-and the budgets for this GPU class."""
+the budgets, the copy bandwidth measured once per session, and the summary of which budgets
+applied with what margin (printed at the end of the run)."""
 
 from __future__ import annotations
 
@@ -56,9 +57,42 @@ def gpu() -> str:
 
 @pytest.fixture(scope="session")
 def budgets(gpu) -> dict:
-    from fastdecode.bench.compare import load_budgets
+    """The whole budgets file (fastdecode.bench.budgets picks what applies to the class)."""
+    from fastdecode.bench.budgets import load_budgets
 
-    return load_budgets(ROOT / "perf" / "budgets.toml").get(gpu, {})
+    return load_budgets(ROOT / "perf" / "budgets.toml")
+
+
+@pytest.fixture(scope="session")
+def copy_gbps(gpu) -> float:
+    """The device's copy bandwidth, measured once in this session: the efficiency budgets'
+    floor (fastdecode.bench.roofline)."""
+    from fastdecode.bench.roofline import device_bandwidth
+
+    bw = device_bandwidth("cuda")
+    torch.cuda.empty_cache()
+    return bw["copy_gbps"]
+
+
+BUDGET_LINES = pytest.StashKey[list]()
+
+
+def pytest_configure(config):
+    config.stash[BUDGET_LINES] = []
+
+
+@pytest.fixture(scope="session")
+def budget_lines(request) -> list:
+    """Lines for the end-of-run summary: per configuration, each budget applied."""
+    return request.config.stash[BUDGET_LINES]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    lines = config.stash.get(BUDGET_LINES, [])
+    if lines:
+        terminalreporter.section("perf budgets applied (fastdecode.bench.budgets)")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

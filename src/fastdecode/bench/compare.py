@@ -1,14 +1,22 @@
-"""Compare the latest benchmark run with a baseline of the same GPU class.
+"""Compare the latest benchmark run with a baseline of the same GPU class, and read it
+against the other classes' history in efficiencies.
 
     python -m fastdecode.bench.compare --storage perf/history/h100 [--baseline FILE]
-    python -m fastdecode.bench.compare --storage perf/history/h100 --record-baseline 3
+    python -m fastdecode.bench.compare --storage perf/history/<class> --record-baseline 3
+    python -m fastdecode.bench.compare --storage perf/history/<class> --suggest-budgets
+    python -m fastdecode.bench.compare --storage perf/history/<class> --against h100,h200
+    python -m fastdecode.bench.compare --storage perf/history/h100 --derive a800 --copy-gbps 1805
 
 Fails (exit 1) when a configuration got slower (TPOT), less accurate (PPL) or heavier
-(peak memory) than the baseline by more than its noise margin (perf/budgets.toml:
+(peak memory) than the same-class baseline by more than its noise margin (perf/budgets.toml:
 ``[meta].noise_margin``, overridable per configuration); improvements beyond the margin
 are reported too. Without a baseline file, the previous run is the baseline. Only runs of
-one GPU class are read (the newest run's, or ``--gpu``); files that are not valid runs, and
-runs of other classes, are skipped and listed.
+one GPU class are timed against each other (the newest run's, or ``--gpu``); files that are
+not valid runs, and runs of other classes, are skipped and listed. Another class's runs
+(``--against``, or by default when the class has no baseline and one run) are compared in
+what holds across cards: the share of the floor (efficiency; higher is better), the ratio
+to the same-run reference step, and PPL. That reading is reported, never fails the run: a
+card's efficiency differs by design (the budgets in ``[any]`` gate it).
 """
 
 from __future__ import annotations
@@ -22,9 +30,13 @@ from pathlib import Path
 
 from ..atomic import check_output_file, write_json
 from ..errors import FastdecodeError, InputError
+from . import budgets as bud
+from .budgets import load_budgets, margin_for  # noqa: F401 - the names callers use
 from .history import METRICS, Run, load_history
+from .roofline import efficiency
 
-LOWER_IS_BETTER = set(METRICS)
+# What holds across GPU classes: metric -> lower is better.
+CROSS_METRICS = {"efficiency": False, "ref_ratio": True, "ppl": True}
 
 
 @dataclass
@@ -34,6 +46,7 @@ class Finding:
     base: float
     new: float
     margin: float
+    lower_is_better: bool = True
 
     @property
     def change(self) -> float:
@@ -41,9 +54,10 @@ class Finding:
 
     @property
     def verdict(self) -> str:
-        if self.change > self.margin:
+        worse = self.change if self.lower_is_better else -self.change
+        if worse > self.margin:
             return "regression"
-        if self.change < -self.margin:
+        if worse < -self.margin:
             return "improvement"
         return "same"
 
@@ -53,52 +67,56 @@ class Finding:
                 f"{self.margin:.1%})")
 
 
-def load_budgets(path: str | Path) -> dict:
-    import tomllib
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"budgets file {path} does not exist")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{path} is not valid TOML: {e}") from None
-
-
-def margin_for(budgets: dict, gpu: str, config: str) -> float:
-    default = budgets.get("meta", {}).get("noise_margin", 0.03)
-    return budgets.get(gpu, {}).get(config, {}).get("noise_margin", default)
-
-
 def mean_baseline(runs: list[Run]) -> dict[str, dict[str, float]]:
-    """Per configuration and metric, the mean over the given runs (where present)."""
+    """Per configuration and figure, the mean over the given runs (where present)."""
     out: dict[str, dict[str, float]] = {}
-    configs = {c for r in runs for c in r.results}
-    for c in sorted(configs):
-        out[c] = {}
-        for m in METRICS:
-            vals = [r.results[c][m] for r in runs if c in r.results and m in r.results[c]]
-            if vals:
-                out[c][m] = statistics.fmean(vals)
+    for c in sorted({c for r in runs for c in r.results}):
+        names = sorted({m for r in runs for m in r.results.get(c, {})})
+        out[c] = {m: statistics.fmean(r.results[c][m] for r in runs
+                                      if m in r.results.get(c, {})) for m in names}
     return out
 
 
-def compare(latest: Run, baseline: dict[str, dict[str, float]], budgets: dict) -> list[Finding]:
+def cross_figures(results: dict[str, dict[str, float]], gpu: str,
+                  budgets: dict) -> dict[str, dict[str, float]]:
+    """The figures that hold across classes, per configuration: efficiency (as recorded, or
+    from bytes, TPOT and the class's copy bandwidth in ``[meta.copy_gbps]`` for runs that
+    did not measure it), the TPOT ratio to the reference step of the same run, and PPL."""
+    ref = results.get(bud.reference(budgets), {}).get("tpot_ms")
+    fallback = bud.copy_gbps_of(budgets, gpu)
+    out = {}
+    for config, m in results.items():
+        row = {k: m[k] for k in CROSS_METRICS if k in m}
+        bw = m.get("copy_gbps") or fallback
+        if "efficiency" not in row and bw and "bytes_per_token" in m and "tpot_ms" in m:
+            row["efficiency"] = efficiency(m["bytes_per_token"], m["tpot_ms"], bw)
+        if "ref_ratio" not in row and ref and "tpot_ms" in m:
+            row["ref_ratio"] = m["tpot_ms"] / ref
+        out[config] = row
+    return out
+
+
+def compare(latest: Run, baseline: dict[str, dict[str, float]], budgets: dict,
+            metrics=None, margin: float | None = None) -> list[Finding]:
+    """Findings per configuration and figure (``metrics``: name -> lower is better; default
+    TPOT, PPL and peak memory) with the configuration's noise margin, or ``margin``."""
+    metrics = metrics or dict.fromkeys(METRICS, True)
     findings = []
-    for config, metrics in sorted(latest.results.items()):
+    for config, figures in sorted(latest.results.items()):
         base = baseline.get(config)
         if not base:
             continue
-        for m in METRICS:
-            if m in metrics and m in base:
-                findings.append(Finding(config, m, base[m], metrics[m],
-                                        margin_for(budgets, latest.gpu, config)))
+        for m, lower in metrics.items():
+            if m in figures and m in base:
+                findings.append(Finding(config, m, base[m], figures[m],
+                                        margin if margin is not None
+                                        else margin_for(budgets, latest.gpu, config), lower))
     return findings
 
 
-def read_baseline(path: Path, gpu: str) -> dict[str, dict[str, float]]:
+def read_baseline(path: Path, gpu: str | None) -> dict[str, dict[str, float]]:
     """A baseline file written by ``--record-baseline``, validated: InputError naming the
-    file for anything else, or for a baseline of another GPU class."""
+    file for anything else, or for a baseline of another GPU class (``gpu``; None: any)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -109,10 +127,103 @@ def read_baseline(path: Path, gpu: str) -> dict[str, dict[str, float]]:
                                         for v in m.values()) for m in configs.values()):
         raise InputError(f"baseline {path} is malformed: expected {{\"gpu\": ..., \"configs\": "
                          "{config: {metric: number}}} (write one with --record-baseline N)")
-    if data.get("gpu") not in (None, gpu):
+    if gpu is not None and data.get("gpu") not in (None, gpu):
         raise InputError(f"baseline {path} is for GPU class {data['gpu']}, the runs compared "
-                         f"are {gpu}")
+                         f"are {gpu} (--against {data['gpu']} reads them in efficiencies)")
     return {c: {k: float(v) for k, v in m.items()} for c, m in configs.items()}
+
+
+def class_baseline(root: Path, gpu: str, baselines: Path, n: int = 3):
+    """Another class's figures to read a run against: its baseline file, else the mean of
+    its last ``n`` runs under ``root``. Returns (figures, label) or None."""
+    path = baselines / f"{gpu}.json"
+    if path.is_file():
+        return read_baseline(path, gpu), str(path)
+    runs = load_history(root, gpu).runs if root.is_dir() else []
+    if not runs:
+        return None
+    chosen = runs[-n:]
+    return mean_baseline(chosen), f"mean of the last {len(chosen)} {gpu} run(s) under {root}"
+
+
+def cross_class(latest: Run, others: list[str], root: Path, baselines: Path,
+                budgets: dict) -> list[str]:
+    """Lines reading ``latest`` against each class in ``others`` in efficiencies, same-run
+    ratios and PPL (report only)."""
+    margin = budgets.get("meta", {}).get("cross_class_margin", 0.10)
+    mine = Run(latest.path, latest.datetime, latest.commit, latest.gpu,
+               cross_figures(latest.results, latest.gpu, budgets))
+    lines = []
+    for other in others:
+        found = class_baseline(root / other, other, baselines)
+        if found is None:
+            lines.append(f"against {other}: no runs under {root / other} and no baseline file")
+            continue
+        base, label = found
+        findings = compare(mine, cross_figures(base, other, budgets), budgets,
+                           CROSS_METRICS, margin)
+        lines.append(f"{latest.gpu} run {latest.path.name} against {other} ({label}), in "
+                     f"efficiency, ratio to {bud.reference(budgets)} and PPL (margin "
+                     f"{margin:.0%}; a reading, not a gate):")
+        lines += ["  " + f.line() for f in findings]
+    return lines
+
+
+def _stored_format(recipe: str | None):
+    """What TPOT depends on in a quantization recipe: the stored format, not the method."""
+    from ..quant import QuantConfig
+
+    if not recipe:
+        return None
+    q = QuantConfig.parse(recipe)
+    return q.kind, q.filter, q.group_size if q.kind == "int4" else None, q.head
+
+
+def bench_agreement(latest: Run, records: dict[str, dict]) -> list[tuple]:
+    """Each `fastdecode bench` record (name -> record) beside the suite run's TPOT of the
+    registry configuration it matches (model, cache, compile mode, stored format): rows of
+    (record name, config or None, suite TPOT, bench TPOT)."""
+    from .. import registry
+
+    rows = []
+    for name, rec in records.items():
+        c = rec.get("config", {})
+        match = next((n for n, cfg in registry.CONFIGS.items()
+                      if c.get("model") == "pythia-2.8b" and c.get("compile") == cfg.compile.mode
+                      and c.get("cache") == cfg.speed_cache.to_dict()
+                      and _stored_format(c.get("quant")) == _stored_format(cfg.quant)), None)
+        suite = latest.results.get(match, {}).get("tpot_ms") if match else None
+        rows.append((name, match, suite, rec.get("result", {}).get("tpot_ms", {}).get("median")))
+    return rows
+
+
+def _classes_beside(root: Path, gpu: str) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != gpu) \
+        if root.is_dir() else []
+
+
+def _agreement(latest: Run, paths: list[str], budgets: dict) -> int:
+    limit = budgets.get("meta", {}).get("bench_agreement", 0.03)
+    records = {}
+    for p in paths:
+        try:
+            records[p] = json.loads(Path(p).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read bench record {p}: {e}") from None
+    bad = 0
+    print(f"bench records vs suite run {latest.path.name} (TPOT, ms; limit {limit:.0%})")
+    for name, config, suite, bench in bench_agreement(latest, records):
+        if config is None or suite is None or bench is None:
+            bad += 1
+            why = "no registry configuration matches" if config is None else \
+                f"{config} is not in the suite run" if suite is None else "no TPOT in it"
+            print(f"UNMATCHED   {name}: {why}")
+            continue
+        diff = bench / suite - 1
+        bad += abs(diff) > limit
+        print(f"{'AGREE' if abs(diff) <= limit else 'DISAGREE':11s} {config:24s} suite "
+              f"{suite:.3f} bench {bench:.3f} ({diff:+.1%}) {name}")
+    return 1 if bad else 0
 
 
 def main(argv=None) -> int:
@@ -125,18 +236,40 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="perf/budgets.toml")
     ap.add_argument("--baseline", default=None, help="baseline JSON (default: "
                     "perf/baselines/<gpu class>.json if present, else the previous run)")
+    ap.add_argument("--baselines", default="perf/baselines",
+                    help="folder of the classes' baseline files")
     ap.add_argument("--record-baseline", type=int, metavar="N", default=None,
                     help="write the mean of the last N runs (1 <= N <= runs available) as "
                          "the baseline and exit")
+    ap.add_argument("--suggest-budgets", action="store_true",
+                    help="print [<class>.<config>] budgets for budgets.toml from the class's "
+                         "baseline file (the rules in its [meta]) and exit")
+    ap.add_argument("--against", default=None, metavar="CLASS[,CLASS]",
+                    help="read the latest run against these classes' baselines or runs "
+                         "(beside --storage) in efficiencies (default: every other class, "
+                         "when this one has no baseline file and a single run)")
+    ap.add_argument("--derive", default=None, metavar="CLASS",
+                    help="print derived budgets for CLASS (TPOT from the efficiency budgets "
+                         "at --copy-gbps; PPL and memory of the --storage class, bytes per "
+                         "token from its latest run) and exit")
+    ap.add_argument("--bench", default=None, metavar="JSON[,JSON]",
+                    help="`fastdecode bench` records of this lease: each one's TPOT against "
+                         "the latest suite run's for the registry configuration it matches; "
+                         "fails beyond [meta].bench_agreement (3%%)")
+    ap.add_argument("--copy-gbps", type=float, default=None,
+                    help="with --derive: the copy bandwidth assumed for CLASS (GB/s)")
     args = ap.parse_args(argv)
     try:
+        if args.derive and not (args.copy_gbps and args.copy_gbps > 0):
+            raise InputError("--derive needs --copy-gbps > 0 (the bandwidth assumed)")
         hist = load_history(args.storage, args.gpu)
         for line in hist.report_skipped():
             print(line)
         runs, gpu = hist.runs, hist.gpu
         if not runs:
             raise InputError(f"no usable runs of GPU class {gpu} under {args.storage}")
-        default_base = Path("perf/baselines") / f"{gpu}.json"
+        baselines = Path(args.baselines)
+        default_base = baselines / f"{gpu}.json"
         if args.record_baseline is not None:
             n = args.record_baseline
             if not 1 <= n <= len(runs):
@@ -150,17 +283,44 @@ def main(argv=None) -> int:
             print(f"baseline: mean of {len(chosen)} {gpu} run(s) -> {path}")
             return 0
         budgets = load_budgets(args.budgets)
+        if args.suggest_budgets:
+            path = Path(args.baseline or default_base)
+            if not path.is_file():
+                raise InputError(f"no baseline {path}: record one first (--record-baseline 3)")
+            base = read_baseline(path, gpu)
+            n = len(json.loads(path.read_text()).get("runs") or [])
+            print(bud.toml_block(gpu, bud.from_baseline(base, budgets),
+                                 f"mean of {n} {gpu} runs, {path}"))
+            return 0
+        if args.derive:
+            rows = bud.derive_class(budgets, {c: m["bytes_per_token"] for c, m in
+                                              runs[-1].results.items()
+                                              if "bytes_per_token" in m},
+                                    args.copy_gbps, gpu)
+            print(f"[{args.derive}]\nderived = true\n")
+            print(bud.toml_block(args.derive, rows, f"derived at {args.copy_gbps:g} GB/s"))
+            return 0
+        if args.bench:
+            return _agreement(runs[-1], args.bench.split(","), budgets)
         base_path = Path(args.baseline) if args.baseline else default_base
         if args.baseline and not base_path.is_file():
             raise InputError(f"baseline {base_path} does not exist")
+        root = Path(args.storage)
+        root = root.parent if root.name == gpu else root
+        others = [c for c in (args.against or "").split(",") if c]
+        baseline = None
         if base_path.is_file():
-            baseline = read_baseline(base_path, gpu)
-            label = str(base_path)
+            baseline, label = read_baseline(base_path, gpu), str(base_path)
         elif len(runs) >= 2:
             baseline, label = runs[-2].results, f"previous {gpu} run {runs[-2].path.name}"
         else:
-            print(f"only one {gpu} run under {args.storage} and no baseline file: nothing to "
-                  "compare")
+            print(f"only one {gpu} run under {args.storage} and no baseline file: nothing of "
+                  "its class to compare with")
+            if not args.against:
+                others = _classes_beside(root, gpu)
+        for line in cross_class(runs[-1], others, root, baselines, budgets):
+            print(line)
+        if baseline is None:
             return 0
     except FastdecodeError as e:
         print(f"compare: error: {e}", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 Each perf test is one benchmark named ``test_decode[<config>]`` whose ``extra_info`` holds
 the configuration name and the figures besides time (PPL, peak memory, bandwidth, peer
-ratios); the runs are keyed by GPU class so an A800 is only ever compared with an A800.
+ratios; since the efficiency budgets also the copy bandwidth, the share of the floor and the
+ratio to the session's reference step); the runs are keyed by GPU class so an A800's times
+are only ever compared with an A800's (bench/compare.py reads classes against each other in
+efficiencies).
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ How a figure is taken (docs/design.md, "Measuring"):
   before the cache is full (position < S + W - 1 for a bounded cache). The statistics are over
   what is left; ``steady`` says whether that was possible at all (short runs fall back to
   all post-warm-up steps and say so).
-- Achieved bandwidth = bytes a step must read (every weight matrix once, the embedding row
-  aside, plus every KV slot of every layer) / median TPOT, printed next to the device's
-  copy bandwidth measured in the same process (a 1 GiB device-to-device copy, counting
-  bytes read and written), and the floor that bandwidth implies.
+- Achieved bandwidth = bytes a step must read / median TPOT, next to the device's copy
+  bandwidth measured in the same process, and the floor and efficiency that bandwidth
+  implies (:mod:`.roofline`).
+- `fastdecode bench` and the perf suite (tests/perf) both take TPOT through
+  :func:`time_config`, with the same lengths (``DECODE_LEN``, ``WARMUP_TOKENS``) and prompt.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from .. import atomic
 from ..cache import PolicyConfig
 from ..errors import ConfigError, NonFiniteError
 from ..eval.record import git_info
+from .roofline import bytes_per_token, device_bandwidth  # noqa: F401 - shared with the suite
+
+# One way to take TPOT, for `fastdecode bench` and the perf suite alike (:func:`time_config`):
+# this many greedy steps timed back to back, the first WARMUP_TOKENS discarded, the median of
+# the steady-state per-step times reported.
+DECODE_LEN = 256
+WARMUP_TOKENS = 32
 
 
 # ----------------------------------------------------------------------------- clocks
@@ -108,54 +116,6 @@ def env_info(device: torch.device) -> dict:
     return info
 
 
-def device_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> dict:
-    """Copy bandwidth (bytes read + written per second, device to device) and read
-    bandwidth (a sum over the same buffer) in GB/s; medians over ``reps`` CUDA-event-timed
-    runs. On the CPU: not measured (None)."""
-    if torch.device(device).type != "cuda":
-        return {"copy_gbps": None, "read_gbps": None}
-    n = nbytes // 2
-    src = torch.randn(n, device=device, dtype=torch.float32).to(torch.bfloat16)
-    dst = torch.empty_like(src)
-    acc = torch.empty((), device=device, dtype=torch.float32)
-    clock = Clock(device)
-
-    def med(fn):
-        for _ in range(3):
-            fn()
-        marks = clock.marks(2 * reps)
-        for i in range(reps):
-            clock.record(marks, 2 * i)
-            fn()
-            clock.record(marks, 2 * i + 1)
-        d = clock.deltas_ms(marks)
-        return statistics.median(d[0::2])
-
-    copy_ms = med(lambda: dst.copy_(src))
-    read_ms = med(lambda: torch.sum(src, dim=0, dtype=torch.float32, out=acc))
-    return {"copy_gbps": 2 * nbytes / copy_ms / 1e6, "read_gbps": nbytes / read_ms / 1e6,
-            "copy_ms": copy_ms, "read_ms": read_ms, "buffer_bytes": nbytes}
-
-
-# ----------------------------------------------------------------------------- bytes
-def bytes_per_token(model, cache) -> dict:
-    """Bytes one decode step must read: every parameter once (the embedding table only for
-    its one row, unless it is also the output head) plus every KV slot of every layer."""
-    seen, weights = set(), 0
-    embed = model.embed.weight
-    head = model.lm_head.weight
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen or t is model.freqs:
-            continue
-        seen.add(id(t))
-        if t is embed and embed is not head:
-            weights += embed.shape[1] * embed.element_size()
-            continue
-        weights += t.numel() * t.element_size()
-    kv = cache.bytes_per_token_read()
-    return {"weights": weights, "kv": kv, "total": weights + kv}
-
-
 # ----------------------------------------------------------------------------- one run
 @dataclass
 class DecodeRun:
@@ -182,11 +142,15 @@ class DecodeRun:
     peak_mem_gb: float | None = None
     bytes_per_token: dict = field(default_factory=dict)
     achieved_gbps: float | None = None
+    copy_gbps: float | None = None  # measured in the same run (time_config's caller)
+    floor_ms: float | None = None  # bytes_per_token at copy_gbps
+    efficiency: float | None = None  # floor_ms / median TPOT
     notes: list = field(default_factory=list)
     kernels: str = ""  # fused | inductor | eager
+    steady_times_ms: list = field(default_factory=list, repr=False)  # not in the record
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "steady_times_ms"}
 
 
 def full_from(cache) -> int:
@@ -263,7 +227,7 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
         run.notes.append(f"cache not full before the last step (full from position {ff}); "
                          "statistics over all post-warm-up steps")
     sel = [times[i] for i in steady_idx]
-    run.steady_tokens = len(sel)
+    run.steady_tokens, run.steady_times_ms = len(sel), sel
     run.tpot_ms = stats_ms(sel)
     run.all_tokens_ms = stats_ms(times)
     run.prefill_ms = run.ttft_ms = prefill_ms
@@ -323,6 +287,45 @@ def build_and_compile(lm, cache_cfg: PolicyConfig, mode: str, gemv: str = "auto"
         _, ms2 = clock.timed(first)
         ms += ms2
     return dec, step, ms / 1e3
+
+
+def default_prompt_len(cache_cfg: PolicyConfig) -> int:
+    """The prompt that puts a cache at steady state: a bounded cache's budget (full from the
+    first decode step); half a dense cache's room, at most 2,048 tokens."""
+    if cache_cfg.max_tokens is None:
+        return cache_cfg.budget
+    return min(cache_cfg.max_tokens // 2, 2048)
+
+
+def time_config(lm, cache_cfg: PolicyConfig, mode: str, *, gemv: str = "auto",
+                kernels: str = "auto", chunk_size: int | None = None,
+                prompt_len: int | None = None, decode_len: int = DECODE_LEN,
+                warmup_tokens: int = WARMUP_TOKENS, seed: int = 0,
+                copy_gbps: float | None = None):
+    """TPOT of one configuration, the same way for `fastdecode bench` and the perf suite: a
+    fresh decoder compiled for ``mode``, a random prompt of ``prompt_len`` (default: steady
+    state from the first step), then :func:`measure` (an untimed and a timed prefill, then
+    ``decode_len`` greedy steps back to back, one CUDA event before each and one after the
+    last, the median of the steady-state steps after ``warmup_tokens``). Peak memory counts
+    from before the build (compilation and graph capture included). With ``copy_gbps`` the
+    run also carries its floor and efficiency (:mod:`.roofline`). Returns (decoder, step,
+    DecodeRun)."""
+    from .roofline import efficiency, floor_ms
+
+    dev = lm.model.device
+    prompt_len = default_prompt_len(cache_cfg) if prompt_len is None else prompt_len
+    check_lengths(prompt_len, decode_len, warmup_tokens)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    dec, step, compile_s = build_and_compile(lm, cache_cfg, mode, gemv, chunk_size, kernels)
+    prompt = random_prompt(prompt_len, lm.spec.vocab_size, seed, dev)
+    run = measure(step, dec, prompt=prompt, decode_len=decode_len, warmup_tokens=warmup_tokens,
+                  compile_s=compile_s, reset_peak=False)
+    if copy_gbps:
+        total, med = run.bytes_per_token["total"], run.tpot_ms["median"]
+        run.copy_gbps, run.floor_ms = copy_gbps, floor_ms(total, copy_gbps)
+        run.efficiency = efficiency(total, med, copy_gbps)
+    return dec, step, run
 
 
 # ----------------------------------------------------------------------------- checks

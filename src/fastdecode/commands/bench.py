@@ -64,8 +64,10 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("lengths")
     g.add_argument("--prompt-len", type=int, default=None,
                    help="prompt tokens (random ids); default: sink + window (cache full)")
-    g.add_argument("--decode-len", type=int, default=256, help="decode steps timed")
-    g.add_argument("--warmup-tokens", type=int, default=32,
+    from ..bench.tpot import DECODE_LEN, WARMUP_TOKENS  # the perf suite's lengths too
+
+    g.add_argument("--decode-len", type=int, default=DECODE_LEN, help="decode steps timed")
+    g.add_argument("--warmup-tokens", type=int, default=WARMUP_TOKENS,
                    help="first decode steps discarded from the statistics")
     g = p.add_argument_group("in the same run")
     g.add_argument("--peers", type=_csv(str), default=[],
@@ -171,8 +173,8 @@ def run(args) -> int:
     log = _Log()
     cfg = cache_config(args)
     bounded = cfg.max_tokens is None
-    prompt_len = args.prompt_len if args.prompt_len is not None else (
-        cfg.budget if bounded else min(cfg.max_tokens // 2, 2048))
+    prompt_len = args.prompt_len if args.prompt_len is not None else \
+        tpot.default_prompt_len(cfg)
     tpot.check_lengths(prompt_len, args.decode_len, args.warmup_tokens)
     for peer in args.peers:
         if peer not in PEERS:
@@ -241,18 +243,18 @@ def run(args) -> int:
 
     prompt = tpot.random_prompt(prompt_len, lm.spec.vocab_size, args.seed, dev)
     t0 = time.perf_counter()
-    dec, step, compile_s = tpot.build_and_compile(lm, cfg, mode, args.gemv, args.chunk_size,
-                                                  args.kernels)
+    # The perf suite's timing (tests/perf): the same function, lengths and statistic.
+    dec, step, main = tpot.time_config(
+        lm, cfg, mode, gemv=args.gemv, kernels=args.kernels, chunk_size=args.chunk_size,
+        prompt_len=prompt_len, decode_len=args.decode_len, warmup_tokens=args.warmup_tokens,
+        seed=args.seed, copy_gbps=bw["copy_gbps"])
+    main, compile_s = main.to_dict(), main.compile_s
     record["config"].update(kernels=step.kernels, gemv=step.gemv, attention=step.attention)
     log(f"main: compiled ({mode}, kernels={step.kernels}, gemv={step.gemv}, "
         f"attention={step.attention}) in {compile_s:.1f} s")
-    main = tpot.measure(step, dec, prompt=prompt, decode_len=args.decode_len,
-                        warmup_tokens=args.warmup_tokens, compile_s=compile_s).to_dict()
     b = main["bytes_per_token"]
     if bw["copy_gbps"]:
-        main["copy_gbps"] = bw["copy_gbps"]
-        main["floor_ms"] = b["total"] / bw["copy_gbps"] / 1e6
-        main["fraction_of_copy_bw"] = main["achieved_gbps"] / bw["copy_gbps"]
+        main["fraction_of_copy_bw"] = main["efficiency"]  # the name older records use
     record["result"] = main
     log(f"main: TPOT median {main['tpot_ms']['median']:.3f} ms over {main['steady_tokens']} "
         f"steady tokens; TTFT {main['ttft_ms']:.1f} ms, total {main['total_ms']:.1f} ms; "
