@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -169,10 +170,51 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
+def _cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
+
+
+def _file_key(path: Path) -> str:
+    import hashlib
+
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
 def load_gguf(path: str | Path):
+    """GGUF metadata -> spec, tensors dequantized to float32. Parsing and dequantizing take
+    tens of seconds on a small CPU, so the result is cached (safetensors + spec JSON beside
+    the tokenizer's, keyed by the file's path, size and mtime) and later loads read that."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
+    cached = _cache_dir() / f"gguf-{_file_key(path)}"
+    try:
+        from safetensors.torch import load_file
+
+        spec = ModelSpec(**json.loads(cached.with_suffix(".json").read_text())).validate()
+        state = load_file(str(cached.with_suffix(".safetensors")))
+        return spec, state, _gguf_tokenizer(path, spec)
+    except Exception:  # noqa: BLE001 - not cached yet, or unreadable: read the GGUF file
+        pass
+    spec, state = _read_gguf(path)
+    try:
+        from safetensors.torch import save_file
+
+        from .. import atomic
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(cached.with_suffix(".safetensors"), "GGUF cache") as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        atomic.write_json(cached.with_suffix(".json"), asdict(spec), "GGUF cache")
+    except OSError:
+        pass  # a read-only cache costs time, not correctness
+    return spec, state, _gguf_tokenizer(path, spec)
+
+
+def _read_gguf(path: Path):
     try:
         import gguf
         import numpy as np
@@ -206,8 +248,7 @@ def load_gguf(path: str | Path):
     for t in reader.tensors:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         tensors[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32))
-    state = fam.gguf_to_canonical(spec, tensors)
-    return spec, state, _gguf_tokenizer(path, spec)
+    return spec, fam.gguf_to_canonical(spec, tensors)
 
 
 def _gguf_tokenizer(path: Path, spec: ModelSpec) -> Tokenizer:
@@ -216,7 +257,7 @@ def _gguf_tokenizer(path: Path, spec: ModelSpec) -> Tokenizer:
     import hashlib
     import os
 
-    cache_dir = Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
+    cache_dir = _cache_dir()
     key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:16]
     cached = cache_dir / f"tokenizer-{key}.json"
     if not cached.is_file():
