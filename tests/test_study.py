@@ -22,8 +22,8 @@ from fastdecode.errors import ConfigError
 from fastdecode.eval.data import DataSourceError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["study", "--model", "tiny-neox", "--device", "cpu", "--compile", "none", "--prompt-len", "24",
-        "--new-tokens", "6", "--warmup-tokens", "1", "--ppl-tokens", "0"]
+TINY = ["study", "--model", "tiny-neox", "--device", "cpu", "--compile", "none",
+        "--prompt-len", "24", "--new-tokens", "6", "--warmup-tokens", "1", "--ppl-tokens", "0"]
 
 
 def test_tiny_study_baseline_is_stored_reused_and_refreshed(tmp_path, capsys):
