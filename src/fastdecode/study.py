@@ -595,7 +595,10 @@ def write_plot(rows: dict, base: dict | None, out: Path, key: dict) -> Path | No
     src = next(iter(ref["ppl"]))
     results = {c: {"tpot_ms": m["tpot_ms"], "ppl_ratio": m["ppl"][src] / ref["ppl"][src]}
                for c, m in ok.items() if src in m["ppl"]}
-    run_ = Run(out, time.strftime("%Y-%m-%dT%H:%M:%S"), "", key["device"], results)
+    from .eval.record import git_info
+
+    run_ = Run(out, time.strftime("%Y-%m-%dT%H:%M:%S"), git_info().get("commit", "")[:10],
+               key["device"], results)
     return plot_pareto(run_, out, ylabel=f"PPL on {src} / the baseline's")
 
 
