@@ -4,6 +4,7 @@ table's ratios, and PPL through policies eval.ppl does not know (token by token)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ TINY = ["study", "--model", "tiny-neox", "--device", "cpu", "--compile", "none",
 
 
 def test_tiny_study_baseline_is_stored_reused_and_refreshed(tmp_path, capsys):
-    args = TINY + ["--configs", "bf16-stream-eager,lazy-r32-graphs",
+    args = TINY + ["--configs", "bf16-stream-eager,lazy-r32-graphs,peer:team-streaming",
                    "--baseline", "bf16-stream-eager", "--baseline-runs", "2",
                    "--baseline-store", str(tmp_path / "base")]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
@@ -39,13 +40,14 @@ def test_tiny_study_baseline_is_stored_reused_and_refreshed(tmp_path, capsys):
     assert base["runs"] == 2 and len(base["speed"]["tpot_ms"]["runs"]) == 2
     assert base["code_hash"] == study.timing_code_hash()
     recs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "a" / "records").iterdir()}
-    assert set(recs) == {"bf16-stream-eager", "lazy-r32-graphs"}
+    assert set(recs) == {"bf16-stream-eager", "lazy-r32-graphs", "peer_team-streaming"}
+    assert recs["peer_team-streaming"]["speed"]["peer"] == "team-streaming"
     assert recs["bf16-stream-eager"]["speed"] == base["speed"]  # the baseline row is it
     for r in recs.values():
         assert r["speed"]["ttft_ms"] > 0 and r["speed"]["total_ms"] > r["speed"]["ttft_ms"]
     table = (tmp_path / "a" / "study.md").read_text()
     assert table.index("bf16-stream-eager (baseline)") < table.index("lazy-r32-graphs")
-    assert "| 1.00x |" in table
+    assert "| 1.00x |" in table and "| peer:team-streaming |" in table
     # a new study on the same model, device and shapes reuses it ...
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     assert "baseline bf16-stream-eager: reused" in capsys.readouterr().out
@@ -56,6 +58,10 @@ def test_tiny_study_baseline_is_stored_reused_and_refreshed(tmp_path, capsys):
     assert json.loads(stored[0].read_text())["created"] > base["created"]
     # other arguments in the same directory: refused, nothing overwritten
     before = (tmp_path / "a" / "records" / "lazy-r32-graphs.json").read_bytes()
+    if importlib.util.find_spec("torchao") is None:  # a missing optional peer: a skipped row
+        assert main(TINY + ["--configs", "peer:hf-torchao-int8", "--out",
+                            str(tmp_path / "d")]) == 0
+        assert "skipped: torchao is not installed" in (tmp_path / "d" / "study.md").read_text()
     with pytest.raises(ConfigError, match="holds a study with other arguments .*shape"):
         study.run(study.Study(model="tiny-neox", configs=["lazy-r32-graphs"],
                               out=tmp_path / "a", prompt_len=30, new_tokens=6, warmup_tokens=1,

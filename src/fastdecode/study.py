@@ -213,12 +213,20 @@ class Context:
         return load_model(s.model, dtype=dtype, device=str(self.dev),
                           random_weights=s.random_weights, seed=s.seed, revision=s.revision)
 
-    def ppl_model(self, dtype):
+    def ppl_base(self, dtype):
+        """The PPL model, loaded once and kept on the CPU (out of every row's peak memory)."""
         if self._ppl_base is None or self._ppl_base.model.dtype != dtype:
             s = self.s
-            self._ppl_base = load_model(ppl_source(s), dtype=dtype, device=str(self.dev),
+            self._ppl_base = load_model(ppl_source(s), dtype=dtype, device="cpu",
                                         revision=s.revision if self.same_model else None)
         return self._ppl_base
+
+    def ppl_model(self, dtype, copy_: bool = False):
+        """A copy of the base on the device (on a CPU run the base itself unless ``copy_``)."""
+        base = self.ppl_base(dtype)
+        if self.dev.type == "cpu" and not copy_:
+            return base
+        return dataclasses.replace(base, model=copy.deepcopy(base.model).to(self.dev))
 
     def tokens(self, lm, src) -> list[int]:
         if src.name not in self._tokens:
@@ -332,7 +340,7 @@ def measure_ppl(ctx: Context, name: str) -> dict:
         peer = name[len(PEER):]
         if not peer.startswith("team-streaming"):
             return {"note": "speed only: perplexity is measured for the team-streaming peers"}
-        base = ctx.ppl_model(ctx.dtype())
+        base = ctx.ppl_base(ctx.dtype())  # its tokenizer and dtype
         stream = registry.get("bf16-stream-eager").ppl_cache
         S, W = (s.peer_sink, s.peer_window) if ctx.same_model else (stream.sink, stream.window)
         R = s.peer_lazy_every if peer.endswith("-lazy") else 1
@@ -349,12 +357,11 @@ def measure_ppl(ctx: Context, name: str) -> dict:
         del hf
         return out
     cfg = registry.get(name)
-    base = ctx.ppl_model(ctx.dtype(cfg.dtype))
-    lm = dataclasses.replace(base, model=copy.deepcopy(base.model)) if cfg.quant else base
+    lm = ctx.ppl_model(ctx.dtype(cfg.dtype), copy_=bool(cfg.quant))
     _quantize(lm, cfg.quant)
     policy = cfg.speed_cache if ctx.same_model else cfg.ppl_cache
     for src in s.sources:
-        out[src.name] = ppl_through(lm.model, ctx.tokens(base, src), policy)
+        out[src.name] = ppl_through(lm.model, ctx.tokens(lm, src), policy)
     del lm
     _free(ctx.dev)
     return out
