@@ -200,7 +200,7 @@ class Context:
         self.s, self.log = s, log
         self.dev = resolve_device(s.device)
         self.same_model = ppl_source(s) == s.model
-        self._ppl_base = None
+        self._ppl_base = self._hf = None
         self._tokens: dict[str, list[int]] = {}
 
     def dtype(self, row_dtype: str = "bfloat16") -> torch.dtype:
@@ -228,6 +228,16 @@ class Context:
             return base
         return dataclasses.replace(base, model=copy.deepcopy(base.model).to(self.dev))
 
+    def hf_ppl_model(self, dtype):
+        """The PPL model as transformers loads it (the team peers' PPL), read once and kept
+        on the CPU; a copy on the device."""
+        if self._hf is None or self._hf.dtype != dtype:
+            s = self.s
+            path = weights.resolve_source(ppl_source(s), s.revision if self.same_model
+                                          else None)[0]
+            self._hf = peers.hf_from_source(path, dtype, torch.device("cpu"))
+        return self._hf if self.dev.type == "cpu" else copy.deepcopy(self._hf).to(self.dev)
+
     def tokens(self, lm, src) -> list[int]:
         if src.name not in self._tokens:
             self._tokens[src.name] = take_tokens(tokenize(src, lm.tokenizer), self.s.ppl_tokens,
@@ -240,15 +250,19 @@ def _free(dev) -> None:
         torch.cuda.empty_cache()
 
 
-def _quantize(lm, recipe: str | None) -> None:
+def _quantize(lm, recipe: str | None) -> list[str]:
+    """Apply the row's weight recipe; a checkpoint quantized already is kept as it is."""
     if not recipe:
-        return
+        return []
+    if lm.quant is not None:
+        return [f"{lm.source} is quantized already ({lm.quant.name}): {recipe} not applied"]
     from .eval.calibration import calibration_for
     from .quant import QuantConfig, quantize_model, set_backend
 
     qc = QuantConfig.parse(recipe)
     quantize_model(lm.model, qc, calibration=calibration_for(lm, qc))
     set_backend(lm.model, "auto")
+    return []
 
 
 def _sized(policy, need: int):
@@ -264,9 +278,8 @@ def measure_speed(ctx: Context, name: str) -> dict:
         return measure_peer_speed(ctx, name[len(PEER):])
     cfg = registry.get(name)
     lm = ctx.speed_model(ctx.dtype(cfg.dtype))
-    _quantize(lm, cfg.speed_quant)
+    notes = _quantize(lm, cfg.speed_quant)
     mode = s.compile or cfg.compile.mode
-    notes = []
     if mode == "graphs" and dev.type != "cuda":
         mode = "default"
         notes.append("graphs needs CUDA: compiled without the graph (default)")
@@ -344,9 +357,7 @@ def measure_ppl(ctx: Context, name: str) -> dict:
         stream = registry.get("bf16-stream-eager").ppl_cache
         S, W = (s.peer_sink, s.peer_window) if ctx.same_model else (stream.sink, stream.window)
         R = s.peer_lazy_every if peer.endswith("-lazy") else 1
-        hf = peers.hf_from_source(weights.resolve_source(ppl_source(s), s.revision if
-                                                         ctx.same_model else None)[0],
-                                  base.model.dtype, ctx.dev)
+        hf = ctx.hf_ppl_model(base.model.dtype)
         for src in s.sources:
             ids = torch.tensor(ctx.tokens(base, src))
             t0 = time.perf_counter()
