@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastdecode.bench import peers
 from fastdecode.cache import CacheConfig
@@ -112,3 +114,22 @@ def test_torchao_int8_peer_keeps_the_logits():
         peers.torchao_quantize(hf, "int8")
         after = hf(ids).logits
     assert float((after - before).norm() / before.norm()) < 0.05
+
+
+@settings(max_examples=8)
+@given(sink=st.integers(0, 3), window=st.integers(1, 8), lazy_every=st.integers(1, 4),
+       data=st.data())
+def test_team_streaming_matches_on_random_windows(pair, sink, window, lazy_every, data):
+    """Property: any sink, window, lazy period and prompt that fits the cache."""
+    hf, ours = pair
+    prompt = data.draw(st.integers(1, sink + window), label="prompt")
+    ids = torch.tensor(data.draw(st.lists(st.integers(0, 100), min_size=prompt + 12,
+                                          max_size=prompt + 12), label="ids"))
+    dec = Decoder.build(ours.model, CacheConfig(policy="streaming", sink=sink, window=window,
+                                                compress_every=lazy_every), chunk_size=3)
+    team = peers.TeamStreaming(hf, sink, window, lazy_every)
+    a, b = dec.prefill(ids[:prompt]), team.step(ids[:prompt])
+    for t in range(prompt, len(ids) + 1):
+        assert float((a - b).norm() / a.norm()) < 1e-5, t
+        if t < len(ids):
+            a, b = dec.step(ids[t:t + 1]), team.step(ids[t:t + 1])
