@@ -35,6 +35,12 @@
 #   bash scripts/gpu_bench.sh agree    # the perf suite (speed only) and `fastdecode bench` on
 #                                      # bf16, int8, int4-mlp g128, int4 g128, int8 KV in one
 #                                      # lease, then compare --bench: within 3%? (#22 item 2)
+#   bash scripts/gpu_bench.sh study    # `fastdecode study` (docs/study.md): Pythia-2.8B shapes,
+#                                      # prompt 4096 + 128 new tokens, rows: the team's
+#                                      # StreamingLLM (baseline, mean of 2), torchao int8 and
+#                                      # int4-mlp-g128 (torchao wheel in .carry/whl), ours bf16 /
+#                                      # int8 / int4; PPL on SmolLM2 (both GGUF halves: stage
+#                                      # first). Resumable: run it again to finish the rows left
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`;
@@ -122,6 +128,16 @@ elif [ "$PHASE" = main ]; then
 elif [ "$PHASE" = prefill ]; then
   timeout 300 python3 scripts/gpu_prefill.py --json "$OUT/$CLASS-prefill.json"
   echo "prefill rc=$?"
+elif [ "$PHASE" = study ]; then
+  join_gguf && PPL_ARGS=(--ppl-model /tmp/fd/smollm2.gguf --ppl-tokens 1536) \
+    || PPL_ARGS=(--ppl-tokens 0)
+  timeout 560 python3 -m fastdecode.cli study --model pythia-2.8b --random-weights \
+    --device cuda --prompt-len 4096 --new-tokens 128 --warmup-tokens 16 "${PPL_ARGS[@]}" \
+    --configs peer:team-streaming,bf16-stream-graphs,int8-all-graphs,peer:hf-torchao-int8,peer:hf-torchao-int4-mlp-g128,int4-mlp-g128-graphs,peer:team-streaming-lazy \
+    --baseline peer:team-streaming --baseline-runs 2 \
+    --baseline-store /tmp/fd/study-baselines --out /tmp/fd/$CLASS-study  # kept while warm
+  echo "study rc=$?"
+  cp -r /tmp/fd/$CLASS-study "$OUT/"
 elif [ "$PHASE" = total ]; then
   timeout 400 "${BENCH[@]}" --prompt-len 16384 --decode-len 1024 --warmup-tokens 32 \
     --peers hf-static-compile --peer-total --peer-decode-len 64 --peer-warmup-tokens 8 \

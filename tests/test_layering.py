@@ -11,7 +11,7 @@ Layers, lowest first (a module may import its own layer and those below, never a
    ``registry`` (it reads ``config`` and ``quant``)
 3. ``engine``
 4. ``fused``, ``compile``
-5. ``eval``, ``bench``
+5. ``eval``, ``bench`` (5.5: ``study``, which runs both)
 6. ``commands``, ``cli``, ``__main__``
 
 Every ``import`` and ``from ... import`` counts, at module level or inside a function,
@@ -40,6 +40,7 @@ LAYERS = [
     ("engine", 3),
     ("fused", 4), ("compile", 4),
     ("eval", 5), ("bench", 5),
+    ("study", 5.5),  # the study: over eval and bench, under the commands
     ("commands", 6), ("cli", 6), ("__main__", 6),
 ]
 

@@ -10,7 +10,8 @@ import warnings
 
 from .errors import FastdecodeError
 
-COMMANDS = ("generate", "quantize", "report", "ppl", "diagnose", "bench")
+COMMANDS = ("generate", "quantize", "report", "ppl", "diagnose", "bench",
+            "study")
 DESCRIPTION = ("Fast, faithful batch-1 decoding of RoPE decoder LLMs: generate text, "
                "quantize a model, measure perplexity and decode speed, plot the history.")
 

@@ -6,6 +6,15 @@
   ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs through cudagraph
   trees), following the transformers documentation's manual decode loop. Its first calls
   compile and record; they are excluded (``compile_s``) together with the warm-up tokens.
+- ``hf-torchao-int8``, ``hf-torchao-int4-mlp-g128``: the same static cache + compile after
+  torchao's ``quantize_`` (``Int8WeightOnlyConfig`` on every linear; ``Int4WeightOnlyConfig``
+  group 128, tinygemm packing, MLP linears only), as the team ran torchao. Optional: without
+  torchao the peer is skipped with a message saying so.
+- ``team-streaming`` (``-lazy``: pruned every ``lazy_every`` tokens): the team's StreamingLLM
+  stack, transformers eager with a start+recent cache pruned by concatenation, keys held
+  before RoPE and every key re-rotated at its cache slot each step (the paper's pos-shift;
+  :class:`PosShiftLayer`). The prompt is prefilled with full attention and then pruned, as
+  their scripts do. :func:`team_nll` is their token-by-token perplexity loop.
 
 Both decode greedily with the token kept on the device and are timed exactly as our engine
 is (:class:`fastdecode.bench.tpot.Clock`: CUDA events, no host sync in the loop). The
@@ -25,7 +34,13 @@ import torch
 from ..errors import ConfigError
 from .tpot import Clock, stats_ms
 
-PEERS = ("hf-eager", "hf-static-compile")
+PEERS = ("hf-eager", "hf-static-compile", "hf-torchao-int8", "hf-torchao-int4-mlp-g128",
+         "team-streaming", "team-streaming-lazy")
+TORCHAO = {"hf-torchao-int8": "int8", "hf-torchao-int4-mlp-g128": "int4-mlp-g128"}
+
+
+class PeerUnavailable(ConfigError):
+    """A peer whose optional package is missing: skipped, with a message saying why."""
 
 
 def hf_config(spec):
@@ -48,6 +63,22 @@ def hf_model(spec, dtype: torch.dtype, device: torch.device, seed: int = 0):
         except TypeError:  # transformers < 4.56 spells it torch_dtype
             model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def hf_from_source(source: str, dtype: torch.dtype, device: torch.device):
+    """The transformers model of a real checkpoint: a HF directory, a GGUF file, or the
+    bundled smollm2-135m (its GGUF), read offline."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from ..models import weights
+
+    path = Path(weights.smollm2_gguf_path() if source == "smollm2-135m" else source)
+    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent if kw else path), dtype=dtype,
+                                                 local_files_only=True, **kw)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _result(name, times, warmup, prefill_ms, compile_s, prompt_len, kv_len, device) -> dict:
@@ -95,7 +126,7 @@ def _decode_one(model, cur_token, cache_position, past_key_values):
 
 @torch.no_grad()
 def run_hf_static_compile(model, prompt: torch.Tensor, n: int, warmup: int,
-                          mode: str = "reduce-overhead") -> dict:
+                          mode: str = "reduce-overhead", name: str = "hf-static-compile") -> dict:
     """HF StaticCache + torch.compile. The first 3 compiled calls (compile, warm-up,
     cudagraph record) run before timing; ``warmup`` more are discarded."""
     from transformers import StaticCache
@@ -134,12 +165,153 @@ def run_hf_static_compile(model, prompt: torch.Tensor, n: int, warmup: int,
         cache_position += 1
     clock.record(marks, n)
     times = clock.deltas_ms(marks)
-    return _result("hf-static-compile", times, warmup, prefill_ms, compile_s, P,
-                   P + n + first_calls, dev)
+    return _result(name, times, warmup, prefill_ms, compile_s, P, P + n + first_calls, dev)
+
+
+def torchao_quantize(model, kind: str) -> None:
+    """torchao 0.18's ``quantize_`` in place: int8 weight-only on every linear, or int4
+    group-128 weight-only (tinygemm packing: CUDA, bfloat16) on the MLP linears only."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise PeerUnavailable("torchao is not installed (pip install torchao==0.18.0); the "
+                              "torchao peers are skipped") from None
+    if kind == "int8":
+        quantize_(model, Int8WeightOnlyConfig())
+    else:
+        quantize_(model, Int4WeightOnlyConfig(group_size=128,
+                                              int4_packing_format="tile_packed_to_4d"),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and ".mlp." in fqn)
+
+
+# ----------------------------------------------------------------- the team's StreamingLLM
+class _Rotary:
+    """cos/sin of the model's own rotary embedding at chosen positions (float32)."""
+
+    def __init__(self, model):
+        self.emb = model.base_model.rotary_emb
+        self.cos = self.sin = None
+
+    def at(self, positions: torch.Tensor):
+        x = torch.empty(0, device=positions.device)
+        cos, sin = self.emb(x, positions[None])
+        return cos[0, None].float(), sin[0, None].float()  # [1, L, rotary_dim]
+
+    @staticmethod
+    def apply(x, cos, sin):
+        """x [B, H, L, D] rotated (on its first rotary_dim dims) by the given angles."""
+        rd = cos.shape[-1]
+        xr, rest = x[..., :rd].float(), x[..., rd:]
+        half = torch.cat((-xr[..., rd // 2:], xr[..., :rd // 2]), -1)
+        return torch.cat(((xr * cos + half * sin).to(x.dtype), rest), -1)
+
+
+def _pos_shift_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PosShiftLayer(DynamicLayer):
+        """Keys held before RoPE; each call returns every key rotated at its slot 0..L-1."""
+
+        def __init__(self, rotary: _Rotary):
+            super().__init__()
+            self.rotary = rotary
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            r = self.rotary
+            raw = r.apply(key_states, r.new_cos, -r.new_sin)  # undo the model's rotation
+            super().update(raw, value_states)
+            return r.apply(self.keys, r.cos, r.sin), self.values
+
+    return PosShiftLayer
+
+
+class TeamStreaming:
+    """The team's StreamingLLM decode (see the module doc): ``step(ids)`` -> last logits."""
+
+    def __init__(self, model, sink: int, window: int, lazy_every: int = 1):
+        from transformers.cache_utils import Cache
+
+        self.model, self.S, self.W, self.R = model, sink, window, lazy_every
+        self.rotary = _Rotary(model)
+        layer = _pos_shift_layer_class()
+        n = model.config.num_hidden_layers
+        self.cache = Cache(layers=[layer(self.rotary) for _ in range(n)])
+
+    def held(self) -> int:
+        return self.cache.get_seq_length()
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        held, q = self.held(), ids.numel()
+        pos = torch.arange(held, held + q, device=ids.device)
+        r = self.rotary
+        r.cos, r.sin = r.at(torch.arange(held + q, device=ids.device))
+        r.new_cos, r.new_sin = r.cos[:, held:], r.sin[:, held:]
+        out = self.model(input_ids=ids.reshape(1, q), position_ids=pos[None],
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.prune(self.S + self.W + (self.R if q == 1 else 1))
+        return out.logits[0, -1]
+
+    def prune(self, limit: int) -> None:
+        """Start + recent by concatenation once ``limit`` tokens are held."""
+        if self.held() < limit:
+            return
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                setattr(layer, name, torch.cat((t[..., :self.S, :], t[..., -self.W:, :]), -2))
+
+
+@torch.no_grad()
+def run_team_streaming(model, prompt: torch.Tensor, n: int, warmup: int, *, sink: int = 4,
+                       window: int = 2048, lazy_every: int = 1,
+                       name: str = "team-streaming") -> dict:
+    dev = prompt.device
+    clock = Clock(dev)
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    team = TeamStreaming(model, sink, window, lazy_every)
+    logits, prefill_ms = clock.timed(lambda: team.step(prompt))
+    tok = logits.argmax(-1, keepdim=True)
+    marks = clock.marks(n + 1)
+    for i in range(n):
+        clock.record(marks, i)
+        tok = team.step(tok).argmax(-1, keepdim=True)
+    clock.record(marks, n)
+    out = _result(name, clock.deltas_ms(marks), warmup, prefill_ms, 0.0, prompt.numel(),
+                  team.held(), dev)
+    out.update(sink=sink, window=window, lazy_every=lazy_every)
+    return out
+
+
+@torch.no_grad()
+def team_nll(model, ids: torch.Tensor, *, sink: int, window: int, lazy_every: int = 1):
+    """Their perplexity loop: feed one token, score the next, prune; nll per token."""
+    import torch.nn.functional as F
+
+    team = TeamStreaming(model, sink, window, lazy_every)
+    ids = ids.to(model.device)
+    return torch.stack([F.cross_entropy(team.step(ids[t:t + 1]).float(), ids[t + 1])
+                        for t in range(ids.numel() - 1)]).double().cpu().numpy()
+
+
+def run_peer(name: str, model, prompt: torch.Tensor, n: int, warmup: int, *,
+             streaming: tuple[int, int] = (4, 2048), lazy_every: int = 32) -> dict:
+    """One peer on ``model`` (the torchao peers quantize it in place: give them a fresh one)."""
+    if name == "hf-eager":
+        return run_hf_eager(model, prompt, n, warmup)
+    if name in TORCHAO:
+        torchao_quantize(model, TORCHAO[name])
+        return run_hf_static_compile(model, prompt, n, warmup, name=name)
+    if name.startswith("team-streaming"):
+        return run_team_streaming(model, prompt, n, warmup, sink=streaming[0],
+                                  window=streaming[1], name=name,
+                                  lazy_every=lazy_every if name.endswith("-lazy") else 1)
+    return run_hf_static_compile(model, prompt, n, warmup)
 
 
 def run_peers(names, spec, dtype, device, prompt: torch.Tensor, n: int, warmup: int,
-              log=print) -> dict:
+              log=print, **peer_kw) -> dict:
     unknown = [p for p in names if p not in PEERS]
     if unknown:
         raise ConfigError(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
@@ -151,11 +323,15 @@ def run_peers(names, spec, dtype, device, prompt: torch.Tensor, n: int, warmup: 
     log(f"peers: built the transformers model in {time.perf_counter() - t0:.1f} s")
     for name in names:
         try:
-            fn = run_hf_eager if name == "hf-eager" else run_hf_static_compile
-            results[name] = fn(model, prompt, n, warmup)
+            # the torchao peers quantize in place: each gets a fresh model of the shapes
+            m = hf_model(spec, dtype, device) if name in TORCHAO else model
+            results[name] = run_peer(name, m, prompt, n, warmup, **peer_kw)
             r = results[name]
             log(f"peer {name}: TPOT median {r['tpot_ms']['median']:.3f} ms "
                 f"(compile {r['compile_s']:.1f} s)")
+        except PeerUnavailable as e:
+            results[name] = {"peer": name, "skipped": str(e)}
+            log(f"peer {name} skipped: {e}")
         except Exception as e:  # noqa: BLE001 - one failing peer must not hide the rest
             results[name] = {"peer": name, "error": f"{type(e).__name__}: {e}"[:2000]}
             log(f"peer {name} FAILED: {results[name]['error'][:500]}")

@@ -33,7 +33,7 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     return front
 
 
-def plot_pareto(run: Run, out: Path) -> Path | None:
+def plot_pareto(run: Run, out: Path, ylabel: str = "PPL / bf16 streaming PPL") -> Path | None:
     pts = [(c, m["tpot_ms"], m["ppl_ratio"]) for c, m in run.results.items()
            if "tpot_ms" in m and "ppl_ratio" in m]
     if not pts:
@@ -52,7 +52,7 @@ def plot_pareto(run: Run, out: Path) -> Path | None:
     fr = sorted((t, p) for n, t, p in pts if n in front)
     ax.plot([t for t, _ in fr], [p for _, p in fr], color="C3", lw=1, label="Pareto front")
     ax.set_xlabel("TPOT, median (ms/token)")
-    ax.set_ylabel("PPL / bf16 streaming PPL")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"Speed vs accuracy per configuration ({run.gpu}, {run.commit or 'uncommitted'})")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -71,7 +71,9 @@ def add_parser(sub) -> None:
                    help="first decode steps discarded from the statistics")
     g = p.add_argument_group("in the same run")
     g.add_argument("--peers", type=_csv(str), default=[],
-                   help="comma list of hf-eager, hf-static-compile")
+                   help="comma list of hf-eager, hf-static-compile, hf-torchao-int8, "
+                        "hf-torchao-int4-mlp-g128 (need torchao), team-streaming, "
+                        "team-streaming-lazy (the cache's sink and window; lazy every 32)")
     g.add_argument("--peer-prompt-len", type=int, default=None,
                    help="prompt for the peers (dense caches); default: the window, so their "
                         "KV length matches ours at steady state")
@@ -155,6 +157,8 @@ def _run_line(name: str, r: dict) -> str:
     t = r.get("tpot_ms", {})
     if "error" in r:
         return f"{name:34s} FAILED: {r['error'][:120]}"
+    if "skipped" in r:
+        return f"{name:34s} skipped: {r['skipped'][:120]}"
     bw = r.get("achieved_gbps")
     return (f"{name:34s} {t.get('median', float('nan')):8.3f} {t.get('mean', float('nan')):8.3f}"
             f" {t.get('p90', float('nan')):8.3f} {r.get('prefill_ms', float('nan')):9.1f}"
@@ -331,11 +335,13 @@ def run(args) -> int:
         save()
 
     peers = {}
+    team_window = (cfg.sink, getattr(cfg, "window", 2048))  # the team-streaming peers'
     if args.peers:
         ppl = args.peer_prompt_len or (cfg.window if bounded else prompt_len)
         pprompt = tpot.random_prompt(ppl, lm.spec.vocab_size, args.seed, dev)
         peers = run_peers(args.peers, lm.spec, lm.model.dtype, dev, pprompt,
-                          args.peer_decode_len, args.peer_warmup_tokens, log=log)
+                          args.peer_decode_len, args.peer_warmup_tokens, log=log,
+                          streaming=team_window)
         for r in peers.values():
             if "tpot_ms" in r:
                 r["ratio_vs_ours"] = r["tpot_ms"]["median"] / main["tpot_ms"]["median"]
@@ -350,7 +356,7 @@ def run(args) -> int:
         # number of decode steps (their dense cache grows to prompt + decode).
         totals = run_peers(total_peers, lm.spec, lm.model.dtype, dev, prompt,
                            args.decode_len, min(args.warmup_tokens, args.decode_len // 2),
-                           log=log)
+                           log=log, streaming=team_window)
         for r in totals.values():
             if "total_ms" in r:
                 r["ours_total_ratio"] = main["total_ms"] / r["total_ms"]

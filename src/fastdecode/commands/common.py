@@ -12,7 +12,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True,
                    help="smollm2-135m, a shape preset (pythia-2.8b, pythia-160m, tiny-neox, "
-                        "tiny-llama), a local Hugging Face directory, or a .gguf file")
+                        "tiny-llama), a local Hugging Face directory (sharded or not), a "
+                        "hub-cache directory models--ORG--NAME, a repo id ORG/NAME found in "
+                        "the local Hugging Face cache (offline), or a .gguf file")
+    g.add_argument("--revision", default=None,
+                   help="hub-cache models: the ref or commit to load (default: main)")
     g.add_argument("--random-weights", action="store_true",
                    help="keep the model's shapes, randomise the values (speed runs)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 "
@@ -61,4 +65,5 @@ def load(args):
     dtype = parse_dtype(args.dtype) if args.dtype else (
         torch.bfloat16 if dev.type == "cuda" else torch.float32)
     return load_model(args.model, dtype=dtype, device=str(dev),
-                      random_weights=args.random_weights, seed=args.seed)
+                      random_weights=args.random_weights, seed=args.seed,
+                      revision=getattr(args, "revision", None))

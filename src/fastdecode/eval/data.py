@@ -9,7 +9,11 @@ A *source* is one string:
 - a local ``.parquet`` / ``.arrow`` / ``.jsonl`` / ``.json`` / ``.csv`` file, or a directory
   written by ``datasets``' ``save_to_disk``: read with the optional ``datasets`` package
   (imported only then); rows of ``text_column`` are joined with ``"\\n\\n"`` (the
-  convention of the Hugging Face perplexity examples).
+  convention of the Hugging Face perplexity examples);
+- ``NAME:CONFIG:SPLIT`` (``wikitext:wikitext-2-raw-v1:test``; CONFIG and SPLIT may be left
+  out): a dataset already in the local ``datasets`` cache ($HF_DATASETS_CACHE, else
+  $HF_HOME/datasets, else ~/.cache/huggingface/datasets), loaded offline: nothing is
+  downloaded.
 
 Where ``data/`` is (first hit wins, each must contain the file asked for):
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,12 +128,14 @@ def load_text(source: str, *, text_column: str = "text", split: str | None = Non
         if kind is not None:
             return _load_dataset_file(source, path, kind, text_column, split)
         return TextSource(source, str(path), "text", _read_text(path))
+    if _HUB_NAME.match(source) and ":" in source:
+        return _load_cached_dataset(source, text_column, split)
     looks_like_path = os.sep in source or "." in Path(source).name
     if looks_like_path:
         raise DataSourceError(f"data file {source} does not exist")
     raise DataSourceError(f"unknown data source {source!r}: not an existing file or "
-                          f"directory, and not one of {', '.join(known_names())} "
-                          "(or pg19-<id>)")
+                          f"directory, not one of {', '.join(known_names())} (or pg19-<id>), "
+                          "and not NAME:CONFIG:SPLIT of a dataset in the local datasets cache")
 
 
 def _read_text(path: Path) -> str:
@@ -202,6 +209,43 @@ def _load_dataset_dir(source: str, path: Path, column: str, split: str | None) -
     ds, split = _pick_split(ds, split, str(path))
     return TextSource(source, str(path), "dataset", _join_rows(ds, column, str(path)),
                       {"split": split, "text_column": column, "rows": len(ds)})
+
+
+_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]*){0,2}$")
+
+
+def datasets_cache_dir() -> Path:
+    """Where ``datasets`` keeps what it prepared (its own order of variables)."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "datasets"
+
+
+def _load_cached_dataset(source: str, column: str, split: str | None) -> TextSource:
+    name, config, in_source = (source.split(":") + ["", ""])[:3]
+    if split and in_source and split != in_source:
+        raise DataSourceError(f"{source} names split {in_source!r}, --split says {split!r}")
+    split = in_source or split or None
+    datasets = _datasets()
+    import huggingface_hub.constants as hub
+
+    cache = datasets_cache_dir()
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True  # never the network
+    try:
+        ds = datasets.load_dataset(name, config or None, cache_dir=str(cache))
+    except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, FileNotFoundError
+        raise DataSourceError(f"dataset {name!r} (config {config or 'default'!r}) is not in "
+                              f"the local datasets cache {cache} (offline: nothing is "
+                              f"downloaded): {str(e).splitlines()[0][:300]}") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+    ds, split = _pick_split(ds, split, source)
+    return TextSource(source, str(cache), "dataset", _join_rows(ds, column, source),
+                      {"dataset": name, "config": config or None, "split": split,
+                       "text_column": column, "rows": len(ds)})
 
 
 def _load_dataset_file(source: str, path: Path, builder: str, column: str,

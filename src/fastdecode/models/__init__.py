@@ -50,11 +50,15 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
 
 
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | None = "cpu",
-               random_weights: bool = False, seed: int = 0) -> LoadedModel:
-    """Load ``name``: a shape preset (random weights), ``smollm2-135m``, a GGUF file, or a
-    local Hugging Face directory. ``random_weights`` keeps the shapes and randomises values."""
+               random_weights: bool = False, seed: int = 0,
+               revision: str | None = None) -> LoadedModel:
+    """Load ``name``: a shape preset (random weights), ``smollm2-135m``, a GGUF file, a local
+    Hugging Face directory (sharded or not), a hub-cache directory ``models--ORG--NAME`` or a
+    repo id in the local hub cache (``revision``: a ref or commit; default ``main``).
+    ``random_weights`` keeps the shapes and randomises values."""
     dev = resolve_device(device)
     check_dtype(dtype, dev)
+    name, hub = weights.resolve_source(name, revision)
     tok = None
     if name in presets.SHAPE_PRESETS:
         spec = presets.SHAPE_PRESETS[name]()
@@ -86,7 +90,7 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
     model = model.to_empty(device=dev).to(dtype)
     model.load_canonical(state)
     model.eval().requires_grad_(False)
-    source = f"random:{name}" if random_weights else name
+    source = f"random:{hub or name}" if random_weights else (hub or name)
     return LoadedModel(spec, model, tok, source)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,29 +20,109 @@ from . import families
 from .spec import ModelSpec
 from .tokenizer import Tokenizer
 
-
 # ---------------------------------------------------------------- Hugging Face directory
-def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    if files:
-        from safetensors.torch import load_file
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
-        for f in files:
-            try:
-                tensors.update(load_file(str(f)))
-            except Exception as e:
-                raise ModelLoadError(f"cannot read {f}: {e}") from None
-        return tensors
-    files = sorted(path.glob("pytorch_model*.bin"))
+
+def _read_index(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each checked to exist (a partial download
+    leaves some out, or leaves dangling links into the hub cache's blobs)."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+        raise ModelLoadError(f"{index} is not a valid shard index (a JSON object with a "
+                             f"weight_map): {e}") from None
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise ModelLoadError(f"{index} names {len(shards)} shards; missing in {index.parent}: "
+                             f"{', '.join(missing)}")
+    return [index.parent / s for s in shards]
+
+
+def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``path``: the shards an index names (safetensors
+    first), else every ``*.safetensors``, else every ``pytorch_model*.bin``."""
+    index = next((path / i for i in INDEX_FILES if (path / i).is_file()), None)
+    files = (_read_index(index) if index else sorted(path.glob("*.safetensors"))
+             or sorted(path.glob("pytorch_model*.bin")))
     if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
+        raise ModelLoadError(f"{path} has no *.safetensors or pytorch_model*.bin weights "
+                             f"(nor a {' / '.join(INDEX_FILES)})")
+    tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+            if f.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                tensors.update(load_file(str(f)))
+            else:
+                tensors.update(torch.load(f, map_location="cpu", weights_only=True))
         except Exception as e:
             raise ModelLoadError(f"cannot read {f}: {e}") from None
     return tensors
+
+
+# ---------------------------------------------------------------- Hugging Face hub cache
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (its own order)."""
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def is_hub_repo_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "snapshots").is_dir() and not (path / "config.json").exists()
+
+
+def hub_snapshot(repo_dir: Path, revision: str | None = None) -> Path:
+    """The snapshot of a hub-cache repo directory (``models--ORG--NAME``): ``refs/<revision>``
+    (default ``main``) names a commit, or ``revision`` is a commit (or its prefix)."""
+    rev = revision or "main"
+    snaps = repo_dir / "snapshots"
+    have = sorted(p.name for p in snaps.iterdir() if p.is_dir())
+    ref = repo_dir / "refs" / rev
+    if ref.is_file():
+        commit = ref.read_text().strip()
+        if (snaps / commit).is_dir():
+            return snaps / commit
+        raise ModelLoadError(f"{ref} points at commit {commit}, which has no snapshot in "
+                             f"{snaps} (have: {', '.join(have) or 'none'})")
+    hits = [h for h in have if h.startswith(rev)] if len(rev) >= 7 else []
+    if len(hits) == 1:
+        return snaps / hits[0]
+    refs = sorted(p.name for p in (repo_dir / "refs").glob("*")) if (repo_dir / "refs").is_dir() \
+        else []
+    raise ModelLoadError(f"{repo_dir}: no snapshot for revision {rev!r} (refs: "
+                         f"{', '.join(refs) or 'none'}; snapshots: {', '.join(have) or 'none'}); "
+                         "give one with --revision")
+
+
+def resolve_source(name: str, revision: str | None = None) -> tuple[str, str | None]:
+    """A ``--model`` given as a hub-cache directory or as a repo id (``ORG/NAME``) found in
+    the local hub cache, resolved to its snapshot directory, offline; anything else is
+    returned as it is. Returns (path or name, the hub description or None)."""
+    path = Path(name).expanduser()
+    if is_hub_repo_dir(path):
+        snap = hub_snapshot(path, revision)
+        repo = path.name.removeprefix("models--").replace("--", "/")
+        return str(snap), f"{repo}@{snap.name}"
+    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        if revision is not None:
+            raise ModelLoadError(f"--revision applies to a hub-cache model; {name} is not one")
+        return name, None
+    cache = hub_cache_dir()
+    repo_dir = cache / ("models--" + name.replace("/", "--"))
+    if not repo_dir.is_dir():
+        raise ModelLoadError(f"model {name!r} is not a local path, and the Hugging Face cache "
+                             f"has no {repo_dir.name} in {cache} (set HF_HUB_CACHE or HF_HOME; "
+                             "nothing is downloaded)")
+    snap = hub_snapshot(repo_dir, revision)
+    return str(snap), f"{name}@{snap.name}"
 
 
 def load_hf_dir(path: str | Path):
@@ -89,10 +170,51 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
+def _cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
+
+
+def _file_key(path: Path) -> str:
+    import hashlib
+
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
 def load_gguf(path: str | Path):
+    """GGUF metadata -> spec, tensors dequantized to float32. Parsing and dequantizing take
+    tens of seconds on a small CPU, so the result is cached (safetensors + spec JSON beside
+    the tokenizer's, keyed by the file's path, size and mtime) and later loads read that."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
+    cached = _cache_dir() / f"gguf-{_file_key(path)}"
+    try:
+        from safetensors.torch import load_file
+
+        spec = ModelSpec(**json.loads(cached.with_suffix(".json").read_text())).validate()
+        state = load_file(str(cached.with_suffix(".safetensors")))
+        return spec, state, _gguf_tokenizer(path, spec)
+    except Exception:  # noqa: BLE001 - not cached yet, or unreadable: read the GGUF file
+        pass
+    spec, state = _read_gguf(path)
+    try:
+        from safetensors.torch import save_file
+
+        from .. import atomic
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(cached.with_suffix(".safetensors"), "GGUF cache") as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        atomic.write_json(cached.with_suffix(".json"), asdict(spec), "GGUF cache")
+    except OSError:
+        pass  # a read-only cache costs time, not correctness
+    return spec, state, _gguf_tokenizer(path, spec)
+
+
+def _read_gguf(path: Path):
     try:
         import gguf
         import numpy as np
@@ -126,8 +248,7 @@ def load_gguf(path: str | Path):
     for t in reader.tensors:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         tensors[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32))
-    state = fam.gguf_to_canonical(spec, tensors)
-    return spec, state, _gguf_tokenizer(path, spec)
+    return spec, fam.gguf_to_canonical(spec, tensors)
 
 
 def _gguf_tokenizer(path: Path, spec: ModelSpec) -> Tokenizer:
@@ -136,7 +257,7 @@ def _gguf_tokenizer(path: Path, spec: ModelSpec) -> Tokenizer:
     import hashlib
     import os
 
-    cache_dir = Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
+    cache_dir = _cache_dir()
     key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:16]
     cached = cache_dir / f"tokenizer-{key}.json"
     if not cached.is_file():
