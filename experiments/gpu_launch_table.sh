@@ -22,36 +22,7 @@ exec > >(tee -a "$OUT/log-launch-table.txt") 2>&1
 date; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 TABLE=${TABLE:-$OUT/launch-$CLASS.json}
-for PHASE in "${PHASES[@]}"; do
-if [ "$PHASE" = sweep ]; then
-  start=$SECONDS
-  # compile in 4 processes (shape groups), then time in one, so timings never overlap
-  G1="bf16 qkv+norm,bf16 up+norm,bf16 out|down,int8 qkv"
-  G2="bf16 head+norm,bf16 qkv,bf16 out,int8 up"
-  G3="int8 out,int8 down,int4 qkv,int4 up"
-  G4="int4 out,int4 down,int4 out|down"
-  for g in "$G1" "$G2" "$G3" "$G4"; do
-    timeout 200 python3 scripts/gpu_gemv_sweep.py --compile-only --shapes "$g" > /tmp/fd/compile-$RANDOM.txt 2>&1 &
-  done
-  wait
-  echo "compiled in $((SECONDS - start)) s"; tail -n 3 /tmp/fd/compile-*.txt | grep -i "fail\|error" | head
-  timeout ${SWEEP_TIMEOUT:-300} python3 scripts/gpu_gemv_sweep.py --json "$OUT/$CLASS-gemv-sweep.json" \
-    --table "$OUT/launch-$CLASS.json" --cls "$CLASS" | grep -v " err "
-  echo "sweep rc=$? in $((SECONDS - start)) s"
-elif [ "$PHASE" = bench ]; then
-  [ -f "$TABLE" ] && export FASTDECODE_LAUNCH_TABLE=$TABLE || echo "no table at $TABLE: the heuristic"
-  B=(python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights --dtype bfloat16
-     --device cuda --sink 4 --compile graphs --decode-len 128 --warmup-tokens 16)
-  RUNS="bf16:2048 int8:2048 int4-mlp-g128:2048 int4-g128:2048 bf16:4096 kv8:4096"
-  [ "${BENCH_TWICE:-0}" = 1 ] && RUNS="$RUNS int8:2048:b bf16:2048:b"
-  for run in $RUNS; do
-    IFS=: read -r r w tag <<< "$run"
-    extra=(); [ "$r" = kv8 ] && extra=(--kv-dtype int8) || { [ "$r" != bf16 ] && extra=(--quant "$r"); }
-    name="$r-$w${tag:+-$tag}"
-    timeout 120 "${B[@]}" --window "$w" --prompt-len $((w + 4)) "${extra[@]}" --check 4 \
-      --json "/tmp/fd/rec/$name.json" 2>&1 | grep -E "^ours|TPOT|copy|error|Error" | head -6
-    echo "bench $name rc=$?"
-  done
+merge() {
   python3 - "$OUT/$CLASS-benches.json" /tmp/fd/rec/*.json <<'EOF'
 import json, sys
 out = {}
@@ -66,6 +37,37 @@ for p in sys.argv[2:]:
           f"{len(r.get('launches') or {})} from {sorted({v['from'] for v in (r.get('launches') or {}).values()})}")
 json.dump(out, open(sys.argv[1], "w"), indent=1)
 EOF
+}
+for PHASE in "${PHASES[@]}"; do
+if [ "$PHASE" = sweep ]; then
+  start=$SECONDS
+  # compile in 4 processes (shape groups), then time in one, so timings never overlap
+  G1="bf16 qkv+norm,bf16 up+norm,int8 qkv"
+  G2="bf16 out|down,bf16 head+norm,int8 up"
+  G3="bf16 qkv,bf16 out,int8 out"
+  G4="int8 down,int4 qkv,int4 up,int4 out,int4 down,int4 out|down"
+  for g in "$G1" "$G2" "$G3" "$G4"; do
+    timeout 200 python3 scripts/gpu_gemv_sweep.py --compile-only --shapes "$g" > /tmp/fd/compile-$RANDOM.txt 2>&1 &
+  done
+  wait
+  echo "compiled in $((SECONDS - start)) s"; tail -n 3 /tmp/fd/compile-*.txt | grep -i "fail\|error" | head
+  timeout ${SWEEP_TIMEOUT:-300} python3 scripts/gpu_gemv_sweep.py --json "$OUT/$CLASS-gemv-sweep.json" \
+    --table "$OUT/launch-$CLASS.json" --cls "$CLASS" --reps 15 --rounds 2 | grep -v " err "
+  echo "sweep rc=$? in $((SECONDS - start)) s"
+elif [ "$PHASE" = bench ]; then
+  [ -f "$TABLE" ] && export FASTDECODE_LAUNCH_TABLE=$TABLE || echo "no table at $TABLE: the heuristic"
+  B=(python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights --dtype bfloat16
+     --device cuda --sink 4 --compile graphs --decode-len 128 --warmup-tokens 16)
+  RUNS=${RUNS:-"bf16:2048 int8:2048 int4-g128:2048 int4-mlp-g128:2048 kv8:4096 bf16:4096 int8:2048:b"}
+  for run in $RUNS; do
+    IFS=: read -r r w tag <<< "$run"
+    extra=(); [ "$r" = kv8 ] && extra=(--kv-dtype int8) || { [ "$r" != bf16 ] && extra=(--quant "$r"); }
+    name="$r-$w${tag:+-$tag}"
+    timeout 120 "${B[@]}" --window "$w" --prompt-len $((w + 4)) "${extra[@]}" --check 4 \
+      --json "/tmp/fd/rec/$name.json" 2>&1 | grep -E "^ours|TPOT|copy|error|Error" | head -6
+    echo "bench $name rc=$?"
+    merge  # after each: what finished comes back even if the call is cut
+  done
 fi
 done
 ls -la "$OUT"; date

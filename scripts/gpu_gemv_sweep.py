@@ -185,6 +185,8 @@ def main():
         if args.compile_only:
             print(f"{name:15s} compiled {len(cands)} in {time.time() - t0:.0f} s", flush=True)
             continue
+        if not rows:
+            continue
         best = _rank(rows, graphs, args.reps, args.rounds)
         print(f"{name:15s} best {best['cfg']} {best['best_us']:.2f} us "
               f"{nbytes / best['best_us'] / 1e3:.0f} GB/s (first pass {best['us']:.2f}; "
