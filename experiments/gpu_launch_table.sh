@@ -40,16 +40,15 @@ EOF
 }
 for PHASE in "${PHASES[@]}"; do
 if [ "$PHASE" = sweep ]; then
-  start=$SECONDS
-  # compile in 4 processes (shape groups), then time in one, so timings never overlap
-  G1="bf16 qkv+norm,bf16 up+norm,int8 qkv"
-  G2="bf16 out|down,bf16 head+norm,int8 up"
-  G3="bf16 qkv,bf16 out,int8 out"
-  G4="int8 down,int4 qkv,int4 up,int4 out,int4 down,int4 out|down"
-  for g in "$G1" "$G2" "$G3" "$G4"; do
-    timeout 200 python3 scripts/gpu_gemv_sweep.py --compile-only --shapes "$g" > /tmp/fd/compile-$RANDOM.txt 2>&1 &
+  start=$SECONDS; pids=()
+  # compile in 6 processes (shape groups), then time in one, so timings never overlap
+  for g in "bf16 qkv+norm,int8 qkv" "bf16 up+norm,int8 up" "bf16 out|down,int8 out" \
+           "bf16 head+norm,int4 qkv,int4 up" "bf16 qkv,int4 out,int4 down" \
+           "bf16 out,int8 down,int4 out|down"; do
+    timeout ${COMPILE_TIMEOUT:-200} python3 scripts/gpu_gemv_sweep.py --compile-only --shapes "$g" > /tmp/fd/compile-$RANDOM.txt 2>&1 &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"  # not a bare wait: that waits for the tee too
   echo "compiled in $((SECONDS - start)) s"; tail -n 3 /tmp/fd/compile-*.txt | grep -i "fail\|error" | head
   timeout ${SWEEP_TIMEOUT:-300} python3 scripts/gpu_gemv_sweep.py --json "$OUT/$CLASS-gemv-sweep.json" \
     --table "$OUT/launch-$CLASS.json" --cls "$CLASS" --reps 15 --rounds 2 | grep -v " err "

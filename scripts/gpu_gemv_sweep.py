@@ -198,6 +198,10 @@ def main():
                                "candidates": rows, "best": best}
         del ps, ys, graphs
         torch.cuda.empty_cache()
+        _write(args, out, entries, dev)  # after every shape: a cut run keeps what it timed
+
+
+def _write(args, out, entries, dev):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -211,7 +215,7 @@ def main():
                "gemv": entries}
         with open(args.table, "w") as f:
             json.dump(tab, f, indent=1)
-        print(f"launch table ({cls}, {len(entries)} shapes) -> {args.table}")
+
 
 
 if __name__ == "__main__":
