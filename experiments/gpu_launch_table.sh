@@ -49,7 +49,7 @@ if [ "$PHASE" = sweep ]; then
     pids+=($!)
   done
   wait "${pids[@]}"  # not a bare wait: that waits for the tee too
-  echo "compiled in $((SECONDS - start)) s"; tail -n 3 /tmp/fd/compile-*.txt | grep -i "fail\|error" | head
+  echo "compiled in $((SECONDS - start)) s"; tail -qn 1 /tmp/fd/compile-*.txt
   timeout ${SWEEP_TIMEOUT:-300} python3 scripts/gpu_gemv_sweep.py --json "$OUT/$CLASS-gemv-sweep.json" \
     --table "$OUT/launch-$CLASS.json" --cls "$CLASS" --reps 15 --rounds 2 | grep -v " err "
   echo "sweep rc=$? in $((SECONDS - start)) s"
