@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 from fastdecode.cache import CacheConfig  # noqa: E402
 from fastdecode.engine import Decoder  # noqa: E402
 from fastdecode.errors import ConfigError  # noqa: E402
-from fastdecode.fused import FusedOptions, FusedStep, tune  # noqa: E402
+from fastdecode.fused import FusedOptions, FusedStep, table, tune  # noqa: E402
 from fastdecode.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
 from fastdecode.quant.int8 import quantize_int8  # noqa: E402
 from fastdecode.quant.layout import FLOAT, INT4, INT8, Packed  # noqa: E402
@@ -605,6 +605,150 @@ def test_generate_through_the_fused_step_equals_eager(tiny_models):
         step = compile_decoder(dec, "default", kernels="fused")
         assert step.kernels == "fused"
         assert list(generate(dec, prompt, 8, **kw)) == want
+
+
+# ----------------------------------------------------------------------------- launch table
+H200 = table.Device("NVIDIA H200", (9, 0), 132)
+A800 = table.Device("NVIDIA A800-SXM4-80GB", (8, 0), 108)
+PYTHIA_GEMVS = [  # (format, rows, inputs, norm inside): every GEMV of Pythia-2.8B's step in
+    # the bf16, int8, int4-mlp-g128 and int4-g128 recipes (the sweep's shapes)
+    (FLOAT, 7680, 2560, 1), (FLOAT, 10240, 2560, 1), (FLOAT, 2560, 12800, 0),
+    (FLOAT, 50304, 2560, 1), (FLOAT, 7680, 2560, 0), (FLOAT, 2560, 2560, 0),
+    (INT8, 7680, 2560, 0), (INT8, 10240, 2560, 0), (INT8, 2560, 2560, 0), (INT8, 2560, 10240, 0),
+    (INT4, 7680, 2560, 0), (INT4, 10240, 2560, 0), (INT4, 2560, 2560, 0), (INT4, 2560, 10240, 0),
+    (INT4, 2560, 12800, 0)]
+
+
+def _meta(fmt: int, n: int, k: int, group: int = 128) -> Packed:
+    """A weight of this shape with no memory (the launch choice reads shapes only)."""
+    w = torch.empty(n, k // 2 if fmt == INT4 else k, device="meta",
+                    dtype={FLOAT: torch.bfloat16, INT8: torch.int8, INT4: torch.uint8}[fmt])
+    return Packed(fmt, w, None, None, group if fmt == INT4 else k, None)
+
+
+def _choices(dev, opts=OPTS) -> dict:
+    out = {}
+    for fmt, n, k, norm in PYTHIA_GEMVS:
+        p = _meta(fmt, n, k)
+        ws = tune.Workspace(n, "meta")
+        cfg, source, _ = tune.choose(p, n, n, torch.bfloat16, opts, dev, ws=ws, norm=norm)
+        assert tune.admissible(cfg, p, n, n, torch.bfloat16, opts, ws=ws)
+        out[table.shape_key(p, n, torch.bfloat16, norm, False)] = (list(cfg), source)
+    return out
+
+
+def test_launches_come_from_the_card_table_untimed(monkeypatch):
+    """On an H200 every GEMV of the Pythia step takes the bundled table's entry (the
+    graphed sweep's winner), on an A800 (no table yet) the heuristic, both admissible; no
+    launch is timed (do_bench would raise), so every process chooses the same."""
+    import triton.testing
+
+    def no_timing(*a, **k):
+        raise AssertionError("a launch was timed")
+
+    monkeypatch.setattr(triton.testing, "do_bench", no_timing)
+    h200 = table.for_device(H200)
+    assert h200 is not None and h200.name == "h200" and table.for_device(A800) is None
+    got = _choices(H200)
+    assert set(got) <= set(h200.gemv) and len(got) == len(PYTHIA_GEMVS)
+    for key, (cfg, source) in got.items():
+        assert source == "h200" and tuple(cfg) == h200.gemv[key], key
+    assert {s for _, s in _choices(A800).values()} == {"heuristic"}
+    # pinned paths rule an entry out: the heuristic under the same pins
+    pinned = _choices(H200, _opts(asm=False, parts=2))
+    for key, (cfg, _) in pinned.items():
+        assert cfg[4] is False and (cfg[5] != 2 or cfg[6] == 2), key
+    assert {s for _, s in _choices(H200, _opts(tune=False)).values()} == {"heuristic"}
+
+
+def test_two_processes_choose_the_same_launches():
+    """Fresh interpreters with different hash seeds: the same choice for every shape, on a
+    card with a table and on one without, and the same as this process's."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_fused as t; "
+            "print(json.dumps([t._choices(t.H200), t._choices(t.A800)]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TRITON_INTERPRET="1")
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                      text=True, check=True, cwd=os.path.dirname(
+                                          os.path.dirname(__file__)),
+                                      env=dict(env, PYTHONHASHSEED=seed)).stdout)
+            for seed in ("1", "2")]
+    here = json.loads(json.dumps([_choices(H200), _choices(A800)]))
+    assert runs[0] == runs[1] == here
+
+
+def test_a_table_file_is_checked_and_pins_win(tmp_path):
+    """A table given by path (FusedOptions.launch_table): its entries for its own card;
+    shapes it lacks, or entries the launch cannot take (a pinned path, BLOCK_N not dividing
+    the segments), take the heuristic; a table of another card, or a malformed one, is an
+    error naming the file."""
+    import json
+
+    dev = table.Device("Fake GPU 9000", (8, 6), 40)
+    p = _meta(INT8, 512, 1024)
+    key = table.shape_key(p, 512, torch.bfloat16, 0, False)
+    entry = [16, 256, 8, 2, True, 0, 1]
+    path = tmp_path / "launch-fake.json"
+    path.write_text(json.dumps({"class": "fake", "devices": [dev.name], "capability": [8, 6],
+                                "gemv": {key: {"cfg": entry}}}))
+    opts = _opts(launch_table=str(path))
+    cfg, source, t = tune.choose(p, 512, 512, torch.bfloat16, opts, dev)
+    assert (list(cfg), source, t.name) == (entry, "fake", "fake")
+    other = _meta(INT8, 256, 1024)
+    assert tune.choose(other, 256, 256, torch.bfloat16, opts, dev)[1] == "heuristic"
+    for why in (_opts(launch_table=str(path), asm=False), _opts(launch_table=str(path),
+                                                                tune=False)):
+        cfg, source, _ = tune.choose(p, 512, 512, torch.bfloat16, why, dev)
+        assert source == "heuristic" and tune.admissible(cfg, p, 512, 512, torch.bfloat16, why)
+    cfg, source, _ = tune.choose(p, 512, 24, torch.bfloat16, opts, dev)  # segments of 24 rows
+    assert source == "heuristic" and 24 % cfg[0] == 0
+    with pytest.raises(ConfigError, match="launch-fake.json.*not NVIDIA H200"):
+        tune.choose(p, 512, 512, torch.bfloat16, opts, H200)
+    bad = tmp_path / "launch-bad.json"
+    for text in ("{", json.dumps({"devices": [dev.name], "capability": [8, 6],
+                                  "gemv": {key: {"cfg": [16, 256]}}})):
+        bad.write_text(text)
+        table.load.cache_clear()
+        with pytest.raises(ConfigError, match="launch-bad.json"):
+            tune.choose(p, 512, 512, torch.bfloat16, _opts(launch_table=str(bad)), dev)
+    assert FusedOptions.from_env({"FASTDECODE_LAUNCH_TABLE": str(bad)}).launch_table == str(bad)
+    with pytest.raises(ConfigError, match="launch_table"):
+        FusedOptions(launch_table="")
+
+
+@given(fmt=st.sampled_from([FLOAT, INT8, INT4]), rows=st.integers(1, 400),
+       k=st.sampled_from([64, 576, 2560, 12800]), group=st.sampled_from([32, 64, 128]),
+       seg=st.integers(0, 400), norm=st.sampled_from([0, 1, 2]), glu=st.booleans(),
+       asm=st.sampled_from([None, False]), int4=st.sampled_from([None, 0, 1, 2]),
+       parts=st.sampled_from([None, 1, 2, 4]), sms=st.sampled_from([40, 108, 132]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), ws=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_heuristic_is_admissible(fmt, rows, k, group, seg, norm, glu, asm, int4, parts, sms,
+                                 dtype, ws):
+    """For any shape, segments, pins and SM count the fallback is a launch the kernel
+    takes (what launch_gemv checks, and the format's block rules)."""
+    n = 8 * rows
+    nsplit = min(8 * seg, n)
+    k = k if fmt != INT4 else group * max(1, k // group)  # int4: whole groups
+    p = _meta(fmt, n, k, group)
+    opts = _opts(asm=asm, int4=int4, parts=parts)
+    w = tune.Workspace(n, "meta") if ws else None
+    cfg = tune.heuristic(p, n, nsplit, dtype, opts, glu, w, sms, norm)
+    assert tune.admissible(cfg, p, n, nsplit, dtype, opts, glu, w), cfg
+    assert cfg[6] == 1 or (w is not None and w.fits(n, cfg[6], cfg[0]) and not glu)
+
+
+def test_the_record_names_each_launch_and_its_source():
+    """tune.chosen() (the bench record's 'launches'): per GEMV shape the configuration and
+    where it came from."""
+    _norm_then_gemv(INT8, 0, "plain", False, False, 1, 1, 32, 0)
+    rec = tune.chosen()
+    entry = rec["int8 8x64 g64 float32"]
+    assert entry["from"] == ("heuristic" if CUDA else "interpreter")  # no table has it
+    assert len(entry["cfg"]) == 7 and (entry["device"] == "cpu") != CUDA
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -173,13 +173,15 @@ def admissible(cfg: tuple, p: Packed, n: int, nsplit: int, dtype: torch.dtype,
                opts: FusedOptions, glu: bool = False, ws: Workspace | None = None) -> bool:
     """Whether ``cfg`` may run this launch under these options: the int4 path and inline
     PTX as the options and rules have them, block sizes the format and segments allow,
-    input parts only on the tensor-core path with a workspace that fits (and as pinned)."""
+    input parts only on the tensor-core path with a workspace that fits (as pinned, where
+    the launch can be cut so)."""
     bn, bk, warps, stages, asm, path, k = cfg
     if path != int4_paths(p, n, nsplit, dtype, opts)[0] or asm != _asm(p.fmt != FLOAT, opts):
         return False
     if path == 2:
         return (bk == p.group and bn % 16 == 0 and not (0 < nsplit < n and nsplit % bn)
-                and _can_cut(n, k, bn, glu, ws) and opts.parts in (None, k))
+                and _can_cut(n, k, bn, glu, ws)
+                and (opts.parts in (None, k) or not _can_cut(n, opts.parts, bn, glu, ws)))
     return k == 1 and _valid(cfg, p, n, nsplit)
 
 
