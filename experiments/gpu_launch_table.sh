@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # One device call: fill this card's GEMV launch table and bench every recipe with it.
 #
-#   bash experiments/gpu_launch_table.sh sweep bench   # both (one call, ~7 min on the H200)
-#   TABLE=src/fastdecode/assets/launch-h200.json bash experiments/gpu_launch_table.sh bench
+#   bash experiments/gpu_launch_table.sh sweep bench   # both in one call
+#   bash experiments/gpu_launch_table.sh bench         # the bundled table (TABLE=file: another)
 #
-# sweep: the candidates compiled by 4 processes at once (Triton's cache), then timed graphed
-# by one (scripts/gpu_gemv_sweep.py) -> $OUT/$CLASS-gemv-sweep.json and
-# $OUT/launch-$CLASS.json. bench: `fastdecode bench` of bf16, int8, int4-mlp-g128, int4-g128
-# at 4+2048 and bf16 / int8 KV at 4+4096 (BENCH_TWICE=1: int8 and bf16 twice, two fresh
-# processes, to hold the launch choice fixed), each a fresh process with the table
-# ($TABLE, default the sweep's), the copy bandwidth measured in each; records merged into
-# $OUT/$CLASS-benches.json (a call returns 8 files at most).
+# sweep (~45 s on the H200): the candidates compiled by 6 processes at once (Triton's
+# cache), then timed graphed by one (scripts/gpu_gemv_sweep.py) -> $OUT/$CLASS-gemv-sweep.json
+# and $OUT/launch-$CLASS.json. bench: `fastdecode bench` of bf16, int8, int4-g128 and
+# int4-mlp-g128 at 4+2048, int8 KV and bf16 KV at 4+4096, and int8 again (RUNS picks), each
+# a fresh process with the table ($TABLE; default the sweep's of the same call, else the
+# bundled one) and the copy bandwidth measured in it; the records merged into
+# $OUT/$CLASS-benches.json after each run (a call returns 8 files at most).
 set -uo pipefail
 PHASES=("$@"); [ ${#PHASES[@]} -eq 0 ] && PHASES=(sweep bench)
 OUT=${OUT:-/tmp/fd-out}
@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/fd/triton PYTHONPATH=$PWD/src:$P
 exec > >(tee -a "$OUT/log-launch-table.txt") 2>&1
 date; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-TABLE=${TABLE:-$OUT/launch-$CLASS.json}
+TABLE=${TABLE:-}  # empty: the sweep's of this call if it ran, else the bundled table
 merge() {
   python3 - "$OUT/$CLASS-benches.json" /tmp/fd/rec/*.json <<'EOF'
 import json, sys
@@ -54,7 +54,9 @@ if [ "$PHASE" = sweep ]; then
     --table "$OUT/launch-$CLASS.json" --cls "$CLASS" --reps 15 --rounds 2 | grep -v " err "
   echo "sweep rc=$? in $((SECONDS - start)) s"
 elif [ "$PHASE" = bench ]; then
-  [ -f "$TABLE" ] && export FASTDECODE_LAUNCH_TABLE=$TABLE || echo "no table at $TABLE: the heuristic"
+  [ -z "$TABLE" ] && [ -f "$OUT/launch-$CLASS.json" ] && TABLE=$OUT/launch-$CLASS.json
+  [ -n "$TABLE" ] && export FASTDECODE_LAUNCH_TABLE=$TABLE
+  echo "launch table: ${TABLE:-bundled}"
   B=(python3 -m fastdecode.cli bench --model pythia-2.8b --random-weights --dtype bfloat16
      --device cuda --sink 4 --compile graphs --decode-len 128 --warmup-tokens 16)
   RUNS=${RUNS:-"bf16:2048 int8:2048 int4-g128:2048 int4-mlp-g128:2048 kv8:4096 bf16:4096 int8:2048:b"}
