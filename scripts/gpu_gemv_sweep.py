@@ -64,7 +64,7 @@ def _weights(fmt, n, k, layers, gen):
     return out
 
 
-def _launch(x, p, y, cfg, ws, nw=None):
+def _launch(x, p, y, cfg, ws=None, nw=None):
     """One GEMV launch; ``nw``: a LayerNorm's [weight; bias] rows, normalised inside."""
     nb = nw[1:] if nw is not None else x
     nw_ = nw if nw is not None else x
