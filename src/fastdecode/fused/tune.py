@@ -245,15 +245,16 @@ def choose(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOption
 
 def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
                  ws: Workspace | None, opts: FusedOptions) -> tuple:
-    """Under the interpreter: small blocks; no inline PTX; the int4 path as pinned (default
-    1; tensor cores with two K splits, and the input parts as pinned, else 2 where a
-    workspace is given)."""
+    """Under the interpreter: 16-row blocks (few programs: the interpreter's cost is per
+    program; the tiny models' GEMVs still span several), 32 inputs a chunk (several chunks);
+    no inline PTX; the int4 path as pinned (default 1; tensor cores with two K splits, and
+    the input parts as pinned, else 2 where a workspace is given)."""
     path = int4_paths(p, n, nsplit, dtype, opts)[0]
     if path == 2:
         k = opts.parts or 2
         k = k if not glu and ws is not None and ws.fits(n, k, 16) else 1
         return 16, p.group, 2, None, False, 2, k
-    bn = 4 if not 0 < nsplit < n else min(4, _pow2_divisor(nsplit, 4))
+    bn = 16 if not 0 < nsplit < n else _pow2_divisor(nsplit, 16)
     if p.fmt == INT4:
         bk = p.group
     elif p.fmt == INT8:
