@@ -64,7 +64,7 @@ elif [ "$PHASE" = bench ]; then
     IFS=: read -r r w tag <<< "$run"
     extra=(); [ "$r" = kv8 ] && extra=(--kv-dtype int8) || { [ "$r" != bf16 ] && extra=(--quant "$r"); }
     name="$r-$w${tag:+-$tag}"
-    timeout 120 "${B[@]}" --window "$w" --prompt-len $((w + 4)) "${extra[@]}" --check 4 \
+    timeout ${BENCH_TIMEOUT:-80} "${B[@]}" --window "$w" --prompt-len $((w + 4)) "${extra[@]}" --check 4 \
       --json "/tmp/fd/rec/$name.json" 2>&1 | grep -E "^ours|TPOT|copy|error|Error" | head -6
     echo "bench $name rc=$?"
     merge  # after each: what finished comes back even if the call is cut
