@@ -259,16 +259,16 @@ def _check_steps(lm, cfg: CacheConfig, prompt_len: int, steps: int, tol: float, 
 
 
 CASES = {  # model, cache, prompt length, steps
-    # the ring (4 sinks + 41 slots) wraps at the last step; 45 slots = two attention splits
-    "neox-streaming": ("tiny-neox", CacheConfig(policy="streaming", sink=4, window=40), 42, 4),
+    # the ring (4 sinks + 41 slots) wraps at the second step; 45 slots = two attention splits
+    "neox-streaming": ("tiny-neox", CacheConfig(policy="streaming", sink=4, window=40), 43, 3),
     "neox-window-lazy": ("tiny-neox", CacheConfig(policy="window", sink=0, window=20,
-                                                  compress_every=3), 30, 3),
+                                                  compress_every=3), 30, 2),
     "neox-absolute-int8kv": ("tiny-neox", CacheConfig(policy="streaming", sink=2, window=12,
                                                       position_mode="absolute",
-                                                      kv_dtype="int8"), 20, 3),
-    "llama-dense-gqa": ("tiny-llama", CacheConfig(policy="dense", max_len=64), 30, 3),
+                                                      kv_dtype="int8"), 20, 2),
+    "llama-dense-gqa": ("tiny-llama", CacheConfig(policy="dense", max_len=64), 30, 2),
     "llama-streaming-int8kv": ("tiny-llama", CacheConfig(policy="streaming", sink=4, window=36,
-                                                         kv_dtype="int8"), 45, 3),
+                                                         kv_dtype="int8"), 45, 2),
 }
 
 
@@ -586,7 +586,7 @@ def test_fused_bf16_close_to_eager_and_finite(tiny_models):
        window=st.integers(4, 30), every=st.integers(1, 4),
        mode=st.sampled_from(["cache", "absolute"]), kv=st.sampled_from(["auto", "int8"]),
        prompt=st.integers(1, 70), seed=st.integers(0, 1000))
-@settings(max_examples=4)
+@settings(max_examples=3)
 def test_fused_step_property(tiny_models, family, sink, window, every, mode, kv, prompt, seed):
     """Any bounded policy, any prompt length (ring wrapped or not), both families."""
     policy = "streaming" if sink else "window"
@@ -609,11 +609,11 @@ def test_generate_through_the_fused_step_equals_eager(tiny_models):
     cfg = CacheConfig(policy="streaming", sink=2, window=10)
     prompt = list(range(5, 17))
     for kw in ({}, {"temperature": 0.8, "top_k": 20, "seed": 3}):
-        want = list(generate(Decoder.build(model, cfg), prompt, 4, **kw))
+        want = list(generate(Decoder.build(model, cfg), prompt, 3, **kw))
         dec = Decoder.build(model, cfg)
         step = compile_decoder(dec, "default", kernels="fused")
         assert step.kernels == "fused"
-        assert list(generate(dec, prompt, 4, **kw)) == want
+        assert list(generate(dec, prompt, 3, **kw)) == want
 
 
 # ----------------------------------------------------------------------------- launch table
@@ -671,8 +671,8 @@ def test_launches_come_from_the_card_table_untimed(monkeypatch):
 
 
 def test_two_processes_choose_the_same_launches():
-    """Fresh interpreters with different hash seeds: the same choice for every shape, on a
-    card with a table and on one without, and the same as this process's."""
+    """A fresh interpreter with another hash seed: the same choice for every shape as this
+    process's, on a card with a table and on one without."""
     import json
     import subprocess
     import sys
@@ -680,13 +680,11 @@ def test_two_processes_choose_the_same_launches():
     code = ("import json, sys; sys.path.insert(0, 'tests'); import test_fused as t; "
             "print(json.dumps([t._choices(t.H200), t._choices(t.A800)]))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TRITON_INTERPRET="1")
-    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
-                                      text=True, check=True, cwd=os.path.dirname(
-                                          os.path.dirname(__file__)),
-                                      env=dict(env, PYTHONHASHSEED=seed)).stdout)
-            for seed in ("1", "2")]
-    here = json.loads(json.dumps([_choices(H200), _choices(A800)]))
-    assert runs[0] == runs[1] == here
+    seed = str(1 + hash("seed") % 1000)  # not this process's (ours is random or pinned)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                         env=dict(env, PYTHONHASHSEED=seed))
+    assert json.loads(run.stdout) == json.loads(json.dumps([_choices(H200), _choices(A800)]))
 
 
 def test_a_table_file_is_checked_and_pins_win(tmp_path):
