@@ -19,7 +19,9 @@
 #                                      # eager; VARIANTS=default,none,graphs:inductor adds the
 #                                      # torch.compile graph, ~2 min), window and prompt sweeps
 #   bash scripts/gpu_bench.sh sweep    # scripts/gpu_gemv_sweep.py: every GEMV launch
-#                                      # configuration of the int8/int4 shapes, graphed
+#                                      # configuration of the step's shapes, graphed, and the
+#                                      # card's launch table (experiments/gpu_launch_table.sh:
+#                                      # the same, compiled in parallel, then the benches)
 #   bash scripts/gpu_bench.sh ab       # experiments/gpu_fused_ab.py: a code path off/on
 #                                      # (AB_OPTION=pdl|norm_in_gemv|branches|priority) for bf16,
 #                                      # int8 and int4 on Pythia shapes (AB_RECIPES picks)
@@ -91,6 +93,7 @@ if [ "$PHASE" = stage ]; then
   ls -la /tmp/fd
 elif [ "$PHASE" = check ]; then
   # every fused test on CUDA: the GEMV property over every code path, whole steps graphed
+  # (FASTDECODE_TUNE=0: the heuristic launches, not the table's)
   FASTDECODE_TUNE=0 timeout 240 python3 -m pytest -q tests/test_fused.py tests/test_prefill.py tests/test_layering.py -p no:cacheprovider
   echo "pytest fused (all, cuda) rc=$?"
 elif [ "$PHASE" = pythia ]; then
@@ -106,9 +109,8 @@ elif [ "$PHASE" = pythia ]; then
   echo "bench rc=$?"
 elif [ "$PHASE" = sweep ]; then
   timeout 420 python3 scripts/gpu_gemv_sweep.py ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"} \
-    ${SWEEP_CANDIDATES:+--candidates "$SWEEP_CANDIDATES"} \
     ${SWEEP_PARTS:+--parts "$SWEEP_PARTS"} \
-    --json "$OUT/$CLASS-gemv-sweep.json"
+    --json "$OUT/$CLASS-gemv-sweep.json" --table "$OUT/launch-$CLASS.json"
   echo "sweep rc=$?"
 elif [ "$PHASE" = ab ]; then
   # AB_OPTION=pdl|norm_in_gemv|branches|priority (default pdl), AB_VALUES (default 0,1), AB_RECIPES

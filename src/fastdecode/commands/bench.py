@@ -431,7 +431,7 @@ def run(args) -> int:
     if step_kernels_fused(record):
         from ..fused import tune
 
-        record["tuned_launches"] = tune.chosen()
+        record["launches"] = tune.chosen()  # per GEMV shape: launch and source (table)
     save()
 
     # ---------------------------------------------------------------- table

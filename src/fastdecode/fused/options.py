@@ -33,8 +33,10 @@ class FusedOptions:
       they apply, else 1.
     - ``parts``: input parts of a tensor-core GEMV (the tuner's choices: 1, 2, 4; any count
       up to 4 runs, e.g. 3 in tests: unequal parts); None: from its row blocks.
-    - ``tune``: time the candidate launch configurations on first use (False: the first
-      valid one; tests on CUDA).
+    - ``tune``: GEMV launches from the launch table of the card's class where it has one
+      (``fused/table.py``; False: the heuristic alone). Nothing is timed at run time.
+    - ``launch_table``: the launch table file to use instead of the bundled one (it must
+      name this card; ``scripts/gpu_gemv_sweep.py --table`` writes one).
     - ``norm_in_gemv``: 0 every norm its own launch, 1 the GEMV normalises x itself where
       all GEMVs reading that norm are float, 2 whatever their format.
     - ``branches``: parallel-residual layers on two streams: 1 the MLP's up projection
@@ -49,6 +51,7 @@ class FusedOptions:
     int4: int | None = None
     parts: int | None = None
     tune: bool = True
+    launch_table: str | None = None
     norm_in_gemv: int = 1
     branches: int | None = None
     priority: bool | None = None
@@ -68,6 +71,9 @@ class FusedOptions:
             if not (v is None and optional) and v not in range(levels):
                 raise ConfigError(f"{name} must be one of 0..{levels - 1}"
                                   f"{' or None' if optional else ''}, got {v!r}")
+        if self.launch_table is not None and not (isinstance(self.launch_table, str)
+                                                  and self.launch_table):
+            raise ConfigError(f"launch_table must be a file path, got {self.launch_table!r}")
         if self.parts not in (None, *range(1, PARTS[-1] + 1)):
             raise ConfigError(f"parts must be 1..{PARTS[-1]} or None, got {self.parts!r}")
         if self.attn is not None:
@@ -80,7 +86,8 @@ class FusedOptions:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> FusedOptions:
         """The options ``FASTDECODE_<NAME>`` sets (PDL, ASM, INT4, PARTS, TUNE,
-        NORM_IN_GEMV, BRANCHES, PRIORITY: integers; ATTN: 'per,BLOCK_N,num_warps'), unset
+        NORM_IN_GEMV, BRANCHES, PRIORITY: integers; ATTN: 'per,BLOCK_N,num_warps';
+        LAUNCH_TABLE: a path), unset
         or empty ones at their defaults, then ``overrides``. A value that is not one the
         option takes is an error naming the variable."""
         env = os.environ if environ is None else environ
@@ -100,6 +107,8 @@ class FusedOptions:
 
 
 def _parse(name: str, v: str):
+    if name == "launch_table":
+        return v
     if name == "attn":
         try:
             per, bn, warps = (int(t) for t in v.split(","))

@@ -32,8 +32,8 @@ The step has ``greedy_step``'s contract (:mod:`fastdecode.compile`): it returns 
 logits (a static buffer) and writes the greedy next token into ``tok`` and ``pos + 1``
 into ``pos``, so it can be captured as one CUDA graph and replayed back to back.
 
-Kernel launch parameters are chosen per shape by timing the candidates on the device on
-first use (:mod:`fastdecode.fused.tune`); under Triton's interpreter (CPU tests) a fixed
+Kernel launch parameters come from the card's launch table, else a fixed heuristic
+(:mod:`fastdecode.fused.tune`), never timed; under Triton's interpreter (CPU tests) a fixed
 small configuration is used. Every option comes in one :class:`FusedOptions` object.
 
 The weights are the model's own, in the layout of :mod:`fastdecode.quant.layout` (read

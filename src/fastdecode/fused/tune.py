@@ -1,20 +1,22 @@
-"""Launching the fused kernels, with launch parameters chosen per shape by measurement.
+"""Launching the fused kernels, with launch parameters chosen per card and shape, untimed.
 
-On CUDA the first launch of each distinct GEMV (rows, inputs, format, fusions) and of the
-attention for each cache shape times a short list of candidate configurations on the
-device (``triton.testing.do_bench``: median, L2 flushed between runs) and keeps the
-fastest for the process; :func:`chosen` reports what was picked (benchmark records keep
-it). Tuning happens while a step is warmed up, before any CUDA-graph capture. In-place
-launches (the residual GEMVs) get their output restored after timing.
+A GEMV's launch (block sizes, warps, the int4 path, input parts) comes from the launch table
+of the GPU's class (:mod:`fastdecode.fused.table`: a graphed sweep of every candidate, run
+offline on that card by ``scripts/gpu_gemv_sweep.py``), else from :func:`heuristic`, a fixed
+rule of the format, the shape and the SM count. Nothing is timed at run time, so two
+processes choose the same launches; :func:`chosen` reports what this process used and where
+it came from (bench records keep it under ``launches``).
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests) a fixed small
 configuration is used, chosen to exercise the same code paths (several row blocks, several
 K chunks, several attention splits).
 
 Every launch takes the step's :class:`~fastdecode.fused.options.FusedOptions` (``opts``):
-besides block sizes, a GEMV candidate names two code paths of the quantized formats that
-the options may pin, ``asm`` and the ``int4`` path, and on the tensor-core path the input
-``parts`` (:class:`Workspace`). None of them changes a result beyond accumulation order.
+besides block sizes, a GEMV configuration names two code paths of the quantized formats
+that the options may pin, ``asm`` and the ``int4`` path, and on the tensor-core path the
+input ``parts`` (:class:`Workspace`). None of them changes a result beyond accumulation
+order. A table entry that a pin (or the launch: segments, a workspace too small) rules
+out gives way to the heuristic under the same pins.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import triton
 import triton.language as tl
 
 from ..quant.layout import FLOAT, INT4, INT8, Packed
-from . import kernels
+from . import kernels, table
 from .options import MIN_PER, PARTS, FusedOptions
 
-_CHOSEN: dict[tuple, tuple] = {}
+_CHOSEN: dict[tuple, tuple] = {}  # launch key -> configuration (a cache: no lookup per launch)
+_RECORD: dict[str, dict] = {}  # what chosen() reports
 
 
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
@@ -49,33 +52,38 @@ def _launch_opts(x: torch.Tensor, opts: FusedOptions) -> dict:
     on = pdl(x, opts)
     return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
-# Candidate lists: (BLOCK_N, BLOCK_K, num_warps, num_stages or None); the tuner adds asm /
-# int4 path. Every candidate is compiled and timed on first use, so each list holds only
-# the configurations that were fastest for some Pythia-2.8B shape inside the graphed step
-# (scripts/gpu_gemv_sweep.py; perf/results/h100-gemv-sweep.json,
-# h100-gemv-sweep-bf16-9f19846.json, h100-gemv-sweep-int8-mma-5af6f77.json).
-GEMV_CANDIDATES = [(2, 1024, 4, None), (4, 1024, 4, None), (8, 256, 4, None),
-                   (8, 512, 4, None), (8, 512, 8, None), (8, 1024, 8, None), (16, 256, 4, None),
-                   (4, 1024, 4, 1), (2, 2048, 4, None), (4, 2048, 8, None)]
-# int8: the graphed sweep's winners only (with more, do_bench's picks varied by process)
-INT8_CANDIDATES = [(8, 512, 8, None), (2, 2048, 4, None)]
-INT4_CANDIDATES = [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None),
-                   (8, 512, 8, None), (4, 1024, 4, None),
-                   (8, 1024, 8, None)]  # as GEMV_CANDIDATES; BLOCK_K a multiple of the group
-# int4 on tensor cores (path 2): (BLOCK_N, K splits = num_warps, num_stages), the fastest in
-# a graph of 32 layers (experiments/results/h100-gemv-sweep-int4-mma-e22100d.json)
-INT4_MMA_CANDIDATES = [(16, 4, 3), (16, 8, 3)]
-# cut into input parts: 4 warps (perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)
-INT4_MMA_PARTS_CANDIDATES = [(16, 4, 3)]
+
+# What the sweep (scripts/gpu_gemv_sweep.py) times for each shape, (BLOCK_N, BLOCK_K,
+# num_warps, num_stages or None): 2,048 to 16,384 weights a program an iteration, and the
+# earlier sweeps' winners; the launch table keeps each shape's fastest. Nothing here is
+# timed at run time, so the lists may be long.
+SWEEP_CANDIDATES = sorted(
+    {(bn, bk, w, None) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048, 4096)
+     for w in (4, 8) if 2048 <= bn * bk <= 16384 and (w == 4 or bn * bk >= 4096)
+     and (w == 8 or bn * bk <= 8192)} | {(8, 256, 4, None), (16, 256, 4, None)})
+# int4 on tensor cores (path 2): (BLOCK_N, K splits = num_warps, num_stages), whole or cut
+# into input parts (experiments/results/h100-gemv-sweep-int4-mma-e22100d.json,
+# perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)
+SWEEP_MMA = [(16, 4, 3), (16, 8, 3), (16, 4, 4), (16, 8, 2)]
+SWEEP_MMA_PARTS = [(16, 4, 3), (16, 8, 3)]
 # (slots per split, BLOCK_N, num_warps): one, fixed, since timed alone the attention
 # launches rank differently than inside the graphed step (perf/results/
 # h100-attn-ab-preload.json, h100-attn-warps-f4c9930.txt)
 ATTN_CANDIDATES = [(64, 16, 1)]
 
 
-def chosen() -> dict[str, str]:
-    """What the tuner picked in this process, readable: shape -> configuration."""
-    return {" ".join(map(str, k)): " ".join(map(str, v)) for k, v in _CHOSEN.items()}
+def chosen() -> dict:
+    """What this process launched and why: per GEMV shape (table.shape_key) the
+    configuration (BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts) and its
+    source (the launch table's class, 'heuristic' or 'interpreter'), the attention launches,
+    and the device and table each came from."""
+    return {k: dict(v) for k, v in sorted(_RECORD.items())}
+
+
+def _note(key: str, cfg: tuple, source: str, dev: table.Device | None, t=None) -> None:
+    _RECORD[key] = {"cfg": list(cfg), "from": source,
+                    "device": f"{dev.name} sm{dev.capability[0]}{dev.capability[1]}"
+                    if dev else "cpu", **({"table": t.path.rsplit("/", 1)[-1]} if t else {})}
 
 
 def _pow2_divisor(n: int, limit: int) -> int:
@@ -104,17 +112,16 @@ def _mma_ok(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptio
 
 
 def _asm(applies: bool, opts: FusedOptions) -> bool:
-    """Inline-PTX conversions: on wherever they apply, unless pinned; not timed, since
-    inside the graphed step they are the faster everywhere
-    (perf/results/h100-fused-ab-asm-c0d3167.json)."""
+    """Inline-PTX conversions: on wherever they apply, unless pinned; inside the graphed
+    step they are the faster everywhere (perf/results/h100-fused-ab-asm-c0d3167.json)."""
     return applies and opts.asm is not False
 
 
 def int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype,
                opts: FusedOptions) -> tuple[int, ...]:
-    """The int4 paths to time: as pinned, else tensor cores for groups of 128 or more
-    where they apply, path 1 otherwise; not timed, since a launch timed alone ranks them
-    differently than the graphed step (docs/gpu.md)."""
+    """The int4 path (one): as pinned, else tensor cores for groups of 128 or more where
+    they apply, path 1 otherwise (a launch timed alone ranks them differently than the
+    graphed step, docs/gpu.md)."""
     if p.fmt != INT4:
         return (0,)
     mma = _mma_ok(p, n, nsplit, dtype, opts)
@@ -123,32 +130,22 @@ def int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype,
     return (2,) if mma and p.group >= 128 else (1,)
 
 
-def parts(n: int, block_n: int, device: torch.device, opts: FusedOptions) -> int:
-    """How many input parts a tensor-core GEMV of ``n`` rows is cut into (pinned by
-    ``opts.parts``): the fewest of :data:`PARTS` that give MIN_PROGRAMS_PER_SM programs an
-    SM. These GEMVs are bound by instruction latency and want more warps an SM, but a part
-    costs its partial sums (perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)."""
+MIN_PROGRAMS_PER_SM = 3
+
+
+def parts(n: int, block_n: int, sms: int, opts: FusedOptions) -> int:
+    """How many input parts a tensor-core GEMV of ``n`` rows is cut into where no table
+    says (pinned by ``opts.parts``): the fewest of :data:`PARTS` that give
+    MIN_PROGRAMS_PER_SM programs an SM. These GEMVs are bound by instruction latency and
+    want more warps an SM, but a part costs its partial sums
+    (perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)."""
     if opts.parts is not None:
         return opts.parts
-    sms = _sm_count(device)
     blocks = triton.cdiv(n, block_n)
     for k in PARTS:
         if blocks * k >= MIN_PROGRAMS_PER_SM * sms:
             return k
     return PARTS[-1]
-
-
-MIN_PROGRAMS_PER_SM = 3
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
 
 
 class Workspace:
@@ -168,46 +165,96 @@ class Workspace:
             self.counts.numel()
 
 
-def _parts_choices(n: int, bn: int, glu: bool, ws: Workspace | None,
-                   opts: FusedOptions) -> tuple[int, ...]:
-    if glu or ws is None:
-        return (1,)
-    k = parts(n, bn, ws.parts.device, opts)
-    return (k,) if ws.fits(n, k, bn) else (1,)
+def _can_cut(n: int, k: int, bn: int, glu: bool, ws: Workspace | None) -> bool:
+    return k == 1 or (not glu and ws is not None and ws.fits(n, k, bn))
 
 
-def _gemv_candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions,
-                     glu: bool = False, ws: Workspace | None = None) -> list[tuple]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts) for this weight
-    (int4 on tensor cores: num_warps is the number of K splits, BLOCK_K the group; parts
-    only there, with a workspace)."""
-    base = list({FLOAT: GEMV_CANDIDATES, INT8: INT8_CANDIDATES, INT4: INT4_CANDIDATES}[p.fmt])
-    valid = [c for c in base if _valid(c, p, n, nsplit)]
-    if not valid:  # small or odd widths (SmolLM2's 576): the largest K block that fits
-        bn = _pow2_divisor(nsplit, 8) if 0 < nsplit < n else 8
-        bk = p.group if p.fmt == INT4 else _pow2_divisor(p.group if p.fmt == INT8 else 256, 256)
-        valid = [(bn, bk, 4, None)]
-    out = []
-    for path in int4_paths(p, n, nsplit, dtype, opts):
-        cfgs = ([(bn, p.group, w, st, k) for k in _parts_choices(n, 16, glu, ws, opts)
-                 for bn, w, st in (INT4_MMA_CANDIDATES if k == 1 else
-                                   INT4_MMA_PARTS_CANDIDATES)] if path == 2
-                else [c + (1,) for c in valid])
-        out += [c[:4] + (_asm(p.fmt != 0, opts), path, c[4]) for c in cfgs]
-    return out
+def admissible(cfg: tuple, p: Packed, n: int, nsplit: int, dtype: torch.dtype,
+               opts: FusedOptions, glu: bool = False, ws: Workspace | None = None) -> bool:
+    """Whether ``cfg`` may run this launch under these options: the int4 path and inline
+    PTX as the options and rules have them, block sizes the format and segments allow,
+    input parts only on the tensor-core path with a workspace that fits (as pinned, where
+    the launch can be cut so)."""
+    bn, bk, warps, stages, asm, path, k = cfg
+    if path != int4_paths(p, n, nsplit, dtype, opts)[0] or asm != _asm(p.fmt != FLOAT, opts):
+        return False
+    if path == 2:
+        return (bk == p.group and bn % 16 == 0 and not (0 < nsplit < n and nsplit % bn)
+                and _can_cut(n, k, bn, glu, ws)
+                and (opts.parts in (None, k) or not _can_cut(n, opts.parts, bn, glu, ws)))
+    return k == 1 and _valid(cfg, p, n, nsplit)
+
+
+def heuristic(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions,
+              glu: bool = False, ws: Workspace | None = None, sms: int = 132,
+              norm: int = 0) -> tuple:
+    """A launch for a shape or card no table holds, from a fixed rule: the configurations
+    that were within a few percent of the best on the H100 and H200 sweeps, by format and
+    input length, fitted to the shape (block sizes the format and segments allow, inputs
+    no wider than K), parts from the SM count (:func:`parts`)."""
+    path = int4_paths(p, n, nsplit, dtype, opts)[0]
+    asm = _asm(p.fmt != FLOAT, opts)
+    if path == 2:
+        k = parts(n, 16, sms, opts)
+        k = k if _can_cut(n, k, 16, glu, ws) else 1
+        return 16, p.group, 4 if k > 1 or p.k < 8192 else 8, 3, asm, 2, k
+    long_k = p.k >= 8192
+    if p.fmt == FLOAT:
+        bn, bk, w = (8, 512, 8) if norm else (2, 1024, 4)
+    elif p.fmt == INT8:
+        bn, bk, w = (2, 2048, 4) if long_k else (8, 512, 8)
+    else:
+        bn, bk, w = (8, 1024, 8) if long_k else (8, 512, 8)
+    bk = min(bk, max(triton.next_power_of_2(p.k), 16))
+    if 0 < nsplit < n:
+        bn = _pow2_divisor(nsplit, bn)
+    if p.fmt == INT8:
+        bk = _pow2_divisor(p.group, bk)
+    elif p.fmt == INT4:
+        bk = p.group * max(1, min(bk, 2048) // p.group)
+    return bn, bk, w, None, asm, path, 1
+
+
+def candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions,
+               glu: bool = False, ws: Workspace | None = None,
+               parts_: tuple[int, ...] = (1,)) -> list[tuple]:
+    """Every configuration the sweep times for this launch (admissible ones only), with
+    input parts ``parts_`` on the tensor-core path."""
+    path = int4_paths(p, n, nsplit, dtype, opts)[0]
+    asm = _asm(p.fmt != FLOAT, opts)
+    if path == 2:
+        cfgs = [(bn, p.group, w, st, asm, 2, k) for k in parts_
+                for bn, w, st in (SWEEP_MMA if k == 1 else SWEEP_MMA_PARTS)]
+    else:
+        cfgs = [c + (asm, path, 1) for c in SWEEP_CANDIDATES]
+    return [c for c in cfgs if admissible(c, p, n, nsplit, dtype, opts, glu, ws)]
+
+
+def choose(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions,
+           dev: table.Device, glu: bool = False, ws: Workspace | None = None,
+           norm: int = 0) -> tuple[tuple, str, table.Table | None]:
+    """(configuration, its source, the table) for a GEMV on ``dev``: the table entry of
+    this shape where the card has a table (``opts.launch_table`` or the bundled one) and
+    the entry is admissible, else :func:`heuristic`. ``opts.tune`` False: the heuristic."""
+    t = table.for_device(dev, opts.launch_table) if opts.tune else None
+    cfg = t.gemv.get(table.shape_key(p, n, dtype, norm, glu)) if t is not None else None
+    if cfg is not None and admissible(cfg, p, n, nsplit, dtype, opts, glu, ws):
+        return cfg, t.name, t
+    return heuristic(p, n, nsplit, dtype, opts, glu, ws, dev.sms, norm), "heuristic", None
 
 
 def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
                  ws: Workspace | None, opts: FusedOptions) -> tuple:
-    """Under the interpreter: small blocks; no inline PTX; the int4 path as pinned (default
-    1; tensor cores with two K splits, and the input parts as pinned, else 2 where a
-    workspace is given)."""
+    """Under the interpreter: 16-row blocks (few programs: the interpreter's cost is per
+    program; the tiny models' GEMVs still span several), 32 inputs a chunk (several chunks);
+    no inline PTX; the int4 path as pinned (default 1; tensor cores with two K splits, and
+    the input parts as pinned, else 2 where a workspace is given)."""
     path = int4_paths(p, n, nsplit, dtype, opts)[0]
     if path == 2:
         k = opts.parts or 2
         k = k if not glu and ws is not None and ws.fits(n, k, 16) else 1
         return 16, p.group, 2, None, False, 2, k
-    bn = 4 if not 0 < nsplit < n else min(4, _pow2_divisor(nsplit, 4))
+    bn = 16 if not 0 < nsplit < n else _pow2_divisor(nsplit, 16)
     if p.fmt == INT4:
         bk = p.group
     elif p.fmt == INT8:
@@ -217,32 +264,16 @@ def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
     return bn, bk, 1, None, False, path, 1
 
 
-def _bench(fn, restore: torch.Tensor | None) -> float:
-    saved = restore.clone() if restore is not None else None
-    try:
-        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-    finally:
-        if saved is not None:
-            restore.copy_(saved)
-
-
-def _pick(key: tuple, candidates_of, run, restore, tune: bool) -> tuple:
-    """The configuration for ``key``: cached, else the fastest of ``candidates_of()`` (built
-    only on a miss: this runs on every launch of an un-graphed step)."""
-    if key in _CHOSEN:
-        return _CHOSEN[key]
-    candidates = candidates_of()
-    if not candidates:
-        raise RuntimeError(f"no valid launch configuration for {key}")
-    if not tune:
-        return candidates[0]
-    best, best_ms = None, float("inf")
-    for cfg in candidates:
-        ms = _bench(lambda cfg=cfg: run(cfg), restore)
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _CHOSEN[key] = best
-    return best
+def _pick(key: tuple, candidates_of) -> tuple:
+    """The first of ``candidates_of()`` for ``key``, cached (built only on a miss: this
+    runs on every launch of an un-graphed step)."""
+    if key not in _CHOSEN:
+        cands = candidates_of()
+        if not cands:
+            raise RuntimeError(f"no valid launch configuration for {key}")
+        _CHOSEN[key] = cands[0]
+        _RECORD[" ".join(map(str, key))] = {"cfg": list(cands[0]), "from": "fixed"}
+    return _CHOSEN[key]
 
 
 def gemv(x, p: Packed, y, res, *, n, nsplit, opts: FusedOptions, gap=0, xseg=0, act2=0,
@@ -261,19 +292,21 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, opts: FusedOptions, gap=0, xseg=0, 
                 HAS_BIAS=p.bias is not None, HAS_RES=res is not None,
                 HAS_RES2=res2 is not None, NORM=kind,
                 **_launch_opts(x, opts))
-
-    def run(cfg):
-        launch_gemv(args, meta, n, cfg, ws)
-
-    if not x.is_cuda:
-        run(_interp_gemv(p, n, nsplit, x.dtype, glu, ws, opts))
-        return
-    key = ("gemv", n, p.k, nsplit, p.fmt, p.group, act2, int(glu), int(p.bias is not None),
-           int(res is not None), int(res2 is not None), kind,
-           str(x.dtype).removeprefix("torch."), opts.asm, opts.int4, opts.parts, opts.pdl,
-           ws is not None)
-    run(_pick(key, lambda: _gemv_candidates(p, n, nsplit, x.dtype, opts, glu, ws), run, res,
-              opts.tune))
+    key = ("gemv", x.device, n, p.k, nsplit, p.fmt, p.group, kind, int(glu), x.dtype, opts,
+           ws is not None and ws.rows)
+    cfg = _CHOSEN.get(key)
+    if cfg is None:
+        skey = table.shape_key(p, n, x.dtype, kind, glu)
+        if x.is_cuda:
+            dev = table.Device.of(x.device.index if x.device.index is not None
+                                  else torch.cuda.current_device())
+            cfg, source, t = choose(p, n, nsplit, x.dtype, opts, dev, glu, ws, kind)
+            _note(skey, cfg, source, dev, t)
+        else:
+            cfg = _interp_gemv(p, n, nsplit, x.dtype, glu, ws, opts)
+            _note(skey, cfg, "interpreter", None)
+        _CHOSEN[key] = cfg
+    launch_gemv(args, meta, n, cfg, ws)
 
 
 def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | None = None):
@@ -372,9 +405,9 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
         run(opts.attn)
         return
     run(_pick(key, lambda: [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
-                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)], run, None,
-              opts.tune))
+                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)]))
 
 
-__all__ = ["gemv", "Workspace", "parts", "norm", "cos_sin", "decode_plan", "rope_write",
-           "attention", "argmax", "chosen", "max_splits"]
+__all__ = ["gemv", "Workspace", "parts", "choose", "heuristic", "admissible", "candidates",
+           "norm", "cos_sin", "decode_plan", "rope_write", "attention", "argmax", "chosen",
+           "max_splits"]
