@@ -54,7 +54,8 @@ class ScoredCache(KVCache):
 
     name = "scored"
     needs_rotary = True  # make_cache passes rotary_dim and rope_theta
-    score_based = True  # the compiled / fused steps do not support these yet
+    score_based = True  # the fused step scores and evicts in its own kernels
+    rule = "sum"  # how the fused step updates scores: sum (H2O) or mean (TOVA)
 
     def __init__(self, cfg, *, budget: int, sink: int, recent: int, num_layers: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
@@ -232,6 +233,15 @@ class ScoredCache(KVCache):
         self.score.zero_()
         self.newer.zero_()
         self.free.zero_()
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """The device state a decode step changes, besides the slot it writes (which is
+        free again once this is restored): for warm-up steps before a graph capture."""
+        return [x.clone() for x in (self.pos, self.score, self.newer, self.free)]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for x, saved in zip((self.pos, self.score, self.newer, self.free), snap):
+            x.copy_(saved)
 
     def held_by_head(self) -> list[list[list[int]]]:
         """Text positions held, ascending, per layer and KV head (host side)."""
