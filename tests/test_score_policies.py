@@ -430,7 +430,8 @@ def test_configs_and_registration(tiny_llama):
 
 def test_reset_forgets_and_eager_only(tiny_neox):
     """Decoder.reset clears the score cache (the same stream gives the same logits again);
-    the compiled steps refuse score caches for now, with a clear error."""
+    torch.compile of the eager step (inductor, the CPU's compiled path) refuses score caches
+    with a clear error (the fused step takes them: test_fused_scored)."""
     dec = Decoder.build(tiny_neox.model, H2OConfig(heavy=2, recent=2, position_mode="cache"))
     tokens = tokens_for(4, 14)
     first = torch.cat([dec.prefill(tokens[:6], all_logits=True),
