@@ -380,7 +380,8 @@ def run(args) -> int:
 
     peers = {}
     if args.peers:
-        ppl = args.peer_prompt_len or (cfg.window if bounded else prompt_len)
+        window = getattr(cfg, "window", cfg.budget)  # h2o, tova: no window, their budget
+        ppl = args.peer_prompt_len or (window if bounded else prompt_len)
         pprompt = tpot.random_prompt(ppl, lm.spec.vocab_size, args.seed, dev)
         peers = run_peers(args.peers, lm.spec, lm.model.dtype, dev, pprompt,
                           args.peer_decode_len, args.peer_warmup_tokens, log=log)

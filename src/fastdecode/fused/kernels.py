@@ -533,7 +533,7 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
                       D: tl.constexpr,
                       HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
                       BLOCK_D: tl.constexpr, PDL: tl.constexpr, SCORED: tl.constexpr = 0,
-                      CACHE_MODE: tl.constexpr = 0):
+                      CACHE_MODE: tl.constexpr = 0, BLOCK_SL: tl.constexpr = 16):
     """Rotate the new token's queries and keys and store its key/value.
 
     ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
@@ -545,7 +545,8 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
 
     ``SCORED`` (H2O, TOVA: :mod:`fastdecode.cache.scored`): key head h goes to its own slot
     ``slot[layer, h]`` (the cache's ``free``), whose text position becomes t (``t_ptr``) and
-    score 0; with ``CACHE_MODE`` every held token of the head gets one more newer than it.
+    score 0; with ``CACHE_MODE`` every held token of the head gets one more newer than it
+    (``BLOCK_SL`` slots at a time).
     """
     _pdl_start(PDL)
     _pdl_wait(PDL)
@@ -577,8 +578,8 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
             slot = tl.load(slot_ptr + layer * HKV + h)
             row = (layer * HKV + h) * SLOTS
             if CACHE_MODE:  # newer += held; newer[slot] = 0 (its old token left)
-                for n0 in range(0, SLOTS, BLOCK_D):
-                    rn = n0 + rd
+                for n0 in range(0, SLOTS, BLOCK_SL):
+                    rn = n0 + tl.arange(0, BLOCK_SL)
                     mn = rn < SLOTS
                     held = tl.load(cpos_ptr + row + rn, mask=mn, other=-1) >= 0
                     nw = tl.load(newer_ptr + row + rn, mask=mn, other=0)
@@ -806,18 +807,6 @@ def _rot_dot(q, qp, r, dl, k, freq_ptr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _lse(m_ptr, l_ptr, h, NSPLIT, BLOCK_S: tl.constexpr):
-    """Head h's split partials: (max m_s, sum_s exp(m_s - max) l_s), its softmax's log-sum-exp
-    in two parts."""
-    rs = tl.arange(0, BLOCK_S)
-    ms = rs < NSPLIT
-    m = tl.load(m_ptr + h * NSPLIT + rs, mask=ms, other=-1e30)
-    l_ = tl.load(l_ptr + h * NSPLIT + rs, mask=ms, other=0.0)
-    mx = tl.max(m, axis=0)
-    return mx, tl.sum(tl.exp(m - mx) * l_, axis=0)
-
-
-@triton.jit
 def _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, h, NSPLIT, D: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     rs = tl.arange(0, BLOCK_S)
@@ -845,45 +834,52 @@ def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
 
 @triton.jit
 def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, cpos_ptr,
-                               score_ptr, newer_ptr, free_ptr, layer, NSPLIT, SLOTS, BUDGET,
-                               SINK, RECENT, HQ: tl.constexpr, HKV: tl.constexpr,
+                               score_ptr, newer_ptr, free_ptr, layer, NSPLIT, SLOTS, SINK,
+                               RECENT, HQ: tl.constexpr, HKV: tl.constexpr,
                                D: tl.constexpr, TOVA: tl.constexpr, CACHE_MODE: tl.constexpr,
                                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                               BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                               BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                               PDL: tl.constexpr):
     """The combine of a score-based cache (``ScoredCache._observe_decode``), one program a KV
     head hk: the outputs of its query heads (as :func:`attn_combine_kernel`), then per slot
-    the probability exp(logit - lse) each query head gave it; scores: H2O adds the sum over
-    the group, TOVA sets the mean over all the layer's heads (0 where nothing is held); then
-    the argmin of (score, text position) over the evictable slots (held, not a sink, not of
-    the ``RECENT`` newest) and, once more than ``BUDGET`` are held, that token's eviction:
-    its slot is ``free`` (the next token's), else the first empty slot is. ``CACHE_MODE``:
-    the held tokens older than the evicted one have one fewer newer than them."""
+    the probability exp(logit - lse) each query head gave it, from the splits' partials
+    ([BLOCK_H heads, BLOCK_N slots] a tile); scores: H2O adds the sum over the group, TOVA
+    sets the mean over all the layer's heads (0 where nothing is held); then the argmin of
+    (score, text position) over the evictable slots (held, not a sink, not of the
+    ``RECENT`` newest), one min over both packed in an int64 (scores >= 0, so their float
+    bits order as they do; positions < 2**32). When every slot is held (budget + 1), that
+    token is evicted and its slot is ``free`` (the next token's), else the first empty slot
+    is. ``CACHE_MODE``: the held tokens older than the evicted one have one fewer newer."""
     _pdl_start(PDL)
     _pdl_wait(PDL)
     hk = tl.program_id(0)
     G: tl.constexpr = HQ // HKV
     for g in range(G):
         _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, hk * G + g, NSPLIT, D, BLOCK_S, BLOCK_D)
-    h_lo = 0 if TOVA else hk * G
     NH: tl.constexpr = HQ if TOVA else G
+    rh = tl.arange(0, BLOCK_H)
+    mh = rh < NH
+    heads = rh + (0 if TOVA else hk * G)
+    rs = tl.arange(0, BLOCK_S)
+    mm = mh[:, None] & (rs < NSPLIT)[None, :]
+    m = tl.load(m_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=-1e30)
+    l_ = tl.load(l_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=0.0)
+    mx = tl.max(m, axis=1)
+    z = tl.where(mh, tl.sum(tl.exp(m - mx[:, None]) * l_, axis=1), 1.0)
     t = tl.load(t_ptr)
     row = (layer * HKV + hk) * SLOTS
     big = 9223372036854775807
-    best_s = tl.full((), float("inf"), tl.float32)
-    best_p = tl.full((), big, tl.int64)
+    best_k = tl.full((), big, tl.int64)
     best_i = tl.zeros((), tl.int32)
-    cnt = tl.zeros((), tl.int32)
     empty = tl.full((), 2147483647, tl.int32)
     for n0 in range(0, SLOTS, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         mn = rn < SLOTS
         p = tl.load(cpos_ptr + row + rn, mask=mn, other=-1)
         held = p >= 0
-        pr = tl.zeros((BLOCK_N,), tl.float32)
-        for j in range(NH):
-            mx, z = _lse(m_ptr, l_ptr, h_lo + j, NSPLIT, BLOCK_S)
-            lg = tl.load(logit_ptr + (h_lo + j) * SLOTS + rn, mask=mn, other=float("-inf"))
-            pr += tl.exp(lg - mx) / z
+        lg = tl.load(logit_ptr + heads[:, None] * SLOTS + rn[None, :],
+                     mask=mh[:, None] & mn[None, :], other=float("-inf"))
+        pr = tl.sum(tl.exp(lg - mx[:, None]) / z[:, None], axis=0)
         if TOVA:
             new = pr / HQ
         else:
@@ -891,19 +887,16 @@ def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, c
         new = tl.where(held, new, 0.0)
         tl.store(score_ptr + row + rn, new, mask=mn)
         ev = held & (p >= SINK) & (p <= t - RECENT)
-        s = tl.where(ev, new, float("inf"))
-        bs = tl.min(s, axis=0)
-        low = ev & (s == bs)
-        bp = tl.min(tl.where(low, p, big), axis=0)
-        bi = tl.min(tl.where(low & (p == bp), rn, 2147483647), axis=0)
-        take = (bs < best_s) | ((bs == best_s) & (bp < best_p))
-        best_s = tl.where(take, bs, best_s)
-        best_p = tl.where(take, bp, best_p)
-        best_i = tl.where(take, bi, best_i)
-        cnt += tl.sum(held.to(tl.int32), axis=0)
+        key = tl.where(ev, (new.to(tl.int32, bitcast=True).to(tl.int64) << 32) | p, big)
+        k = tl.min(key, axis=0)
+        i = tl.min(tl.where(key == k, rn, 2147483647), axis=0)
+        take = k < best_k
+        best_k = tl.where(take, k, best_k)
+        best_i = tl.where(take, i, best_i)
         empty = tl.minimum(empty, tl.min(tl.where(mn & ~held, rn, 2147483647), axis=0))
-    if cnt > BUDGET:
+    if empty == 2147483647:  # budget + 1 held: evict
         if CACHE_MODE:
+            best_p = best_k - ((best_k >> 32) << 32)  # its text position
             for n0 in range(0, SLOTS, BLOCK_N):
                 rn = n0 + tl.arange(0, BLOCK_N)
                 mn = rn < SLOTS

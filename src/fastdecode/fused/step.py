@@ -117,7 +117,7 @@ class ScoredArgs:
     def __init__(self, cache, num_heads: int, freqs: torch.Tensor):
         self.pos, self.score, self.newer, self.free = cache.pos, cache.score, cache.newer, \
             cache.free
-        self.budget, self.sink, self.recent = cache.budget, cache.sink, cache.recent
+        self.sink, self.recent = cache.sink, cache.recent
         self.tova = int(cache.rule == "mean")
         self.cache_mode = int(cache.position_mode == "cache")
         self.freqs = cache.freqs if self.cache_mode else freqs  # float64 [rotary_dim / 2]

@@ -337,6 +337,8 @@ def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, h
     extra = ((scored.t, scored.pos, scored.score, scored.newer) if scored is not None
              else (slot,) * 4)
     flags = scored.flags() if scored is not None else {}
+    if scored is not None and scored.cache_mode:  # the newer counts: slots per iteration
+        flags["BLOCK_SL"] = min(triton.next_power_of_2(slots), 1024) if buf.is_cuda else 16
     kernels.rope_write_kernel[(hq + hkv,)](
         buf, q, cs, slot, k, v, ks, vs, layer, slots, *extra, HQ=hq, HKV=hkv, D=d, HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
@@ -376,11 +378,14 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
             kernels.attn_combine_kernel[(hq,)](m, l_, acc, out, nsplit, **common,
                                                num_warps=1 if nsplit <= 32 else 4, **launch)
             return
+        # a tile of [heads, slots] per iteration: <= 4096 values, at most 1024 slots
+        bh = triton.next_power_of_2(hq if sc.tova else hq // hkv)
         kernels.attn_combine_scored_kernel[(hkv,)](
             m, l_, acc, out, sc.logit, sc.t, sc.pos, sc.score, sc.newer, sc.free, layer,
-            nsplit, slots, sc.budget, sc.sink, sc.recent, HQ=hq, HKV=hkv, TOVA=sc.tova,
-            CACHE_MODE=sc.cache_mode, BLOCK_N=256 if q.is_cuda else 16,
-            num_warps=4 if q.is_cuda else 1, **common, **launch)
+            nsplit, slots, sc.sink, sc.recent, HQ=hq, HKV=hkv, TOVA=sc.tova,
+            CACHE_MODE=sc.cache_mode, BLOCK_H=bh,
+            BLOCK_N=max(16, min(1024, 4096 // bh)) if q.is_cuda else 16,
+            num_warps=8 if q.is_cuda else 1, **common, **launch)
 
     if not q.is_cuda:
         run((MIN_PER, 16, 1), scored)
