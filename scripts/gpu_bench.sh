@@ -135,7 +135,7 @@ elif [ "$PHASE" = quant ]; then
   timeout 60 "${BENCH[@]}" --kv-dtype int8 --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/$CLASS-pythia-int8kv.json" | tail -3
   echo "bench int8kv rc=$?"
 elif [ "$PHASE" = h2o ]; then
-  timeout 150 python3 -m pytest -q tests/test_fused_scored.py -p no:cacheprovider
+  FASTDECODE_TUNE=0 timeout 180 python3 -m pytest -q tests/test_fused_scored.py -p no:cacheprovider
   echo "pytest fused scored (cuda) rc=$?"
   timeout 240 python3 scripts/gpu_h2o_bench.py --recipes bf16,int8,int4-mlp-g128 --rounds 3 \
     --json "$OUT/$CLASS-h2o-vs-streaming.json"

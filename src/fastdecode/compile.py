@@ -190,10 +190,6 @@ class CompiledStep:
         self.decoder, self.mode = decoder, mode
         dev = decoder.model.device
         self.kernels = resolve_kernels(kernels, mode, decoder)
-        if self.kernels == "inductor" and getattr(decoder.cache, "score_based", False):
-            raise ConfigError(f"the {decoder.cache.name} cache runs eagerly or in the fused "
-                              "step (--kernels fused, CUDA): torch.compile of its eager "
-                              "step is not supported")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_logits: torch.Tensor | None = None
         if mode == "graphs" and dev.type != "cuda":

@@ -24,8 +24,9 @@ its rank among the held keys, the query at its own rank): the distance from the 
 held key is then the number of held tokens newer than it, which ``newer`` tracks in O(slots)
 per step; at read time each stored key is rotated once more, by (that distance's target
 position minus its text position), in float64: an extra pass over the layer's keys per step
-(one rotation per slot), acceptable in the eager path; a fused step would fold that angle
-into its score computation.
+(one rotation per slot), acceptable in the eager path; the fused step folds that angle
+into its score computation instead, and does the whole decode step above in its own
+launches on these buffers (:class:`fastdecode.fused.step.ScoredArgs`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class ScoredCache(KVCache):
 
     name = "scored"
     needs_rotary = True  # make_cache passes rotary_dim and rope_theta
-    score_based = True  # the fused step scores and evicts in its own kernels
+    score_based = True  # the fused step scores and evicts in its own kernels (step.py)
     rule = "sum"  # how the fused step updates scores: sum (H2O) or mean (TOVA)
 
     def __init__(self, cfg, *, budget: int, sink: int, recent: int, num_layers: int,
