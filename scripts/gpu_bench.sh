@@ -43,6 +43,10 @@
 #                                      # int4-mlp-g128 (torchao wheel in .carry/whl), ours bf16 /
 #                                      # int8 / int4; PPL on SmolLM2 (both GGUF halves: stage
 #                                      # first). Resumable: run it again to finish the rows left
+#   bash scripts/gpu_bench.sh h2o      # issue 20: the fused H2O/TOVA tests on CUDA; Pythia
+#                                      # shapes, fused graphs, one process: streaming 4+2048
+#                                      # vs H2O 4+1024+1024 in bf16, int8, int4-mlp-g128
+#                                      # (target H2O <= 1.05x); the h2o-team bench preset
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`;
@@ -155,6 +159,15 @@ elif [ "$PHASE" = quant ]; then
   done
   timeout 60 "${BENCH[@]}" --kv-dtype int8 --prompt-len 2052 --decode-len 128 --warmup-tokens 16 --json "$OUT/$CLASS-pythia-int8kv.json" | tail -3
   echo "bench int8kv rc=$?"
+elif [ "$PHASE" = h2o ]; then
+  FASTDECODE_TUNE=0 timeout 180 python3 -m pytest -q tests/test_fused_scored.py -p no:cacheprovider
+  echo "pytest fused scored (cuda) rc=$?"
+  timeout 240 python3 scripts/gpu_h2o_bench.py --recipes bf16,int8,int4-mlp-g128 --rounds 3 \
+    --json "$OUT/$CLASS-h2o-vs-streaming.json"
+  echo "h2o vs streaming rc=$?"
+  timeout 150 python3 -m fastdecode.cli bench --preset h2o-team --model pythia-2.8b \
+    --random-weights --dtype bfloat16 --device cuda --json "$OUT/$CLASS-h2o-team.json"
+  echo "bench h2o-team rc=$?"
 elif [ "$PHASE" = kd ]; then
   # KD_RECIPES: comma-separated (default int4-mlp-g128-kd)
   join_gguf || exit 3

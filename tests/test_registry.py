@@ -1,5 +1,6 @@
 """Every registered configuration runs on small random models and stays faithful:
-unquantized ones equal the reference StreamingLLM, quantized ones stay near it."""
+unquantized ones equal their policy's reference (StreamingLLM, H2O, TOVA), quantized ones
+stay near it."""
 
 from dataclasses import replace
 
@@ -19,7 +20,28 @@ def shrink(cache):
     """The same policy at test scale: windows of a few tokens, lazy R kept but small."""
     if cache.max_tokens is not None:  # nothing evicted: room for the test's tokens
         return replace(cache, max_len=64)
+    if cache.policy == "h2o":
+        return replace(cache, heavy=3, recent=2, sink=min(cache.sink, 2))
+    if cache.policy == "tova":
+        return replace(cache, budget=6)
     return replace(cache, window=5 + cache.window % 3, compress_every=min(cache.compress_every, 4))
+
+
+def reference_logits(model, toks, c):
+    """The oracle of the configuration's policy fed the test's chunks (prefill 17 in chunks
+    of 7, then steps): StreamingLLM's for the streaming family, H2O's / TOVA's for theirs."""
+    if c.policy in ("h2o", "tova"):
+        from fastdecode.reference.h2o import h2o_logits
+        from fastdecode.reference.tova import tova_logits
+
+        kw = dict(position_mode=c.position_mode, chunks=[7, 7, 3] + [1] * (len(toks) - 17),
+                  kv_int8=c.kv_dtype == "int8")
+        if c.policy == "h2o":
+            return h2o_logits(model, toks, heavy=c.heavy, recent=c.recent, sink=c.sink,
+                              **kw).logits
+        return tova_logits(model, toks, budget=c.budget, sink=c.sink, **kw).logits
+    window = None if c.max_tokens is not None else c.budget - c.sink
+    return streaming_logits(model, toks, c.sink, window, c.compress_every, c.position_mode)
 
 
 @pytest.mark.parametrize("name", sorted(registry.CONFIGS))
@@ -29,9 +51,7 @@ def test_config_runs_and_matches_reference(name, family):
     cache_cfg = shrink(cfg.speed_cache)
     base = load_model(family)
     toks = torch.randint(0, base.spec.vocab_size, (30,), generator=torch.Generator().manual_seed(1))
-    window = None if cache_cfg.max_tokens is not None else cache_cfg.budget - cache_cfg.sink
-    ref = streaming_logits(base.model, toks, cache_cfg.sink, window, cache_cfg.compress_every,
-                           cache_cfg.position_mode)
+    ref = reference_logits(base.model, toks, cache_cfg)
     lm = load_model(family)
     if cfg.quant:
         qc = QuantConfig.parse(cfg.quant)

@@ -428,9 +428,8 @@ def test_configs_and_registration(tiny_llama):
         cache.held_positions(3)  # per head: held_by_head()
 
 
-def test_reset_forgets_and_eager_only(tiny_neox):
-    """Decoder.reset clears the score cache (the same stream gives the same logits again);
-    the compiled steps refuse score caches for now, with a clear error."""
+def test_reset_forgets(tiny_neox):
+    """Decoder.reset clears the score cache (the same stream gives the same logits again)."""
     dec = Decoder.build(tiny_neox.model, H2OConfig(heavy=2, recent=2, position_mode="cache"))
     tokens = tokens_for(4, 14)
     first = torch.cat([dec.prefill(tokens[:6], all_logits=True),
@@ -439,8 +438,26 @@ def test_reset_forgets_and_eager_only(tiny_neox):
     again = torch.cat([dec.prefill(tokens[:6], all_logits=True),
                        torch.stack([dec.step(int(x)) for x in tokens[6:]])])
     torch.testing.assert_close(first, again, rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="eager"):
-        compile_decoder(dec, "default")
+
+
+def test_compiled_eager_step_equals_eager(tiny_llama):
+    """torch.compile of the eager step (``--compile default``, inductor: the CPU's compiled
+    path; the fused step's: test_fused_scored) takes a score cache whole (fullgraph, static
+    shapes): the same logits and buffers as eager, step by step, past the budget, for the
+    most involved case (GQA, position rolling, int8 KV)."""
+    cfg = H2OConfig(heavy=3, recent=2, sink=1, position_mode="cache", kv_dtype="int8")
+    tokens = tokens_for(6, 16)
+    ref, dec = Decoder.build(tiny_llama.model, cfg), Decoder.build(tiny_llama.model, cfg)
+    ref.prefill(tokens[:9])
+    dec.prefill(tokens[:9])
+    step = compile_decoder(dec, "default")
+    assert step.kernels == "inductor"
+    for x in tokens[9:]:
+        a, b = ref.step(int(x)), dec.step(int(x))
+        assert rel_err(b, a) < TOL
+        for name in ("pos", "free", "newer"):
+            assert torch.equal(getattr(ref.cache, name), getattr(dec.cache, name)), name
+        torch.testing.assert_close(dec.cache.score, ref.cache.score, rtol=1e-5, atol=1e-6)
 
 
 def test_attend_per_head_mask_and_observe():

@@ -187,9 +187,6 @@ class CompiledStep:
     def __init__(self, decoder, mode: str = "none", gemv: str = "auto", warmup: int = 3,
                  kernels: str = "auto", options=None):
         CompileConfig(mode, kernels)  # validates the mode
-        if mode != "none" and getattr(decoder.cache, "score_based", False):
-            raise ConfigError(f"the {decoder.cache.name} cache runs eagerly for now (compile "
-                              "mode none): the compiled and fused steps do not score keys yet")
         self.decoder, self.mode = decoder, mode
         dev = decoder.model.device
         self.kernels = resolve_kernels(kernels, mode, decoder)
@@ -236,6 +233,8 @@ class CompiledStep:
             dec.tok_buf.fill_(0)
             dec.pos_buf.fill_(t)
 
+        snap = getattr(dec.cache, "snapshot", None)  # score-based caches: warm-ups evict
+        snap = snap() if snap is not None else None
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -244,6 +243,8 @@ class CompiledStep:
                 self.fn(dec.tok_buf, dec.pos_buf)
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
+        if snap is not None:
+            dec.cache.restore(snap)
         graph = torch.cuda.CUDAGraph()
         reset()
         with torch.cuda.graph(graph, stream=self._capture_stream(dev)):

@@ -80,6 +80,21 @@ def _configs() -> list[RunConfig]:
         RunConfig("lazy-r32-graphs", *_streaming(2048, 1020, compress_every=32), graphs,
                   description="lazy eviction every 32 tokens"),
     ]
+    # Score-based eviction in the fused, graphed step (issue 20): H2O at the streaming
+    # budget (4 + 2048 slots: sink 4, heavy 1024, recent 1024), beside int8 / int4 weights,
+    # and TOVA at the same budget; perplexity at SmolLM2 scale with the 1024-token budget
+    # of the streaming entries' ppl_cache (4 + 1020).
+    h2o = (CacheConfig(policy="h2o", sink=4, heavy=1024, recent=1024),
+           CacheConfig(policy="h2o", sink=4, heavy=510, recent=510))
+    for prefix, quant in (("bf16", None), ("int8", "int8"), ("int4-mlp-g128", "int4-mlp-g128-kd")):
+        out.append(RunConfig(f"{prefix}-h2o-graphs", *h2o, graphs, quant=quant,
+                             description="H2O sink 4 + heavy 1024 + recent 1024, fused step "
+                                         "captured as a CUDA graph"
+                                         + (f", {quant} weights" if quant else "")))
+    out.append(RunConfig("bf16-tova-graphs", CacheConfig(policy="tova", budget=2052),
+                         CacheConfig(policy="tova", budget=1024), graphs,
+                         description="TOVA, 2052 tokens per layer, fused step captured as "
+                                     "a CUDA graph"))
     # The 2048 window is bf16-stream-graphs.
     for w, pw in ((512, 252), (1024, 508)):
         out.append(RunConfig(f"window-{w}-graphs", *_streaming(w, pw), graphs,

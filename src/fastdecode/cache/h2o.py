@@ -18,6 +18,7 @@ from .scored import ScoredCache, position_mode_option
 
 class H2OCache(ScoredCache):
     name = "h2o"
+    rule = "sum"  # added: the probabilities summed over the query heads of the group
 
     def __init__(self, cfg: H2OConfig, **shape):
         super().__init__(cfg, budget=cfg.budget, sink=cfg.sink, recent=cfg.recent, **shape)

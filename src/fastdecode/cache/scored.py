@@ -24,8 +24,9 @@ its rank among the held keys, the query at its own rank): the distance from the 
 held key is then the number of held tokens newer than it, which ``newer`` tracks in O(slots)
 per step; at read time each stored key is rotated once more, by (that distance's target
 position minus its text position), in float64: an extra pass over the layer's keys per step
-(one rotation per slot), acceptable in the eager path; a fused step would fold that angle
-into its score computation.
+(one rotation per slot), acceptable in the eager path; the fused step folds that angle
+into its score computation instead, and does the whole decode step above in its own
+launches on these buffers (:class:`fastdecode.fused.step.ScoredArgs`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class ScoredCache(KVCache):
 
     name = "scored"
     needs_rotary = True  # make_cache passes rotary_dim and rope_theta
-    score_based = True  # the compiled / fused steps do not support these yet
+    score_based = True  # the fused step scores and evicts in its own kernels (step.py)
+    rule = "sum"  # how the fused step updates scores: sum (H2O) or mean (TOVA)
 
     def __init__(self, cfg, *, budget: int, sink: int, recent: int, num_layers: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
@@ -232,6 +234,15 @@ class ScoredCache(KVCache):
         self.score.zero_()
         self.newer.zero_()
         self.free.zero_()
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """The device state a decode step changes, besides the slot it writes (which is
+        free again once this is restored): for warm-up steps before a graph capture."""
+        return [x.clone() for x in (self.pos, self.score, self.newer, self.free)]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for x, saved in zip((self.pos, self.score, self.newer, self.free), snap):
+            x.copy_(saved)
 
     def held_by_head(self) -> list[list[list[int]]]:
         """Text positions held, ascending, per layer and KV head (host side)."""

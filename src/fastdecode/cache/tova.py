@@ -16,6 +16,7 @@ from .scored import ScoredCache, position_mode_option
 
 class TOVACache(ScoredCache):
     name = "tova"
+    rule = "mean"  # replaced: the current query's, averaged over the layer's heads
 
     def __init__(self, cfg: TOVAConfig, **shape):
         super().__init__(cfg, budget=cfg.budget, sink=cfg.sink, recent=0, **shape)

@@ -66,7 +66,8 @@ def add_parser(sub) -> None:
                    help="prompt tokens (random ids); default: sink + window (cache full)")
     from ..bench.tpot import DECODE_LEN, WARMUP_TOKENS  # the perf suite's lengths too
 
-    g.add_argument("--decode-len", type=int, default=DECODE_LEN, help="decode steps timed")
+    g.add_argument("--decode-len", type=int, default=None,
+                   help=f"decode steps timed (default {DECODE_LEN}; a --preset's own)")
     g.add_argument("--warmup-tokens", type=int, default=WARMUP_TOKENS,
                    help="first decode steps discarded from the statistics")
     g = p.add_argument_group("in the same run")
@@ -109,6 +110,13 @@ def add_parser(sub) -> None:
                    help="maximum ratio of our total time (prefill + decode) to "
                         "hf-static-compile's on the same shape, e.g. 0.5 (implies "
                         "--peer-total)")
+    from ..bench.team import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="run a preset table of several configurations instead of one (their "
+                        "caches and weights; the cache options above are ignored): h2o-team "
+                        "= full attention, int8 full attention, int8 + H2O 252/252, prompt "
+                        "500, decode 1,000 unless --prompt-len / --decode-len say otherwise")
     p.add_argument("--json", default=None, help="write the record here")
     p.set_defaults(run=run)
 
@@ -166,6 +174,44 @@ def _run_line(name: str, r: dict) -> str:
             f" {r.get('total_ms', float('nan')):9.1f}")
 
 
+def run_preset(args, log) -> int:
+    """``--preset``: its rows measured one after another in this process, the table
+    printed, one record written (``preset``: the rows by label)."""
+    import torch
+
+    from ..bench import team, tpot
+
+    prompt_len, decode_len, _ = team.PRESETS[args.preset]
+    prompt_len = args.prompt_len if args.prompt_len is not None else prompt_len
+    decode_len = args.decode_len if args.decode_len is not None else decode_len
+    tpot.check_lengths(prompt_len, decode_len, args.warmup_tokens)
+    check_bench_outputs(args)
+    lm = load(args)
+    dev = lm.model.device
+    dtype = str(lm.model.dtype).removeprefix("torch.")
+    mode = args.compile or ("graphs" if dev.type == "cuda" else "none")
+    rows = team.preset_rows(args.preset, prompt_len, decode_len, dtype)
+    record = {"kind": "fastdecode.bench", "version": 1, "preset": args.preset,
+              "command": "fastdecode " + " ".join(sys.argv[1:]) if sys.argv else "",
+              "config": {"model": args.model, "source": lm.source, "dtype": dtype,
+                         "compile": mode, "kernels": args.kernels, "prompt_len": prompt_len,
+                         "decode_len": decode_len, "warmup_tokens": args.warmup_tokens,
+                         "seed": args.seed, "batch": 1},
+              "env": tpot.env_info(dev)}
+    log(f"preset {args.preset}: {len(rows)} modes, prompt {prompt_len}, decode {decode_len}, "
+        f"compile {mode} on {record['env'].get('gpu') or record['env'].get('cpu')} "
+        f"(torch {torch.__version__})")
+    record["rows"] = team.run_rows(lm, rows, mode=mode, kernels=args.kernels,
+                                   prompt_len=prompt_len, decode_len=decode_len,
+                                   warmup_tokens=args.warmup_tokens, seed=args.seed, log=log)
+    if args.json:
+        tpot.write_json(args.json, record)
+    log("")
+    for line in team.table(record["rows"], base=rows[0][0]):
+        log(line)
+    return 0 if all("error" not in r for r in record["rows"].values()) else 1
+
+
 def run(args) -> int:
     import torch
 
@@ -175,6 +221,10 @@ def run(args) -> int:
     from ..engine import Decoder
 
     log = _Log()
+    if args.preset:
+        return run_preset(args, log)
+    if args.decode_len is None:
+        args.decode_len = tpot.DECODE_LEN
     cfg = cache_config(args)
     bounded = cfg.max_tokens is None
     prompt_len = args.prompt_len if args.prompt_len is not None else \
@@ -337,7 +387,8 @@ def run(args) -> int:
     peers = {}
     team_window = (cfg.sink, getattr(cfg, "window", 2048))  # the team-streaming peers'
     if args.peers:
-        ppl = args.peer_prompt_len or (cfg.window if bounded else prompt_len)
+        window = getattr(cfg, "window", cfg.budget)  # h2o, tova: no window, their budget
+        ppl = args.peer_prompt_len or (window if bounded else prompt_len)
         pprompt = tpot.random_prompt(ppl, lm.spec.vocab_size, args.seed, dev)
         peers = run_peers(args.peers, lm.spec, lm.model.dtype, dev, pprompt,
                           args.peer_decode_len, args.peer_warmup_tokens, log=log,

@@ -528,10 +528,12 @@ def _finish(acc, y_ptr, r_ptr, r2_ptr, rows, mrow, seg2, OUT_GAP, HAS_RES: tl.co
 
 @triton.jit
 def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
-                      layer, SLOTS, HQ: tl.constexpr, HKV: tl.constexpr,
+                      layer, SLOTS, t_ptr, cpos_ptr, score_ptr, newer_ptr,
+                      HQ: tl.constexpr, HKV: tl.constexpr,
                       D: tl.constexpr,
                       HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                      BLOCK_D: tl.constexpr, PDL: tl.constexpr, SCORED: tl.constexpr = 0,
+                      CACHE_MODE: tl.constexpr = 0, BLOCK_SL: tl.constexpr = 16):
     """Rotate the new token's queries and keys and store its key/value.
 
     ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
@@ -540,6 +542,11 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
     sinks, ``q[1, h]`` (rotated where it scores the sinks); the next HKV programs rotate key
     head h at the text position and write it and value head h into ``slot`` of ``layer``
     (int8 storage: codes and one scale per head, as ``cache.storage.quantize_int8``).
+
+    ``SCORED`` (H2O, TOVA: :mod:`fastdecode.cache.scored`): key head h goes to its own slot
+    ``slot[layer, h]`` (the cache's ``free``), whose text position becomes t (``t_ptr``) and
+    score 0; with ``CACHE_MODE`` every held token of the head gets one more newer than it
+    (``BLOCK_SL`` slots at a time).
     """
     _pdl_start(PDL)
     _pdl_wait(PDL)
@@ -567,7 +574,21 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
                      tl.where(rot, xf * c2 + sign * xp * s2, xf).to(dt), mask=md)
     elif p < HQ + HKV:
         h = p - HQ
-        slot = tl.load(slot_ptr)
+        if SCORED:
+            slot = tl.load(slot_ptr + layer * HKV + h)
+            row = (layer * HKV + h) * SLOTS
+            if CACHE_MODE:  # newer += held; newer[slot] = 0 (its old token left)
+                for n0 in range(0, SLOTS, BLOCK_SL):
+                    rn = n0 + tl.arange(0, BLOCK_SL)
+                    mn = rn < SLOTS
+                    held = tl.load(cpos_ptr + row + rn, mask=mn, other=-1) >= 0
+                    nw = tl.load(newer_ptr + row + rn, mask=mn, other=0)
+                    tl.store(newer_ptr + row + rn, tl.where(rn == slot, 0, nw + held.to(nw.dtype)),
+                             mask=mn)
+            tl.store(cpos_ptr + row + slot, tl.load(t_ptr))
+            tl.store(score_ptr + row + slot, 0.0)
+        else:
+            slot = tl.load(slot_ptr)
         base = ((layer * HKV + h) * SLOTS + slot) * D
         vv = tl.load(qkv_ptr + (p + HKV) * D + rd, mask=md, other=0.0)
         if KV_INT8:
@@ -669,16 +690,25 @@ def _round(x):
 
 @triton.jit
 def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
-                      layer, SLOTS, NSPLIT, PER, scale,
+                      layer, SLOTS, NSPLIT, PER, scale, t_ptr, cpos_ptr, newer_ptr, logit_ptr,
+                      freq_ptr,
                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       D0: tl.constexpr, D1: tl.constexpr, S: tl.constexpr,
-                      KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                      KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+                      SCORED: tl.constexpr = 0, CACHE_MODE: tl.constexpr = 0,
+                      HALF: tl.constexpr = 1):
     """Partial softmax attention of query head h over slots [sp*PER, sp*PER + PER).
 
     The head dim is read as two power-of-two chunks (D0 + D1 >= D; 80 = 64 + 16) so no
     lane is wasted. Slots ``< S`` are the sinks, scored with the sink-position query
     ``q[1, h]``; the rest with ``q[0, h]``. ``mask``: int8 [SLOTS], 1 = visible. Writes the
     running max, the sum of exp and the unnormalised output for the combine kernel.
+
+    ``SCORED`` (H2O, TOVA): visibility is per KV head, ``cpos[layer, hk, slot] >= 0``, and
+    the scaled logits go to ``logit`` [HQ, SLOTS] (-inf where not visible) for
+    :func:`attn_combine_scored_kernel`. ``CACHE_MODE`` (their position rolling): the key in
+    a slot, stored at its text position p, is scored as if rotated to t - newer (its rank),
+    by rotating the query back by that difference instead (:func:`_rot_dot`).
     """
     _pdl_start(PDL)
     _pdl_wait(PDL)
@@ -689,6 +719,13 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
     q0 = tl.load(q_ptr + h * D + tl.arange(0, D0)).to(tl.float32)
     r1 = D0 + tl.arange(0, D1)
     q1 = tl.load(q_ptr + h * D + r1, mask=r1 < D, other=0.0).to(tl.float32)
+    if CACHE_MODE:  # the query at the partner dims of the rotation
+        r0 = tl.arange(0, D0)
+        qp0 = tl.load(q_ptr + h * D + _partner(r0, HALF), mask=r0 < 2 * HALF,
+                      other=0.0).to(tl.float32)
+        qp1 = tl.load(q_ptr + h * D + _partner(r1, HALF), mask=(r1 < 2 * HALF) & (r1 < D),
+                      other=0.0).to(tl.float32)
+        t = tl.load(t_ptr)
     m_i = tl.full((), -1e30, tl.float32)
     l_i = tl.zeros((), tl.float32)
     acc0 = tl.zeros((D0,), tl.float32)
@@ -706,10 +743,20 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
         m1 = mn[:, None] & (r1 < D)[None, :]
         k1 = tl.load(kp + r1[None, :], mask=m1, other=0.0)
         v1 = tl.load(vp + r1[None, :], mask=m1, other=0.0)
-        vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
+        if SCORED:
+            hp = tl.load(cpos_ptr + base + rn, mask=mn, other=-1)
+            vis = (hp >= 0) & mn
+        else:
+            vis = (tl.load(mask_ptr + rn, mask=mn, other=0) != 0) & mn
         k0 = k0.to(tl.float32)
         k1 = k1.to(tl.float32)
-        sc = tl.sum(k0 * q0[None, :], axis=1) + tl.sum(k1 * q1[None, :], axis=1)
+        if CACHE_MODE:
+            nw = tl.load(newer_ptr + base + rn, mask=mn, other=0)
+            dl = (t - nw - hp).to(tl.float64)  # the target position minus the text one
+            sc = (_rot_dot(q0, qp0, tl.arange(0, D0), dl, k0, freq_ptr, HALF)
+                  + _rot_dot(q1, qp1, r1, dl, k1, freq_ptr, HALF))
+        else:
+            sc = tl.sum(k0 * q0[None, :], axis=1) + tl.sum(k1 * q1[None, :], axis=1)
         if S > 0:
             if start + n0 < S:
                 qs0 = tl.load(q_ptr + (HQ + h) * D + tl.arange(0, D0)).to(tl.float32)
@@ -719,6 +766,8 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
         if KV_INT8:
             sc = sc * tl.load(ks_ptr + base + rn, mask=mn, other=0.0)
         sc = tl.where(vis, sc * scale, float("-inf"))
+        if SCORED:
+            tl.store(logit_ptr + h * SLOTS + rn, sc, mask=mn)
         m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new)
@@ -736,13 +785,30 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
 
 
 @triton.jit
-def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """o[h] = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m): the softmax
-    over all slots from the partials, rounded once to the model dtype."""
-    _pdl_start(PDL)
-    _pdl_wait(PDL)
-    h = tl.program_id(0)
+def _partner(r, HALF: tl.constexpr):
+    """The rotate-half partner of dim r (r +- HALF; dims >= 2 HALF are not rotated)."""
+    return tl.where(r < HALF, r + HALF, r - HALF)
+
+
+@triton.jit
+def _rot_dot(q, qp, r, dl, k, freq_ptr, HALF: tl.constexpr):
+    """[BLOCK_N] dot products of keys ``k`` [BLOCK_N, len(r)] rotated by ``dl`` [BLOCK_N]
+    positions (float64) with the query ``q`` (``qp``: q at the partner dims), over dims
+    ``r``: q . R(dl) k = (R(-dl) q) . k, so the keys are read as stored. Angles in float64,
+    as ``ScoredCache._rotate``."""
+    rot = r < 2 * HALF
+    f = tl.load(freq_ptr + tl.where(r < HALF, r, r - HALF), mask=rot, other=0.0)
+    a = dl[:, None] * f.to(tl.float64)[None, :]
+    c = tl.cos(a).to(tl.float32)
+    s = tl.sin(a).to(tl.float32)
+    sign = tl.where(r < HALF, -1.0, 1.0)
+    qr = tl.where(rot[None, :], q[None, :] * c - (sign * qp)[None, :] * s, q[None, :])
+    return tl.sum(qr * k, axis=1)
+
+
+@triton.jit
+def _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, h, NSPLIT, D: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     rs = tl.arange(0, BLOCK_S)
     ms = rs < NSPLIT
     rd = tl.arange(0, BLOCK_D)
@@ -754,6 +820,94 @@ def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
                   mask=ms[:, None] & md[None, :], other=0.0)
     o = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_, axis=0)
     tl.store(o_ptr + h * D + rd, o.to(o_ptr.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """o[h] = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m): the softmax
+    over all slots from the partials, rounded once to the model dtype."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, tl.program_id(0), NSPLIT, D, BLOCK_S, BLOCK_D)
+
+
+@triton.jit
+def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, cpos_ptr,
+                               score_ptr, newer_ptr, free_ptr, layer, NSPLIT, SLOTS, SINK,
+                               RECENT, HQ: tl.constexpr, HKV: tl.constexpr,
+                               D: tl.constexpr, TOVA: tl.constexpr, CACHE_MODE: tl.constexpr,
+                               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                               PDL: tl.constexpr):
+    """The combine of a score-based cache (``ScoredCache._observe_decode``), one program a KV
+    head hk: the outputs of its query heads (as :func:`attn_combine_kernel`), then per slot
+    the probability exp(logit - lse) each query head gave it, from the splits' partials
+    ([BLOCK_H heads, BLOCK_N slots] a tile); scores: H2O adds the sum over the group, TOVA
+    sets the mean over all the layer's heads (0 where nothing is held); then the argmin of
+    (score, text position) over the evictable slots (held, not a sink, not of the
+    ``RECENT`` newest), one min over both packed in an int64 (scores >= 0, so their float
+    bits order as they do; positions < 2**32). When every slot is held (budget + 1), that
+    token is evicted and its slot is ``free`` (the next token's), else the first empty slot
+    is. ``CACHE_MODE``: the held tokens older than the evicted one have one fewer newer."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    hk = tl.program_id(0)
+    G: tl.constexpr = HQ // HKV
+    for g in range(G):
+        _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, hk * G + g, NSPLIT, D, BLOCK_S, BLOCK_D)
+    NH: tl.constexpr = HQ if TOVA else G
+    rh = tl.arange(0, BLOCK_H)
+    mh = rh < NH
+    heads = rh + (0 if TOVA else hk * G)
+    rs = tl.arange(0, BLOCK_S)
+    mm = mh[:, None] & (rs < NSPLIT)[None, :]
+    m = tl.load(m_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=-1e30)
+    l_ = tl.load(l_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=0.0)
+    mx = tl.max(m, axis=1)
+    z = tl.where(mh, tl.sum(tl.exp(m - mx[:, None]) * l_, axis=1), 1.0)
+    t = tl.load(t_ptr)
+    row = (layer * HKV + hk) * SLOTS
+    big = 9223372036854775807
+    best_k = tl.full((), big, tl.int64)
+    best_i = tl.zeros((), tl.int32)
+    empty = tl.full((), 2147483647, tl.int32)
+    for n0 in range(0, SLOTS, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        mn = rn < SLOTS
+        p = tl.load(cpos_ptr + row + rn, mask=mn, other=-1)
+        held = p >= 0
+        lg = tl.load(logit_ptr + heads[:, None] * SLOTS + rn[None, :],
+                     mask=mh[:, None] & mn[None, :], other=float("-inf"))
+        pr = tl.sum(tl.exp(lg - mx[:, None]) / z[:, None], axis=0)
+        if TOVA:
+            new = pr / HQ
+        else:
+            new = tl.load(score_ptr + row + rn, mask=mn, other=0.0) + pr
+        new = tl.where(held, new, 0.0)
+        tl.store(score_ptr + row + rn, new, mask=mn)
+        ev = held & (p >= SINK) & (p <= t - RECENT)
+        key = tl.where(ev, (new.to(tl.int32, bitcast=True).to(tl.int64) << 32) | p, big)
+        k = tl.min(key, axis=0)
+        i = tl.min(tl.where(key == k, rn, 2147483647), axis=0)
+        take = k < best_k
+        best_k = tl.where(take, k, best_k)
+        best_i = tl.where(take, i, best_i)
+        empty = tl.minimum(empty, tl.min(tl.where(mn & ~held, rn, 2147483647), axis=0))
+    if empty == 2147483647:  # budget + 1 held: evict
+        if CACHE_MODE:
+            best_p = best_k - ((best_k >> 32) << 32)  # its text position
+            for n0 in range(0, SLOTS, BLOCK_N):
+                rn = n0 + tl.arange(0, BLOCK_N)
+                mn = rn < SLOTS
+                p = tl.load(cpos_ptr + row + rn, mask=mn, other=-1)
+                nw = tl.load(newer_ptr + row + rn, mask=mn, other=0)
+                older = (p >= 0) & (p < best_p)
+                tl.store(newer_ptr + row + rn, nw - older.to(nw.dtype), mask=mn)
+        tl.store(cpos_ptr + row + best_i, -1)
+        tl.store(free_ptr + layer * HKV + hk, best_i.to(tl.int64))
+    else:
+        tl.store(free_ptr + layer * HKV + hk, empty.to(tl.int64))
 
 
 # ----------------------------------------------------------------------------- greedy

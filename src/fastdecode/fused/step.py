@@ -27,7 +27,10 @@ Setup work per step, shared by all layers: one launch computes the cache's plan 
 visibility, the new token's slot) and cos/sin at both query positions (float64, as
 :func:`fastdecode.rope.cos_sin`), exactly as ``KVCache.plan_decode`` does with a dozen
 tensor ops (a cache class that overrides ``plan_decode`` gets those, then a cos/sin
-launch).
+launch). Score-based caches (H2O, TOVA) keep their plan on the device: per KV head, the
+slot each layer writes next (chosen by the previous step's eviction) and the held
+positions; steps 2-4 store the token there, keep the logits and, in the combine, update
+the scores and evict (:class:`ScoredArgs`); no extra launch.
 The step has ``greedy_step``'s contract (:mod:`fastdecode.compile`): it returns the
 logits (a static buffer) and writes the greedy next token into ``tok`` and ``pos + 1``
 into ``pos``, so it can be captured as one CUDA graph and replayed back to back.
@@ -104,6 +107,30 @@ def choose_priority(model, branches: int, opts: FusedOptions) -> bool:
     return branches == 2 and pack(model.layers[0].mlp.down).fmt == INT8
 
 
+class ScoredArgs:
+    """A score-based cache's (H2O, TOVA: :mod:`fastdecode.cache.scored`) device buffers and
+    rule, as the fused kernels take them: rope_write stores the new token in its head's
+    ``free`` slot, the split kernel keeps its logits, the scored combine turns them into
+    probabilities (from the log-sum-exp of the splits), updates the scores and evicts by a
+    device-side argmin: the same launches as the other caches, one CUDA graph."""
+
+    def __init__(self, cache, num_heads: int, freqs: torch.Tensor):
+        self.pos, self.score, self.newer, self.free = cache.pos, cache.score, cache.newer, \
+            cache.free
+        self.sink, self.recent = cache.sink, cache.recent
+        self.tova = int(cache.rule == "mean")
+        self.cache_mode = int(cache.position_mode == "cache")
+        self.freqs = cache.freqs if self.cache_mode else freqs  # float64 [rotary_dim / 2]
+        self.half = self.freqs.numel()
+        self.logit = torch.empty(num_heads, cache.slots, dtype=torch.float32,
+                                 device=cache.pos.device)
+        self.t: torch.Tensor | None = None  # the step's position buffer (set per call)
+
+    def flags(self, half: bool = False) -> dict:
+        return dict(SCORED=1, CACHE_MODE=self.cache_mode, **({"HALF": self.half} if half
+                                                             else {}))
+
+
 class FusedStep:
     """``step(tok, pos) -> logits`` for one decoder (its model, cache and buffers)."""
 
@@ -150,7 +177,14 @@ class FusedStep:
         self.half = spec.rotary_dim // 2
         self.cs = torch.empty(4, self.half, dtype=torch.float32, device=dev)  # cos/sin x2
         self.plan_mask = self.plan_slot = None  # the plan kernel's outputs, if it applies
-        if type(cache).plan_decode is KVCache.plan_decode:
+        self.scored = None  # score-based caches: sinks are plain held keys there
+        self.sink = 0 if getattr(cache, "score_based", False) else cache.sink
+        if getattr(cache, "score_based", False):
+            self.scored = ScoredArgs(cache, H, model.freqs)
+            # visibility is per KV head (cache.pos); this all-ones mask only serves the
+            # plain kernels the tuner times
+            self.plan_mask = torch.ones(cache.slots, dtype=torch.int8, device=dev)
+        elif type(cache).plan_decode is KVCache.plan_decode:
             self.plan_mask = torch.empty(cache.slots, dtype=torch.int8, device=dev)
             self.plan_slot = torch.empty(1, dtype=torch.int64, device=dev)
         self.d0 = 1 << (D.bit_length() - 1)
@@ -198,12 +232,12 @@ class FusedStep:
     def _attention(self, i: int, plan_mask, slot) -> None:
         k, v, ks, vs = self.kv
         tune.rope_write(self.buf, self.q, self.cs, slot, k, v, ks, vs, i, self.slots, self.HQ,
-                        self.HKV, self.D, self.half, self.cache.sink > 0, self.kv_int8,
-                        self.opts)
+                        self.HKV, self.D, self.half, self.sink > 0, self.kv_int8,
+                        self.opts, scored=self.scored)
         tune.attention(self.q, k, v, ks, vs, plan_mask, self.m, self.l, self.acc,
                        self.buf[self.n_qkv:self.n_qkv + self.hd], i, self.slots, self.HQ,
-                       self.HKV, self.D, self.d0, self.d1, self.cache.sink, self.kv_int8,
-                       self.scale, self.opts)
+                       self.HKV, self.D, self.d0, self.d1, self.sink, self.kv_int8,
+                       self.scale, self.opts, scored=self.scored)
 
     def _fork(self):
         """Context whose launches go to the side stream, after everything launched so far
@@ -260,7 +294,7 @@ class FusedStep:
         """(visibility mask int8 [slots], the new token's slot) and cos/sin into ``cs``: one
         launch for the caches whose plan is KVCache's arithmetic, else the cache's own
         ``plan_decode`` (tensor ops) and a cos/sin launch."""
-        if self.plan_mask is not None:
+        if self.plan_slot is not None:
             tune.decode_plan(pos, self.cache, self.model.freqs, self.cs, self.plan_mask,
                              self.plan_slot, self.model.dtype, self.opts)
             return self.plan_mask, self.plan_slot
@@ -268,6 +302,9 @@ class FusedStep:
         sink_pos = plan.q_pos_sink if plan.q_pos_sink is not None else plan.q_pos
         tune.cos_sin(plan.q_pos, sink_pos, self.model.freqs, self.cs, self.model.dtype,
                      self.opts)
+        if self.scored is not None:  # the slots: the cache's free [layers, KV heads]
+            self.scored.t = pos
+            return self.plan_mask, self.scored.free
         return plan.mask.reshape(-1).view(torch.int8), plan.decode_slot
 
     @torch.no_grad()

@@ -364,11 +364,18 @@ def decode_plan(pos, cache, freqs, cs, mask, slot, dtype, opts: FusedOptions) ->
 
 
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
-               kv_int8, opts: FusedOptions) -> None:
+               kv_int8, opts: FusedOptions, scored=None) -> None:
+    """``scored``: a score-based cache's :class:`fastdecode.fused.step.ScoredArgs` (then
+    ``slot`` is its per-head ``free``), None for the others."""
+    extra = ((scored.t, scored.pos, scored.score, scored.newer) if scored is not None
+             else (slot,) * 4)
+    flags = scored.flags() if scored is not None else {}
+    if scored is not None and scored.cache_mode:  # the newer counts: slots per iteration
+        flags["BLOCK_SL"] = min(triton.next_power_of_2(slots), 1024) if buf.is_cuda else 16
     kernels.rope_write_kernel[(hq + hkv,)](
-        buf, q, cs, slot, k, v, ks, vs, layer, slots, HQ=hq, HKV=hkv, D=d, HALF=half,
+        buf, q, cs, slot, k, v, ks, vs, layer, slots, *extra, HQ=hq, HKV=hkv, D=d, HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
-        num_warps=1, **_launch_opts(buf, opts))
+        num_warps=1, **flags, **_launch_opts(buf, opts))
 
 
 def argmax(x, tok, pos, opts: FusedOptions) -> None:
@@ -383,29 +390,45 @@ def max_splits(slots: int) -> int:
 
 
 def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, d0, d1,
-              sink, kv_int8, scale, opts: FusedOptions) -> None:
+              sink, kv_int8, scale, opts: FusedOptions, scored=None) -> None:
+    """``scored``: a score-based cache's ``ScoredArgs`` (the split kernel keeps the logits,
+    the scored combine updates scores and evicts); tuning times the plain kernels, which
+    change no cache state."""
     launch = _launch_opts(q, opts)
 
-    def run(cfg):
+    def run(cfg, sc=None):
         per, bn, warps = cfg
         nsplit = triton.cdiv(slots, per)
+        extra = (sc.t, sc.pos, sc.newer, sc.logit, sc.freqs) if sc is not None else (m,) * 5
         kernels.attn_split_kernel[(hq, nsplit)](
-            q, k, v, ks, vs, mask, m, l_, acc, layer, slots, nsplit, per, scale, HQ=hq,
-            HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8, BLOCK_N=bn,
-            num_warps=warps, **launch)
-        kernels.attn_combine_kernel[(hq,)](
-            m, l_, acc, out, nsplit, D=d, BLOCK_S=triton.next_power_of_2(nsplit),
-            BLOCK_D=triton.next_power_of_2(d), num_warps=1 if nsplit <= 32 else 4, **launch)
+            q, k, v, ks, vs, mask, m, l_, acc, layer, slots, nsplit, per,
+            scale, *extra, HQ=hq, HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8,
+            BLOCK_N=bn, num_warps=warps, **(sc.flags(half=True) if sc is not None else {}),
+            **launch)
+        common = dict(D=d, BLOCK_S=triton.next_power_of_2(nsplit),
+                      BLOCK_D=triton.next_power_of_2(d))
+        if sc is None:
+            kernels.attn_combine_kernel[(hq,)](m, l_, acc, out, nsplit, **common,
+                                               num_warps=1 if nsplit <= 32 else 4, **launch)
+            return
+        # a tile of [heads, slots] per iteration: <= 4096 values, at most 1024 slots
+        bh = triton.next_power_of_2(hq if sc.tova else hq // hkv)
+        kernels.attn_combine_scored_kernel[(hkv,)](
+            m, l_, acc, out, sc.logit, sc.t, sc.pos, sc.score, sc.newer, sc.free, layer,
+            nsplit, slots, sc.sink, sc.recent, HQ=hq, HKV=hkv, TOVA=sc.tova,
+            CACHE_MODE=sc.cache_mode, BLOCK_H=bh,
+            BLOCK_N=max(16, min(1024, 4096 // bh)) if q.is_cuda else 16,
+            num_warps=8 if q.is_cuda else 1, **common, **launch)
 
     if not q.is_cuda:
-        run((MIN_PER, 16, 1))
+        run((MIN_PER, 16, 1), scored)
         return
     key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
     if opts.attn is not None:
-        run(opts.attn)
+        run(opts.attn, scored)
         return
     run(_pick(key, lambda: [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
-                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)]))
+                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)]), scored)
 
 
 __all__ = ["gemv", "Workspace", "parts", "choose", "heuristic", "admissible", "candidates",
