@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .attention import flash_prefill_enabled
+from .attention import check_prefill_kernel, flash_prefill_enabled
 from .cache import KVCache, PolicyConfig, make_cache
 from .errors import ConfigError, InputError, NonFiniteError
 from .models.transformer import Transformer
@@ -26,10 +26,12 @@ REFERENCE_CHUNK = 512
 
 
 class Decoder:
-    def __init__(self, model: Transformer, cache: KVCache, chunk_size: int | None = None):
+    def __init__(self, model: Transformer, cache: KVCache, chunk_size: int | None = None,
+                 prefill_kernel: str = "auto"):
         if chunk_size is not None and chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model, self.cache, self.chunk_size = model, cache, chunk_size
+        self.prefill_kernel = check_prefill_kernel(prefill_kernel)  # attention.py
         dev = model.device
         self.t = 0
         self.tok_buf = torch.zeros(1, dtype=torch.long, device=dev)
@@ -66,7 +68,8 @@ class Decoder:
         path serves well (:data:`FLASH_CHUNK` with the flash kernel)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return FLASH_CHUNK if flash_prefill_enabled(self.model.device) else REFERENCE_CHUNK
+        flash = flash_prefill_enabled(self.prefill_kernel, self.model.device)
+        return FLASH_CHUNK if flash else REFERENCE_CHUNK
 
     @torch.no_grad()
     def prefill(self, tokens: Sequence[int] | torch.Tensor, all_logits: bool = False):
@@ -85,7 +88,7 @@ class Decoder:
             plan = self.cache.plan_prefill(self.t, chunk.numel())
             last = start + size >= n
             rows = None if all_logits else slice(-1, None) if last else slice(0, 0)
-            outs.append(self.model(chunk, self.cache, plan, rows=rows))
+            outs.append(self.model(chunk, self.cache, plan, rows, self.prefill_kernel))
             self.t += chunk.numel()
         return torch.cat(outs) if all_logits else outs[-1][0]
 

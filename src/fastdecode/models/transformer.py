@@ -50,11 +50,11 @@ class Attention(nn.Module):
                              bias=spec.has_bias)
         self.out = nn.Linear(spec.num_heads * D, spec.hidden_size, bias=spec.has_bias)
 
-    def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink):
+    def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink, flash: bool):
         s = self.spec
         T, D = x.shape[0], s.head_dim
         qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D)
-        if T > 1 and plan.key_pos is not None and flash_prefill_enabled(x.device):
+        if flash:
             # Prefill on the flash path: rotary and layout in one Triton pass. (Imported
             # here: Triton reads TRITON_INTERPRET when a kernel is defined.)
             from ..kernels.prefill_rope import prefill_rope
@@ -68,7 +68,7 @@ class Attention(nn.Module):
             q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
             k, v = rope.apply(k, *rot), v.contiguous()
         kv = cache.update(layer, k, v, plan)
-        o = attend(q_win, q_sink, kv, plan, cache.sink)
+        o = attend(q_win, q_sink, kv, plan, cache.sink, flash)
         return self.out(o.transpose(0, 1).reshape(T, s.num_heads * D))
 
 
@@ -100,8 +100,8 @@ class Block(nn.Module):
         self.attn = Attention(spec)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cache, plan, rot, rot_sink):
-        a = self.attn(self.norm1(x), self.index, cache, plan, rot, rot_sink)
+    def forward(self, x, cache, plan, rot, rot_sink, flash):
+        a = self.attn(self.norm1(x), self.index, cache, plan, rot, rot_sink, flash)
         if self.parallel:
             return x + a + self.mlp(self.norm2(x))
         x = x + a
@@ -159,15 +159,19 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, plan: Plan,
-                rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+                rows: slice | torch.Tensor | None = None,
+                prefill_kernel: str = "auto") -> torch.Tensor:
         """Logits [T, vocab] for ``tokens`` [T] at the positions ``plan`` gives; with
-        ``rows`` (an index or slice of the T positions) only those rows reach the head."""
+        ``rows`` (an index or slice of the T positions) only those rows reach the head;
+        ``prefill_kernel``: see :func:`fastdecode.attention.flash_prefill_enabled`."""
+        flash = (flash_prefill_enabled(prefill_kernel, self.device) and tokens.numel() > 1
+                 and plan.key_pos is not None)
         x = self.embed(tokens)
         rot = rope.cos_sin(plan.q_pos, self.freqs, x.dtype)
         rot_sink = (rope.cos_sin(plan.q_pos_sink, self.freqs, x.dtype)
                     if plan.q_pos_sink is not None else None)
         for layer in self.layers:
-            x = layer(x, cache, plan, rot, rot_sink)
+            x = layer(x, cache, plan, rot, rot_sink, flash)
         if rows is not None:
             x = x[rows]
         return self.lm_head(self.norm(x))
