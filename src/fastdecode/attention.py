@@ -41,17 +41,11 @@ def flash_prefill_enabled(kernel: str, device) -> bool:
 
 def attend(q: torch.Tensor, q_sink: torch.Tensor | None, kv: KV, plan: Plan,
            num_sink: int, flash: bool = False) -> torch.Tensor:
-    """Softmax attention for T queries.
-
-    q, q_sink: [Hq, T, D] (q_sink: the same queries rotated at the sink position);
-    kv: keys, values [Hkv, Nk, D] (int8 storage: codes plus per-key scales, applied to the
-    scores and the probabilities rather than to the keys/values); returns [Hq, T, D].
-    Grouped-query attention when Hq > Hkv. In decode (``plan.key_is_sink is None``) the
-    sinks are the first ``num_sink`` keys. ``kv.mask`` (score-based caches) replaces
-    ``plan.mask`` by one mask per KV head, and ``kv.observe`` is handed the probabilities.
-    ``flash`` (see :func:`flash_prefill_enabled`): a prefill on an unscored cache takes the
-    flash kernel.
-    """
+    """Softmax attention [Hq, T, D] of q (and q_sink, rotated at the sink position) over
+    kv [Hkv, Nk, D], GQA when Hq > Hkv; int8 scales apply to scores and probabilities. In
+    decode (``plan.key_is_sink`` None) the sinks are the first ``num_sink`` keys.
+    ``kv.mask`` (score-based caches) replaces ``plan.mask`` per KV head, ``kv.observe`` sees
+    the probabilities. ``flash``: a prefill on an unscored cache takes the flash kernel."""
     keys, values = kv.k, kv.v
     if flash and plan.key_pos is not None and q.shape[1] > 1 and kv.mask is None \
             and kv.observe is None:
