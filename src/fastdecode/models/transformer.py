@@ -47,7 +47,8 @@ class Attention(nn.Module):
                              bias=spec.has_bias)
         self.out = nn.Linear(spec.num_heads * D, spec.hidden_size, bias=spec.has_bias)
 
-    def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink, flash: bool):
+    def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink,
+                flash: bool = False):
         s = self.spec
         T, D = x.shape[0], s.head_dim
         qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D)
@@ -97,7 +98,7 @@ class Block(nn.Module):
         self.attn = Attention(spec)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cache, plan, rot, rot_sink, flash):
+    def forward(self, x, cache, plan, rot, rot_sink, flash=False):
         return self.residual(x, self.attn(self.norm1(x), self.index, cache, plan, rot,
                                           rot_sink, flash))
 
