@@ -235,9 +235,9 @@ def test_prefill_rope_equals_rope_apply(shape, T, sink, t0, seed):
 
 # ------------------------------------------------------------------ whole model
 @on_interpreter
-@settings(max_examples=6)
+@settings(max_examples=4)  # the kernel-level property above covers the policies more widely
 @given(family=st.sampled_from(FAMILIES), cfg=cache_configs(max_slots=20),
-       n=st.integers(2, 40), chunk=st.sampled_from([None, 5, 16, 40]), seed=st.integers(0, 99))
+       n=st.integers(2, 32), chunk=st.sampled_from([None, 5, 16, 32]), seed=st.integers(0, 99))
 def test_decoder_prefill_flash_equals_reference(tiny_models, flash_calls, family, cfg, n,
                                                 chunk, seed):
     """All logits and the cache left behind, through the flash kernel and the reference."""
