@@ -10,6 +10,7 @@
     nox -s compare  the latest perf run vs the baseline of the same GPU class (fails on a
                     regression beyond the noise margin); ``-- --record-baseline N`` records
                     the mean of the last N runs as the baseline
+    nox -s size     lines of the package per subpackage, against perf/size.toml's ceiling
 
 Arguments after ``--`` go to pytest (tests, gpu) or replace the demo prompt (demo).
 
@@ -148,3 +149,10 @@ def compare(session: nox.Session) -> None:
         args = ["--storage", f"perf/history/{cls}", *args]
     session.run("python", "-m", "fastdecode.bench.compare", *args,
                 env={"PYTHONPATH": _src_path()})
+
+
+@nox.session(venv_backend="none")
+def size(session: nox.Session) -> None:
+    """Lines of the package per subpackage against the ceiling of perf/size.toml (issue 18),
+    and the 7366ba4 feature set counted like for like (scripts/size.py)."""
+    session.run("python", "scripts/size.py", external=True)

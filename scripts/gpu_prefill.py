@@ -111,12 +111,10 @@ def kernel_checks(spec_heads):
             kv = c.update(0, torch.randn(Hkv, T, D, device="cuda", generator=gen).bfloat16(),
                           torch.randn(Hkv, T, D, device="cuda", generator=gen).bfloat16(), plan)
             qs = qs if c.sink else None
-            with A.prefill_kernel("flash"):
-                o = A.attend(q, qs, kv, plan, c.sink)
-                t_flash = time_ms(lambda a=(q, qs, kv, plan, c.sink): A.attend(*a), 3)["median"]
-            with A.prefill_kernel("reference"):
-                r = A.attend(q, qs, kv, plan, c.sink)
-                t_ref = time_ms(lambda a=(q, qs, kv, plan, c.sink): A.attend(*a), 3)["median"]
+            o = A.attend(q, qs, kv, plan, c.sink, flash=True)
+            t_flash = time_ms(lambda a=(q, qs, kv, plan, c.sink, True): A.attend(*a), 3)["median"]
+            r = A.attend(q, qs, kv, plan, c.sink)
+            t_ref = time_ms(lambda a=(q, qs, kv, plan, c.sink): A.attend(*a), 3)["median"]
             row = {"heads": [Hq, Hkv, D], "cache": cfg.to_dict(), "t0": t0, "T": T,
                    "rel_err": rel(o, r), "flash_ms": t_flash, "reference_ms": t_ref,
                    "flash_nan": bool(o.isnan().any()), "reference_nan": bool(r.isnan().any())}
@@ -139,7 +137,6 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",")]
     path = args.json or os.path.join(os.environ.get("OUT", "."), "gpu_prefill.json")
 
-    from fastdecode import attention as A
     from fastdecode.bench import tpot
     from fastdecode.cache import CacheConfig
     from fastdecode.engine import Decoder
@@ -181,12 +178,11 @@ def main():
         prompt = tpot.random_prompt(2048, spec.vocab_size, 1, "cuda")
         out = {}
         for kernel in ("flash", "reference"):
-            with A.prefill_kernel(kernel):
-                dec = Decoder.build(lm.model, CacheConfig(policy="streaming", sink=4,
-                                                          window=1000, compress_every=8),
-                                    chunk_size=700)
-                out[kernel] = dec.prefill(prompt, all_logits=True).float()
-                out[kernel + "_k"] = dec.cache.k.float()
+            dec = Decoder.build(lm.model, CacheConfig(policy="streaming", sink=4,
+                                                      window=1000, compress_every=8),
+                                chunk_size=700, prefill_kernel=kernel)
+            out[kernel] = dec.prefill(prompt, all_logits=True).float()
+            out[kernel + "_k"] = dec.cache.k.float()
         return {"logits_rel_err": rel(out["flash"], out["reference"]),
                 "cache_k_rel_err": rel(out["flash_k"], out["reference_k"]),
                 "argmax_agree": float((out["flash"].argmax(-1) ==
@@ -290,12 +286,12 @@ def main():
     def ppl():
         ids = tpot.random_prompt(8193, spec.vocab_size, 5, "cuda")
         spec_new = EvalSpec(mode="streaming", sink=4, window=2048)
-        spec_old = EvalSpec(mode="streaming", sink=4, window=2048, chunk_size=512)
+        spec_old = EvalSpec(mode="streaming", sink=4, window=2048, chunk_size=512,
+                            prefill_kernel="reference")
         out = {}
-        for name, sp, kernel in (("old", spec_old, "reference"), ("new", spec_new, "auto")):
-            with A.prefill_kernel(kernel):
-                evaluate(lm.model, ids[:1025], sp)  # warm
-                res = [evaluate(lm.model, ids, sp) for _ in range(2)]
+        for name, sp in (("old", spec_old), ("new", spec_new)):
+            evaluate(lm.model, ids[:1025], sp)  # warm
+            res = [evaluate(lm.model, ids, sp) for _ in range(2)]
             out[name] = {"seconds": min(r.seconds for r in res), "ppl": res[0].ppl,
                          "chunk": sp.chunk_for("cuda")}
         out["speedup"] = out["old"]["seconds"] / out["new"]["seconds"]

@@ -41,15 +41,15 @@ def cli_uses(smollm2, monkeypatch):
 
 
 def test_smoke_parallel_equals_token_by_token(smollm2):
-    ids, data = prepare_tokens(smollm2, "pg19-10146", 256)
-    assert len(ids) == 257 and data["tokens_available"] > 50_000
-    spec = EvalSpec(mode="streaming", sink=4, window=124, chunk_size=100)
+    ids, data = prepare_tokens(smollm2, "pg19-10146", 160)  # evicting from token 68 on
+    assert len(ids) == 161 and data["tokens_available"] > 50_000
+    spec = EvalSpec(mode="streaming", sink=4, window=60, chunk_size=50)
     par = evaluate(smollm2.model, ids, spec)
     tok = evaluate(smollm2.model, ids, EvalSpec(**{**spec.to_dict(), "method": "token"}))
     assert math.isfinite(par.ppl) and 5 < par.ppl < 100, par.ppl
     assert abs(par.ppl / tok.ppl - 1) < 1e-4, (par.ppl, tok.ppl)
     assert float(np.max(np.abs(par.nll - tok.nll))) < 1e-3
-    assert par.kv_len.max() == 4 + 124 + 1
+    assert par.kv_len.max() == 4 + 60 + 1
 
 
 def test_cli_ppl_writes_a_valid_record(cli_uses, tmp_path, capsys):

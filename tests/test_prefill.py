@@ -4,9 +4,10 @@ through ``Decoder.prefill`` and the parallel perplexity evaluator; plus the pref
 chunking and its head on the asked-for rows only.
 
 On the CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set before the
-kernel is defined) and only where a test asks for it (``attention.prefill_kernel("flash")``):
-everywhere else the CPU suite takes the reference. ``attention.PREFILL_PATHS`` says which
-path ran, and every test here checks it. On CUDA (gpu marker) the compiled kernel in bf16.
+kernel is defined) and only where a test asks for it (``prefill_kernel="flash"``, or
+``attend(..., flash=True)``): everywhere else the CPU suite takes the reference. The
+``flash_calls`` fixture counts the kernel's calls, and every test here checks it. On CUDA
+(gpu marker) the compiled kernel in bf16.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fastdecode.cache import CacheConfig, make_cache  # noqa: E402
 from fastdecode.engine import FLASH_CHUNK, REFERENCE_CHUNK, Decoder  # noqa: E402
 from fastdecode.errors import ConfigError, DeviceError  # noqa: E402
 from fastdecode.eval.ppl import EvalSpec, evaluate  # noqa: E402
+from fastdecode.kernels import flash_prefill as FP  # noqa: E402
 from fastdecode.kernels.flash_prefill import block_table, head_split  # noqa: E402
 from fastdecode.kernels.prefill_rope import prefill_rope  # noqa: E402
 
@@ -84,15 +86,30 @@ def _filled_cache(cfg, kv_heads, head_dim, gen, device="cpu", dtype=torch.float3
     return c
 
 
-def _both(q, q_sink, kv, plan, S):
-    before = A.PREFILL_PATHS["flash"]
-    with A.prefill_kernel("flash"):
-        out = A.attend(q, q_sink, kv, plan, S)
-    assert A.PREFILL_PATHS["flash"] == before + 1, "the flash kernel did not run"
-    before = A.PREFILL_PATHS["reference"]
-    with A.prefill_kernel("reference"):
-        ref = A.attend(q, q_sink, kv, plan, S)
-    assert A.PREFILL_PATHS["reference"] == before + 1
+class _Counter:
+    """Counts the flash kernel's calls (attention.attend imports it at each call)."""
+
+    def __init__(self):
+        self.n, self._fn = 0, FP.flash_prefill
+
+    def __call__(self, *a, **kw):
+        self.n += 1
+        return self._fn(*a, **kw)
+
+
+@pytest.fixture
+def flash_calls(monkeypatch):
+    counter = _Counter()
+    monkeypatch.setattr(FP, "flash_prefill", counter)
+    return counter
+
+
+def _both(q, q_sink, kv, plan, S, calls):
+    before = calls.n
+    out = A.attend(q, q_sink, kv, plan, S, flash=True)
+    assert calls.n == before + 1, "the flash kernel did not run"
+    ref = A.attend(q, q_sink, kv, plan, S)
+    assert calls.n == before + 1, "the reference ran the flash kernel"
     return out, ref
 
 
@@ -101,7 +118,7 @@ def _both(q, q_sink, kv, plan, S):
 @settings(max_examples=12)
 @given(cfg=cache_configs(), shape=st.sampled_from(SHAPES), t0=st.integers(0, 80),
        T=st.integers(2, 36), seed=st.integers(0, 2**16))
-def test_flash_kernel_equals_reference_attention(cfg, shape, t0, T, seed):
+def test_flash_kernel_equals_reference_attention(flash_calls, cfg, shape, t0, T, seed):
     """Random policy (dense, window, streaming strict/lazy, both position modes, int8 KV),
     position, chunk length and head layout: the same output as ``attend``."""
     Hq, Hkv, D = shape
@@ -117,13 +134,13 @@ def test_flash_kernel_equals_reference_attention(cfg, shape, t0, T, seed):
     q_sink = 2 * torch.randn(Hq, T, D, generator=gen) if c.sink else None
     kv = c.update(0, torch.randn(Hkv, T, D, generator=gen), torch.randn(Hkv, T, D, generator=gen),
                   plan)
-    out, ref = _both(q, q_sink, kv, plan, c.sink)
+    out, ref = _both(q, q_sink, kv, plan, c.sink, flash_calls)
     assert out.shape == ref.shape == (Hq, T, D)
     assert _rel(out, ref) < 1e-5, (cfg, shape, t0, T)
 
 
 @on_interpreter
-def test_the_kernel_check_is_discriminating():
+def test_the_kernel_check_is_discriminating(flash_calls):
     """A wrong sink query, or one key made visible that should not be, shows far above
     the tolerance the property test uses."""
     cfg = CacheConfig(policy="streaming", sink=2, window=6, compress_every=3)
@@ -134,15 +151,14 @@ def test_the_kernel_check_is_discriminating():
     qs = 2 * torch.randn(4, 12, 80, generator=gen)
     kv = c.update(0, torch.randn(2, 12, 80, generator=gen), torch.randn(2, 12, 80, generator=gen),
                   plan)
-    out, _ = _both(q, qs, kv, plan, c.sink)
-    with A.prefill_kernel("reference"):
-        assert _rel(out, A.attend(q, q, kv, plan, c.sink)) > 1e-2
-        wider = plan.mask.clone()
-        wider[:, (plan.key_pos >= 0).nonzero()[-13]] = True  # an evicted window key
-        import dataclasses
+    out, _ = _both(q, qs, kv, plan, c.sink, flash_calls)
+    assert _rel(out, A.attend(q, q, kv, plan, c.sink)) > 1e-2
+    wider = plan.mask.clone()
+    wider[:, (plan.key_pos >= 0).nonzero()[-13]] = True  # an evicted window key
+    import dataclasses
 
-        assert _rel(out, A.attend(q, qs, kv, dataclasses.replace(plan, mask=wider),
-                                  c.sink)) > 1e-3
+    assert _rel(out, A.attend(q, qs, kv, dataclasses.replace(plan, mask=wider),
+                              c.sink)) > 1e-3
 
 
 @settings(max_examples=60)
@@ -219,10 +235,11 @@ def test_prefill_rope_equals_rope_apply(shape, T, sink, t0, seed):
 
 # ------------------------------------------------------------------ whole model
 @on_interpreter
-@settings(max_examples=6)
+@settings(max_examples=4)  # the kernel-level property above covers the policies more widely
 @given(family=st.sampled_from(FAMILIES), cfg=cache_configs(max_slots=20),
-       n=st.integers(2, 40), chunk=st.sampled_from([None, 5, 16, 40]), seed=st.integers(0, 99))
-def test_decoder_prefill_flash_equals_reference(tiny_models, family, cfg, n, chunk, seed):
+       n=st.integers(2, 32), chunk=st.sampled_from([None, 5, 16, 32]), seed=st.integers(0, 99))
+def test_decoder_prefill_flash_equals_reference(tiny_models, flash_calls, family, cfg, n,
+                                                chunk, seed):
     """All logits and the cache left behind, through the flash kernel and the reference."""
     if cfg.policy == "dense":
         cfg = CacheConfig(policy="dense", max_len=n, position_mode=cfg.position_mode,
@@ -231,12 +248,13 @@ def test_decoder_prefill_flash_equals_reference(tiny_models, family, cfg, n, chu
     ids = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed))
     out = {}
     for kernel in ("flash", "reference"):
-        before = A.PREFILL_PATHS[kernel]
-        with A.prefill_kernel(kernel):
-            dec = Decoder.build(lm.model, cfg, chunk_size=chunk)
-            out[kernel] = (dec.prefill(ids, all_logits=True), dec.cache)
-        if n > 1 and (chunk is None or chunk > 1):
-            assert A.PREFILL_PATHS[kernel] > before
+        before = flash_calls.n
+        dec = Decoder.build(lm.model, cfg, chunk_size=chunk, prefill_kernel=kernel)
+        out[kernel] = (dec.prefill(ids, all_logits=True), dec.cache)
+        if kernel == "reference":
+            assert flash_calls.n == before
+        elif n > 1 and (chunk is None or chunk > 1):
+            assert flash_calls.n > before
     (a, ca), (b, cb) = out["flash"], out["reference"]
     assert _rel(a, b) < 1e-5
     for x, y in zip(ca.storage.__dict__.values(), cb.storage.__dict__.values()):
@@ -248,17 +266,18 @@ def test_decoder_prefill_flash_equals_reference(tiny_models, family, cfg, n, chu
 
 @on_interpreter
 @pytest.mark.parametrize("family", FAMILIES)
-def test_parallel_ppl_with_flash_equals_token_by_token(tiny_models, family):
+def test_parallel_ppl_with_flash_equals_token_by_token(tiny_models, flash_calls, family):
     """The exact parallel evaluator on the flash kernel, one chunk (the default chunking)
     into a 2+7 lazy streaming cache, against token-by-token feeding."""
     lm = tiny_models[family]
     ids = torch.randint(0, 97, (48,), generator=torch.Generator().manual_seed(7))
-    spec = EvalSpec(mode="streaming", sink=2, window=7, compress_every=3)
-    before = A.PREFILL_PATHS["flash"]
-    with A.prefill_kernel("flash"):
-        par = evaluate(lm.model, ids, spec)
-    assert A.PREFILL_PATHS["flash"] == before + lm.spec.num_layers  # one chunk
-    tok = evaluate(lm.model, ids, EvalSpec(**{**spec.to_dict(), "method": "token"}))
+    spec = EvalSpec(mode="streaming", sink=2, window=7, compress_every=3,
+                    prefill_kernel="flash")
+    par = evaluate(lm.model, ids, spec)
+    assert flash_calls.n == lm.spec.num_layers  # one chunk
+    tok = evaluate(lm.model, ids, EvalSpec(**{**spec.to_dict(), "method": "token",
+                                              "prefill_kernel": "auto"}))
+    assert flash_calls.n == lm.spec.num_layers
     assert abs(par.ppl / tok.ppl - 1) < 1e-4
     np.testing.assert_allclose(par.nll, tok.nll, atol=1e-4)
 
@@ -267,14 +286,13 @@ def test_parallel_ppl_with_flash_equals_token_by_token(tiny_models, family):
 @on_interpreter
 def test_default_chunks_follow_the_attention_path(tiny_llama):
     cfg = CacheConfig(policy="streaming", sink=1, window=6, compress_every=2)
-    dec = Decoder.build(tiny_llama.model, cfg)
-    with A.prefill_kernel("reference"):
-        assert dec.prefill_chunk() == REFERENCE_CHUNK
-    with A.prefill_kernel("flash"):
-        assert dec.prefill_chunk() == FLASH_CHUNK
-    assert Decoder.build(tiny_llama.model, cfg, chunk_size=7).prefill_chunk() == 7
-    with A.prefill_kernel("auto"):  # the CPU: the reference
-        assert Decoder.build(tiny_llama.model, cfg).prefill_chunk() == REFERENCE_CHUNK
+    def chunk(**kw):
+        return Decoder.build(tiny_llama.model, cfg, **kw).prefill_chunk()
+
+    assert chunk(prefill_kernel="reference") == REFERENCE_CHUNK
+    assert chunk(prefill_kernel="flash") == FLASH_CHUNK
+    assert chunk(prefill_kernel="flash", chunk_size=7) == 7
+    assert chunk() == REFERENCE_CHUNK  # auto on the CPU: the reference
 
 
 def test_head_runs_on_the_asked_rows_only(tiny_neox):
@@ -296,14 +314,17 @@ def test_head_runs_on_the_asked_rows_only(tiny_neox):
     assert _rel(last, full[-1]) < 1e-6  # a one-row matmul may round differently
 
 
-def test_prefill_kernel_choice_errors(monkeypatch):
+def test_prefill_kernel_choice_errors(monkeypatch, tiny_llama):
+    cfg = CacheConfig(policy="streaming", sink=1, window=6)
     with pytest.raises(ConfigError, match="prefill kernel 'fast' is not one of"):
-        with A.prefill_kernel("fast"):
-            pass
+        Decoder.build(tiny_llama.model, cfg, prefill_kernel="fast")
+    with pytest.raises(ConfigError, match="prefill kernel 'fast' is not one of"):
+        EvalSpec(mode="dense", prefill_kernel="fast").chunk_for("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with A.prefill_kernel("flash"), pytest.raises(DeviceError, match="runs on CUDA"):
-        A.flash_prefill_enabled("cpu")
-    assert not A.flash_prefill_enabled("cpu")  # auto on the CPU: the reference
+    with pytest.raises(DeviceError, match="runs on CUDA"):
+        A.flash_prefill_enabled("flash", "cpu")
+    assert not A.flash_prefill_enabled("auto", "cpu")  # auto on the CPU: the reference
+    assert A.flash_prefill_enabled("auto", "cuda")
 
 
 # ------------------------------------------------------------------ CUDA
@@ -315,7 +336,7 @@ def test_prefill_kernel_choice_errors(monkeypatch):
     CacheConfig(policy="streaming", sink=4, window=300, compress_every=64, kv_dtype="int8",
                 position_mode="absolute"),
     CacheConfig(policy="dense", max_len=2048)])
-def test_flash_kernel_on_cuda_bf16(cfg, shape):
+def test_flash_kernel_on_cuda_bf16(flash_calls, cfg, shape):
     Hq, Hkv, D = shape
     gen = torch.Generator().manual_seed(0)
     c = _filled_cache(cfg, Hkv, D, gen)
@@ -328,7 +349,7 @@ def test_flash_kernel_on_cuda_bf16(cfg, shape):
     q, qs = (2 * torch.randn(Hq, T, D, generator=gen).bfloat16().cuda() for _ in range(2))
     kv = c.update(0, torch.randn(Hkv, T, D, generator=gen).bfloat16().cuda(),
                   torch.randn(Hkv, T, D, generator=gen).bfloat16().cuda(), plan)
-    out, ref = _both(q, qs if c.sink else None, kv, plan, c.sink)
+    out, ref = _both(q, qs if c.sink else None, kv, plan, c.sink, flash_calls)
     assert _rel(out, ref) < 2e-2
 
 

@@ -1,13 +1,9 @@
-"""Atomic, concurrent-safe output: every record, history file, baseline, per-token file,
-plot and checkpoint fastdecode writes goes through here, and every output path a command
-will write is checked here before any work starts.
+"""Atomic, concurrent-safe output: every file fastdecode writes goes through here, and every
+output path a command will write is checked here before any work starts.
 
-A file is written to a unique temporary file in its own directory (``mkstemp``: two
-writers never share one), flushed and fsynced, then ``os.replace``d onto the target, and
-the directory is fsynced where the platform allows: a reader sees the old file or the new
-one, never a part of either, and a crash leaves at worst a stray ``.*.tmp`` beside it. A
-directory (a checkpoint) is built in a temporary directory beside its target and renamed
-into place when complete.
+A file is written to a unique temporary file beside it, fsynced and ``os.replace``d onto
+the target: a reader sees the old file or the new one, and a crash leaves at worst a stray
+``.*.tmp``. A directory (a checkpoint) is built beside its target and renamed into place.
 """
 
 from __future__ import annotations
@@ -39,26 +35,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def _temp_name(path: Path) -> tuple[int, str]:
-    """A unique temporary file beside ``path`` that keeps its suffixes (``.png``,
-    ``.json.gz``: writers that pick the format from the name see the real one)."""
+    """A unique temporary file beside ``path`` that keeps its suffixes (writers that pick
+    the format from the name see the real one)."""
     suffix = "".join(path.suffixes[-2:]) if path.suffixes else ""
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` for a writer that wants a file name
-    (``savefig``, a profiler trace); on success it replaces ``path`` atomically, on an
-    error it is removed and ``path`` is left as it was."""
+    """Yield a temporary path beside ``path`` for a writer that wants a file name; on
+    success it replaces ``path``, on an error it is removed."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,8 +78,7 @@ def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", what: str = "output",
                 **open_kw) -> Iterator:
-    """``open(path, mode)`` whose result appears at ``path`` only once the block
-    completes (``mode``: ``"w"`` or ``"wb"``)."""
+    """``open(path, mode)`` whose result appears at ``path`` only once the block completes."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
     with atomic_path(path, what) as tmp:
@@ -108,24 +99,21 @@ def write_text(path: str | os.PathLike, text: str, what: str = "output") -> Path
 
 
 def write_json(path: str | os.PathLike, obj, what: str = "record", **dumps_kw) -> Path:
-    """``obj`` as JSON at ``path`` (serialised first: nothing is written if it cannot be)."""
+    """``obj`` as JSON at ``path`` (serialised first: nothing written if it cannot be)."""
     dumps_kw.setdefault("indent", 1)
     return write_text(path, json.dumps(obj, **dumps_kw) + "\n", what)
 
 
-# ------------------------------------------------------------------------- directories
 def _inside(a: Path, b: Path) -> bool:
-    """Whether ``a`` is ``b`` or lies under it (both resolved)."""
     return a == b or b in a.parents
 
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, *, force: bool = False,
                what: str = "output directory") -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``target``; when the block completes it
-    becomes ``target``. An existing non-empty ``target`` is replaced only with ``force``
-    (it is moved aside first and deleted once the new one is in place); on an error the
-    temporary directory is removed and ``target`` is untouched."""
+    """Yield an empty temporary directory beside ``target`` that becomes ``target`` when the
+    block completes (a non-empty one is replaced only with ``force``, kept whole until the
+    new one is in place); on an error ``target`` is untouched."""
     target = Path(target)
     check_output_dir(target, force=force, what=what)
     try:
@@ -159,17 +147,11 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False,
         raise
 
 
-# ------------------------------------------------------------------------- checks
-def _first_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def _check_parent(path: Path, what: str) -> None:
     """The directory that will hold ``path`` exists or can be created, and is writable."""
-    anc = _first_existing(path.parent)
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
     if not anc.is_dir():
         raise OutputError(f"{what} {path}: {anc} is a file, not a directory")
     if not os.access(anc, os.W_OK | os.X_OK):
@@ -177,8 +159,7 @@ def _check_parent(path: Path, what: str) -> None:
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
-    """Refuse (OutputError, naming ``path``) an output file that cannot be written: a
-    directory, a path under a file, an unwritable directory. Creates nothing."""
+    """Refuse (OutputError) an output file that cannot be written. Creates nothing."""
     p = Path(path)
     if str(path) == "" or p.name in ("", ".", ".."):
         raise OutputError(f"{what} {str(path)!r} is not a file name")
@@ -194,16 +175,13 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
 
 def check_output_dir(path: str | os.PathLike, *, force: bool = False,
                      protect: tuple = (), what: str = "output directory") -> Path:
-    """Refuse an output directory that is a file, is unwritable, is non-empty (unless
-    ``force``), or is, lies inside or contains one of the ``protect`` paths (the sources
-    the run reads: replacing them would destroy them). Creates nothing."""
+    """Refuse an output directory that is a file, unwritable, non-empty (unless ``force``),
+    or overlaps one of the ``protect`` paths (the run's sources). Creates nothing."""
     p = Path(path)
     if str(path) == "":
         raise OutputError(f"{what} '' is not a directory name")
     rp = p.resolve()
-    for src in protect:
-        if src is None:
-            continue
+    for src in (s for s in protect if s is not None):
         rs = Path(src).resolve()
         if _inside(rp, rs):
             raise OutputError(f"{what} {p} is the source {src} or lies inside it; "
@@ -213,9 +191,8 @@ def check_output_dir(path: str | os.PathLike, *, force: bool = False,
                               "directory")
     if p.exists() and not p.is_dir():
         raise OutputError(f"{what} {p} exists and is not a directory")
-    if p.is_dir():
-        if any(p.iterdir()) and not force:
-            raise OutputError(f"{what} {p} is not empty (pass --force to replace it)")
+    if p.is_dir() and not force and any(p.iterdir()):
+        raise OutputError(f"{what} {p} is not empty (pass --force to replace it)")
     _check_parent(p, what)
     return p
 
@@ -223,9 +200,7 @@ def check_output_dir(path: str | os.PathLike, *, force: bool = False,
 def check_distinct(**paths) -> None:
     """Refuse two outputs that name the same file (``name=path``; None is skipped)."""
     seen: dict[Path, str] = {}
-    for name, path in paths.items():
-        if path is None:
-            continue
+    for name, path in ((n, p) for n, p in paths.items() if p is not None):
         rp = Path(path).resolve()
         if rp in seen:
             raise OutputError(f"{seen[rp]} and {name} are the same file {path}; one would "

@@ -1,7 +1,5 @@
-"""Validated configuration shared by the library, CLI, tests and benchmarks.
-
-The cache policies' configs live with their policies (:mod:`fastdecode.cache`).
-"""
+"""Validated configuration shared by the library, CLI, tests and benchmarks (the cache
+policies' configs live with their policies)."""
 
 from __future__ import annotations
 
@@ -17,11 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """How the decode step runs: ``none`` (eager), ``default`` (compiled kernels launched
-    one by one), ``graphs`` (the step captured as one CUDA graph; CUDA only). ``kernels``:
-    whose kernels make the step: ``fused`` (our Triton step, fastdecode.fused), ``inductor``
-    (torch.compile of the eager step), ``auto`` (fused on CUDA, inductor elsewhere)."""
-
+    """How the decode step runs (``mode``) and whose kernels make it (see compile.py)."""
     mode: str = "none"
     kernels: str = "auto"
 

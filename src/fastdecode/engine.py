@@ -1,9 +1,8 @@
 """Prefill, decode step and generation over a model and its cache.
 
-The decoder keeps the position ``t`` (tokens fed so far) on the host, where it is known
-without a sync, and mirrors it into a device scalar for the decode step, so the step itself
-is pure device work on static buffers: it can be compiled and captured as a CUDA graph
-(:mod:`fastdecode.compile`).
+The position ``t`` lives on the host (known without a sync) and is mirrored into a device
+scalar, so the decode step is pure device work on static buffers: it can be compiled and
+captured as a CUDA graph (:mod:`fastdecode.compile`).
 """
 
 from __future__ import annotations
@@ -12,24 +11,25 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .attention import flash_prefill_enabled
+from .attention import check_prefill_kernel, flash_prefill_enabled
 from .cache import KVCache, PolicyConfig, make_cache
 from .errors import ConfigError, InputError, NonFiniteError
 from .models.transformer import Transformer
 
-# Prefill chunk when none is given. With the flash kernel, chunks serve speed: the whole
-# prompt up to this cap in one pass (activations of a 16k chunk on Pythia-2.8B: ~1 GB; the
-# cache state stays exact whatever the chunk). The reference attention holds float32
-# [heads, T, Nk] scores, so there chunks stay small.
+# Default prefill chunks (the cache state is exact whatever the chunk): the flash kernel
+# takes the prompt in one pass up to ~1 GB of Pythia-2.8B activations; the reference holds
+# float32 [heads, T, Nk] scores, so small chunks.
 FLASH_CHUNK = 16384
 REFERENCE_CHUNK = 512
 
 
 class Decoder:
-    def __init__(self, model: Transformer, cache: KVCache, chunk_size: int | None = None):
+    def __init__(self, model: Transformer, cache: KVCache, chunk_size: int | None = None,
+                 prefill_kernel: str = "auto"):
         if chunk_size is not None and chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model, self.cache, self.chunk_size = model, cache, chunk_size
+        self.prefill_kernel = check_prefill_kernel(prefill_kernel)  # attention.py
         dev = model.device
         self.t = 0
         self.tok_buf = torch.zeros(1, dtype=torch.long, device=dev)
@@ -53,28 +53,23 @@ class Decoder:
         self._check_id(int(ids.max()))
         return ids
 
-    def _check_id(self, tok: int) -> None:
-        # Host-side values only: an out-of-range id would fail deep in the embedding (on
-        # CUDA, as a device-side assert that kills the context).
+    def _check_id(self, tok: int) -> None:  # on CUDA a bad id is a context-killing assert
         vocab = self.model.spec.vocab_size
         if not 0 <= tok < vocab:
             raise InputError(f"token id {tok} is out of range for the model's vocabulary "
                              f"(0..{vocab - 1}); is the tokenizer the model's?")
 
     def prefill_chunk(self) -> int:
-        """Tokens per prefill pass: ``chunk_size`` if given, else as many as the attention
-        path serves well (:data:`FLASH_CHUNK` with the flash kernel)."""
+        """Tokens per prefill pass: ``chunk_size``, else the attention path's default."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return FLASH_CHUNK if flash_prefill_enabled(self.model.device) else REFERENCE_CHUNK
+        flash = flash_prefill_enabled(self.prefill_kernel, self.model.device)
+        return FLASH_CHUNK if flash else REFERENCE_CHUNK
 
     @torch.no_grad()
     def prefill(self, tokens: Sequence[int] | torch.Tensor, all_logits: bool = False):
-        """Feed ``tokens`` in chunks. Returns the last token's logits [V], or all [T, V].
-
-        Chunks leave the cache exactly as feeding the tokens one by one would. Without
-        ``all_logits`` the output head runs on the last token only (no [T, V] logits).
-        """
+        """Feed ``tokens`` in chunks (the cache ends as token-by-token feeding leaves it);
+        the last token's logits [V] (the head runs on it alone), or all [T, V]."""
         ids = self._as_ids(tokens)
         n = ids.numel()
         self.cache.check_room(self.t + n)
@@ -85,7 +80,7 @@ class Decoder:
             plan = self.cache.plan_prefill(self.t, chunk.numel())
             last = start + size >= n
             rows = None if all_logits else slice(-1, None) if last else slice(0, 0)
-            outs.append(self.model(chunk, self.cache, plan, rows=rows))
+            outs.append(self.model(chunk, self.cache, plan, rows, self.prefill_kernel))
             self.t += chunk.numel()
         return torch.cat(outs) if all_logits else outs[-1][0]
 
@@ -96,9 +91,7 @@ class Decoder:
 
     @torch.no_grad()
     def step(self, token) -> torch.Tensor:
-        """Feed one token (int or device tensor [1]); returns its logits [V].
-
-        The result stays valid after later steps (compiled paths copy it out)."""
+        """Feed one token (int or device tensor [1]); its logits [V], valid after later steps."""
         self.cache.check_room(self.t + 1)
         if isinstance(token, torch.Tensor):
             self.tok_buf.copy_(token.reshape(1))
@@ -137,27 +130,20 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         cum = torch.softmax(sorted_scores, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_scores, -1) > top_p  # keep the first over top_p
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, -1)
-    return torch.multinomial(probs, 1, generator=generator)
+    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)
 
 
 def generate(decoder: Decoder, prompt: Sequence[int], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_token_id: int | None = None) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` generated token ids (stops after ``eos_token_id``).
-
-    Every step's logits are checked for NaN/Inf before its token is yielded (a
-    :class:`NonFiniteError` names the step): the flag is computed on the device and comes
-    to the host with the token, in the one transfer per token that yielding an int needs
-    anyway, so the check adds no sync, on a CUDA graph as on the CPU. The sampler sees a
-    neutral copy of bad logits, so a NaN never reaches ``torch.multinomial`` (on CUDA a
-    device-side assert there would kill the context)."""
+    """Yield up to ``max_new_tokens`` token ids (stops after ``eos_token_id``). Non-finite
+    logits raise NonFiniteError: the flag comes to the host with the token, so the check
+    adds no sync, and a NaN never reaches ``torch.multinomial`` (a CUDA assert there)."""
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     check_sampling(temperature, top_k, top_p)
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=decoder.model.device).manual_seed(seed)
+    gen = (torch.Generator(device=decoder.model.device).manual_seed(seed)
+           if seed is not None else None)
     logits = decoder.prefill(prompt)
     for i in range(max_new_tokens):
         ok = torch.isfinite(logits).all()

@@ -5,32 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import atomic_path
+from ..eval.plot import pyplot as _plt
+from ..eval.plot import save as _save
 from .history import Run
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: Path) -> None:
-    """Write the figure atomically (a temporary PNG beside ``out``, then a rename)."""
-    with atomic_path(out, "plot") as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     """Names of the points no other point beats on both TPOT and PPL (lower is better)."""
-    front = []
-    for name, t, p in points:
-        if not any((t2 <= t and p2 <= p) and (t2 < t or p2 < p) for _, t2, p2 in points):
-            front.append(name)
-    return front
+    return [name for name, t, p in points
+            if not any(t2 <= t and p2 <= p and (t2 < t or p2 < p) for _, t2, p2 in points)]
 
 
 def plot_pareto(run: Run, out: Path, ylabel: str = "PPL / bf16 streaming PPL") -> Path | None:
@@ -41,8 +24,7 @@ def plot_pareto(run: Run, out: Path, ylabel: str = "PPL / bf16 streaming PPL") -
     plt = _plt()
     front = set(pareto_front(pts))
     fig, ax = plt.subplots(figsize=(8, 5))
-    # Labels of neighbouring points alternate above/below and left/right so that the
-    # cluster of graphed configurations stays legible.
+    # Neighbours' labels alternate sides, so the cluster of graphed configs stays legible.
     for i, (name, t, p) in enumerate(sorted(pts, key=lambda x: (x[2], x[1]))):
         ax.scatter(t, p, color="C3" if name in front else "C0", zorder=3)
         dx, dy = ((5, 4), (5, -9), (-5, 4), (-5, -9))[i % 4]
@@ -56,10 +38,7 @@ def plot_pareto(run: Run, out: Path, ylabel: str = "PPL / bf16 streaming PPL") -
     ax.set_title(f"Speed vs accuracy per configuration ({run.gpu}, {run.commit or 'uncommitted'})")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def window_series() -> dict[str, int]:
@@ -85,10 +64,7 @@ def plot_window(run: Run, out: Path) -> Path | None:
     ax.set_ylabel("TPOT, median (ms/token)")
     ax.set_title(f"Decode time vs window, bf16, graphed ({run.gpu})")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_history(runs: list[Run], out: Path) -> Path | None:
@@ -107,7 +83,4 @@ def plot_history(runs: list[Run], out: Path) -> Path | None:
     ax.set_title(f"TPOT over commits ({runs[-1].gpu})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    _save(fig, out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

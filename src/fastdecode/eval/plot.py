@@ -11,7 +11,7 @@ from ..errors import FastdecodeError
 from .ppl import segment_ppl
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -47,10 +47,9 @@ def _style(label: str) -> dict:
 def plot_segments(curves: dict[str, np.ndarray], path: str | Path, *, segment: int = 1024,
                   trained_context: int | None = None, title: str = "",
                   panels: dict[str, list[str]] | None = None) -> Path:
-    """One line per configuration: exp(mean NLL) over consecutive ``segment``-token
-    segments, plotted at each segment's end, log y. ``curves``: label -> per-token NLL.
-    ``panels``: panel title -> labels (default: one panel with every curve)."""
-    plt = _pyplot()
+    """One line per configuration (``curves``: label -> per-token NLL) of the PPL of each
+    ``segment``-token segment, log y; ``panels``: title -> labels (default: one, all)."""
+    plt = pyplot()
     panels = panels or {"": list(curves)}
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), sharey=True,
                              squeeze=False)
@@ -74,9 +73,14 @@ def plot_segments(curves: dict[str, np.ndarray], path: str | Path, *, segment: i
     axes[0][0].set_ylabel(f"PPL per {segment}-token segment (log)")
     if title:
         fig.suptitle(title, fontsize=11)
+    return save(fig, path)
+
+
+def save(fig, path: str | Path) -> Path:
+    """Write the figure atomically (a reader never sees half a PNG) and close it."""
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path, "plot") as tmp:  # a reader never sees half a PNG
+    with atomic_path(path, "plot") as tmp:
         fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    pyplot().close(fig)
     return path

@@ -61,6 +61,7 @@ class EvalSpec:
     kv_dtype: str = "auto"
     method: str = "parallel"
     chunk_size: int | None = None  # parallel: tokens per forward pass (None: see above)
+    prefill_kernel: str = "auto"  # parallel: attention.PREFILL_KERNELS
     recompute_batch: int | None = None  # recompute/parallel: contexts per pass (None: auto)
 
     def __post_init__(self):
@@ -132,7 +133,8 @@ class EvalSpec:
         """Tokens per parallel pass on ``device`` (``chunk_size``, or the default)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return FLASH_EVAL_CHUNK if flash_prefill_enabled(device) else REFERENCE_CHUNK
+        flash = flash_prefill_enabled(self.prefill_kernel, device)
+        return FLASH_EVAL_CHUNK if flash else REFERENCE_CHUNK
 
 
 def attended(spec: EvalSpec, n: int, cache=None) -> np.ndarray:
@@ -239,7 +241,8 @@ def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
             info = _recompute(model, ids, spec, nll, bar)
         else:
             chunk = spec.chunk_for(dev)
-            dec = Decoder.build(model, spec.cache_config(n), chunk_size=chunk)
+            dec = Decoder.build(model, spec.cache_config(n), chunk_size=chunk,
+                                prefill_kernel=spec.prefill_kernel)
             cache = dec.cache
             if spec.method == "parallel":
                 info["chunk_size"] = chunk
@@ -274,7 +277,7 @@ def _recompute(model, ids, spec: EvalSpec, nll, bar) -> dict:
     dense = CacheConfig(policy="dense", sink=0, max_len=L)
     chunk = spec.chunk_for(ids.device)
     if spec.method == "token":
-        dec = Decoder.build(model, dense, chunk_size=chunk)
+        dec = Decoder.build(model, dense, chunk_size=chunk, prefill_kernel=spec.prefill_kernel)
         for t in range(n):
             dec.reset()
             logits = dec.prefill(rc.context_ids(ids, t, S, W))
@@ -283,7 +286,7 @@ def _recompute(model, ids, spec: EvalSpec, nll, bar) -> dict:
         return {}
     # Contexts of steps 0 .. L-1 are the prefixes of the text: one dense chunked pass.
     head = min(n, L)
-    dec = Decoder.build(model, dense, chunk_size=chunk)
+    dec = Decoder.build(model, dense, chunk_size=chunk, prefill_kernel=spec.prefill_kernel)
     for s in range(0, head, chunk):
         e = min(s + chunk, head)
         logits = dec.prefill(ids[s:e], all_logits=True)

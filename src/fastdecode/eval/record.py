@@ -19,27 +19,23 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def git_info(root: Path = _REPO_ROOT) -> dict:
-    """Commit and dirtiness of the checkout this package runs from (read only: no index
-    refresh). $FASTDECODE_GIT_COMMIT, when set, wins: a copy of the tree on a benchmark
-    machine may carry a stale .git (the GPU script sets it from the commit it was sent at).
-    Outside a git checkout and without it: {}."""
+    """Commit and dirtiness of the checkout this package runs from ({} outside one);
+    $FASTDECODE_GIT_COMMIT wins (a device copy of the tree may carry a stale .git)."""
     if os.environ.get("FASTDECODE_GIT_COMMIT"):
         return {"commit": os.environ["FASTDECODE_GIT_COMMIT"], "dirty": None,
                 "commit_source": "FASTDECODE_GIT_COMMIT"}
-    fallback = {}
-
     def git(*args):
         return subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args],
                               capture_output=True, text=True, timeout=10)
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode:
-            return fallback
+            return {}
         status = git("status", "--porcelain", "--untracked-files=no")
         return {"commit": head.stdout.strip(),
                 "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return {}
 
 
 def environment(device: torch.device | str | None = None) -> dict:
@@ -56,8 +52,7 @@ def environment(device: torch.device | str | None = None) -> dict:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     env["device"] = str(dev)
     if dev.type == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(dev)
-        env["cuda"] = torch.version.cuda
+        env.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda)
         try:
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -74,28 +69,22 @@ def build_record(*, result, config: dict, data: dict, env: dict, per_token: dict
                  segment: int, diagnosis: dict | None = None) -> dict:
     """One run's record (see ``docs/ppl.md`` for the fields)."""
     return {
-        "kind": RECORD_KIND,
-        "version": RECORD_VERSION,
+        "kind": RECORD_KIND, "version": RECORD_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {**config, "eval": result.spec.to_dict(), "label": result.spec.label},
-        "data": data,
-        "environment": env,
+        "data": data, "environment": env,
         "result": {
-            "ppl": result.ppl,
-            "mean_nll": result.mean_nll,
-            "tokens_scored": result.n,
+            "ppl": result.ppl, "mean_nll": result.mean_nll, "tokens_scored": result.n,
             "seconds": round(result.seconds, 3),
             "tokens_per_s": round(result.n / result.seconds, 2) if result.seconds else None,
             "max_kv_len": int(result.kv_len.max()),
             "segments": {"size": segment, "ppl": result.segment_ppl(segment)},
             **({"info": result.info} if result.info else {}),
         },
-        "per_token": per_token,
-        "diagnosis": diagnosis,
+        "per_token": per_token, "diagnosis": diagnosis,
     }
 
 
 def write_json(obj: dict, path: str | Path) -> Path:
-    """Write the record atomically (fastdecode.atomic: concurrent writers and readers of
-    one path are safe); NaN is refused, not written as invalid JSON."""
+    """Write the record atomically; NaN is refused, not written as invalid JSON."""
     return atomic.write_json(path, obj, what="record", allow_nan=False)

@@ -1,26 +1,12 @@
 """Flash-style prefill attention over [cache buffer, new chunk] for every cache policy.
 
-Same result as :func:`fastdecode.attention.attend` on a prefill plan, without ever holding
-the [T, Nk] score matrix: per (query head, block of queries) one online softmax over the
-key blocks that some query of the block can see. Visibility is the plan's, computed
-in-kernel from key text positions ``key_pos`` and per-query bounds ``q_lo`` / ``q_ti``:
-key j is visible to query i iff ``0 <= kj <= ti`` and (``kj < S`` or ``kj >= lo``). Sink
-keys (``0 <= kj < S``) are scored by the query rotated at its sink position, the others by
-the query at its text position, in the same online softmax (only blocks that hold a sink
-pay for the second product). int8 storage: codes plus per-key scales, the key scale applied
-to the scores and the value scale to the probabilities, as ``attend`` does.
-
-Key blocks are skipped by index: a small table per query block (built once per plan with
-torch ops, on the device, no host sync) lists the key blocks whose text-position range
-meets the block's [min lo, max ti] or that hold a visible sink. The ring part of the buffer
-is in slot order, so its one wrapped block is merely conservative; the element mask is
-exact.
-
-Head dims that are not a power of two (GPT-NeoX 2.8B: 80) are split as 64 + 16 so that no
-multiply is wasted on padding (int8 storage: padded); others are padded to the next power
-of two (>= 16, what ``tl.dot`` needs). Inputs in bf16/fp16 use fp32 accumulation; fp32
-inputs use IEEE fp32 products (no TF32), which is also what the CPU interpreter (tests)
-runs.
+:func:`fastdecode.attention.attend` on a prefill plan without the [T, Nk] score matrix: per
+(query head, query block) one online softmax over the key blocks the block can see. Key j
+is visible to query i iff ``0 <= kj <= ti`` and (``kj < S`` or ``kj >= lo``), from the plan's
+``key_pos``, ``q_lo``, ``q_ti``; sink keys are scored by the sink query in the same softmax;
+int8 scales apply to scores and probabilities, as in ``attend``. A per-plan block table
+skips unseen key blocks. Head dims like 80 split as 64 + 16 (no multiply wasted on
+padding); fp32 inputs use IEEE products, what the CPU interpreter (tests) runs.
 """
 
 from __future__ import annotations
@@ -33,9 +19,8 @@ import triton.language as tl
 
 from ..errors import InputError
 
-# Launch parameters (CUDA). scripts/gpu_prefill.py times alternatives; the interpreter
-# uses small blocks (it runs every program in numpy).
-# Chosen by the sweep in scripts/gpu_prefill.py (perf/results/h200-prefill-0e1f695.json).
+# CUDA: the sweep of scripts/gpu_prefill.py (perf/results/h200-prefill-0e1f695.json); the
+# interpreter runs every program in numpy, so small blocks.
 CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 
@@ -153,12 +138,9 @@ def _flash_prefill(Q, QS, K, V, KS, VS, KPOS, QLO, QTI, BIDX, BCNT, OUT,
 
 def block_table(key_pos: torch.Tensor, q_lo: torch.Tensor, q_ti: torch.Tensor, num_sink: int,
                 block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block, the key blocks some query of it may see, as int32 [n_qb, n_kb]:
-    first those holding a sink it may see, then window blocks it sees in part, then those
-    every query of the block sees whole (no mask needed), each group in index order; and
-    int32 [n_qb, 3], where each group ends. Torch ops on the device, no host sync;
-    conservative for the first two groups (the kernel's element mask is exact there) and
-    exact for the third."""
+    """Per query block, the key blocks it may see (int32 [n_qb, n_kb]: visible sinks, window
+    blocks seen in part, blocks seen whole and run unmasked, each in index order) and where
+    each group ends (int32 [n_qb, 3]); on the device, no host sync."""
     NK, T = key_pos.numel(), q_ti.numel()
     n_kb, n_qb = triton.cdiv(NK, block_n), triton.cdiv(T, block_m)
     big = torch.iinfo(torch.int64).max
@@ -192,14 +174,9 @@ def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
                   key_pos: torch.Tensor, q_lo: torch.Tensor, q_ti: torch.Tensor,
                   num_sink: int, *, memo: dict | None = None,
                   config: dict | None = None) -> torch.Tensor:
-    """Attention of ``q`` [Hq, T, D] (and ``q_sink``, the same queries rotated at the sink
-    position; None when there are no sinks) over keys/values [Hkv, Nk, D] (int8 codes when
-    scales [Hkv, Nk] are given). ``key_pos`` [Nk], ``q_lo`` / ``q_ti`` [T]: int64 text
-    positions (see the module doc). Returns [Hq, T, D] in q's dtype, a transposed view of
-    a contiguous [T, Hq, D] buffer (so the output projection needs no copy).
-
-    ``memo``: a dict that lives as long as the positions (one per plan); the block table
-    is built once there and reused by every layer."""
+    """``attend``'s prefill: [Hq, T, D] in q's dtype, a transposed view of a [T, Hq, D]
+    buffer (the output projection needs no copy). ``memo`` (one per plan) keeps the block
+    table for every layer."""
     Hq, T, D = q.shape
     Hkv, NK, Dk = k.shape
     if Dk != D or v.shape != k.shape or Hq % Hkv:
@@ -217,27 +194,20 @@ def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
         if memo is not None:
             memo[key] = table
     bidx, bcnt = table
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     has_sink = q_sink is not None and num_sink > 0
-    qs = q_sink if has_sink else q
-    if qs.stride(-1) != 1:
-        qs = qs.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    q, qs, k, v = (t if t.stride(-1) == 1 else t.contiguous()
+                   for t in (q, q_sink if has_sink else q, k, v))
     int8 = k_scale is not None
     if int8:
         k_scale, v_scale = k_scale.contiguous(), v_scale.contiguous()  # one stride for both
-    ks = k_scale if int8 else k
-    vs = v_scale if int8 else v
+    ks, vs = (k_scale, v_scale) if int8 else (k, v)
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     o = out.transpose(0, 1)
     # int8 codes: one padded part (on the H200, the 80 = 64 + 16 split gave NaN with int8
     # loads in a first run; the padded form is the one that was checked there).
     DA, DB = head_split(D) if not int8 else (max(16, triton.next_power_of_2(D)), 0)
     n_qb, n_kb = bidx.shape
-    grid = (n_qb, Hq)
-    _flash_prefill[grid](
+    _flash_prefill[(n_qb, Hq)](
         q, qs, k, v, ks, vs, key_pos, q_lo, q_ti, bidx, bcnt, o,
         T, NK, num_sink, Hq // Hkv, n_qb, n_kb,
         q.stride(0), q.stride(1), qs.stride(0), qs.stride(1), k.stride(0), k.stride(1),

@@ -1,12 +1,7 @@
-"""One pass from the q/k/v projection of a prefill chunk to what attention and the cache
-take: queries rotated at their text positions (and again at their sink positions), keys
-rotated, values, each [heads, T, D] contiguous.
-
-The eager path (``rope.apply`` per tensor) makes a strided concatenation and four
-elementwise kernels per tensor, a large share of a long prefill on Pythia-2.8B (the
-profiles in perf/results/h200-prefill-*.json). Same rotate-half arithmetic, in float32, rounded
-once to the model dtype; ``cos``/``sin`` come from :func:`fastdecode.rope.cos_sin`
-(float64 angles), so long streams lose nothing here either.
+"""One pass from a prefill chunk's q/k/v projection to rotated queries (at text and sink
+positions), rotated keys and values, each [heads, T, D] contiguous: the eager path's
+strided copies and elementwise kernels were a large share of a long prefill
+(perf/results/h200-prefill-*.json). The same float32 arithmetic as ``rope.apply``.
 """
 
 from __future__ import annotations
@@ -62,10 +57,8 @@ def _prefill_rope(X, COS, SIN, COSS, SINS, Q, QS, K, V,
 
 
 def prefill_rope(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, rot, rot_sink):
-    """``qkv`` [T, Hq + 2 Hkv, D] (rows: q heads, k heads, v heads; the last dim
-    contiguous); ``rot`` / ``rot_sink``: (cos, sin) [T, rotary_dim // 2] at the text and
-    the sink positions (``rot_sink`` None: no sink queries). Returns (q, q_sink or None,
-    k, v), each [heads, T, D] contiguous."""
+    """``qkv`` [T, Hq + 2 Hkv, D] and (cos, sin) [T, rotary_dim // 2] at the text and sink
+    positions (``rot_sink`` None: no sinks) -> (q, q_sink or None, k, v) [heads, T, D]."""
     T, NH, D = qkv.shape
     if NH != num_heads + 2 * num_kv_heads or qkv.stride(-1) != 1:
         raise InputError(f"prefill_rope: qkv {tuple(qkv.shape)} does not hold {num_heads} + "

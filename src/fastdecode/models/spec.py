@@ -37,13 +37,11 @@ class ModelSpec:
         return families.get(self.family)
 
     @property
-    def norm(self) -> str:
-        """``layer`` (LayerNorm) or ``rms`` (RMSNorm)."""
+    def norm(self) -> str:  # families.NORMS
         return self.arch.norm
 
     @property
-    def mlp(self) -> str:
-        """``gelu`` (up, GELU, down) or ``glu`` (SiLU-gated: up rows are [gate; up])."""
+    def mlp(self) -> str:  # families.MLPS
         return self.arch.mlp
 
     @property

@@ -1,14 +1,11 @@
-"""One lean decoder for every family, batch 1, built from the spec's switches.
-
-``spec.norm`` (LayerNorm | RMSNorm), ``spec.mlp`` (GELU | SiLU-gated), residual
-(parallel: x + attn(norm1 x) + mlp(norm2 x) | sequential), ``spec.has_bias``, a partial or
-full rotary, grouped-query attention and a tied or untied head: GPT-NeoX/Pythia and Llama
+"""One lean decoder for every family, batch 1, built from the spec's switches (norm, MLP,
+parallel or sequential residual, biases, partial rotary, GQA, tied head): GPT-NeoX and Llama
 are two settings of these (:mod:`fastdecode.models.families`).
 
-Parameter names are the canonical checkpoint names used by the loaders and quantizers:
-``embed.weight``, ``layers.{i}.norm1/norm2``, ``layers.{i}.attn.qkv`` (rows: q heads, k
-heads, v heads), ``layers.{i}.attn.out``, ``layers.{i}.mlp.up`` (gated MLP: gate rows then up
-rows), ``layers.{i}.mlp.down``, ``norm``, ``lm_head``.
+Parameter names are the canonical checkpoint names of loaders and quantizers: ``embed``,
+``layers.{i}.norm1/norm2``, ``layers.{i}.attn.qkv`` (rows: q, k, v heads),
+``layers.{i}.attn.out``, ``layers.{i}.mlp.up`` (gated: gate rows, then up), ``mlp.down``,
+``norm``, ``lm_head``.
 """
 
 from __future__ import annotations
@@ -50,11 +47,12 @@ class Attention(nn.Module):
                              bias=spec.has_bias)
         self.out = nn.Linear(spec.num_heads * D, spec.hidden_size, bias=spec.has_bias)
 
-    def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink):
+    def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink,
+                flash: bool = False):
         s = self.spec
         T, D = x.shape[0], s.head_dim
         qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D)
-        if T > 1 and plan.key_pos is not None and flash_prefill_enabled(x.device):
+        if flash:
             # Prefill on the flash path: rotary and layout in one Triton pass. (Imported
             # here: Triton reads TRITON_INTERPRET when a kernel is defined.)
             from ..kernels.prefill_rope import prefill_rope
@@ -68,7 +66,7 @@ class Attention(nn.Module):
             q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
             k, v = rope.apply(k, *rot), v.contiguous()
         kv = cache.update(layer, k, v, plan)
-        o = attend(q_win, q_sink, kv, plan, cache.sink)
+        o = attend(q_win, q_sink, kv, plan, cache.sink, flash)
         return self.out(o.transpose(0, 1).reshape(T, s.num_heads * D))
 
 
@@ -100,8 +98,12 @@ class Block(nn.Module):
         self.attn = Attention(spec)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cache, plan, rot, rot_sink):
-        a = self.attn(self.norm1(x), self.index, cache, plan, rot, rot_sink)
+    def forward(self, x, cache, plan, rot, rot_sink, flash=False):
+        return self.residual(x, self.attn(self.norm1(x), self.index, cache, plan, rot,
+                                          rot_sink, flash))
+
+    def residual(self, x, a):
+        """x plus the attention output ``a`` and the MLP (parallel or sequential)."""
         if self.parallel:
             return x + a + self.mlp(self.norm2(x))
         x = x + a
@@ -134,10 +136,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def adopt_layout(self, layout, views: dict[str, torch.Tensor]) -> None:
-        """Record ``layout`` (a structure built over these weights, e.g. the fused step's
-        stacks, quant/layout.py) in ``self.layout``, and let the tensors named in ``views``
-        (parameter or buffer names -> tensors of the same shape and dtype) live in its
-        memory: the model arranges its own storage, so one copy serves both."""
+        """Record ``layout`` (quant/layout.py) and let the tensors named in ``views`` (name
+        -> a tensor of the same shape and dtype) live in its memory: one copy serves both."""
         targets = []
         for name, view in views.items():
             mod_name, _, attr = name.rpartition(".")
@@ -159,26 +159,27 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, plan: Plan,
-                rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+                rows: slice | torch.Tensor | None = None,
+                prefill_kernel: str = "auto") -> torch.Tensor:
         """Logits [T, vocab] for ``tokens`` [T] at the positions ``plan`` gives; with
-        ``rows`` (an index or slice of the T positions) only those rows reach the head."""
+        ``rows`` (an index or slice of the T positions) only those rows reach the head;
+        ``prefill_kernel``: see :func:`fastdecode.attention.flash_prefill_enabled`."""
+        flash = (flash_prefill_enabled(prefill_kernel, self.device) and tokens.numel() > 1
+                 and plan.key_pos is not None)
         x = self.embed(tokens)
         rot = rope.cos_sin(plan.q_pos, self.freqs, x.dtype)
         rot_sink = (rope.cos_sin(plan.q_pos_sink, self.freqs, x.dtype)
                     if plan.q_pos_sink is not None else None)
         for layer in self.layers:
-            x = layer(x, cache, plan, rot, rot_sink)
+            x = layer(x, cache, plan, rot, rot_sink, flash)
         if rows is not None:
             x = x[rows]
         return self.lm_head(self.norm(x))
 
     def forward_batch(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, L, V] (``last_only``: [B, V], the last position's) of ``tokens``
-        [B, L], every row encoded from scratch with causal attention at positions 0..L-1.
-
-        The same arithmetic as :meth:`forward` (its linears, norms, rotary), batched over
-        independent sequences and without a cache: the recompute oracle's contexts and
-        int4 distillation (which needs autograd through it) run here."""
+        """Logits [B, L, V] (``last_only``: [B, V]) of ``tokens`` [B, L], each row encoded
+        from scratch at positions 0..L-1: :meth:`forward`'s arithmetic batched and without
+        a cache, for the recompute oracle, calibration and distillation (autograd)."""
         spec = self.spec
         B, L = tokens.shape
         H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -202,23 +203,17 @@ class Transformer(nn.Module):
                 v = v.repeat_interleave(H // Hkv, dim=1)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=not last)
             a = layer.attn.out(a.transpose(1, 2).reshape(B * rows, H * D))
-            if layer.parallel:
-                x = x + a + layer.mlp(layer.norm2(x))
-            else:
-                x = x + a
-                x = x + layer.mlp(layer.norm2(x))
+            x = layer.residual(x, a)
         logits = self.lm_head(self.norm(x))
         return logits if last_only else logits.view(B, L, -1)
 
     def load_canonical(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load canonical tensors (see module doc); casts to this model's dtype."""
+        """Load canonical tensors (see module doc), cast to this model's dtype."""
         from ..errors import ModelLoadError
 
-        state = dict(state)
+        state, own = dict(state), self.state_dict()
         if self.spec.tie_embeddings:
             state.pop("lm_head.weight", None)
-        own = self.state_dict()
-        if self.spec.tie_embeddings:
             own.pop("lm_head.weight", None)
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -1,14 +1,10 @@
 """Weight-only quantization: recipes (config) -> apply (pure function) -> storage modules.
 
-A recipe names the format and which linears it touches, e.g. ``int8``, ``int8-mlp``,
-``int4-mlp-g128``, ``int4-g64``, ``int4-attn-g128``, ``int8-mlp_up``. The output head and the
-embeddings stay in the model dtype unless the recipe ends in ``+head``.
-
-int4 recipes may name how scale, zero and codes are chosen (the stored format is the same):
-``-search`` (the default; data-free, least squared error per group), ``-rtn`` (min-max,
-round to nearest), ``-gptq`` (calibration text; see quant/gptq.py) or ``-kd`` (GPTQ, then
-codes, scales and zeros tuned against the unquantized model's outputs; quant/distill.py),
-e.g. ``int4-mlp-g128-gptq``. ``QuantConfig.name`` always says which, e.g. ``int4-mlp-g128-search``.
+A recipe names the format, the linears it touches and, for int4, how the codes are chosen
+(the stored format is the same): ``int8``, ``int8-mlp``, ``int4-mlp-g128``,
+``int4-g64-gptq``, ``int4-attn-g128-kd+head`` (``+head``: the output head too). int4
+methods: ``search`` (default, data-free), ``rtn``, ``gptq`` and ``kd`` (calibration text;
+quant/gptq.py, quant/distill.py). ``QuantConfig.name`` always says which.
 """
 
 from __future__ import annotations
@@ -93,21 +89,16 @@ class QuantConfig:
 def quantize_model(model: nn.Module, cfg: QuantConfig,
                    calibration: torch.Tensor | None = None, progress: bool = False) -> list[str]:
     """Replace matching nn.Linear modules in place; returns the names replaced.
-
-    ``calibration``: token ids, needed by ``gptq`` and ``kd``, read by the caller
-    (``fastdecode.eval.calibration.calibration_for``); GPTQ reads the first
-    ``gptq.CALIB_TOKENS``, distillation all. ``progress``: a bar for distillation."""
+    ``calibration``: token ids from the caller (``eval.calibration``), for gptq and kd."""
     cls = KINDS[cfg.kind]
-    targets = dict((name, mod) for name, mod in model.named_modules()
-                   if isinstance(mod, nn.Linear) and cfg.matches(name))
+    targets = {name: mod for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and cfg.matches(name)}
     if cfg.head and getattr(model.spec, "tie_embeddings", False):
         raise ConfigError("+head with tied embeddings would quantize the embeddings too; "
                           "not supported")
 
     def replace(name, **kw):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls.from_linear(targets[name], group_size=cfg.group_size, **kw))
+        model.set_submodule(name, cls.from_linear(targets[name], group_size=cfg.group_size, **kw))
 
     if cfg.calibrates:
         from .gptq import CALIB_TOKENS, gptq_int4, input_moments, moment_batches
@@ -132,25 +123,15 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
 
 
 def set_backend(model: nn.Module, backend: str = "auto") -> None:
-    """Choose the kernel every quantized linear of ``model`` uses.
-
-    ``auto``: ``reference`` off CUDA; on CUDA the fastest measured on the H100
-    (perf/results/h100-quant-gemv.json): ``AUTO_INT8`` / ``AUTO_INT4``.
-    """
+    """Choose the kernel every quantized linear of ``model`` uses (``auto``: ``reference``
+    off CUDA, else the fastest measured, perf/results/h100-quant-gemv.json)."""
     for mod in model.modules():
         if isinstance(mod, (Int8Linear, Int4Linear)):
-            choice = backend
-            if backend == "auto":
-                if not mod.weight.is_cuda:
-                    choice = "reference"
-                else:
-                    choice = AUTO_INT8 if mod.kind == "int8" else AUTO_INT4
-            mod.set_backend(choice)
+            auto = AUTO[mod.kind] if mod.weight.is_cuda else "reference"
+            mod.set_backend(auto if backend == "auto" else backend)
 
 
-# the fastest in a CUDA graph of Pythia-2.8B's GEMVs (perf/results/h100-quant-gemv.json)
-AUTO_INT8 = "inductor"
-AUTO_INT4 = "tinygemm"
+AUTO = {"int8": "inductor", "int4": "tinygemm"}  # the fastest in a graph of Pythia's GEMVs
 
 __all__ = ["set_backend", "QuantConfig", "quantize_model", "Int8Linear", "Int4Linear", "FILTERS",
            "METHODS"]

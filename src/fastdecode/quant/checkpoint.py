@@ -1,13 +1,7 @@
-"""Quantized checkpoints: a directory with ``fastdecode.json`` (spec + recipe + a manifest),
-``model.safetensors`` (the quantized state) and ``tokenizer.json`` when the source had one.
-Every command accepts such a directory as ``--model DIR``.
-
-A checkpoint verifies itself: the manifest in ``fastdecode.json`` holds each file's size
-and SHA-256, checked on load, and the tensors are cross-checked against the spec and the
-recipe (names, shapes, integer dtypes) before any is copied, so a damaged or mismatched
-checkpoint is a one-line ModelLoadError, never gibberish or a traceback. It is written
-into a temporary directory beside the target and renamed into place when complete
-(fastdecode.atomic), so an interrupted run leaves what was there before.
+"""Quantized checkpoints: ``fastdecode.json`` (spec, recipe, a manifest of each file's size
+and SHA-256), ``model.safetensors`` and ``tokenizer.json`` when the source had one; every
+command takes one as ``--model DIR``. It verifies itself on load, so a damaged or mismatched
+checkpoint is a one-line ModelLoadError, and is written atomically (fastdecode.atomic).
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ VERSION = 2  # 2: with the manifest ("files")
 
 
 def file_digest(path: Path) -> dict:
-    """Size and SHA-256 of one file (read in 1 MiB blocks)."""
+    """Size and SHA-256 of one file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -41,8 +35,8 @@ def file_digest(path: Path) -> dict:
 
 
 def save_quantized(lm, cfg: QuantConfig, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write the checkpoint of ``lm`` (quantized with ``cfg``) as ``out_dir``. A non-empty
-    ``out_dir`` is replaced only with ``force`` (OutputError otherwise)."""
+    """Write the checkpoint of ``lm`` (quantized with ``cfg``) as ``out_dir`` (a non-empty
+    one only with ``force``)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -70,11 +64,9 @@ def build_quantized_skeleton(model: nn.Module, cfg: QuantConfig, dtype) -> None:
     cls = KINDS[cfg.kind]
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and cfg.matches(name):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             kw = {"group_size": cfg.group_size} if cfg.kind == "int4" else {}
-            setattr(parent, child, cls(mod.in_features, mod.out_features, mod.bias is not None,
-                                       dtype, device="meta", **kw))
+            model.set_submodule(name, cls(mod.in_features, mod.out_features,
+                                          mod.bias is not None, dtype, device="meta", **kw))
 
 
 def verify_files(path: Path, files) -> None:
@@ -97,9 +89,7 @@ def verify_files(path: Path, files) -> None:
 
 
 def read_quantized(path: str | Path):
-    """-> (spec, QuantConfig, state dict on CPU, tokenizer file or None), the files
-    verified against the manifest (a checkpoint written before there was one loads with a
-    warning)."""
+    """-> (spec, QuantConfig, state dict on CPU, tokenizer file or None), verified."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -110,9 +100,7 @@ def read_quantized(path: str | Path):
         spec = ModelSpec(**meta["spec"]).validate()
         # written before QuantConfig had a method: int4 was then min-max (rtn) only
         cfg = QuantConfig(**{"method": "rtn", **meta["quant"]})
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{path / MARKER} is malformed: {e}") from None
-    except ValueError as e:  # a spec or recipe out of range (ConfigError is one)
+    except (KeyError, TypeError, ValueError) as e:  # JSON, UTF-8, ConfigError are ValueErrors
         raise ModelLoadError(f"{path / MARKER} is malformed: {e}") from None
     except OSError as e:
         raise ModelLoadError(f"cannot read {path / MARKER}: {e.strerror or e}") from None
@@ -135,9 +123,8 @@ def read_quantized(path: str | Path):
 
 def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                 cfg: QuantConfig, spec: ModelSpec, optional: tuple[str, ...] = ()) -> None:
-    """The checkpoint's tensors are exactly the model's: no missing or extra names, the
-    same shapes, and integer codes where the recipe has them (a float tensor may be stored
-    in another float dtype; it is cast on load)."""
+    """The checkpoint's tensors are exactly the model's: names, shapes, and integer codes
+    where the recipe has them (floats may differ in dtype: cast on load)."""
     missing = [k for k in expected if k not in state and k not in optional]
     extra = [k for k in state if k not in expected]
     if missing or extra:

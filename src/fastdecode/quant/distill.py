@@ -1,27 +1,10 @@
 """int4 distillation (recipe suffix ``-kd``): GPTQ, then tuned against the model itself.
 
-GPTQ's objective is each linear's output error. On the bundled SmolLM2, whose weights are
-already 4-bit in groups of 32, that stops paying at g128: GPTQ and every per-linear or
-per-block refinement we tried leave MLP-only g128 at +5.5% perplexity (docs/quant.md). Here the
-objective is the whole model's, the KL divergence of its next-token distributions from
-the unquantized model's (the teacher) on calibration text. What trains, and nothing else:
-
-- each group's scale and zero (as EfficientQAT's end-to-end step), seen by the forward
-  rounded to the dtype the model stores them in (straight through);
-- one offset per code, rounded straight through and clamped to [-1, 1] (AutoRound's
-  learned rounding, here end to end): a code moves one level at most and stays in 0..15.
-
-The stored format, the kernels and every other weight are unchanged. Adam with cosine
-decay, ``EPOCHS`` passes over the calibration text in sequences of ``SEQ`` tokens,
-``BATCH`` a step; the teacher's logits are computed in each step, never stored. Both
-models run as float32 copies on the model's device (for SmolLM2-135M: about 1.5 min on
-an H100; on a CPU, hours).
-
-Calibration (``eval.calibration.calibration_for``, from the caller): ``SHARES`` — 245,760
-tokens of wikitext-2 (test) and 73,728 of PG19 book 10321, never 10146, the evaluated
-book; GPTQ's moments use its first ``gptq.CALIB_TOKENS``. The settings were chosen on the
-H100 by the KL to the teacher on 8,192 held-out tokens of those two sources
-(experiments/kd_exp.py; perf/results/h100-kd-exp-*.json, docs/quant.md).
+GPTQ's per-linear objective stops paying at g128 on the bundled (already 4-bit) SmolLM2,
+so here the objective is the whole model's KL to the unquantized teacher. Only each
+group's scale and zero (rounded straight through to the stored dtype) and one offset per
+code (in [-1, 1], rounded straight through) train; the format is unchanged. Settings
+chosen on the H100: experiments/kd_exp.py, perf/results/h100-kd-exp-*.json, docs/quant.md.
 """
 
 from __future__ import annotations
@@ -46,7 +29,7 @@ LR_CODES = 2e-2  # Adam, the code offsets (in code levels)
 
 class _Trainable(nn.Module):
     """An Int4Linear in float32 with trainable scale, zero and code offsets; the forward
-    uses what ``store`` will write into ``m`` (scale and zero rounded to ``m``'s dtype)."""
+    uses what ``store`` will write."""
 
     def __init__(self, m: Int4Linear):
         super().__init__()
@@ -93,24 +76,20 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
 
 
 def _student(model, names):
-    """A float32 copy of ``model`` whose int4 linears ``names`` are _Trainable views of
-    ``model``'s (each rounding scale and zero to the dtype ``model`` stores them in)."""
+    """A float32 copy of ``model`` whose int4 linears ``names`` are _Trainable."""
     student = copy.deepcopy(model).float().requires_grad_(False)
     trainable = {}
     for n in names:
-        parent, _, child = n.rpartition(".")
-        t = trainable[n] = _Trainable(model.get_submodule(n))
-        setattr(student.get_submodule(parent) if parent else student, child, t)
+        trainable[n] = _Trainable(model.get_submodule(n))
+        student.set_submodule(n, trainable[n])
     return student, trainable
 
 
 def distill_int4(model, teacher, tokens: torch.Tensor, *, epochs: int = EPOCHS,
                  batch: int = BATCH, seq: int = SEQ, lr_scale: float = LR_SCALE,
                  lr_codes: float = LR_CODES, seed: int = 0, progress: bool = False) -> dict:
-    """Tune the codes, scales and zeros of ``model``'s Int4Linear modules (in place)
-    against ``teacher`` (the same model before quantization; read only, copied to float32
-    unless it is) on ``tokens`` [N] cut into sequences of ``seq``. Returns steps, the mean
-    KL of the first and last epochs and the number of codes that moved."""
+    """Tune ``model``'s Int4Linear modules in place against ``teacher`` (read only) on
+    ``tokens`` [N] in sequences of ``seq``; returns steps, first/last epoch KL, codes moved."""
     if tokens.numel() < seq:
         raise ConfigError(f"distillation needs at least {seq} calibration tokens, got "
                           f"{tokens.numel()}")

@@ -1,24 +1,11 @@
-"""GPTQ for int4 groups: scale, zero and codes chosen with calibration text.
+"""GPTQ for int4 groups (recipe suffix ``-gptq``): scale, zero and codes chosen with
+calibration text, stored as Int4Linear's format.
 
-Opt-in through the recipe suffix ``-gptq`` (``int4-mlp-g128-gptq``); the stored format is
-Int4Linear's, whichever method chose the numbers. Per linear, the objective is the error
-of its outputs on the calibration inputs, ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` with ``H = E[x xᵀ]``
-(``input_moments``), ``DAMP · mean(diag H)`` added to the diagonal against fitting the
-calibration text too closely. ``gptq_int4``:
-
-1. scale and zero per group from ``quantize_int4``'s search, its squared errors weighted
-   by diag(H);
-2. GPTQ (Frantar et al., 2022) with those groups fixed: columns in order of decreasing
-   diag(H), each rounded to its nearest code and its error spread over the columns not
-   yet rounded through the Cholesky factor of H⁻¹;
-3. per row, (scale, zero) of every group refitted by least squares under H given the
-   codes. Steps 2-3 run ``ROUNDS`` times from the refitted groups; each row keeps the
-   (codes, scale, zero) of least error.
-
-Calibration: token ids given by the caller (``quantize_model(..., calibration=...)``;
-``fastdecode.eval.calibration`` reads ``CALIB_TOKENS`` of them, half from wikitext-2 (test)
-and half from PG19 book 10321, never PG19 10146, the book the perplexity target is measured
-on), fed in sequences of ``CALIB_SEQ`` through the model's own batched forward.
+Per linear it minimises the output error ``tr((W - Ŵ) H (W - Ŵ)ᵀ)``, ``H = E[x xᵀ]`` damped
+by ``DAMP · mean(diag H)``: groups from the diag(H)-weighted search, then ``ROUNDS`` of GPTQ
+(Frantar et al., 2022) with those groups fixed and a least-squares refit of (scale, zero);
+each row keeps its best. The caller passes the calibration tokens
+(``eval.calibration``; docs/quant.md).
 """
 
 from __future__ import annotations
@@ -39,18 +26,16 @@ _BLOCK = 128  # columns per lazy GPTQ update
 _REFIT_ELEMENTS = 1 << 25  # rows per least-squares chunk: about this many of [rows, in, groups]
 
 
-class _PassDone(Exception):
-    """Raised by the hook of the last linear of a calibration pass."""
+class _PassDone(Exception):  # raised by the hook of a pass's last linear
+    pass
 
 
 @torch.no_grad()
 def input_moments(model, names: list[str], tokens: torch.Tensor,
                   seq_len: int | None = None) -> dict[str, torch.Tensor]:
     """E[x xᵀ] (float32 [in, in]) of the inputs of the linears ``names`` (in execution
-    order) over ``tokens`` cut into sequences of ``seq_len`` (default CALIB_SEQ; a partial
-    last one is left out), each encoded from scratch by ``model.forward_batch`` (causal,
-    positions 0..seq_len-1: what a prefill into an empty dense cache computes); a pass stops
-    at the last of them."""
+    order) over ``tokens`` in sequences of ``seq_len`` through ``model.forward_batch``; a
+    pass stops at the last of them."""
     seq_len = seq_len or CALIB_SEQ
     if tokens.numel() < seq_len:
         raise ConfigError(f"calibration needs at least {seq_len} tokens, got {tokens.numel()}")
@@ -102,8 +87,7 @@ def moment_batches(model, names: list[str], budget: int = MOMENT_BYTES) -> list[
 def gptq_int4(w: torch.Tensor, moments: torch.Tensor, group_size: int, *,
               damp: float | None = None, rounds: int | None = None,
               param_dtype: torch.dtype | None = None):
-    """w [out, in], moments H [in, in] -> (packed, scale, zero) as ``quantize_int4``;
-    ``damp``, ``rounds``: default DAMP, ROUNDS."""
+    """w [out, in], moments H [in, in] -> (packed, scale, zero) as ``quantize_int4``."""
     damp = DAMP if damp is None else damp
     rounds = ROUNDS if rounds is None else rounds
     out_f, in_f = w.shape
@@ -142,9 +126,8 @@ def gptq_int4(w: torch.Tensor, moments: torch.Tensor, group_size: int, *,
 
 
 def _gptq_codes(W, U, S, Z):
-    """Codes of W [out, n] column by column (columns already in GPTQ order), each rounding
-    error compensated on the later columns through U, the upper Cholesky factor of H⁻¹;
-    S, Z [out, n]: each column's scale and zero."""
+    """Codes of W [out, n] (columns in GPTQ order), each rounding error spread over the
+    later columns through U, the upper Cholesky factor of H⁻¹; S, Z: per-column."""
     W = W.clone()
     n = W.shape[1]
     q = torch.empty_like(W, dtype=torch.uint8)
@@ -174,8 +157,7 @@ def _output_error(W, H, q, scale, zero, g):
 
 def _refit(W, H, q, scale, zero, g, dtype):
     """Per row, the (scale, zero) of all groups minimising (w - ŵ) H (w - ŵ)ᵀ given the codes
-    q: a linear least-squares problem in 2G unknowns. Rows whose solution is not finite or
-    has a scale <= 0 keep theirs."""
+    (least squares in 2G unknowns); rows without a finite positive solution keep theirs."""
     out_f, p = W.shape
     G = p // g
     H4 = H.reshape(G, g, G, g)

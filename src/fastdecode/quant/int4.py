@@ -1,19 +1,10 @@
 """int4 weight-only linear: asymmetric groups of ``group_size`` along the input dim.
 
-Storage (CPU and checkpoints): two 4-bit codes per byte along the input dim (low nibble
-first), and per group a scale and a zero, with ``w = (q - 8) * scale + zero`` — the
-convention of PyTorch's tinygemm kernel (``_weight_int4pack_mm``), so the CUDA fast path
-repacks the same numbers without re-quantizing.
-
-An input width that is not a multiple of the group (SmolLM2's 576 with groups of 128) is
-padded with zero columns up to one: the last group holds the real columns and zeros, and
-the input is padded with zeros before the packed kernels see it, so the padding adds
-nothing to any output.
-
-Choosing scale, zero and codes: ``quantize_int4`` (min-max ``rtn``, or the default
-``search`` for the least squared error per group, data-free) and, with calibration data,
-``quant.gptq.gptq_int4`` (its codes passed to ``from_linear``). The stored format is the
-same whichever chose them.
+Two codes a byte (low nibble first) and per group a scale and a zero, ``w = (q - 8) * scale
++ zero``: tinygemm's convention (``_weight_int4pack_mm``), so the CUDA path repacks the same
+numbers. Widths that are not whole groups are padded with zero columns (inputs with zeros),
+which add nothing to any output. The codes come from ``quantize_int4`` (data-free) or
+``quant.gptq.gptq_int4``; the stored format is the same (docs/quant.md).
 """
 
 from __future__ import annotations
@@ -33,11 +24,8 @@ def padded_width(in_features: int, group_size: int) -> int:
 
 
 METHODS = ("search", "rtn")
-# The search: each group's min-max range shrunk about its centre by each factor, then
-# REFINE_STEPS rounds of least-squares (scale, zero) given the codes and nearest codes
-# given those. SmolLM2's MLPs, g128: relative MSE 9.8e-3 min-max, 8.6e-3 with the shrinks
-# alone, 7.6e-3 / 7.4e-3 with 2 / 4 rounds; perplexity follows it only roughly (CPU proxy,
-# 0..8 rounds: 23.7..24.2 against min-max's 24.6), see docs/quant.md.
+# The search's starts (min-max range shrunk about its centre) and refinement rounds
+# (docs/quant.md has how they were chosen).
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 REFINE_STEPS = 2
 _CHUNK_ELEMENTS = 1 << 22  # rows are fitted in chunks of about this many weights
@@ -46,19 +34,12 @@ _CHUNK_ELEMENTS = 1 << 22  # rows are fitted in chunks of about this many weight
 def quantize_int4(w: torch.Tensor, group_size: int, *, method: str = "search",
                   importance: torch.Tensor | None = None,
                   param_dtype: torch.dtype | None = None):
-    """w [out, in] -> (packed uint8 [out, p/2], scale [out, p/g], zero [out, p/g]) with
-    p = in rounded up to a multiple of g (zero columns, left out of every fit).
-
-    ``rtn``: each group's min-max range in 16 levels, nearest codes. ``search`` (default):
-    per group, the squared reconstruction error (weighted per input column by
-    ``importance`` [in] when given, e.g. mean squared activations) is minimised over
-    starts at the min-max range shrunk by each of ``SHRINKS``, each refined by
-    ``REFINE_STEPS`` alternations of least-squares (scale, zero) given the codes and
-    nearest codes given (scale, zero). The min-max start is a candidate, so no group
-    ends worse than ``rtn``. Every candidate is judged with scale and zero rounded to
-    ``param_dtype`` (default ``w``'s dtype: what Int4Linear stores), codes chosen after
-    the rounding. scale and zero are returned in float32, already so rounded.
-    """
+    """w [out, in] -> (packed uint8 [out, p/2], scale, zero [out, p/g] float32), p = in
+    padded to whole groups. ``rtn``: min-max range, nearest codes. ``search``: the least
+    squared error per group (weighted by ``importance`` [in] if given) over the
+    ``SHRINKS`` starts, each refined by alternating least squares; min-max is a candidate,
+    so no group is worse than ``rtn``. Candidates are judged with scale and zero rounded to
+    ``param_dtype`` (default: ``w``'s, what Int4Linear stores)."""
     if method not in METHODS:
         raise ConfigError(f"int4 method {method!r} is not one of {METHODS}")
     out_f, in_f = w.shape
@@ -82,8 +63,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def codes_int4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Nearest codes (uint8 0..15) of w [..., G, g] for ``w = (q - 8) * scale + zero`` with
-    scale, zero [..., G]."""
+    """Nearest codes (uint8 0..15) of w [..., G, g] given scale, zero [..., G]."""
     q = torch.round((w - zero[..., None]) / scale[..., None] + 8)
     return q.clamp(0, 15).to(torch.uint8)
 
@@ -96,8 +76,8 @@ def round_params(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
 
 
 def _fit(g: torch.Tensor, real: torch.Tensor, imp: torch.Tensor, method: str, dtype):
-    """Per-group (scale, zero) of g [R, G, g]: ``real`` [G, g] masks the padding out of the
-    range, ``imp`` [G, g] weights the squared errors (0 on the padding)."""
+    """Per-group (scale, zero) of g [R, G, g]; ``real`` [G, g] masks the padding, ``imp``
+    [G, g] weights the squared errors."""
     lo = torch.where(real, g, torch.inf).amin(-1)
     hi = torch.where(real, g, -torch.inf).amax(-1)
     n = imp.sum(-1).clamp(min=1e-30)
@@ -163,16 +143,12 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int = 128, method: str = "search",
                     codes: tuple | None = None, **_) -> Int4Linear:
-        """``method``: ``search`` | ``rtn`` (quantize_int4), unless ``codes`` = (packed,
-        scale, zero) were chosen by a method that needs more than the weight (GPTQ:
-        quant/gptq.py, called by ``quantize_model``)."""
+        """``method``: see ``quantize_int4``; ``codes`` = (packed, scale, zero) from a method
+        that needs more than the weight (GPTQ)."""
         w = lin.weight.detach()
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, w.dtype, group_size,
                 w.device)
-        if codes is not None:
-            packed, scale, zero = codes
-        else:
-            packed, scale, zero = quantize_int4(w, group_size, method=method)
+        packed, scale, zero = codes or quantize_int4(w, group_size, method=method)
         m.weight.copy_(packed)
         m.scale.copy_(scale.to(w.dtype))
         m.zero.copy_(zero.to(w.dtype))
@@ -186,7 +162,7 @@ class Int4Linear(nn.Module):
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         extra = self.padded_in - self.in_features
-        return torch.nn.functional.pad(x, (0, extra)) if extra else x
+        return F.pad(x, (0, extra)) if extra else x
 
     def set_backend(self, backend: str) -> None:
         if backend not in ("reference", "tinygemm"):

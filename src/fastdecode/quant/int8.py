@@ -1,10 +1,7 @@
 """int8 weight-only linear: symmetric per-output-channel scales.
 
-The matmul runs on ``weight.to(dtype) * scale`` — dequantize *before* the matmul. Doing the
-matmul on raw int8 values and scaling after (int8 "v1" style) sums values up to 127x too
-large and overflows float16 (the users' NaNs). Eager mode materialises the dequantized
-weight every call (slow); under torch.compile the dequant fuses into the GEMV, which then
-reads half the bytes of bf16.
+The reference dequantizes *before* the matmul: scaling after sums values up to 127x too
+large and overflows float16 (the users' NaNs).
 """
 
 from __future__ import annotations
@@ -20,8 +17,7 @@ def quantize_int8(w: torch.Tensor):
     """w [out, in] -> (int8 [out, in], float32 scale [out])."""
     wf = w.float()
     scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.round(wf / scale[:, None]).clamp(-128, 127).to(torch.int8)
-    return q, scale
+    return torch.round(wf / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -62,9 +58,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         if self.backend == "inductor" and x.dtype == torch.bfloat16:
-            # Scale after the matmul: under torch.compile a one-row input becomes one fused
-            # reduction over the int8 weight (fp32 accumulation, scaled before the store).
-            # bfloat16 only: in float16 an unfused matmul could overflow before the scale.
+            # Scale after: torch.compile fuses a one-row input into one int8 reduction;
+            # bfloat16 only (float16 could overflow before the scale).
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale
             return y + self.bias if self.bias is not None else y
         w = self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None]

@@ -1,28 +1,12 @@
 """The model's linears in the layout the fused GEMV reads, as the model's own storage.
 
-Batch-1 decode reads every weight once per token, so fewer, larger GEMVs run closer to the
-memory bandwidth. GPT-NeoX's parallel residual feeds q/k/v and the MLP's up projection the
-same x, and sums the attention output projection and the MLP's down projection into the
-same residual; so per layer ``qkv`` and ``up`` are stacked by rows (one GEMV over
-[3HD + I] rows) and ``out`` and ``down`` side by side along the input (one GEMV over
-[HD + I] inputs).
-
-Ownership (gpt-fast's load hook: the fused layout *is* the model's canonical layout): the
-stacks are built here, once, from the model's weights, and handed to the model's one
-documented method for it, :meth:`Transformer.adopt_layout`, which records the
-:class:`Layout` in the attribute the model declares (``model.layout``) and lets its own
-linears hold views of the stacks. So memory holds one copy, the eager path keeps computing
-on the same numbers, and nothing outside the model touches its modules. The fused step only
-reads ``model.layout`` (:func:`ensure_layout` builds it when absent or stale). This sits at
-the quant layer because the stacking must know the int8/int4 storage formats.
-
-A layout's tensors are its own (detached) objects: when a later layout re-stacks the model,
-the earlier one (and a CUDA graph captured over it) keeps the memory it was built on, alive
-and unchanged.
-
-Quantized linears stack too when their formats agree: int8 scales are per row, so rows
-stack as they are; side by side, each input range keeps its own row scale, stored as group
-scales (group = gcd of the two widths). int4 groups stack either way.
+Batch-1 decode reads every weight once a token, so fewer, larger GEMVs run closer to the
+memory bandwidth: with GPT-NeoX's parallel residual, ``qkv`` and ``up`` stack by rows and
+``out`` and ``down`` side by side. As gpt-fast's load hook, the stacks become the model's
+canonical storage (:meth:`Transformer.adopt_layout`): one copy in memory, and nothing outside
+the model touches its modules. A layout's tensors are detached, so a later re-stacking
+leaves an earlier layout (and a graph captured over it) intact. Quantized linears stack
+when formats agree; side by side, int8 row scales become group scales (gcd of the widths).
 """
 
 from __future__ import annotations
@@ -43,7 +27,6 @@ FLOAT, INT8, INT4 = 0, 1, 2
 class Packed:
     """One GEMV's weight: ``w`` [N, K] (int4: uint8 [N, K/2]); ``s``/``z`` [N, K/group]
     (int8: scales only); ``bias`` float32 [N] or None."""
-
     fmt: int
     w: torch.Tensor
     s: torch.Tensor | None
@@ -63,16 +46,13 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in (self.w, self.s, self.z) if t is not None)
 
     def rows(self, lo: int, hi: int) -> Packed:
-        """Rows [lo, hi) as views (bias: a slice of the float32 copy)."""
-        sl = slice(lo, hi)
-        return Packed(self.fmt, self.w[sl], self.s[sl] if self.s is not None else None,
-                      self.z[sl] if self.z is not None else None, self.group,
-                      self.bias[sl] if self.bias is not None else None)
+        """Rows [lo, hi) as views."""
+        s, z, b = (t[lo:hi] if t is not None else None for t in (self.s, self.z, self.bias))
+        return Packed(self.fmt, self.w[lo:hi], s, z, self.group, b)
 
 
 def pack(mod: nn.Module) -> Packed:
-    """A linear module as a Packed weight over the module's memory (tensors of its own,
-    ``detach``: a later re-stacking of the module does not move them)."""
+    """A linear module as a Packed weight over its memory (detached: see the module doc)."""
     b = mod.bias.detach().float() if getattr(mod, "bias", None) is not None else None
     if isinstance(mod, Int8Linear):
         return Packed(INT8, mod.weight.detach(), mod.scale.detach().reshape(-1, 1), None,
@@ -98,10 +78,8 @@ def can_stack_cols(a: Packed, b: Packed) -> bool:
 def stack_rows(a: Packed, b: Packed) -> tuple[Packed, dict, dict]:
     """[a; b] by rows, and for each input the views its module's tensors become."""
     na = a.n
-    w = torch.cat((a.w, b.w))
-    s = torch.cat((a.s, b.s)) if a.s is not None else None
-    z = torch.cat((a.z, b.z)) if a.z is not None else None
-    bias = torch.cat((a.bias, b.bias)) if a.bias is not None else None
+    w, s, z, bias = (torch.cat((x, y)) if x is not None else None
+                     for x, y in ((a.w, b.w), (a.s, b.s), (a.z, b.z), (a.bias, b.bias)))
     va, vb = {"weight": w[:na]}, {"weight": w[na:]}
     if a.fmt == INT8:
         va["scale"], vb["scale"] = s[:na, 0], s[na:, 0]
@@ -112,8 +90,7 @@ def stack_rows(a: Packed, b: Packed) -> tuple[Packed, dict, dict]:
 
 
 def stack_cols(a: Packed, b: Packed) -> tuple[Packed, dict, dict]:
-    """[a | b] along the input (the biases summed: the two outputs are summed), and the
-    views the modules' tensors become."""
+    """[a | b] along the input (biases summed, as the outputs are), and the views."""
     ka = a.w.shape[1]
     w = torch.cat((a.w, b.w), dim=1)
     va, vb = {"weight": w[:, :ka]}, {"weight": w[:, ka:]}
@@ -135,11 +112,9 @@ def stack_cols(a: Packed, b: Packed) -> tuple[Packed, dict, dict]:
 
 @dataclass
 class LayerWeights:
-    """A layer's GEMVs. ``qkv`` and ``up``: always, each alone (row views of ``a`` when it
-    exists). NeoX, where the formats allow: ``a`` = [qkv; up] stacked by rows and ``b`` =
-    [out | down] side by side; ``out`` and ``down`` are set only when ``b`` is not (their
-    views of ``b`` are not row-contiguous, so they are not GEMV operands)."""
-
+    """A layer's GEMVs: ``qkv`` and ``up`` always (row views of ``a`` = [qkv; up] when
+    stacked); ``b`` = [out | down], or else ``out`` and ``down`` (views of ``b`` are not
+    row-contiguous, so not GEMV operands)."""
     qkv: Packed | None = None
     up: Packed | None = None
     a: Packed | None = None
@@ -151,10 +126,7 @@ class LayerWeights:
 
 @dataclass
 class Layout:
-    """The fused step's weights of one model: per layer its GEMVs, whether [out | down]
-    was stacked (``side_by_side``), and where the model's linears lived when it was built
-    (``key``; a layout whose key no longer matches is stale)."""
-
+    """The fused step's weights of one model; stale once ``key`` no longer matches."""
     layers: list[LayerWeights]
     side_by_side: bool
     key: tuple
@@ -168,16 +140,14 @@ def _norm_params(n1: nn.Module, n2: nn.Module):
 
 
 def _own(mod: nn.Module) -> dict:
-    """Contiguous tensors of its own for a linear whose tensors are views into a
-    side-by-side stack (a copy; nothing for tensors already contiguous)."""
+    """Contiguous copies of a linear's tensors that are views into a side-by-side stack."""
     names = ["weight"] + (["scale", "zero"] if isinstance(mod, Int4Linear) else [])
     return {n: getattr(mod, n).detach().contiguous() for n in names
             if not getattr(mod, n).is_contiguous()}
 
 
 def layout_key(model) -> tuple:
-    """Where each linear's weight lives. Not module ids: CPython reuses them once a
-    replaced module is freed."""
+    """Where each linear's weight lives (not module ids: CPython reuses those)."""
     return tuple((type(m).__name__, m.weight.data_ptr(), tuple(m.weight.shape))
                  for layer in model.layers
                  for m in (layer.attn.qkv, layer.attn.out, layer.mlp.up, layer.mlp.down))
@@ -185,10 +155,8 @@ def layout_key(model) -> tuple:
 
 @torch.no_grad()
 def build_layout(model, side_by_side: bool = True) -> Layout:
-    """Stack the model's linears (see the module doc) and give the result to the model
-    (``model.adopt_layout``): its linears then hold views of the stacks, and
-    ``model.layout`` is the returned Layout. ``side_by_side=False``: ``out`` and ``down``
-    apart (the MLP on its own stream)."""
+    """Stack the model's linears and hand them to ``model.adopt_layout``;
+    ``side_by_side=False`` keeps ``out`` and ``down`` apart (the MLP on its own stream)."""
     layers, views = [], {}
     for i, layer in enumerate(model.layers):
         lw = LayerWeights(norms=_norm_params(layer.norm1, layer.norm2))
@@ -196,27 +164,23 @@ def build_layout(model, side_by_side: bool = True) -> Layout:
         names = {m: f"layers.{i}.{n}" for m, n in ((qkv, "attn.qkv"), (o, "attn.out"),
                                                   (up, "mlp.up"), (down, "mlp.down"))}
 
-        def record(mod, vs, names=names):
-            views.update({f"{names[mod]}.{k}": v for k, v in vs.items()})
+        def record(*pairs, names=names):  # (module, {tensor name: view})
+            views.update({f"{names[m]}.{k}": v for m, vs in pairs for k, v in vs.items()})
 
         pq, pu, po, pd = pack(qkv), pack(up), pack(o), pack(down)
         if model.spec.parallel_residual and can_stack_rows(pq, pu):
             lw.a, vq, vu = stack_rows(pq, pu)
-            record(qkv, vq)
-            record(up, vu)
+            record((qkv, vq), (up, vu))
             lw.qkv, lw.up = lw.a.rows(0, pq.n), lw.a.rows(pq.n, lw.a.n)
         else:
             lw.qkv, lw.up = pq, pu
         if side_by_side and model.spec.parallel_residual and can_stack_cols(po, pd):
             lw.b, vo, vd = stack_cols(po, pd)
-            record(o, vo)
-            record(down, vd)
+            record((o, vo), (down, vd))
         else:
             own_o, own_d = _own(o), _own(down)
-            record(o, own_o)
-            record(down, own_d)
-            lw.out = _with(po, own_o)
-            lw.down = _with(pd, own_d)
+            record((o, own_o), (down, own_d))
+            lw.out, lw.down = _with(po, own_o), _with(pd, own_d)
         layers.append(lw)
     layout = Layout(layers, side_by_side, ())
     model.adopt_layout(layout, views)
@@ -225,15 +189,13 @@ def build_layout(model, side_by_side: bool = True) -> Layout:
 
 
 def _with(p: Packed, own: dict) -> Packed:
-    """``p`` with the tensors in ``own`` (contiguous copies) in place of its views."""
-    return Packed(p.fmt, own.get("weight", p.w),
-                  own["scale"] if "scale" in own else p.s,
-                  own["zero"] if "zero" in own else p.z, p.group, p.bias)
+    """``p`` with the copies in ``own`` in place of its views."""
+    return Packed(p.fmt, own.get("weight", p.w), own.get("scale", p.s), own.get("zero", p.z),
+                  p.group, p.bias)
 
 
 def ensure_layout(model, side_by_side: bool = True) -> Layout:
-    """``model.layout`` if it was built for these modules and ``side_by_side``, else a new
-    one (:func:`build_layout`)."""
+    """``model.layout`` if it is current for ``side_by_side``, else a new one."""
     have = model.layout
     if have is not None and have.side_by_side == side_by_side and have.key == layout_key(model):
         return have

@@ -1,10 +1,9 @@
 """StreamingLLM as the paper's code does it: the oracle for every cache policy.
 
-Keys are cached *before* RoPE; the cache grows by concatenation and is evicted by slicing
-(first ``sink`` + last ``window``); every step the whole cache is re-rotated, keys at
-positions 0..n-1 in the cache and the query at its own slot (``cache`` mode), or every key
-at its original text position (``absolute`` mode). O(cache) per token, one token at a time.
-Uses the model's linear layers and norms, but its own rotary and attention arithmetic.
+Keys are cached *before* RoPE, the cache grows by concatenation and is evicted by slicing,
+and every step re-rotates the whole cache (keys at cache slots 0..n-1 and the query at its
+own, or all at text positions in ``absolute`` mode): O(cache) per token. It shares the
+model's linears, norms and residual, not its rotary or attention.
 """
 
 from __future__ import annotations
@@ -25,18 +24,16 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: fl
     cos, sin = torch.cos(ang), torch.sin(ang)
     xd = x.to(torch.float64)
     x1, x2 = xd[..., :half], xd[..., half:rotary_dim]
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, xd[..., rotary_dim:]), -1)
-    return rotated.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, xd[..., rotary_dim:]),
+                     -1).to(x.dtype)
 
 
 @torch.no_grad()
 def streaming_logits(model: Transformer, tokens, sink: int = 0, window: int | None = None,
                      compress_every: int = 1, position_mode: str = "cache",
                      position_offset: int = 0) -> torch.Tensor:
-    """Logits [N, V] for each token fed one at a time. ``window=None``: nothing evicted.
-
-    ``position_offset``: the stream's first token sits at this absolute position (only
-    ``absolute`` mode sees it; cache positions do not depend on it)."""
+    """Logits [N, V] for each token fed one at a time (``window=None``: nothing evicted);
+    the stream starts at text position ``position_offset`` (seen by ``absolute`` mode only)."""
     spec = model.spec
     H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
@@ -63,12 +60,7 @@ def streaming_logits(model: Transformer, tokens, sink: int = 0, window: int | No
             vr = c["v"].repeat_interleave(H // Hkv, dim=0)
             scores = (qr @ kr.transpose(1, 2)).float() / math.sqrt(D)
             a = torch.softmax(scores, -1).to(vr.dtype) @ vr
-            a = layer.attn.out(a.transpose(0, 1).reshape(1, H * D))
-            if layer.parallel:
-                x = x + a + layer.mlp(layer.norm2(x))
-            else:
-                x = x + a
-                x = x + layer.mlp(layer.norm2(x))
+            x = layer.residual(x, layer.attn.out(a.transpose(0, 1).reshape(1, H * D)))
         out.append(model.lm_head(model.norm(x))[0])
         if window is not None:
             for c in cache:
@@ -95,10 +87,5 @@ def dense_logits(model: Transformer, tokens) -> torch.Tensor:
         k = _rotate(k, pos, spec.rotary_dim, spec.rope_theta).repeat_interleave(H // Hkv, 0)
         v = v.repeat_interleave(H // Hkv, 0)
         a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
-        a = layer.attn.out(a.transpose(0, 1).reshape(N, H * D))
-        if layer.parallel:
-            x = x + a + layer.mlp(layer.norm2(x))
-        else:
-            x = x + a
-            x = x + layer.mlp(layer.norm2(x))
+        x = layer.residual(x, layer.attn.out(a.transpose(0, 1).reshape(N, H * D)))
     return model.lm_head(model.norm(x))

@@ -1,12 +1,7 @@
-"""Model families, one file each, chosen by the Hugging Face ``model_type``.
-
-``FAMILIES`` maps ``model_type`` to the family object: the decoder reads its switches
-through the spec (``spec.norm``, ``spec.mlp``, ``spec.parallel_residual``,
-``spec.has_bias``), the loaders its mappings (:class:`~.base.Family`). A third family is
-one new file (a :class:`~.base.Family` subclass: switches, config mapping, tensor names,
-GGUF keys if any), its entry in ``_FAMILIES`` below, and tests (``tests/test_families.py``
-checks every registered family's config round trip and loads a family registered in
-the test through the normal path).
+"""Model families, one file each, chosen by the Hugging Face ``model_type``: the decoder
+reads a family's switches through the spec, the loaders its mappings. A third family is one
+:class:`~.base.Family` subclass in a new file, its entry in ``_FAMILIES`` and its tests
+(tests/test_families.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""What a model family is: its architectural switches and its three mappings (Hugging
-Face config -> spec fields, checkpoint tensor names -> canonical names, GGUF metadata and
-tensors -> the same), so the decoder and the loaders never compare family names.
-
-Canonical names and layouts are those of :mod:`fastdecode.models.transformer`.
+"""What a model family is: its switches and its mappings (Hugging Face config -> spec
+fields, checkpoint and GGUF tensor names -> the canonical ones of models/transformer.py),
+so the decoder and the loaders never compare family names.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ class Family:
     gguf_arch: str | None = None  # GGUF general.architecture, None: GGUF not supported
 
     def spec_fields(self, cfg: dict) -> dict:
-        """ModelSpec keyword arguments (all but ``family``) from a config.json dict.
-        A missing key may raise KeyError (reported as the key config.json lacks)."""
+        """ModelSpec keyword arguments (all but ``family``) from a config.json dict
+        (KeyError: a key config.json lacks)."""
         raise NotImplementedError
 
     def hf_config(self, spec) -> dict:
@@ -37,8 +35,8 @@ class Family:
         raise NotImplementedError
 
     def gguf_spec_fields(self, field, tensor_names) -> dict:
-        """ModelSpec keyword arguments from GGUF metadata: ``field(key, default=None,
-        required=False)`` reads one key, ``tensor_names`` is the set of tensor names."""
+        """ModelSpec keyword arguments from GGUF metadata (``field(key, default=None,
+        required=False)`` reads a key)."""
         raise ModelLoadError(f"reading {self.name} models from GGUF is not supported")
 
     def gguf_to_canonical(self, spec, tensors) -> dict:
