@@ -247,8 +247,10 @@ def test_bench_and_suite_take_tpot_the_same_way(capsys):
     """Both call tpot.time_config with its defaults; the bench's flags default to them."""
     from fastdecode.cli import build_parser
 
+    from fastdecode.commands.bench import decode_len
+
     args = build_parser().parse_args(["bench", "--model", "tiny-neox"])
-    assert (args.decode_len, args.warmup_tokens) == (tpot.DECODE_LEN, tpot.WARMUP_TOKENS)
+    assert (decode_len(args), args.warmup_tokens) == (tpot.DECODE_LEN, tpot.WARMUP_TOKENS)
     suite = (ROOT / "tests" / "perf" / "test_decode_perf.py").read_text()
     assert "time_config(lm, cfg.speed_cache, cfg.compile.mode" in suite
     assert "decode_len" not in suite.split("time_config(")[1].split(")")[0]
