@@ -246,7 +246,6 @@ def test_bench_records_read_against_the_suite_run(tmp_path, capsys):
 def test_bench_and_suite_take_tpot_the_same_way(capsys):
     """Both call tpot.time_config with its defaults; the bench's flags default to them."""
     from fastdecode.cli import build_parser
-
     from fastdecode.commands.bench import decode_len
 
     args = build_parser().parse_args(["bench", "--model", "tiny-neox"])

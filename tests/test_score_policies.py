@@ -102,7 +102,7 @@ def check_state(cache, ref_state, cfg, t: int, G: int) -> None:
     invariants hold: at most the budget, sinks and the recent window always held, no token
     twice, TOVA's heads of a layer alike, the next write going to an empty slot."""
     B, S, R = budget_of(cfg), cfg.sink, recent_of(cfg)
-    pos, score = cache.pos.tolist(), cache.score
+    pos, score = cache.pos.tolist(), cache.score.cpu()
     for layer, (ref_pos, ref_score) in enumerate(ref_state):
         for h in range(cache.num_kv_heads):
             row = pos[layer][h]
