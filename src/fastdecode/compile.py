@@ -182,7 +182,9 @@ class CompiledStep:
             dec.tok_buf.fill_(0)
             dec.pos_buf.fill_(t)
 
-        snap = getattr(dec.cache, "snapshot", None)  # score-based caches: warm-ups evict
+        # score-based caches: a warm-up evicts, and the next one would write its K/V over
+        # the evicted (restored) token's slot, so the state is restored after each of them
+        snap = getattr(dec.cache, "snapshot", None)
         snap = snap() if snap is not None else None
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -190,10 +192,10 @@ class CompiledStep:
             for _ in range(max(warmup, 1)):  # the first call compiles and tunes
                 reset()
                 self.fn(dec.tok_buf, dec.pos_buf)
+                if snap is not None:
+                    dec.cache.restore(snap)
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
-        if snap is not None:
-            dec.cache.restore(snap)
         graph = torch.cuda.CUDAGraph()
         reset()
         with torch.cuda.graph(graph, stream=self._capture_stream(dev)):
