@@ -11,6 +11,10 @@
                     regression beyond the noise margin); ``-- --record-baseline N`` records
                     the mean of the last N runs as the baseline
 
+    nox -s eviction_study   the eviction Pareto study on the CPU (scripts/eviction_study.py;
+                    resumable: finished configurations are kept); ``-- ARGS`` replace the
+                    default budgets/books (see the script)
+
 Arguments after ``--`` go to pytest (tests, gpu) or replace the demo prompt (demo).
 
 Installs pin ``torch==2.13.0`` and install it before anything else: an unpinned torch
@@ -144,3 +148,13 @@ def compare(session: nox.Session) -> None:
         args = ["--storage", f"perf/history/{cls}", *args]
     session.run("python", "-m", "fastdecode.bench.compare", *args,
                 env={"PYTHONPATH": _src_path()})
+
+
+@nox.session
+def eviction_study(session: nox.Session) -> None:
+    """PPL of every eviction policy at equal cache budgets (SmolLM2-135M, PG19), one
+    record per configuration under perf/results/ (skipped when it exists), then the
+    table and docs/eviction-ppl.png. Arguments after ``--`` go to the script."""
+    _install(session)
+    args = session.posargs or ["--budgets", "256", "512", "1024", "2048", "--tokens", "8192"]
+    session.run("python", "scripts/eviction_study.py", *args, env=_env())

@@ -41,8 +41,8 @@ def refresh_logits(model: Transformer, tokens, *, sink: int, window: int, refres
         p = torch.as_tensor(positions, dtype=torch.long).expand(x.shape[:-1])
         return _rotate_rows(x, p, spec.rotary_dim, spec.rope_theta)
 
-    layers = [dict(sink=sink, kv={}, window=[], pool=[], score={}, refreshed=[[] for _ in range(Hkv)],
-                   rk={}) for _ in model.layers]
+    layers = [dict(sink=sink, kv={}, window=[], pool=[], score={}, rk={},
+                   refreshed=[[] for _ in range(Hkv)]) for _ in model.layers]
     out, held_log = [], []
     for t, tok in enumerate(tokens.tolist()):
         m = t - sink - window
