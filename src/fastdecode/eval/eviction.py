@@ -5,7 +5,7 @@ from the records (docs/eviction.md shows them and the command).
 A budget ``B`` is the tokens held between steps (the query sees ``B + 1``): streaming
 ``4 + (B-4)``, window ``B``, recompute ``B`` (re-encoded each step), H2O ``B/2`` heavy +
 ``B/2`` recent (the authors': no sinks), TOVA ``B``, and refresh ``4 + W + R`` with ``R``
-in ``B/16`` and ``B/4`` refreshed tokens, refilled every ``2R`` tokens, chosen uniformly
+in ``B/4`` and ``B/16`` refreshed tokens, refilled every ``2R`` tokens, chosen uniformly
 or by score. ``run`` writes ``<out>/cpu-eviction-<book>-<tokens>-<dtype>-<label>.json``
 (atomically, fastdecode.atomic) and skips every configuration whose record exists, so an
 interrupted study resumes with nothing finished lost or recomputed.
@@ -41,7 +41,7 @@ def configs(budgets: Iterable[int] = BUDGETS,
             elif p == "tova":
                 out.append(EvalSpec(mode="tova", options=dict(budget=B)))
             elif p == "refresh":
-                for R in (B // 16, B // 4):
+                for R in (B // 4, B // 16):
                     for select in ("uniform", "score"):
                         out.append(EvalSpec(mode="refresh", options=dict(
                             sink=4, window=B - 4 - R, refresh=R, refresh_every=2 * R,
