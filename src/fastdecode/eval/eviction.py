@@ -131,6 +131,7 @@ def plot(records: list[dict], path: str | Path) -> Path:
             pts.sort()
             ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log", base=2)
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
         ax.set_xlabel("cache budget (tokens held)")
         ax.set_ylabel("perplexity")
         ax.set_title(book)
