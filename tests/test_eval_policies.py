@@ -122,3 +122,37 @@ def test_smollm2_commands(smollm2, monkeypatch, tmp_path, capsys):
                      "--smooth", "4", "--json", str(tmp_path / "d.json")]) == 0
     d = json.loads((tmp_path / "d.json").read_text())
     assert d["diagnosis"]["reference"] == "dense" and d["diagnosis"]["events"]["count"] > 0
+
+
+def test_study_configs_resume_and_table(monkeypatch, tmp_path):
+    """Every study configuration holds its budget; a configuration with a record is not
+    run again; the table and plot come from the records."""
+    from fastdecode.eval import eviction
+    from fastdecode.eval import run as run_mod
+
+    specs = eviction.configs((256, 512))
+    assert len({s.label for s in specs}) == len(specs) == 2 * 9
+    assert all(eviction.budget_of(s) in (256, 512) for s in specs)
+    assert {s.method for s in specs if s.mode in ("h2o", "tova")} == {"token"}
+    ran = []
+
+    def fake_run_one(lm, ids, data, spec, **kw):
+        ran.append(spec.label)
+        rec = {"config": {"eval": spec.to_dict(), "budget": kw["extra_config"]["budget"]},
+               "data": {"source": "book"}, "result": {"ppl": 10.0 + len(ran)}}
+        return type("R", (), {"spec": spec, "ppl": 1.0, "mean_nll": 0.0, "n": 1,
+                              "seconds": 1.0})(), rec
+
+    monkeypatch.setattr(run_mod, "prepare_tokens", lambda lm, book, n: ([1, 2], {}))
+    monkeypatch.setattr(run_mod, "run_one", fake_run_one)
+    paths = eviction.run(None, specs[:3], books=["book"], tokens=8, out=tmp_path,
+                         dtype="float32", log=lambda s: None)
+    assert len(ran) == 3 and all(p.exists() for p in paths)
+    eviction.run(None, specs[:4], books=["book"], tokens=8, out=tmp_path, dtype="float32",
+                 log=lambda s: None)
+    assert len(ran) == 4  # the first three were kept, only the new one ran
+    table = eviction.table(eviction.load_records(paths + [eviction.record_path(
+        tmp_path, "book", 8, "float32", specs[3])]))
+    assert "| streaming | 11.00 |" in table and "refresh uniform R=64/128" in table
+    pytest.importorskip("matplotlib")
+    assert eviction.plot(eviction.load_records(paths), tmp_path / "p.png").stat().st_size
