@@ -12,6 +12,10 @@
                     the mean of the last N runs as the baseline
     nox -s size     lines of the package per subpackage, against perf/size.toml's ceiling
 
+    nox -s eviction_study   the eviction Pareto study on the CPU (scripts/eviction_study.py;
+                    resumable: finished configurations are kept); ``-- ARGS`` replace the
+                    default budgets/books (see the script)
+
 Arguments after ``--`` go to pytest (tests, gpu) or replace the demo prompt (demo).
 
 Installs pin ``torch==2.13.0`` and install it before anything else: an unpinned torch
@@ -156,3 +160,13 @@ def size(session: nox.Session) -> None:
     """Lines of the package per subpackage against the ceiling of perf/size.toml (issue 18),
     and the 7366ba4 feature set counted like for like (scripts/size.py)."""
     session.run("python", "scripts/size.py", external=True)
+
+
+@nox.session
+def eviction_study(session: nox.Session) -> None:
+    """PPL of every eviction policy at equal cache budgets (SmolLM2-135M, PG19), one
+    record per configuration under perf/results/ (skipped when it exists), then the
+    table and docs/eviction-ppl.png. Arguments after ``--`` go to the script."""
+    _install(session)
+    args = session.posargs or ["--budgets", "256", "512", "1024", "2048", "--tokens", "8192"]
+    session.run("python", "scripts/eviction_study.py", *args, env=_env())

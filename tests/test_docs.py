@@ -30,7 +30,7 @@ PKG_DIRS = ("fastdecode/",) + tuple(
     p.name + "/" for p in PKG.iterdir() if p.is_dir() and not p.name.startswith("_"))
 TOP_FILES = ("noxfile.py", "pyproject.toml")
 # A bare record name (`h100-pythia-final.json`) lives in perf/results/ or experiments/results/.
-RECORD = re.compile(r"^(?:h100|h200|a800)-[\w.+*{},-]+\.(?:json|txt|json\.gz)$")
+RECORD = re.compile(r"^(?:h100|h200|a800|cpu)-[\w.+*{},-]+\.(?:json|txt|json\.gz)$")
 WORD = re.compile(r"[\w./*{},+<>-]+")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 CODE = re.compile(r"```.*?```|`[^`\n]+`", re.S)
@@ -194,7 +194,7 @@ def _cited_names() -> set[str]:
         texts += [p.read_text(encoding="utf-8") for p in REPO.glob(pattern) if p.is_file()]
     names = set()
     for text in texts:
-        for m in re.finditer(r"(?:h100|h200|a800)-[\w.+*{},-]+", text):
+        for m in re.finditer(r"(?:h100|h200|a800|cpu)-[\w.+*{},-]+", text):
             names.update(_expand(m.group(0).rstrip(".,")))
     return names
 

@@ -109,6 +109,11 @@ def resolve_kernels(kernels: str, mode: str, decoder) -> str:
     if mode == "none":
         return "eager"
     dev = decoder.model.device
+    if not getattr(decoder.cache, "fused", True):  # a policy the fused step cannot run
+        if kernels == "fused":
+            raise ConfigError(f"the fused decode step does not run the {decoder.cache.name} "
+                              "policy yet; use --kernels inductor (or auto)")
+        return "inductor"
     if kernels == "auto":
         if dev.type != "cuda":
             return "inductor"

@@ -74,12 +74,12 @@ class Decoder:
         n = ids.numel()
         self.cache.check_room(self.t + n)
         size = self.prefill_chunk()
-        outs = []
-        for start in range(0, n, size):
-            chunk = ids[start:start + size]
+        outs, start = [], 0
+        while start < n:
+            chunk = ids[start:start + min(size, self.cache.prefill_limit(self.t))]
             plan = self.cache.plan_prefill(self.t, chunk.numel())
-            last = start + size >= n
-            rows = None if all_logits else slice(-1, None) if last else slice(0, 0)
+            start += chunk.numel()
+            rows = None if all_logits else slice(-1, None) if start >= n else slice(0, 0)
             outs.append(self.model(chunk, self.cache, plan, rows, self.prefill_kernel))
             self.t += chunk.numel()
         return torch.cat(outs) if all_logits else outs[-1][0]

@@ -48,11 +48,13 @@ from .base import KVCache, Plan
 from .dense import DenseCache, DenseConfig
 from .h2o import H2OCache, H2OConfig
 from .policy import KV_DTYPES, POSITION_MODES, PolicyConfig, option
+from .refresh import RefreshCache, RefreshConfig
 from .streaming import StreamingCache, StreamingConfig
 from .tova import TOVACache, TOVAConfig
 from .window import WindowCache, WindowConfig
 
-_CONFIGS = (DenseConfig, WindowConfig, StreamingConfig, H2OConfig, TOVAConfig)
+_CONFIGS = (DenseConfig, WindowConfig, StreamingConfig, H2OConfig, TOVAConfig,
+            RefreshConfig)
 POLICIES: dict[str, type[PolicyConfig]] = {c.policy: c for c in _CONFIGS}
 
 
@@ -99,4 +101,4 @@ def policy_options() -> dict[str, dict]:
 __all__ = ["KVCache", "Plan", "make_cache", "CacheConfig", "POLICIES", "PolicyConfig",
            "option", "policy_options", "POSITION_MODES", "KV_DTYPES", "DenseCache",
            "DenseConfig", "WindowCache", "WindowConfig", "StreamingCache", "StreamingConfig",
-           "H2OCache", "H2OConfig", "TOVACache", "TOVAConfig"]
+           "H2OCache", "H2OConfig", "TOVACache", "TOVAConfig", "RefreshCache", "RefreshConfig"]

@@ -58,15 +58,17 @@ class KVCache:
 
     def __init__(self, cfg: PolicyConfig, *, sink: int, window: int, compress_every: int,
                  num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device="cpu", position_offset: int = 0):
+                 dtype: torch.dtype = torch.float32, device="cpu", position_offset: int = 0,
+                 ring: int | None = None, tail: int = 0):
         self.cfg = cfg
         # Added to every rotary position: a stream whose first token sits at this absolute
         # position (tests use ~10^7 to check that angles lose no accuracy).
         self.position_offset = position_offset
         self.sink, self.window, self.compress_every = sink, window, compress_every
         self.position_mode = cfg.position_mode
-        self.ring = window + compress_every
-        self.slots = self.sink + self.ring
+        # ``ring``/``tail``: a larger ring and slots after it (the refresh policy's)
+        self.ring = window + compress_every if ring is None else ring
+        self.slots = self.sink + self.ring + tail
         shape = (num_layers, num_kv_heads, self.slots, head_dim)
         self.storage = STORAGES[cfg.kv_dtype](shape, dtype, device)
         self._sink_ar = torch.arange(self.sink, device=device)
@@ -113,6 +115,11 @@ class KVCache:
     # ----- the interface the model uses ------------------------------------------------
     def check_room(self, t_end: int) -> None:
         """Raise if feeding tokens up to position ``t_end`` (exclusive) cannot be held."""
+
+    def prefill_limit(self, t0: int) -> int:
+        """The most tokens one prefill chunk starting at ``t0`` may hold (the refresh
+        policy cuts chunks at its refresh points)."""
+        return 1 << 62
 
     def plan_prefill(self, t0: int, T: int) -> Plan:
         """Plan for feeding tokens ``t0 .. t0+T-1`` after ``t0`` tokens are in the cache."""

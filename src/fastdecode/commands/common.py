@@ -25,14 +25,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
 
 
-def add_cache_args(p: argparse.ArgumentParser, policy: str = "streaming") -> None:
-    """``--policy`` and one flag per option of any registered policy (the registry's).
+def add_cache_args(p: argparse.ArgumentParser, policy: str | None = "streaming",
+                   group=None) -> None:
+    """``--policy`` (unless ``policy`` is None: ppl names it ``--mode``) and one flag per
+    option of any registered policy (the registry's), in ``group`` if given.
 
     Flags default to None: an option not given takes the policy's own default, and one
     the chosen policy does not have is refused by :func:`cache_config`."""
-    g = p.add_argument_group("KV cache")
-    g.add_argument("--policy", choices=tuple(POLICIES), default=policy,
-                   help=f"cache policy (default: {policy})")
+    g = group or p.add_argument_group("KV cache")
+    if policy is not None:
+        g.add_argument("--policy", choices=tuple(POLICIES), default=policy,
+                       help=f"cache policy (default: {policy})")
     for name, opt in policy_options().items():
         defaults = opt["defaults"]
         if len(set(defaults.values())) == 1:

@@ -3,14 +3,17 @@
     fastdecode ppl --model smollm2-135m --data pg19-10146 --max-tokens 16384 \\
         --mode streaming --sink 4 --window 1020 --json out/ppl.json
 
-Modes: dense | window | streaming | recompute (see fastdecode.eval.ppl). The exact parallel
-evaluator is the default; ``--method token`` feeds one token per step, as the paper does.
+Modes: every cache policy of the registry (dense | window | streaming | h2o | tova | refresh)
+and recompute (see fastdecode.eval.ppl); the policies' options are the registry's flags, as
+for ``generate``. The exact parallel evaluator is the default; ``--method token`` feeds one
+token per step, as the paper does, and is the only method for h2o and tova (their eviction
+depends on attention scores).
 """
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .common import add_model_args, load
+from .common import add_cache_args, add_model_args, cache_options, load
 from .outputs import check_eval_outputs
 
 
@@ -27,18 +30,14 @@ def add_eval_args(p) -> None:
     g.add_argument("--split", default=None, help="dataset split (default: test, or the only)")
     g.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--mode", choices=("dense", "window", "streaming", "recompute"),
-                   default="streaming")
-    g.add_argument("--sink", type=int, default=None,
-                   help="attention sinks (default: 4 for streaming, 0 otherwise)")
-    g.add_argument("--window", type=int, default=1020, help="most recent tokens kept")
-    g.add_argument("--compress-every", type=int, default=1,
-                   help="lazy eviction every R tokens (1 = strict)")
-    g.add_argument("--position-mode", choices=("cache", "absolute"), default="cache")
-    g.add_argument("--kv-dtype", choices=("auto", "int8"), default="auto")
-    g.add_argument("--method", choices=("parallel", "token"), default="parallel",
+    from ..eval.ppl import MODES
+
+    g.add_argument("--mode", choices=MODES, default="streaming",
+                   help="a cache policy, or recompute (default: streaming)")
+    add_cache_args(p, policy=None, group=g)  # --sink (default 4 for streaming, else 0), ...
+    g.add_argument("--method", choices=("parallel", "token"), default=None,
                    help="parallel: exact, many tokens per pass (default); token: one step "
-                        "per token")
+                        "per token (the default and only method for h2o and tova)")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per parallel pass (default: 4096 with the flash prefill "
                         "kernel, 512 with the reference attention)")
@@ -73,15 +72,22 @@ def add_parser(sub) -> None:
 
 
 def eval_spec(args):
-    from ..eval.ppl import EvalSpec
+    from ..eval.ppl import RING_MODES, EvalSpec
 
-    sink = args.sink if args.sink is not None else (4 if args.mode == "streaming" else 0)
-    if args.mode == "dense" and (args.sink or args.compress_every != 1):
+    opts = cache_options(args)
+    run = dict(mode=args.mode, method=args.method, chunk_size=args.chunk_size,
+               recompute_batch=args.recompute_batch)
+    if args.mode not in RING_MODES:
+        return EvalSpec(**run, options=opts)
+    sink = opts.pop("sink", 4 if args.mode == "streaming" else 0)
+    if args.mode == "dense" and (sink or opts.get("compress_every", 1) != 1):
         raise ConfigError("dense keeps every token: --sink/--compress-every do not apply")
-    return EvalSpec(mode=args.mode, sink=sink, window=args.window,
-                    compress_every=args.compress_every, position_mode=args.position_mode,
-                    kv_dtype=args.kv_dtype, method=args.method, chunk_size=args.chunk_size,
-                    recompute_batch=args.recompute_batch)
+    ring = {k: opts.pop(k) for k in ("window", "compress_every", "position_mode", "kv_dtype")
+            if k in opts}
+    if opts:
+        flags = ", ".join("--" + k.replace("_", "-") for k in opts)
+        raise ConfigError(f"{flags} do(es) not apply to mode {args.mode}")
+    return EvalSpec(**run, sink=sink, **ring)
 
 
 def run(args, with_diagnosis: bool | None = None) -> int:
@@ -100,6 +106,10 @@ def run(args, with_diagnosis: bool | None = None) -> int:
             if v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
     check_eval_outputs(args)
+    if getattr(spec.cache_config(1) or object, "cache_class", None) and getattr(
+            spec.cache_config(1).cache_class, "score_based", False):
+        print(f"note: {spec.mode} evicts by attention score: evaluated token by token (the "
+              "exact parallel evaluator does not apply)")
     load_text(args.data, text_column=args.text_column, split=args.split)
     lm = load(args)
     ids, data = prepare_tokens(lm, args.data, args.max_tokens, text_column=args.text_column,

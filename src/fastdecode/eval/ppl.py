@@ -5,12 +5,17 @@ after feeding token ``t`` the model is scored on token ``t + 1``: ``nll[t] = -lo
 p(x[t+1] | what step t attends to)``; PPL = exp(mean nll). A text of ``N + 1`` tokens gives
 ``N`` scores.
 
-Modes:
+Modes: every registered cache policy (``fastdecode.cache.POLICIES``) and ``recompute``:
 
 - ``dense``: full attention, nothing evicted (a dense cache of ``N`` tokens);
 - ``window``: the last ``W`` tokens (lazily with ``compress_every = R``), no sinks;
 - ``streaming``: ``S`` sinks + the last ``W`` tokens (StreamingLLM), strict or lazy;
-- ``recompute``: sliding window with re-computation (:mod:`.recompute`), the oracle.
+- ``recompute``: sliding window with re-computation (:mod:`.recompute`), the oracle;
+- any other policy (``h2o``, ``tova``, ``refresh``): its options in ``EvalSpec.options``.
+  Policies that evict by attention score (``score_based`` caches: H2O, TOVA) run token by
+  token: their chunked prefill evicts once per chunk, so the exact parallel evaluator does
+  not apply to them. ``refresh`` is exact in parallel (its prefill cuts chunks at the
+  refresh points).
 
 Methods, all exact (equal up to floating-point rounding; tests hold them within 1e-4
 relative in PPL):
@@ -31,27 +36,34 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..attention import flash_prefill_enabled
-from ..cache import KV_DTYPES, POSITION_MODES, CacheConfig, PolicyConfig
+from ..cache import KV_DTYPES, POLICIES, POSITION_MODES, CacheConfig, PolicyConfig
 from ..engine import REFERENCE_CHUNK, Decoder
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..models.transformer import Transformer
 from . import recompute as rc
 
-MODES = ("dense", "window", "streaming", "recompute")
+RING_MODES = ("dense", "window", "streaming", "recompute")  # the fields below describe them
+MODES = tuple(POLICIES) + ("recompute",)
 METHODS = ("parallel", "token")
 FLASH_EVAL_CHUNK = 4096  # float32 logits of a chunk: 4096 x 50k vocab = 0.8 GB
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What to evaluate: the mode, its cache numbers and the method."""
+    """What to evaluate: the mode, its cache numbers and the method.
+
+    Modes other than :data:`RING_MODES` take the policy's options in ``options`` (e.g.
+    ``EvalSpec(mode="h2o", options={"heavy": 124, "recent": 128})``); the fields ``sink``,
+    ``window``, ``position_mode`` and ``kv_dtype`` are then filled from the policy's config
+    (``window``: its window, or its non-sink budget) and ``options`` holds all its options.
+    ``method`` None: ``token`` for score-based policies, else ``parallel``."""
 
     mode: str = "streaming"
     sink: int = 4
@@ -59,14 +71,22 @@ class EvalSpec:
     compress_every: int = 1
     position_mode: str = "cache"
     kv_dtype: str = "auto"
-    method: str = "parallel"
+    method: str | None = None
     chunk_size: int | None = None  # parallel: tokens per forward pass (None: see above)
     prefill_kernel: str = "auto"  # parallel: attention.PREFILL_KERNELS
     recompute_batch: int | None = None  # recompute/parallel: contexts per pass (None: auto)
+    options: dict = field(default_factory=dict)  # modes outside RING_MODES: the policy's
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.mode not in RING_MODES:
+            return self._policy_mode()
+        if self.options:
+            raise ConfigError(f"mode {self.mode} takes its numbers in the fields (sink, "
+                              f"window, ...), not options {sorted(self.options)}")
+        if self.method is None:
+            object.__setattr__(self, "method", "parallel")
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {METHODS}")
         if self.position_mode not in POSITION_MODES:
@@ -97,8 +117,35 @@ class EvalSpec:
             if self.kv_dtype != "auto":
                 raise ConfigError("recompute keeps no cache; kv_dtype does not apply")
 
+    def _policy_mode(self) -> None:
+        cfg = CacheConfig(policy=self.mode, **self.options)
+        derived = {"sink": cfg.sink, "window": getattr(cfg, "window", cfg.budget - cfg.sink),
+                   "compress_every": cfg.compress_every, "position_mode": cfg.position_mode,
+                   "kv_dtype": cfg.kv_dtype}
+        defaults = {f.name: f.default for f in fields(EvalSpec)}
+        moved = [n for n, v in derived.items() if getattr(self, n) not in (defaults[n], v)]
+        if moved:
+            raise ConfigError(f"mode {self.mode} takes its cache options in options=, not "
+                              f"the fields {moved}")
+        scored = getattr(cfg.cache_class, "score_based", False)
+        method = self.method or ("token" if scored else "parallel")
+        if method not in METHODS:
+            raise ConfigError(f"method {method!r} is not one of {METHODS}")
+        if scored and method == "parallel":
+            raise ConfigError(f"the exact parallel evaluator does not apply to {self.mode}: "
+                              "it evicts by attention score, and a prefill chunk evicts once "
+                              "per chunk; use method token (one step per token)")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int)
+                                            or self.chunk_size < 1):
+            raise ConfigError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        opts = {k: v for k, v in cfg.to_dict().items() if k != "policy"}
+        for name, value in {"options": opts, "method": method, **derived}.items():
+            object.__setattr__(self, name, value)
+
     def cache_config(self, n_tokens: int) -> PolicyConfig | None:
         """The cache this mode runs through (``None`` for recompute)."""
+        if self.mode not in RING_MODES:
+            return CacheConfig(policy=self.mode, **self.options)
         if self.mode == "dense":
             return CacheConfig(policy="dense", sink=0, max_len=max(n_tokens, 1),
                                position_mode=self.position_mode, kv_dtype=self.kv_dtype)
@@ -114,6 +161,12 @@ class EvalSpec:
         ``recompute-1024`` or ``recompute-4+1020``."""
         if self.mode == "dense":
             return "dense"
+        if self.mode not in RING_MODES:
+            own = POLICIES[self.mode].options()
+            return "-".join([self.mode] + [f"{k}{v}" if isinstance(v, int) else str(v)
+                                           for k, v in self.options.items() if k in own[:-2]]
+                            + [self.position_mode]
+                            + ([f"kv{self.kv_dtype}"] if self.kv_dtype != "auto" else []))
         if self.mode == "window" or (self.mode == "recompute" and not self.sink):
             base = f"{self.mode}-{self.window}"
         else:
@@ -152,6 +205,10 @@ def attended(spec: EvalSpec, n: int, cache=None) -> np.ndarray:
 
         cfg = spec.cache_config(n)
         cache = make_cache(cfg, _ShapeOnly, torch.float32, "cpu")
+    if hasattr(cache, "keys_attended"):  # refresh
+        return cache.keys_attended(t).numpy()
+    if getattr(cache, "score_based", False):  # holds its budget once full, itself beside
+        return torch.clamp(t + 1, max=cache.max_held() + 1).numpy()
     S = cache.sink
     held = cache.window_held(torch.clamp(t - S, min=0))
     return (torch.clamp(t, max=S) + held + 1).numpy()
@@ -159,6 +216,7 @@ def attended(spec: EvalSpec, n: int, cache=None) -> np.ndarray:
 
 class _ShapeOnly:  # the smallest spec make_cache accepts (for the arithmetic alone)
     num_layers = num_kv_heads = head_dim = 1
+    rotary_dim, rope_theta = 2, 10000.0
 
 
 @dataclass
@@ -307,5 +365,5 @@ def _recompute(model, ids, spec: EvalSpec, nll, bar) -> dict:
     return {"recompute_batch": batch, "context_len": L}
 
 
-__all__ = ["EvalSpec", "PPLResult", "MODES", "METHODS", "evaluate", "attended",
+__all__ = ["EvalSpec", "PPLResult", "MODES", "RING_MODES", "METHODS", "evaluate", "attended",
            "segment_ppl", "dropped_tokens"]
