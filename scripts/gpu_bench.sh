@@ -137,7 +137,7 @@ elif [ "$PHASE" = prefill ]; then
 elif [ "$PHASE" = study ]; then
   join_gguf && PPL_ARGS=(--ppl-model /tmp/fd/smollm2.gguf --ppl-tokens 1536) \
     || PPL_ARGS=(--ppl-tokens 0)
-  timeout 560 python3 -m fastdecode.cli study --model pythia-2.8b --random-weights \
+  timeout ${STUDY_TIMEOUT:-560} python3 -m fastdecode.cli study --model pythia-2.8b --random-weights \
     --device cuda --prompt-len 4096 --new-tokens 128 --warmup-tokens 16 "${PPL_ARGS[@]}" \
     --configs peer:team-streaming,bf16-stream-graphs,int8-all-graphs,peer:hf-torchao-int8,peer:hf-torchao-int4-mlp-g128,int4-mlp-g128-graphs,peer:team-streaming-lazy \
     --baseline peer:team-streaming --baseline-runs 2 \
