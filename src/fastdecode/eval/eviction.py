@@ -115,10 +115,9 @@ def table(records: list[dict]) -> str:
 
 def plot(records: list[dict], path: str | Path) -> Path:
     """Budget (log2) against PPL, one line per policy, one panel per book."""
-    from ..atomic import atomic_path
-    from .plot import _pyplot
+    from .plot import pyplot, save
 
-    plt = _pyplot()
+    plt = pyplot()
     books = sorted({r["data"]["source"] for r in records})
     fig, axes = plt.subplots(1, len(books), figsize=(6 * len(books), 4.2), squeeze=False)
     for ax, book in zip(axes[0], books):
@@ -137,8 +136,4 @@ def plot(records: list[dict], path: str | Path) -> Path:
         ax.set_title(book)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path, "plot") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
