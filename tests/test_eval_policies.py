@@ -156,3 +156,21 @@ def test_study_configs_resume_and_table(monkeypatch, tmp_path):
     assert "| streaming | 11.00 |" in table and "refresh uniform R=64/128" in table
     pytest.importorskip("matplotlib")
     assert eviction.plot(eviction.load_records(paths), tmp_path / "p.png").stat().st_size
+
+
+def test_every_registry_ppl_cache_is_evaluated_as_itself():
+    """The perf suite's PPL step (EvalSpec.for_policy) runs each registry configuration's
+    ppl_cache through the very cache it names; score policies token by token."""
+    from fastdecode import registry
+    from fastdecode.eval.ppl import EvalSpec
+
+    for name, cfg in registry.CONFIGS.items():
+        c = cfg.ppl_cache
+        spec = EvalSpec.for_policy(c)
+        got = spec.cache_config(8192).to_dict()
+        want = c.to_dict()
+        if c.policy == "dense":  # sized by the text, not by the registry
+            got.pop("max_len"), want.pop("max_len")
+        assert got == want, name
+        scored = getattr(c.cache_class, "score_based", False)
+        assert spec.method == ("token" if scored else "parallel"), name

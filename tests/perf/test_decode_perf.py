@@ -89,9 +89,7 @@ def _ppl(cfg, ppl_model) -> float:
             set_backend(model, "auto")
         ids = take_tokens(tokenize(load_text("pg19-10146"), ppl_model.tokenizer), PPL_TOKENS,
                           "pg19-10146")
-        window = {} if c.max_tokens is not None else {"window": c.budget - c.sink}
-        spec = EvalSpec(mode=c.policy, sink=c.sink, compress_every=c.compress_every,
-                        position_mode=c.position_mode, kv_dtype=c.kv_dtype, **window)
+        spec = EvalSpec.for_policy(c)
         _PPL_CACHE[key] = evaluate(model, ids, spec).ppl
     return _PPL_CACHE[key]
 

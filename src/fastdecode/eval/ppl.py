@@ -117,6 +117,17 @@ class EvalSpec:
             if self.kv_dtype != "auto":
                 raise ConfigError("recompute keeps no cache; kv_dtype does not apply")
 
+    @classmethod
+    def for_policy(cls, c: PolicyConfig, **kw) -> EvalSpec:
+        """The evaluation of the cache ``c`` (the registry's ``ppl_cache``): ring policies by
+        the fields, the others by their options."""
+        if c.policy not in RING_MODES:
+            return cls(mode=c.policy, options={k: v for k, v in c.to_dict().items()
+                                               if k != "policy"}, **kw)
+        window = {} if c.max_tokens is not None else {"window": c.budget - c.sink}
+        return cls(mode=c.policy, sink=c.sink, compress_every=c.compress_every,
+                   position_mode=c.position_mode, kv_dtype=c.kv_dtype, **window, **kw)
+
     def _policy_mode(self) -> None:
         cfg = CacheConfig(policy=self.mode, **self.options)
         derived = {"sink": cfg.sink, "window": getattr(cfg, "window", cfg.budget - cfg.sink),
