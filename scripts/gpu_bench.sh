@@ -213,8 +213,8 @@ elif [ "$PHASE" = baseline ]; then
   python3 -m fastdecode.bench.compare --storage "perf/history/$CLASS" \
     --record-baseline "${BASELINE_RUNS:-3}" && python3 -m fastdecode.bench.compare \
     --storage "perf/history/$CLASS" --suggest-budgets | tee "$OUT/$CLASS-budgets.toml"
-  mkdir -p "$OUT/history" && cp perf/history/"$CLASS"/*.json perf/baselines/"$CLASS".json \
-    "$OUT/history/" 2>/dev/null
+  mkdir -p "$OUT/history" && cp -r perf/history/"$CLASS" "$OUT/history/" \
+    && cp perf/baselines/"$CLASS".json "$OUT/history/baseline-$CLASS.json"
 elif [ "$PHASE" = agree ]; then
   FASTDECODE_PERF_PPL_TOKENS=0 timeout 300 python3 -m pytest tests/perf -m gpu -q \
     -p no:cacheprovider -k "bf16-stream-graphs or int8-all or int4-mlp-g128 or int4-all-g128 or int8kv" \
@@ -229,7 +229,7 @@ elif [ "$PHASE" = agree ]; then
   python3 -m fastdecode.bench.compare --storage "perf/history/$CLASS" \
     --bench "$(IFS=,; echo "${recs[*]}")"
   echo "agree rc=$?"
-  mkdir -p "$OUT/history" && cp perf/history/"$CLASS"/*.json "$OUT/history/" 2>/dev/null
+  mkdir -p "$OUT/history" && cp -r perf/history/"$CLASS" "$OUT/history/"
 else
   echo "unknown phase $PHASE" && exit 2
 fi
