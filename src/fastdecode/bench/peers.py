@@ -77,9 +77,7 @@ def run_hf_eager(model, prompt: torch.Tensor, n: int, warmup: int) -> dict:
     from transformers import DynamicCache
 
     dev = prompt.device
-    clock = Clock(dev)
-    if clock.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
+    clock = Clock(dev, reset_peak=True)
     cache = DynamicCache(config=model.config)
 
     def step(ids, **kw):
@@ -106,11 +104,9 @@ def run_hf_static_compile(model, prompt: torch.Tensor, n: int, warmup: int,
     from transformers import StaticCache
 
     dev = prompt.device
-    clock = Clock(dev)
+    clock = Clock(dev, reset_peak=True)
     if not clock.cuda and mode == "reduce-overhead":
         mode = "default"  # cudagraphs need CUDA
-    if clock.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
     P = prompt.numel()
     first_calls = 3
     cache = StaticCache(config=model.config, max_cache_len=P + n + first_calls + 1)
@@ -240,9 +236,7 @@ def run_team_streaming(model, prompt: torch.Tensor, n: int, warmup: int, *, sink
                        window: int = 2048, lazy_every: int = 1,
                        name: str = "team-streaming") -> dict:
     dev = prompt.device
-    clock = Clock(dev)
-    if clock.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
+    clock = Clock(dev, reset_peak=True)
     team = TeamStreaming(model, sink, window, lazy_every)
     logits, prefill_ms = clock.timed(lambda: team.step(prompt))
     times = clock.per_step(lambda tok: team.step(tok).argmax(-1, keepdim=True), n,

@@ -30,10 +30,13 @@ WARMUP_TOKENS = 32
 
 # ----------------------------------------------------------------------------- clocks
 class Clock:
-    """CUDA events on a CUDA device, ``perf_counter`` on the CPU."""
+    """CUDA events on a CUDA device, ``perf_counter`` on the CPU; ``reset_peak``: peak
+    memory counts from here."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, reset_peak: bool = False):
         self.cuda = torch.device(device).type == "cuda"
+        if reset_peak and self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
 
     def marks(self, n: int) -> list:
         if self.cuda:
@@ -155,10 +158,8 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
     same length, as the peers are timed after their warm-up), decode ``decode_len`` tokens
     (timed per token) and gather the figures."""
     dev = decoder.model.device
-    clock = Clock(dev)
+    clock = Clock(dev, reset_peak)
     cache = decoder.cache
-    if reset_peak and clock.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
     if clock.cuda:  # one untimed prefill first: Triton compiles its kernels per shape
         decoder.reset()
         decoder.prefill(prompt)
@@ -277,8 +278,7 @@ def time_config(lm, cache_cfg: PolicyConfig, mode: str, *, gemv: str = "auto",
     dev = lm.model.device
     prompt_len = default_prompt_len(cache_cfg) if prompt_len is None else prompt_len
     check_lengths(prompt_len, decode_len, warmup_tokens)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    Clock(dev, reset_peak=True)
     dec, step, compile_s = build_and_compile(lm, cache_cfg, mode, gemv, chunk_size, kernels)
     prompt = random_prompt(prompt_len, lm.spec.vocab_size, seed, dev)
     run = measure(step, dec, prompt=prompt, decode_len=decode_len, warmup_tokens=warmup_tokens,

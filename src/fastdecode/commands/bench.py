@@ -202,6 +202,13 @@ def run_preset(args, log) -> int:
     return 0 if all("error" not in r for r in record["rows"].values()) else 1
 
 
+def decode_len(args) -> int:
+    """The steps timed: the perf suite's (tpot.DECODE_LEN) unless given (a preset has its own)."""
+    from ..bench.tpot import DECODE_LEN
+
+    return DECODE_LEN if args.decode_len is None else args.decode_len
+
+
 def run(args) -> int:
     import torch
 
@@ -213,8 +220,7 @@ def run(args) -> int:
     log = functools.partial(print, flush=True)
     if args.preset:
         return run_preset(args, log)
-    if args.decode_len is None:  # the perf suite's (a preset has its own)
-        args.decode_len = tpot.DECODE_LEN
+    args.decode_len = decode_len(args)
     cfg = cache_config(args)
     bounded = cfg.max_tokens is None
     prompt_len = args.prompt_len if args.prompt_len is not None else \
