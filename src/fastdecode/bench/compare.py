@@ -17,7 +17,7 @@ from pathlib import Path
 from ..atomic import check_output_file, write_json
 from ..errors import FastdecodeError, InputError
 from . import budgets as bud
-from .history import METRICS, Run, load_history
+from .history import METRICS, Run, load_history, read_json
 from .roofline import efficiency
 
 # What holds across GPU classes: metric -> lower is better.
@@ -100,10 +100,7 @@ def compare(latest: Run, baseline: dict[str, dict[str, float]], budgets: dict,
 
 def read_baseline(path: Path, gpu: str | None) -> dict[str, dict[str, float]]:
     """A ``--record-baseline`` file of class ``gpu`` (None: any), else InputError naming it."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read baseline {path}: {e}") from None
+    data = read_json(path, "baseline")
     configs = data.get("configs") if isinstance(data, dict) else None
     if not isinstance(configs, dict) or not all(
             isinstance(m, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -179,19 +176,9 @@ def bench_agreement(latest: Run, records: dict[str, dict]) -> list[tuple]:
     return rows
 
 
-def _classes_beside(root: Path, gpu: str) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != gpu) \
-        if root.is_dir() else []
-
-
 def _agreement(latest: Run, paths: list[str], budgets: dict) -> int:
     limit = budgets.get("meta", {}).get("bench_agreement", 0.03)
-    records = {}
-    for p in paths:
-        try:
-            records[p] = json.loads(Path(p).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"cannot read bench record {p}: {e}") from None
+    records = {p: read_json(p, "bench record") for p in paths}
     bad = 0
     print(f"bench records vs suite run {latest.path.name} (TPOT, ms; limit {limit:.0%})")
     for name, config, suite, bench in bench_agreement(latest, records):
@@ -298,8 +285,8 @@ def main(argv=None) -> int:
         else:
             print(f"only one {gpu} run under {args.storage} and no baseline file: nothing of "
                   "its class to compare with")
-            if not args.against:
-                others = _classes_beside(root, gpu)
+            if not args.against and root.is_dir():  # every class beside this one
+                others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != gpu)
         for line in cross_class(runs[-1], others, root, baselines, budgets):
             print(line)
         if baseline is None:

@@ -41,12 +41,17 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def read_json(path, what: str):
+    """The JSON held at ``path``, else an InputError naming ``what`` and the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {what} {path}: {e}") from None
+
+
 def read_run(path: Path) -> Run:
     """One pytest-benchmark file, validated: InputError naming the file and the problem."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read benchmark run {path}: {e}") from None
+    data = read_json(path, "benchmark run")
     if not isinstance(data, dict):
         _fail(path, f"the JSON is a {type(data).__name__}, not an object")
     machine = data.get("machine_info") or {}

@@ -35,10 +35,7 @@ def hf_model(spec, dtype: torch.dtype, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     cfg = hf_config(spec)
     with torch.device(device):
-        try:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        except TypeError:  # transformers < 4.56 spells it torch_dtype
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
