@@ -95,15 +95,14 @@ def _decode_one(model, cur_token, cache_position, past_key_values):
 
 @torch.no_grad()
 def run_hf_static_compile(model, prompt: torch.Tensor, n: int, warmup: int,
-                          mode: str = "reduce-overhead", name: str = "hf-static-compile") -> dict:
+                          name: str = "hf-static-compile") -> dict:
     """HF StaticCache + torch.compile. The first 3 compiled calls (compile, warm-up,
     cudagraph record) run before timing; ``warmup`` more are discarded."""
     from transformers import StaticCache
 
     dev = prompt.device
     clock = Clock(dev, reset_peak=True)
-    if not clock.cuda and mode == "reduce-overhead":
-        mode = "default"  # cudagraphs need CUDA
+    mode = "reduce-overhead" if clock.cuda else "default"  # cudagraphs need CUDA
     P = prompt.numel()
     first_calls = 3
     cache = StaticCache(config=model.config, max_cache_len=P + n + first_calls + 1)

@@ -384,14 +384,13 @@ def run(args) -> int:
         set_targets()
         save()
 
-    total_peers = list(args.peers) or (["hf-static-compile"] if args.peer_total
-                                       or args.target_total_vs_static is not None else [])
-    if total_peers and (args.peer_total or args.target_total_vs_static is not None):
+    if args.peer_total or args.target_total_vs_static is not None:
         # The same shape as ours: TTFT is their forward of our prompt, total adds our
         # number of decode steps (their dense cache grows to prompt + decode).
-        totals = run_peers(total_peers, lm.spec, lm.model.dtype, dev, prompt,
-                           args.decode_len, min(args.warmup_tokens, args.decode_len // 2),
-                           log=log, streaming=team_window)
+        totals = run_peers(list(args.peers) or ["hf-static-compile"], lm.spec, lm.model.dtype,
+                           dev, prompt, args.decode_len,
+                           min(args.warmup_tokens, args.decode_len // 2), log=log,
+                           streaming=team_window)
         for r in totals.values():
             if "total_ms" in r:
                 r["ours_total_ratio"] = main["total_ms"] / r["total_ms"]
