@@ -368,7 +368,9 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
         return
     if opts.attn is None:
         key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
-        _RECORD.setdefault(" ".join(map(str, key)), {"cfg": list(ATTN), "from": "fixed"})
+        if key not in _CHOSEN:  # recorded once: this runs on every launch of an un-graphed step
+            _CHOSEN[key] = ATTN
+            _RECORD[" ".join(map(str, key))] = {"cfg": list(ATTN), "from": "fixed"}
     run(opts.attn or ATTN, scored)
 
 
