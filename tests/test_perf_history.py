@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fastdecode.bench import compare as cmp
-from fastdecode.bench.history import gpu_class, load_runs
+from fastdecode.bench.history import gpu_class, load_history
 from fastdecode.bench.plots import pareto_front
 from fastdecode.cli import main
 
@@ -91,5 +91,5 @@ def test_report_writes_pngs(tmp_path):
     assert pngs == ["pareto-h100.png", "tpot-history-h100.png"]  # one window: no curve
     for p in (tmp_path / "img").glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = load_runs(hist)
+    runs = load_history(hist).runs
     assert [r.commit[:7] for r in runs] == ["0000001", "0000002"]

@@ -1,22 +1,8 @@
-"""Compare the latest benchmark run with a baseline of the same GPU class, and read it
-against the other classes' history in efficiencies.
+"""Compare the latest perf suite run with a baseline of its GPU class, failing on a
+regression beyond the noise margin, and read it against other classes in efficiencies
+(docs/gpu.md, "Budgets that hold on any GPU").
 
     python -m fastdecode.bench.compare --storage perf/history/h100 [--baseline FILE]
-    python -m fastdecode.bench.compare --storage perf/history/<class> --record-baseline 3
-    python -m fastdecode.bench.compare --storage perf/history/<class> --suggest-budgets
-    python -m fastdecode.bench.compare --storage perf/history/<class> --against h100,h200
-    python -m fastdecode.bench.compare --storage perf/history/h100 --derive a800 --copy-gbps 1805
-
-Fails (exit 1) when a configuration got slower (TPOT), less accurate (PPL) or heavier
-(peak memory) than the same-class baseline by more than its noise margin (perf/budgets.toml:
-``[meta].noise_margin``, overridable per configuration); improvements beyond the margin
-are reported too. Without a baseline file, the previous run is the baseline. Only runs of
-one GPU class are timed against each other (the newest run's, or ``--gpu``); files that are
-not valid runs, and runs of other classes, are skipped and listed. Another class's runs
-(``--against``, or by default when the class has no baseline and one run) are compared in
-what holds across cards: the share of the floor (efficiency; higher is better), the ratio
-to the same-run reference step, and PPL. That reading is reported, never fails the run: a
-card's efficiency differs by design (the budgets in ``[any]`` gate it).
 """
 
 from __future__ import annotations
@@ -31,8 +17,7 @@ from pathlib import Path
 from ..atomic import check_output_file, write_json
 from ..errors import FastdecodeError, InputError
 from . import budgets as bud
-from .budgets import load_budgets, margin_for  # noqa: F401 - the names callers use
-from .history import METRICS, Run, load_history
+from .history import METRICS, Run, load_history, read_json
 from .roofline import efficiency
 
 # What holds across GPU classes: metric -> lower is better.
@@ -79,9 +64,8 @@ def mean_baseline(runs: list[Run]) -> dict[str, dict[str, float]]:
 
 def cross_figures(results: dict[str, dict[str, float]], gpu: str,
                   budgets: dict) -> dict[str, dict[str, float]]:
-    """The figures that hold across classes, per configuration: efficiency (as recorded, or
-    from bytes, TPOT and the class's copy bandwidth in ``[meta.copy_gbps]`` for runs that
-    did not measure it), the TPOT ratio to the reference step of the same run, and PPL."""
+    """The figures that hold across classes, per configuration: efficiency (runs that did
+    not measure it: at ``[meta.copy_gbps]``), the TPOT ratio to the same run's reference, PPL."""
     ref = results.get(bud.reference(budgets), {}).get("tpot_ms")
     fallback = bud.copy_gbps_of(budgets, gpu)
     out = {}
@@ -110,17 +94,13 @@ def compare(latest: Run, baseline: dict[str, dict[str, float]], budgets: dict,
             if m in figures and m in base:
                 findings.append(Finding(config, m, base[m], figures[m],
                                         margin if margin is not None
-                                        else margin_for(budgets, latest.gpu, config), lower))
+                                        else bud.margin_for(budgets, latest.gpu, config), lower))
     return findings
 
 
 def read_baseline(path: Path, gpu: str | None) -> dict[str, dict[str, float]]:
-    """A baseline file written by ``--record-baseline``, validated: InputError naming the
-    file for anything else, or for a baseline of another GPU class (``gpu``; None: any)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read baseline {path}: {e}") from None
+    """A ``--record-baseline`` file of class ``gpu`` (None: any), else InputError naming it."""
+    data = read_json(path, "baseline")
     configs = data.get("configs") if isinstance(data, dict) else None
     if not isinstance(configs, dict) or not all(
             isinstance(m, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -180,9 +160,8 @@ def _stored_format(recipe: str | None):
 
 
 def bench_agreement(latest: Run, records: dict[str, dict]) -> list[tuple]:
-    """Each `fastdecode bench` record (name -> record) beside the suite run's TPOT of the
-    registry configuration it matches (model, cache, compile mode, stored format): rows of
-    (record name, config or None, suite TPOT, bench TPOT)."""
+    """Rows (record name, matching registry config or None, suite TPOT, bench TPOT) of
+    `fastdecode bench` records beside the suite run (same model, cache, compile, format)."""
     from .. import registry
 
     rows = []
@@ -197,19 +176,9 @@ def bench_agreement(latest: Run, records: dict[str, dict]) -> list[tuple]:
     return rows
 
 
-def _classes_beside(root: Path, gpu: str) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != gpu) \
-        if root.is_dir() else []
-
-
 def _agreement(latest: Run, paths: list[str], budgets: dict) -> int:
     limit = budgets.get("meta", {}).get("bench_agreement", 0.03)
-    records = {}
-    for p in paths:
-        try:
-            records[p] = json.loads(Path(p).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"cannot read bench record {p}: {e}") from None
+    records = {p: read_json(p, "bench record") for p in paths}
     bad = 0
     print(f"bench records vs suite run {latest.path.name} (TPOT, ms; limit {limit:.0%})")
     for name, config, suite, bench in bench_agreement(latest, records):
@@ -228,7 +197,7 @@ def _agreement(latest: Run, paths: list[str], budgets: dict) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastdecode.bench.compare",
-                                 description=__doc__.split("\n")[1])
+                                 description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--storage", required=True, help="perf/history/<gpu class>")
     ap.add_argument("--gpu", default=None, metavar="CLASS",
                     help="GPU class compared (default: the newest run's); runs of other "
@@ -282,7 +251,7 @@ def main(argv=None) -> int:
                               "configs": mean_baseline(chosen)}, what="baseline", indent=2)
             print(f"baseline: mean of {len(chosen)} {gpu} run(s) -> {path}")
             return 0
-        budgets = load_budgets(args.budgets)
+        budgets = bud.load_budgets(args.budgets)
         if args.suggest_budgets:
             path = Path(args.baseline or default_base)
             if not path.is_file():
@@ -316,8 +285,8 @@ def main(argv=None) -> int:
         else:
             print(f"only one {gpu} run under {args.storage} and no baseline file: nothing of "
                   "its class to compare with")
-            if not args.against:
-                others = _classes_beside(root, gpu)
+            if not args.against and root.is_dir():  # every class beside this one
+                others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != gpu)
         for line in cross_class(runs[-1], others, root, baselines, budgets):
             print(line)
         if baseline is None:

@@ -1,11 +1,6 @@
-"""Benchmark history: the JSON files pytest-benchmark writes under perf/history/<gpu class>/.
-
-Each perf test is one benchmark named ``test_decode[<config>]`` whose ``extra_info`` holds
-the configuration name and the figures besides time (PPL, peak memory, bandwidth, peer
-ratios; since the efficiency budgets also the copy bandwidth, the share of the floor and the
-ratio to the session's reference step); the runs are keyed by GPU class so an A800's times
-are only ever compared with an A800's (bench/compare.py reads classes against each other in
-efficiencies).
+"""Benchmark history: the JSON files pytest-benchmark writes under perf/history/<gpu class>/,
+one benchmark a configuration with its figures in ``extra_info``, keyed by GPU class so that
+times are only compared within a class (docs/gpu.md, "The regression suite").
 """
 
 from __future__ import annotations
@@ -46,13 +41,17 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def read_run(path: Path) -> Run:
-    """One pytest-benchmark file, validated: InputError (naming the file and the problem)
-    for anything that is not a run of benchmarks with figures."""
+def read_json(path, what: str):
+    """The JSON held at ``path``, else an InputError naming ``what`` and the file."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read benchmark run {path}: {e}") from None
+        raise InputError(f"cannot read {what} {path}: {e}") from None
+
+
+def read_run(path: Path) -> Run:
+    """One pytest-benchmark file, validated: InputError naming the file and the problem."""
+    data = read_json(path, "benchmark run")
     if not isinstance(data, dict):
         _fail(path, f"the JSON is a {type(data).__name__}, not an object")
     machine = data.get("machine_info") or {}
@@ -91,8 +90,7 @@ def read_run(path: Path) -> Run:
 
 @dataclass
 class History:
-    """The runs of one GPU class under a directory, oldest first, and what was left out
-    (``skipped``: (file, why) for unreadable files and runs of other GPU classes)."""
+    """The runs of one GPU class, oldest first, and the (file, why) left out."""
 
     storage: Path
     gpu: str
@@ -105,10 +103,8 @@ class History:
 
 
 def load_history(storage: str | Path, gpu: str | None = None) -> History:
-    """The runs under ``storage`` (searched recursively) of GPU class ``gpu`` (default:
-    the class of the newest valid run), oldest first. A file that is not a valid run is
-    skipped and reported, never fatal; runs of another class are skipped and reported (an
-    A800 is never compared with an H100)."""
+    """The runs under ``storage`` (recursively) of class ``gpu`` (default: the newest
+    run's), oldest first; invalid files and other classes are skipped and reported."""
     storage = Path(storage)
     if not storage.exists():
         raise InputError(f"no benchmark history at {storage}")
@@ -126,8 +122,3 @@ def load_history(storage: str | Path, gpu: str | None = None) -> History:
     runs = [r for r in valid if r.gpu == gpu]
     skipped += [(r.path, f"GPU class {r.gpu}, not {gpu}") for r in valid if r.gpu != gpu]
     return History(storage, gpu, runs, skipped)
-
-
-def load_runs(storage: str | Path, gpu: str | None = None) -> list[Run]:
-    """The runs of :func:`load_history` (one GPU class, bad files skipped)."""
-    return load_history(storage, gpu).runs

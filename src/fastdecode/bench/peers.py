@@ -1,32 +1,9 @@
-"""Peers timed in the same run and on the same shapes: Hugging Face transformers.
-
-- ``hf-eager``: the model's own forward with a ``DynamicCache`` (what ``generate`` does by
-  default), one call per token.
-- ``hf-static-compile``: a ``StaticCache`` and the decode step compiled with
-  ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs through cudagraph
-  trees), following the transformers documentation's manual decode loop. Its first calls
-  compile and record; they are excluded (``compile_s``) together with the warm-up tokens.
-- ``hf-torchao-int8``, ``hf-torchao-int4-mlp-g128``: the same static cache + compile after
-  torchao's ``quantize_`` (``Int8WeightOnlyConfig`` on every linear; ``Int4WeightOnlyConfig``
-  group 128, tinygemm packing, MLP linears only), as the team ran torchao. Optional: without
-  torchao the peer is skipped with a message saying so.
-- ``team-streaming`` (``-lazy``: pruned every ``lazy_every`` tokens): the team's StreamingLLM
-  stack, transformers eager with a start+recent cache pruned by concatenation, keys held
-  before RoPE and every key re-rotated at its cache slot each step (the paper's pos-shift;
-  :class:`PosShiftLayer`). The prompt is prefilled with full attention and then pruned, as
-  their scripts do. :func:`team_nll` is their token-by-token perplexity loop.
-
-Both decode greedily with the token kept on the device and are timed exactly as our engine
-is (:class:`fastdecode.bench.tpot.Clock`: CUDA events, no host sync in the loop). The
-model is built from the same shapes (``ModelSpec``) with random weights; speed does not
-depend on the values. Dense caches: the peers attend over every token fed so far, so the
-prompt given to them sets their KV length (the bench passes the window's length, so their
-KV is as long as ours at steady state).
-"""
+"""Peers timed in the same run, on the same shapes and clock as our engine: transformers
+eager and static cache + compile, torchao, and the team's StreamingLLM (docs/design.md,
+"Measuring"; docs/study.md, "Peers")."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -58,10 +35,7 @@ def hf_model(spec, dtype: torch.dtype, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     cfg = hf_config(spec)
     with torch.device(device):
-        try:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        except TypeError:  # transformers < 4.56 spells it torch_dtype
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -100,20 +74,15 @@ def run_hf_eager(model, prompt: torch.Tensor, n: int, warmup: int) -> dict:
     from transformers import DynamicCache
 
     dev = prompt.device
-    clock = Clock(dev)
-    if clock.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
+    clock = Clock(dev, reset_peak=True)
     cache = DynamicCache(config=model.config)
-    out, prefill_ms = clock.timed(lambda: model(input_ids=prompt[None], past_key_values=cache,
-                                                use_cache=True, logits_to_keep=1))
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    marks = clock.marks(n + 1)
-    for i in range(n):
-        clock.record(marks, i)
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    clock.record(marks, n)
-    times = clock.deltas_ms(marks)
+
+    def step(ids, **kw):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kw)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    tok, prefill_ms = clock.timed(lambda: step(prompt[None], logits_to_keep=1))
+    times = clock.per_step(step, n, tok)
     return _result("hf-eager", times, warmup, prefill_ms, 0.0, prompt.numel(),
                    prompt.numel() + n, dev)
 
@@ -126,17 +95,14 @@ def _decode_one(model, cur_token, cache_position, past_key_values):
 
 @torch.no_grad()
 def run_hf_static_compile(model, prompt: torch.Tensor, n: int, warmup: int,
-                          mode: str = "reduce-overhead", name: str = "hf-static-compile") -> dict:
+                          name: str = "hf-static-compile") -> dict:
     """HF StaticCache + torch.compile. The first 3 compiled calls (compile, warm-up,
     cudagraph record) run before timing; ``warmup`` more are discarded."""
     from transformers import StaticCache
 
     dev = prompt.device
-    clock = Clock(dev)
-    if not clock.cuda and mode == "reduce-overhead":
-        mode = "default"  # cudagraphs need CUDA
-    if clock.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
+    clock = Clock(dev, reset_peak=True)
+    mode = "reduce-overhead" if clock.cuda else "default"  # cudagraphs need CUDA
     P = prompt.numel()
     first_calls = 3
     cache = StaticCache(config=model.config, max_cache_len=P + n + first_calls + 1)
@@ -158,13 +124,12 @@ def run_hf_static_compile(model, prompt: torch.Tensor, n: int, warmup: int,
         cache_position += 1
     clock.sync()
     compile_s = time.perf_counter() - t0
-    marks = clock.marks(n + 1)
-    for i in range(n):
-        clock.record(marks, i)
+    def one(tok):
         tok = step(model, tok.clone(), cache_position, cache)
-        cache_position += 1
-    clock.record(marks, n)
-    times = clock.deltas_ms(marks)
+        cache_position.add_(1)
+        return tok
+
+    times = clock.per_step(one, n, tok)
     return _result(name, times, warmup, prefill_ms, compile_s, P, P + n + first_calls, dev)
 
 
@@ -267,19 +232,12 @@ def run_team_streaming(model, prompt: torch.Tensor, n: int, warmup: int, *, sink
                        window: int = 2048, lazy_every: int = 1,
                        name: str = "team-streaming") -> dict:
     dev = prompt.device
-    clock = Clock(dev)
-    if clock.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
+    clock = Clock(dev, reset_peak=True)
     team = TeamStreaming(model, sink, window, lazy_every)
     logits, prefill_ms = clock.timed(lambda: team.step(prompt))
-    tok = logits.argmax(-1, keepdim=True)
-    marks = clock.marks(n + 1)
-    for i in range(n):
-        clock.record(marks, i)
-        tok = team.step(tok).argmax(-1, keepdim=True)
-    clock.record(marks, n)
-    out = _result(name, clock.deltas_ms(marks), warmup, prefill_ms, 0.0, prompt.numel(),
-                  team.held(), dev)
+    times = clock.per_step(lambda tok: team.step(tok).argmax(-1, keepdim=True), n,
+                           logits.argmax(-1, keepdim=True))
+    out = _result(name, times, warmup, prefill_ms, 0.0, prompt.numel(), team.held(), dev)
     out.update(sink=sink, window=window, lazy_every=lazy_every)
     return out
 
@@ -339,7 +297,3 @@ def run_peers(names, spec, dtype, device, prompt: torch.Tensor, n: int, warmup: 
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return results
-
-
-def describe(results: dict) -> str:
-    return json.dumps({k: v.get("tpot_ms", {}).get("median") for k, v in results.items()})

@@ -1,20 +1,7 @@
 """Decode timing: TPOT at steady state, prefill, totals, memory and achieved bandwidth.
 
-How a figure is taken (docs/design.md, "Measuring"):
-
-- Per-token times come from the device's own clock: one CUDA event is recorded before each
-  decode step and one after the last, with no host sync in between (on the CPU, where every
-  op is synchronous, ``time.perf_counter``). The decode loop is greedy and keeps the token on
-  the device (:meth:`fastdecode.compile.CompiledStep.greedy`'s loop).
-- Steady state: the first ``warmup_tokens`` steps are discarded, and so is every step taken
-  before the cache is full (position < S + W - 1 for a bounded cache). The statistics are over
-  what is left; ``steady`` says whether that was possible at all (short runs fall back to
-  all post-warm-up steps and say so).
-- Achieved bandwidth = bytes a step must read / median TPOT, next to the device's copy
-  bandwidth measured in the same process, and the floor and efficiency that bandwidth
-  implies (:mod:`.roofline`).
-- `fastdecode bench` and the perf suite (tests/perf) both take TPOT through
-  :func:`time_config`, with the same lengths (``DECODE_LEN``, ``WARMUP_TOKENS``) and prompt.
+One way for `fastdecode bench` and the perf suite alike (:func:`time_config`), so that their
+figures agree; how a figure is taken is in docs/design.md, "Measuring".
 """
 
 from __future__ import annotations
@@ -36,19 +23,20 @@ from ..errors import ConfigError, NonFiniteError
 from ..eval.record import git_info
 from .roofline import bytes_per_token, device_bandwidth  # noqa: F401 - shared with the suite
 
-# One way to take TPOT, for `fastdecode bench` and the perf suite alike (:func:`time_config`):
-# this many greedy steps timed back to back, the first WARMUP_TOKENS discarded, the median of
-# the steady-state per-step times reported.
+# Greedy steps timed back to back, and the first of them discarded, unless told otherwise.
 DECODE_LEN = 256
 WARMUP_TOKENS = 32
 
 
 # ----------------------------------------------------------------------------- clocks
 class Clock:
-    """CUDA events on a CUDA device, ``perf_counter`` on the CPU."""
+    """CUDA events on a CUDA device, ``perf_counter`` on the CPU; ``reset_peak``: peak
+    memory counts from here."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, reset_peak: bool = False):
         self.cuda = torch.device(device).type == "cuda"
+        if reset_peak and self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
 
     def marks(self, n: int) -> list:
         if self.cuda:
@@ -66,6 +54,16 @@ class Clock:
             marks[-1].synchronize()
             return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
         return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+
+    def per_step(self, fn: Callable, n: int, carry=None) -> list[float]:
+        """Milliseconds of each of ``n`` calls ``carry = fn(carry)``: a mark before each call
+        and one after the last, no host sync between (the token stays on the device)."""
+        marks = self.marks(n + 1)
+        for i in range(n):
+            self.record(marks, i)
+            carry = fn(carry)
+        self.record(marks, n)
+        return self.deltas_ms(marks)
 
     def sync(self) -> None:
         if self.cuda:
@@ -153,38 +151,6 @@ class DecodeRun:
         return {k: v for k, v in self.__dict__.items() if k != "steady_times_ms"}
 
 
-def full_from(cache) -> int:
-    """First decode position at which a bounded cache is full (0 for dense)."""
-    if cache.cfg.max_tokens is not None:  # it never evicts
-        return 0
-    return cache.cfg.budget - 1
-
-
-def time_decode(step, decoder, first_token, n: int, warmup_tokens: int, *,
-                run_one: Callable[[], None] | None = None) -> tuple[list[float], int]:
-    """Decode ``n`` greedy tokens from the decoder's position, one clock mark per step.
-    Returns (per-token ms, position of the first step)."""
-    dev = decoder.model.device
-    clock = Clock(dev)
-    run_one = run_one or step.run_one
-    decoder.cache.check_room(decoder.t + n)
-    if isinstance(first_token, torch.Tensor):
-        decoder.tok_buf.copy_(first_token.reshape(1))
-    else:
-        decoder.tok_buf.fill_(int(first_token))
-    start = decoder.t
-    decoder.pos_buf.fill_(start)
-    marks = clock.marks(n + 1)
-    with torch.no_grad():
-        for i in range(n):
-            clock.record(marks, i)
-            run_one()
-        clock.record(marks, n)
-    times = clock.deltas_ms(marks)
-    decoder.t += n
-    return times, start
-
-
 def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_tokens: int,
             run_one=None, mode: str | None = None, gemv: str | None = None,
             compile_s: float = 0.0, reset_peak: bool = True) -> DecodeRun:
@@ -192,10 +158,8 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
     same length, as the peers are timed after their warm-up), decode ``decode_len`` tokens
     (timed per token) and gather the figures."""
     dev = decoder.model.device
-    clock = Clock(dev)
+    clock = Clock(dev, reset_peak)
     cache = decoder.cache
-    if reset_peak and clock.cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
     if clock.cuda:  # one untimed prefill first: Triton compiles its kernels per shape
         decoder.reset()
         decoder.prefill(prompt)
@@ -209,11 +173,18 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
 
     (logits, first), prefill_ms = clock.timed(first_token)
     t_dec = time.perf_counter()
-    times, start = time_decode(step, decoder, first, decode_len, warmup_tokens, run_one=run_one)
+    cache.check_room(decoder.t + decode_len)
+    decoder.tok_buf.copy_(first.reshape(1))
+    start = decoder.t
+    decoder.pos_buf.fill_(start)
+    run_one = run_one or step.run_one
+    with torch.no_grad():
+        times = clock.per_step(lambda _: run_one(), decode_len)
+    decoder.t += decode_len
     clock.sync()
     t_end = time.perf_counter()
     check_finite(decoder, logits, step, decode_len)  # after the clocks: nothing timed syncs
-    ff = full_from(cache)
+    ff = 0 if cache.cfg.max_tokens is not None else cache.cfg.budget - 1  # full from here
     steady_idx = [i for i in range(decode_len) if i >= warmup_tokens and start + i >= ff]
     mode = mode or step.mode
     run = DecodeRun(mode=mode, gemv=gemv or step.gemv,
@@ -243,11 +214,8 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
 
 
 def check_finite(decoder, prefill_logits: torch.Tensor, step, decode_len: int) -> None:
-    """Refuse a run whose numbers would time garbage: NaN/Inf in the prefill's logits, or
-    after the timed decode in the last step's logits (when a graph keeps them) or anywhere
-    in the KV cache. Checked once, at the end: the timed loop keeps its tokens on the device
-    with no host sync per step, so a NaN that appeared and was evicted again mid-decode
-    would not be seen; one from a weight or an overflow stays in the cache or the logits."""
+    """Refuse a run that timed garbage: NaN/Inf in the prefill's logits, the last step's
+    logits or the KV cache, checked once at the end (the timed loop never syncs)."""
     prompt_len = decoder.t - decode_len
     if not bool(torch.isfinite(prefill_logits).all()):
         raise NonFiniteError(f"non-finite logits (NaN/Inf) after the {prompt_len}-token "
@@ -302,21 +270,15 @@ def time_config(lm, cache_cfg: PolicyConfig, mode: str, *, gemv: str = "auto",
                 prompt_len: int | None = None, decode_len: int = DECODE_LEN,
                 warmup_tokens: int = WARMUP_TOKENS, seed: int = 0,
                 copy_gbps: float | None = None):
-    """TPOT of one configuration, the same way for `fastdecode bench` and the perf suite: a
-    fresh decoder compiled for ``mode``, a random prompt of ``prompt_len`` (default: steady
-    state from the first step), then :func:`measure` (an untimed and a timed prefill, then
-    ``decode_len`` greedy steps back to back, one CUDA event before each and one after the
-    last, the median of the steady-state steps after ``warmup_tokens``). Peak memory counts
-    from before the build (compilation and graph capture included). With ``copy_gbps`` the
-    run also carries its floor and efficiency (:mod:`.roofline`). Returns (decoder, step,
-    DecodeRun)."""
+    """(decoder, step, DecodeRun) of one configuration, the same way for `fastdecode bench`
+    and the perf suite: a fresh decoder compiled for ``mode``, a random prompt, then
+    :func:`measure`; peak memory counts the build too; ``copy_gbps`` adds floor and efficiency."""
     from .roofline import efficiency, floor_ms
 
     dev = lm.model.device
     prompt_len = default_prompt_len(cache_cfg) if prompt_len is None else prompt_len
     check_lengths(prompt_len, decode_len, warmup_tokens)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    Clock(dev, reset_peak=True)
     dec, step, compile_s = build_and_compile(lm, cache_cfg, mode, gemv, chunk_size, kernels)
     prompt = random_prompt(prompt_len, lm.spec.vocab_size, seed, dev)
     run = measure(step, dec, prompt=prompt, decode_len=decode_len, warmup_tokens=warmup_tokens,
@@ -385,13 +347,7 @@ def profile_steps(run_one: Callable[[], None], steps: int, trace_path: str | Non
         run_one()
     clock.sync()
     with profile(activities=acts, record_shapes=False) as prof:
-        marks = clock.marks(steps + 1)
-        for i in range(steps):
-            clock.record(marks, i)
-            run_one()
-        clock.record(marks, steps)
-        clock.sync()
-    step_ms = statistics.median(clock.deltas_ms(marks))
+        step_ms = statistics.median(clock.per_step(lambda _: run_one(), steps))
     if trace_path:
         with atomic.atomic_path(trace_path, "profile trace") as tmp:
             prof.export_chrome_trace(str(tmp))

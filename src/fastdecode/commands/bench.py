@@ -1,20 +1,10 @@
 """`fastdecode bench`: decode speed (TPOT at steady state) of one configuration, with peers,
-variants, sweeps and a profile in the same run; writes one JSON record.
-
-    fastdecode bench --model pythia-2.8b --random-weights --prompt-len 4096 --decode-len 256 \\
-        --sink 4 --window 2048 --compile graphs --peers hf-eager,hf-static-compile \\
-        --json out.json
-
-Time to first token and total time for the users' shape, beside HF static + compile run
-on the same shape (``--peer-total``, implied by ``--target-total-vs-static``)::
-
-    fastdecode bench --model pythia-2.8b --random-weights --prompt-len 16384 \\
-        --decode-len 1024 --sink 4 --window 2048 --target-total-vs-static 0.5 --json out.json
-"""
+variants, sweeps and a profile in the same run; writes one JSON record (docs/cli.md)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 
@@ -132,8 +122,12 @@ def _lengths(what: str, decode_len: int, warmup: int, prompts=()) -> None:
 
 
 def check_run_args(args) -> None:
-    """Everything the later parts of a run need, checked before the model is loaded (a
-    bad sweep or peer length used to cost the whole main measurement first)."""
+    """Everything the later parts of a run need, checked before the model is loaded."""
+    from ..bench.peers import PEERS
+
+    for peer in args.peers:
+        if peer not in PEERS:
+            raise ConfigError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {args.chunk_size}")
     if args.check < 0:
@@ -151,16 +145,6 @@ def check_run_args(args) -> None:
             raise ConfigError(f"--sweep-windows: window must be >= 1, got {w}")
 
 
-def step_kernels_fused(record: dict) -> bool:
-    return record["config"].get("kernels") == "fused" or any(
-        k.endswith(":fused") for k in record.get("variants", {}))
-
-
-class _Log:
-    def __call__(self, *parts) -> None:
-        print(*parts, flush=True)
-
-
 def _run_line(name: str, r: dict) -> str:
     t = r.get("tpot_ms", {})
     if "error" in r:
@@ -172,6 +156,17 @@ def _run_line(name: str, r: dict) -> str:
             f" {t.get('p90', float('nan')):8.3f} {r.get('prefill_ms', float('nan')):9.1f}"
             f" {(bw or float('nan')):8.0f} {r.get('compile_s', 0.0):7.1f}"
             f" {r.get('total_ms', float('nan')):9.1f}")
+
+
+def _record(args, lm, **config) -> dict:
+    """The record's head: the command, the configuration and the environment."""
+    from ..bench import tpot
+
+    return {"kind": "fastdecode.bench", "version": 1,
+            "command": "fastdecode " + " ".join(sys.argv[1:]) if sys.argv else "",
+            "config": {"model": args.model, "source": lm.source,
+                       "dtype": str(lm.model.dtype).removeprefix("torch."), **config},
+            "env": tpot.env_info(lm.model.device)}
 
 
 def run_preset(args, log) -> int:
@@ -187,17 +182,12 @@ def run_preset(args, log) -> int:
     tpot.check_lengths(prompt_len, decode_len, args.warmup_tokens)
     check_bench_outputs(args)
     lm = load(args)
-    dev = lm.model.device
-    dtype = str(lm.model.dtype).removeprefix("torch.")
-    mode = args.compile or ("graphs" if dev.type == "cuda" else "none")
-    rows = team.preset_rows(args.preset, prompt_len, decode_len, dtype)
-    record = {"kind": "fastdecode.bench", "version": 1, "preset": args.preset,
-              "command": "fastdecode " + " ".join(sys.argv[1:]) if sys.argv else "",
-              "config": {"model": args.model, "source": lm.source, "dtype": dtype,
-                         "compile": mode, "kernels": args.kernels, "prompt_len": prompt_len,
-                         "decode_len": decode_len, "warmup_tokens": args.warmup_tokens,
-                         "seed": args.seed, "batch": 1},
-              "env": tpot.env_info(dev)}
+    mode = args.compile or ("graphs" if lm.model.device.type == "cuda" else "none")
+    record = _record(args, lm, compile=mode, kernels=args.kernels, prompt_len=prompt_len,
+                     decode_len=decode_len, warmup_tokens=args.warmup_tokens, seed=args.seed,
+                     batch=1)
+    record["preset"] = args.preset
+    rows = team.preset_rows(args.preset, prompt_len, decode_len, record["config"]["dtype"])
     log(f"preset {args.preset}: {len(rows)} modes, prompt {prompt_len}, decode {decode_len}, "
         f"compile {mode} on {record['env'].get('gpu') or record['env'].get('cpu')} "
         f"(torch {torch.__version__})")
@@ -223,11 +213,11 @@ def run(args) -> int:
     import torch
 
     from ..bench import tpot
-    from ..bench.peers import PEERS, run_peers
+    from ..bench.peers import run_peers
     from ..compile import resolve_gemv, resolve_kernels
     from ..engine import Decoder
 
-    log = _Log()
+    log = functools.partial(print, flush=True)
     if args.preset:
         return run_preset(args, log)
     args.decode_len = decode_len(args)
@@ -236,9 +226,9 @@ def run(args) -> int:
     prompt_len = args.prompt_len if args.prompt_len is not None else \
         tpot.default_prompt_len(cfg)
     tpot.check_lengths(prompt_len, args.decode_len, args.warmup_tokens)
-    for peer in args.peers:
-        if peer not in PEERS:
-            raise ConfigError(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
+    if not bounded and prompt_len + args.decode_len > cfg.max_tokens:
+        raise ConfigError(f"the dense cache holds {cfg.max_tokens} tokens; prompt + decode "
+                          f"need {prompt_len + args.decode_len}")
     if args.sweep_windows and not bounded:
         raise ConfigError("--sweep-windows needs a bounded cache (streaming or window)")
     from ..compile import GEMV_MODES, KERNEL_MODES
@@ -269,24 +259,12 @@ def run(args) -> int:
                        progress=True)
         set_backend(lm.model, "auto")
     mode = args.compile or ("graphs" if dev.type == "cuda" else "default")
-    if not bounded:
-        lm_room = cfg.max_tokens
-        need = prompt_len + args.decode_len
-        if need > lm_room:
-            raise ConfigError(f"the dense cache holds {lm_room} tokens; prompt + decode need "
-                              f"{need}")
-    record: dict = {"kind": "fastdecode.bench", "version": 1,
-                    "command": "fastdecode " + " ".join(sys.argv[1:]) if sys.argv else "",
-                    "config": {"model": args.model, "source": lm.source,
-                               "dtype": str(lm.model.dtype).replace("torch.", ""),
-                               "cache": cfg.to_dict(), "compile": mode,
-                               "kernels": args.kernels,
-                               "quant": qcfg.name if args.quant else None,
-                               "gemv": resolve_gemv(args.gemv, dev) if mode != "none" else "eager",
-                               "prompt_len": prompt_len, "decode_len": args.decode_len,
-                               "warmup_tokens": args.warmup_tokens,
-                               "chunk_size": args.chunk_size, "seed": args.seed},
-                    "env": tpot.env_info(dev)}
+    record = _record(args, lm, cache=cfg.to_dict(), compile=mode, kernels=args.kernels,
+                     quant=qcfg.name if args.quant else None,
+                     gemv=resolve_gemv(args.gemv, dev) if mode != "none" else "eager",
+                     prompt_len=prompt_len, decode_len=args.decode_len,
+                     warmup_tokens=args.warmup_tokens, chunk_size=args.chunk_size,
+                     seed=args.seed)
 
     def save():
         if args.json:
@@ -406,14 +384,13 @@ def run(args) -> int:
         set_targets()
         save()
 
-    total_peers = list(args.peers) or (["hf-static-compile"] if args.peer_total
-                                       or args.target_total_vs_static is not None else [])
-    if total_peers and (args.peer_total or args.target_total_vs_static is not None):
+    if args.peer_total or args.target_total_vs_static is not None:
         # The same shape as ours: TTFT is their forward of our prompt, total adds our
         # number of decode steps (their dense cache grows to prompt + decode).
-        totals = run_peers(total_peers, lm.spec, lm.model.dtype, dev, prompt,
-                           args.decode_len, min(args.warmup_tokens, args.decode_len // 2),
-                           log=log, streaming=team_window)
+        totals = run_peers(list(args.peers) or ["hf-static-compile"], lm.spec, lm.model.dtype,
+                           dev, prompt, args.decode_len,
+                           min(args.warmup_tokens, args.decode_len // 2), log=log,
+                           streaming=team_window)
         for r in totals.values():
             if "total_ms" in r:
                 r["ours_total_ratio"] = main["total_ms"] / r["total_ms"]
@@ -454,15 +431,13 @@ def run(args) -> int:
         except Exception as e:  # noqa: BLE001 - keep the rest of the run
             record["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             log(f"variant {name} FAILED: {e}")
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op where CUDA was never used
         save()
 
     if args.sweep_windows:
         rows = []
         del dec, step
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
         for W in args.sweep_windows:
             try:
                 wcfg = dataclasses.replace(cfg, window=W)
@@ -479,13 +454,13 @@ def run(args) -> int:
             r["window"] = W
             rows.append(r)
             log(_run_line(f"window {W}", r))
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
             record["sweep_windows"] = rows
             save()
 
     targets = set_targets()
-    if step_kernels_fused(record):
+    if record["config"]["kernels"] == "fused" or any(k.endswith(":fused")
+                                                     for k in record["variants"]):
         from ..fused import tune
 
         record["launches"] = tune.chosen()  # per GEMV shape: launch and source (table)

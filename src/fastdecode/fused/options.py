@@ -1,10 +1,7 @@
 """The fused step's options, one frozen object passed from the caller down to every launch.
 
-Environment variables are read in one place, :meth:`FusedOptions.from_env`, called at the
-edge (``compile_decoder`` when given no options, the command line, the GPU scripts); the
-step, the tuner and the launches only ever see the object. None of the options changes a
-result beyond accumulation order (tests/test_fused.py holds every path to the float64
-reference and the step to eager); they exist for measurement (experiments/gpu_fused_ab.py).
+Environment variables are read only by :meth:`FusedOptions.from_env`, at the edge. No option
+changes a result beyond accumulation order (tests/test_fused.py); they exist for measurement.
 """
 
 from __future__ import annotations
@@ -22,40 +19,18 @@ WARPS = (1, 2, 4, 8)
 
 @dataclass(frozen=True)
 class FusedOptions:
-    """What the fused step may be told (None: chosen per model or shape).
+    """What the fused step may be told (None: chosen per model or shape; docs/gpu.md)."""
 
-    - ``pdl``: programmatic dependent launch on devices that have it (Hopper and later): a
-      kernel's programs are placed while the one before finishes.
-    - ``asm``: int8/int4 codes to float by a byte permute in inline PTX (None: wherever it
-      applies).
-    - ``int4``: the int4 code path (0 dot per group, 1 dequantise then reduce, 2 tensor
-      cores; see fused/kernels.py); None: tensor cores for groups of 128 or more where
-      they apply, else 1.
-    - ``parts``: input parts of a tensor-core GEMV (the tuner's choices: 1, 2, 4; any count
-      up to 4 runs, e.g. 3 in tests: unequal parts); None: from its row blocks.
-    - ``tune``: GEMV launches from the launch table of the card's class where it has one
-      (``fused/table.py``; False: the heuristic alone). Nothing is timed at run time.
-    - ``launch_table``: the launch table file to use instead of the bundled one (it must
-      name this card; ``scripts/gpu_gemv_sweep.py --table`` writes one).
-    - ``norm_in_gemv``: 0 every norm its own launch, 1 the GEMV normalises x itself where
-      all GEMVs reading that norm are float, 2 whatever their format.
-    - ``branches``: parallel-residual layers on two streams: 1 the MLP's up projection
-      beside attention, 2 the whole MLP, 0 one stream; None: ``step.choose_branches``.
-    - ``priority``: the captured graph's main chain at a higher stream priority than its
-      side branch; None: ``step.choose_priority``.
-    - ``attn``: the attention launch pinned as (slots per split, BLOCK_N, num_warps).
-    """
-
-    pdl: bool = True
-    asm: bool | None = None
-    int4: int | None = None
-    parts: int | None = None
-    tune: bool = True
-    launch_table: str | None = None
-    norm_in_gemv: int = 1
-    branches: int | None = None
-    priority: bool | None = None
-    attn: tuple[int, int, int] | None = None
+    pdl: bool = True  # programmatic dependent launch where the device has it (sm_90+)
+    asm: bool | None = None  # int8/int4 codes to float in inline PTX (None: where it applies)
+    int4: int | None = None  # 0 dot per group, 1 dequantise then reduce, 2 tensor cores
+    parts: int | None = None  # input parts of a tensor-core GEMV, 1..4 (None: per shape)
+    tune: bool = True  # launches from the card's table (fused/table.py); False: heuristic
+    launch_table: str | None = None  # a table file instead of the bundled one (this card's)
+    norm_in_gemv: int = 1  # 0 norms apart, 1 inside float GEMVs, 2 inside any GEMV
+    branches: int | None = None  # two streams: 1 up beside attention, 2 the MLP, 0 one
+    priority: bool | None = None  # the graph's main chain at a higher stream priority
+    attn: tuple[int, int, int] | None = None  # (slots per split, BLOCK_N, num_warps)
 
     def __post_init__(self):
         for name in ("pdl", "tune"):
@@ -85,11 +60,8 @@ class FusedOptions:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> FusedOptions:
-        """The options ``FASTDECODE_<NAME>`` sets (PDL, ASM, INT4, PARTS, TUNE,
-        NORM_IN_GEMV, BRANCHES, PRIORITY: integers; ATTN: 'per,BLOCK_N,num_warps';
-        LAUNCH_TABLE: a path), unset
-        or empty ones at their defaults, then ``overrides``. A value that is not one the
-        option takes is an error naming the variable."""
+        """The options ``FASTDECODE_<NAME>`` sets (integers; ATTN 'per,BLOCK_N,num_warps';
+        LAUNCH_TABLE a path), then ``overrides``; a bad value is an error naming the variable."""
         env = os.environ if environ is None else environ
         kw = {}
         for f in fields(cls):

@@ -1,27 +1,11 @@
 """Launching the fused kernels, with launch parameters chosen per card and shape, untimed.
 
-A GEMV's launch (block sizes, warps, the int4 path, input parts) comes from the launch table
-of the GPU's class (:mod:`fastdecode.fused.table`: a graphed sweep of every candidate, run
-offline on that card by ``scripts/gpu_gemv_sweep.py``), else from :func:`heuristic`, a fixed
-rule of the format, the shape and the SM count. Nothing is timed at run time, so two
-processes choose the same launches; :func:`chosen` reports what this process used and where
-it came from (bench records keep it under ``launches``).
-
-Under Triton's interpreter (``TRITON_INTERPRET=1``, the CPU tests) a fixed small
-configuration is used, chosen to exercise the same code paths (several row blocks, several
-K chunks, several attention splits).
-
-Every launch takes the step's :class:`~fastdecode.fused.options.FusedOptions` (``opts``):
-besides block sizes, a GEMV configuration names two code paths of the quantized formats
-that the options may pin, ``asm`` and the ``int4`` path, and on the tensor-core path the
-input ``parts`` (:class:`Workspace`). None of them changes a result beyond accumulation
-order. A table entry that a pin (or the launch: segments, a workspace too small) rules
-out gives way to the heuristic under the same pins.
+A GEMV's launch comes from the launch table of the card's class (:mod:`.table`), else from
+:func:`heuristic`; nothing is timed at run time, so two processes choose the same launches
+(docs/gpu.md, "H200: launches from a table"). :func:`chosen` reports them for bench records.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -33,8 +17,6 @@ from .options import MIN_PER, PARTS, FusedOptions
 
 _CHOSEN: dict[tuple, tuple] = {}  # launch key -> configuration (a cache: no lookup per launch)
 _RECORD: dict[str, dict] = {}  # what chosen() reports
-
-
 _HAS_PDL: dict[int, bool] = {}  # device index -> compute capability >= 9 (asked once)
 
 
@@ -54,9 +36,7 @@ def _launch_opts(x: torch.Tensor, opts: FusedOptions) -> dict:
 
 
 # What the sweep (scripts/gpu_gemv_sweep.py) times for each shape, (BLOCK_N, BLOCK_K,
-# num_warps, num_stages or None): 2,048 to 16,384 weights a program an iteration, and the
-# earlier sweeps' winners; the launch table keeps each shape's fastest. Nothing here is
-# timed at run time, so the lists may be long.
+# num_warps, num_stages or None): 2,048 to 16,384 weights a program an iteration.
 SWEEP_CANDIDATES = sorted(
     {(bn, bk, w, None) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048, 4096)
      for w in (4, 8) if 2048 <= bn * bk <= 16384 and (w == 4 or bn * bk >= 4096)
@@ -66,17 +46,14 @@ SWEEP_CANDIDATES = sorted(
 # perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)
 SWEEP_MMA = [(16, 4, 3), (16, 8, 3), (16, 4, 4), (16, 8, 2)]
 SWEEP_MMA_PARTS = [(16, 4, 3), (16, 8, 3)]
-# (slots per split, BLOCK_N, num_warps): one, fixed, since timed alone the attention
-# launches rank differently than inside the graphed step (perf/results/
-# h100-attn-ab-preload.json, h100-attn-warps-f4c9930.txt)
-ATTN_CANDIDATES = [(64, 16, 1)]
+# The attention launch (slots per split, BLOCK_N, num_warps), fixed: timed alone the
+# launches rank differently than inside the graphed step (perf/results/h100-attn-ab-preload.json)
+ATTN = (64, 16, 1)
 
 
 def chosen() -> dict:
     """What this process launched and why: per GEMV shape (table.shape_key) the
-    configuration (BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts) and its
-    source (the launch table's class, 'heuristic' or 'interpreter'), the attention launches,
-    and the device and table each came from."""
+    configuration and its source (a table's class, 'heuristic' or 'interpreter')."""
     return {k: dict(v) for k, v in sorted(_RECORD.items())}
 
 
@@ -105,23 +82,21 @@ def _valid(cfg, p: Packed, n: int, nsplit: int) -> bool:
 
 
 def _mma_ok(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions) -> bool:
-    """int4 on tensor cores: groups of 32 inputs or more (a dot's K is 16 or more), 16-row
-    blocks inside each segment, x in a dtype the mma takes (float32 only when pinned)."""
+    """int4 on tensor cores: groups of >= 32, 16-row blocks in each segment, bf16/fp16 x."""
     return (p.fmt == INT4 and p.group >= 32 and not (0 < nsplit < n and nsplit % 16)
             and (dtype in (torch.bfloat16, torch.float16) or opts.int4 == 2))
 
 
 def _asm(applies: bool, opts: FusedOptions) -> bool:
-    """Inline-PTX conversions: on wherever they apply, unless pinned; inside the graphed
-    step they are the faster everywhere (perf/results/h100-fused-ab-asm-c0d3167.json)."""
+    """Inline-PTX conversions wherever they apply unless pinned: the faster in the graphed
+    step (perf/results/h100-fused-ab-asm-c0d3167.json)."""
     return applies and opts.asm is not False
 
 
 def int4_paths(p: Packed, n: int, nsplit: int, dtype: torch.dtype,
                opts: FusedOptions) -> tuple[int, ...]:
-    """The int4 path (one): as pinned, else tensor cores for groups of 128 or more where
-    they apply, path 1 otherwise (a launch timed alone ranks them differently than the
-    graphed step, docs/gpu.md)."""
+    """The int4 path: as pinned, else tensor cores for groups of 128 or more where they
+    apply, path 1 otherwise (docs/gpu.md)."""
     if p.fmt != INT4:
         return (0,)
     mma = _mma_ok(p, n, nsplit, dtype, opts)
@@ -134,11 +109,9 @@ MIN_PROGRAMS_PER_SM = 3
 
 
 def parts(n: int, block_n: int, sms: int, opts: FusedOptions) -> int:
-    """How many input parts a tensor-core GEMV of ``n`` rows is cut into where no table
-    says (pinned by ``opts.parts``): the fewest of :data:`PARTS` that give
-    MIN_PROGRAMS_PER_SM programs an SM. These GEMVs are bound by instruction latency and
-    want more warps an SM, but a part costs its partial sums
-    (perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)."""
+    """Input parts of a tensor-core GEMV where no table says: as pinned, else the fewest of
+    :data:`PARTS` giving MIN_PROGRAMS_PER_SM programs an SM (latency-bound GEMVs want
+    more warps; perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)."""
     if opts.parts is not None:
         return opts.parts
     blocks = triton.cdiv(n, block_n)
@@ -149,10 +122,8 @@ def parts(n: int, block_n: int, sms: int, opts: FusedOptions) -> int:
 
 
 class Workspace:
-    """Scratch of the GEMVs cut into input parts, for one stream (GEMVs of one stream run
-    one after the other; those of two streams at once need one each): float32 partial sums
-    [PARTS[-1] * rows] and an int32 counter a row block, zero between launches (each
-    launch's last program sets its counters back)."""
+    """Scratch of the GEMVs cut into input parts, one per stream: float32 partial sums and
+    an int32 counter a row block, zero between launches (the last program resets it)."""
 
     def __init__(self, rows: int, device, min_block: int = 16):
         self.rows = rows
@@ -171,10 +142,8 @@ def _can_cut(n: int, k: int, bn: int, glu: bool, ws: Workspace | None) -> bool:
 
 def admissible(cfg: tuple, p: Packed, n: int, nsplit: int, dtype: torch.dtype,
                opts: FusedOptions, glu: bool = False, ws: Workspace | None = None) -> bool:
-    """Whether ``cfg`` may run this launch under these options: the int4 path and inline
-    PTX as the options and rules have them, block sizes the format and segments allow,
-    input parts only on the tensor-core path with a workspace that fits (as pinned, where
-    the launch can be cut so)."""
+    """Whether ``cfg`` may run this launch under these options (int4 path, inline PTX,
+    block sizes the format and segments allow, parts only where a workspace fits)."""
     bn, bk, warps, stages, asm, path, k = cfg
     if path != int4_paths(p, n, nsplit, dtype, opts)[0] or asm != _asm(p.fmt != FLOAT, opts):
         return False
@@ -188,10 +157,8 @@ def admissible(cfg: tuple, p: Packed, n: int, nsplit: int, dtype: torch.dtype,
 def heuristic(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions,
               glu: bool = False, ws: Workspace | None = None, sms: int = 132,
               norm: int = 0) -> tuple:
-    """A launch for a shape or card no table holds, from a fixed rule: the configurations
-    that were within a few percent of the best on the H100 and H200 sweeps, by format and
-    input length, fitted to the shape (block sizes the format and segments allow, inputs
-    no wider than K), parts from the SM count (:func:`parts`)."""
+    """A launch for a shape or card no table holds: the H100/H200 sweeps' near-best
+    configurations by format and input length, fitted to the shape (docs/gpu.md)."""
     path = int4_paths(p, n, nsplit, dtype, opts)[0]
     asm = _asm(p.fmt != FLOAT, opts)
     if path == 2:
@@ -218,8 +185,7 @@ def heuristic(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOpt
 def candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions,
                glu: bool = False, ws: Workspace | None = None,
                parts_: tuple[int, ...] = (1,)) -> list[tuple]:
-    """Every configuration the sweep times for this launch (admissible ones only), with
-    input parts ``parts_`` on the tensor-core path."""
+    """The admissible configurations the sweep times (input parts ``parts_`` on path 2)."""
     path = int4_paths(p, n, nsplit, dtype, opts)[0]
     asm = _asm(p.fmt != FLOAT, opts)
     if path == 2:
@@ -233,9 +199,8 @@ def candidates(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOp
 def choose(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOptions,
            dev: table.Device, glu: bool = False, ws: Workspace | None = None,
            norm: int = 0) -> tuple[tuple, str, table.Table | None]:
-    """(configuration, its source, the table) for a GEMV on ``dev``: the table entry of
-    this shape where the card has a table (``opts.launch_table`` or the bundled one) and
-    the entry is admissible, else :func:`heuristic`. ``opts.tune`` False: the heuristic."""
+    """(configuration, source, table) for a GEMV on ``dev``: the card's table entry where
+    admissible (``opts.tune`` False: never), else :func:`heuristic`."""
     t = table.for_device(dev, opts.launch_table) if opts.tune else None
     cfg = t.gemv.get(table.shape_key(p, n, dtype, norm, glu)) if t is not None else None
     if cfg is not None and admissible(cfg, p, n, nsplit, dtype, opts, glu, ws):
@@ -245,10 +210,8 @@ def choose(p: Packed, n: int, nsplit: int, dtype: torch.dtype, opts: FusedOption
 
 def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
                  ws: Workspace | None, opts: FusedOptions) -> tuple:
-    """Under the interpreter: 16-row blocks (few programs: the interpreter's cost is per
-    program; the tiny models' GEMVs still span several), 32 inputs a chunk (several chunks);
-    no inline PTX; the int4 path as pinned (default 1; tensor cores with two K splits, and
-    the input parts as pinned, else 2 where a workspace is given)."""
+    """Under the interpreter (the CPU tests): small blocks, so that the tiny models' GEMVs
+    still take every code path (several row blocks, K chunks, input parts)."""
     path = int4_paths(p, n, nsplit, dtype, opts)[0]
     if path == 2:
         k = opts.parts or 2
@@ -264,24 +227,10 @@ def _interp_gemv(p: Packed, n: int, nsplit: int, dtype: torch.dtype, glu: bool,
     return bn, bk, 1, None, False, path, 1
 
 
-def _pick(key: tuple, candidates_of) -> tuple:
-    """The first of ``candidates_of()`` for ``key``, cached (built only on a miss: this
-    runs on every launch of an un-graphed step)."""
-    if key not in _CHOSEN:
-        cands = candidates_of()
-        if not cands:
-            raise RuntimeError(f"no valid launch configuration for {key}")
-        _CHOSEN[key] = cands[0]
-        _RECORD[" ".join(map(str, key))] = {"cfg": list(cands[0]), "from": "fixed"}
-    return _CHOSEN[key]
-
-
 def gemv(x, p: Packed, y, res, *, n, nsplit, opts: FusedOptions, gap=0, xseg=0, act2=0,
          glu=False, norm=None, res2=None, ws: Workspace | None = None) -> None:
-    """y (= res +) act(x . W^T + b) (+ res2) over ``n`` output rows (kernels.gemv_kernel);
-    ``norm`` = (kind, weight [segments, K], bias or None, eps): x is normalised in the
-    kernel (kind 1 LayerNorm, 2 RMSNorm). ``ws``: this stream's workspace, which lets a
-    tensor-core GEMV be cut into input parts (without one it is not)."""
+    """y (= res +) act(x . W^T + b) (+ res2) over ``n`` rows; ``norm`` = (kind, weight,
+    bias, eps) normalises x in the kernel; ``ws`` lets a tensor-core GEMV be cut in parts."""
     dummy = p.w
     kind, nw, nb, eps = norm if norm is not None else (0, x, None, 0.0)
     args = (x, p.w, p.s if p.s is not None else dummy, p.z if p.z is not None else dummy,
@@ -310,9 +259,7 @@ def gemv(x, p: Packed, y, res, *, n, nsplit, opts: FusedOptions, gap=0, xseg=0, 
 
 
 def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | None = None):
-    """One launch of kernels.gemv_kernel over ``n`` rows with the configuration ``cfg``
-    (BLOCK_N, BLOCK_K, num_warps, num_stages, asm, int4 path, parts); ``args`` are the
-    kernel's arguments without the workspace's two (``ws``: needed when parts > 1)."""
+    """One launch of kernels.gemv_kernel with ``cfg`` (``args`` without the workspace's)."""
     bn, bk, warps, stages, asm, path, k = cfg
     extra = {"num_stages": stages} if stages is not None else {}
     if k > 1 and (ws is None or not ws.fits(n, k, bn) or path != 2 or meta["GLU"]):
@@ -329,8 +276,7 @@ def launch_gemv(args: tuple, meta: dict, n: int, cfg: tuple, ws: Workspace | Non
 def norm(x, nw, nb, out, kind: int, segments: int, eps: float, opts: FusedOptions) -> None:
     """out[s] = norm_s(x) for s < segments (nw, nb: [segments, K]; RMSNorm: nb unused)."""
     k = x.numel()
-    # x in one block up to 8,192 (one read, see the kernel); the interpreter: blocks of 32,
-    # so the CPU tests take the chunked path too where K > 32
+    # x in one block up to 8,192; the interpreter: blocks of 32 (the chunked path too)
     block = triton.next_power_of_2(k)
     block = (block if block <= 8192 else 1024) if x.is_cuda else min(block, 32)
     warps = (8 if block >= 4096 else 4) if x.is_cuda else 1
@@ -351,9 +297,8 @@ def cos_sin(pos, spos, freqs, cs, dtype, opts: FusedOptions) -> None:
 
 
 def decode_plan(pos, cache, freqs, cs, mask, slot, dtype, opts: FusedOptions) -> None:
-    """mask/slot/cs for the token at ``pos`` from the cache's policy (sinks, window, evict
-    every R, position mode and offset): ``cache.plan_decode`` and :func:`cos_sin` in one
-    launch (see kernels.decode_plan_kernel)."""
+    """mask/slot/cs for the token at ``pos``: ``cache.plan_decode`` and :func:`cos_sin` in
+    one launch."""
     half = freqs.numel()
     block = 256 if pos.is_cuda else 32  # the interpreter: several programs on small caches
     kernels.decode_plan_kernel[(triton.cdiv(cache.slots, block),)](
@@ -365,8 +310,7 @@ def decode_plan(pos, cache, freqs, cs, mask, slot, dtype, opts: FusedOptions) ->
 
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
                kv_int8, opts: FusedOptions, scored=None) -> None:
-    """``scored``: a score-based cache's :class:`fastdecode.fused.step.ScoredArgs` (then
-    ``slot`` is its per-head ``free``), None for the others."""
+    """``scored``: a score-based cache's ``step.ScoredArgs`` (``slot``: its ``free``)."""
     extra = ((scored.t, scored.pos, scored.score, scored.newer) if scored is not None
              else (slot,) * 4)
     flags = scored.flags() if scored is not None else {}
@@ -391,9 +335,8 @@ def max_splits(slots: int) -> int:
 
 def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, d0, d1,
               sink, kv_int8, scale, opts: FusedOptions, scored=None) -> None:
-    """``scored``: a score-based cache's ``ScoredArgs`` (the split kernel keeps the logits,
-    the scored combine updates scores and evicts); tuning times the plain kernels, which
-    change no cache state."""
+    """``scored``: a score-based cache's ``ScoredArgs`` (the scored combine updates scores
+    and evicts)."""
     launch = _launch_opts(q, opts)
 
     def run(cfg, sc=None):
@@ -423,12 +366,12 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
     if not q.is_cuda:
         run((MIN_PER, 16, 1), scored)
         return
-    key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
-    if opts.attn is not None:
-        run(opts.attn, scored)
-        return
-    run(_pick(key, lambda: [c for c in ATTN_CANDIDATES if c[0] >= MIN_PER and
-                            (c[0] <= 64 or math.ceil(slots / c[0]) >= 2)]), scored)
+    if opts.attn is None:
+        key = ("attn", slots, hq, hkv, d, sink, int(kv_int8), str(q.dtype).removeprefix("torch."))
+        if key not in _CHOSEN:  # recorded once: this runs on every launch of an un-graphed step
+            _CHOSEN[key] = ATTN
+            _RECORD[" ".join(map(str, key))] = {"cfg": list(ATTN), "from": "fixed"}
+    run(opts.attn or ATTN, scored)
 
 
 __all__ = ["gemv", "Workspace", "parts", "choose", "heuristic", "admissible", "candidates",
