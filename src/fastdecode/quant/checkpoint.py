@@ -156,11 +156,7 @@ def load_quantized_into(model: nn.Module, cfg: QuantConfig, state: dict, dtype,
     model = model.to_empty(device=device)
     if model.spec.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (model.spec.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(f"quantized checkpoint does not match: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)  # check_state matched the names: only tied ones
     return model.to(dtype)
 
 
