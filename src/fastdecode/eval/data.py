@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FastdecodeError, InputError
+from ..models.weights import hf_cache
 
 
 class DataSourceError(InputError):
@@ -191,11 +192,7 @@ _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]*){0,2}$")
 
 def datasets_cache_dir() -> Path:
     """Where ``datasets`` keeps what it prepared (its own order of variables)."""
-    if os.environ.get("HF_DATASETS_CACHE"):
-        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "datasets"
+    return hf_cache("datasets", "HF_DATASETS_CACHE")
 
 
 def _load_cached_dataset(source: str, column: str, split: str | None) -> TextSource:
