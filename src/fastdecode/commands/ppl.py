@@ -1,14 +1,5 @@
-"""`fastdecode ppl`: perplexity of a long text through a KV-cache policy.
-
-    fastdecode ppl --model smollm2-135m --data pg19-10146 --max-tokens 16384 \\
-        --mode streaming --sink 4 --window 1020 --json out/ppl.json
-
-Modes: every cache policy of the registry (dense | window | streaming | h2o | tova | refresh)
-and recompute (see fastdecode.eval.ppl); the policies' options are the registry's flags, as
-for ``generate``. The exact parallel evaluator is the default; ``--method token`` feeds one
-token per step, as the paper does, and is the only method for h2o and tova (their eviction
-depends on attention scores).
-"""
+"""`fastdecode ppl`: perplexity of a long text through a KV-cache policy (every policy of
+the registry, with its flags, or recompute; docs/ppl.md)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Quantized checkpoints: ``fastdecode.json`` (spec, recipe, a manifest of each file's size
-and SHA-256), ``model.safetensors`` and ``tokenizer.json`` when the source had one; every
-command takes one as ``--model DIR``. It verifies itself on load, so a damaged or mismatched
-checkpoint is a one-line ModelLoadError, and is written atomically (fastdecode.atomic).
-"""
+"""Quantized checkpoints (``fastdecode.json`` with spec, recipe and each file's size and
+SHA-256, ``model.safetensors``, ``tokenizer.json``), which any command loads as ``--model
+DIR``: verified on load, so damage is a one-line ModelLoadError, and written atomically."""
 
 from __future__ import annotations
 
