@@ -100,8 +100,7 @@ def hub_snapshot(repo_dir: Path, revision: str | None = None) -> Path:
     hits = [h for h in have if h.startswith(rev)] if len(rev) >= 7 else []
     if len(hits) == 1:
         return snaps / hits[0]
-    refs = sorted(p.name for p in (repo_dir / "refs").glob("*")) if (repo_dir / "refs").is_dir() \
-        else []
+    refs = sorted(p.name for p in (repo_dir / "refs").glob("*"))  # none if there is no refs/
     raise ModelLoadError(f"{repo_dir}: no snapshot for revision {rev!r} (refs: "
                          f"{', '.join(refs) or 'none'}; snapshots: {', '.join(have) or 'none'}); "
                          "give one with --revision")
