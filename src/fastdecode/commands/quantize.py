@@ -40,8 +40,7 @@ def run(args) -> int:
     if cfg.method == "kd" and lm.model.device.type != "cuda":
         print("note: -kd distils on this device; on a CPU that takes hours for SmolLM2-135M "
               "(about 2.5 min on an H100): --device cuda", file=sys.stderr)
-    names = quantize_model(lm.model, cfg, calibration=calibration_for(lm, cfg),
-                           progress=True)
+    names = quantize_model(lm.model, cfg, calibration=calibration_for(lm, cfg), progress=True)
     out = save_quantized(lm, cfg, args.out, force=args.force)
     print(f"quantized {len(names)} linears with {cfg.name}; wrote {out}")
     return 0

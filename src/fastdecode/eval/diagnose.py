@@ -27,8 +27,7 @@ def _curve_metrics(excess: np.ndarray, smooth: int) -> dict:
     """peak / area / width of one excess curve (docs/ppl.md)."""
     h = excess.size
     if h == 0:
-        return {"peak": None, "peak_offset": None, "area": 0.0, "width": 0,
-                "persistent": False}
+        return {"peak": None, "peak_offset": None, "area": 0.0, "width": 0, "persistent": False}
     k = max(1, min(smooth, h))
     csum = np.concatenate(([0.0], np.cumsum(excess)))
     # smoothed(o) = mean(excess[o : o + k]), truncated at the horizon's end
