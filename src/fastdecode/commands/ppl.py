@@ -97,8 +97,7 @@ def run(args, with_diagnosis: bool | None = None) -> int:
             if v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
     check_eval_outputs(args)
-    if getattr(spec.cache_config(1) or object, "cache_class", None) and getattr(
-            spec.cache_config(1).cache_class, "score_based", False):
+    if getattr(getattr(spec.cache_config(1), "cache_class", None), "score_based", False):
         print(f"note: {spec.mode} evicts by attention score: evaluated token by token (the "
               "exact parallel evaluator does not apply)")
     load_text(args.data, text_column=args.text_column, split=args.split)
