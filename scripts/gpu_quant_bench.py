@@ -54,8 +54,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from fastdecode.quant import kernels
-    from fastdecode.quant.int4 import quantize_int4
+    from fastdecode.quant.int4 import quantize_int4, to_tinygemm
     from fastdecode.quant.int8 import quantize_int8
 
     torch.manual_seed(0)
@@ -70,7 +69,7 @@ def main():
     def impl_tinygemm(g):
         def prep(w):
             p, s, z = quantize_int4(w, g)
-            return kernels.to_tinygemm(p, s.to(bf16), z.to(bf16))
+            return to_tinygemm(p, s.to(bf16), z.to(bf16))
         return prep
 
     def impl_torchao(cfg):

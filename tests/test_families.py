@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_unknown_families_list_the_registry():
     with pytest.raises(ModelLoadError, match="GGUF architecture 'gptneox' is not supported"):
         fam_mod.for_gguf("gptneox")
     with pytest.raises(ModelLoadError, match="family 'toy' is not one of"):
-        SHAPE_PRESETS["tiny-neox"]().with_(family="toy").validate()
+        replace(SHAPE_PRESETS["tiny-neox"](), family="toy").validate()
 
 
 def test_no_module_compares_family_names():

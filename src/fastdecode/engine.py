@@ -1,9 +1,6 @@
-"""Prefill, decode step and generation over a model and its cache.
-
-The position ``t`` lives on the host (known without a sync) and is mirrored into a device
-scalar, so the decode step is pure device work on static buffers: it can be compiled and
-captured as a CUDA graph (:mod:`fastdecode.compile`).
-"""
+"""Prefill, decode step and generation over a model and its cache; the position lives on
+the host and is mirrored into a device scalar, so the step is pure device work on static
+buffers that :mod:`fastdecode.compile` can compile and capture as a CUDA graph."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Errors that fastdecode raises for bad input.
-
-Every error a user can cause derives from :class:`FastdecodeError`; the CLI prints its
-message (one line, naming the problem) and exits with status 2 instead of a traceback.
-"""
+"""Errors that fastdecode raises for bad input: each derives from FastdecodeError, whose
+message the CLI prints as one line before exiting with status 2, instead of a traceback."""
 
 
 class FastdecodeError(Exception):

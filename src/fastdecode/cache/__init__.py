@@ -1,41 +1,6 @@
-"""KV cache policies: one file per policy, one registry, one factory.
-
-``POLICIES`` maps each policy's name to its config class and is the only list of policies:
-the CLI's ``--policy`` choices and per-policy flags, the benchmarks and the tests read it.
-
-Adding a policy (``h2o`` say) is one new file, one registry entry and its tests:
-
-1. ``cache/h2o.py`` defines the cache and its config, as ``cache/streaming.py`` does::
-
-       class H2OCache(KVCache):            # or any class with KVCache's interface:
-           def __init__(self, cfg: H2OConfig, **shape): ...   # cfg, name, sink,
-           # max_held(), plan_prefill/plan_decode/update, held_positions, reset
-
-       @dataclass(frozen=True, kw_only=True)
-       class H2OConfig(PolicyConfig):
-           policy = "h2o"                  # the registry name
-           cache_class = H2OCache          # make_cache builds cache_class(cfg, **shape)
-           heavy: int = option(64, "heavy hitters kept", min=0)   # the policy's options
-           recent: int = option(64, "most recent tokens kept", min=1)
-
-           def check(self):                # rules across options (fields are checked)
-               if self.heavy + self.recent < 1:
-                   raise self._error("heavy + recent must be >= 1")
-
-           @property
-           def budget(self) -> int:        # read-only facts generic code reads (policy.py)
-               return self.heavy + self.recent
-
-   ``shape`` is ``num_layers, num_kv_heads, head_dim, dtype, device, position_offset``.
-   Shared options (``position_mode``, ``kv_dtype``) come from :class:`PolicyConfig`;
-   override the facts (``sink``, ``compress_every``, ``budget``, ``max_held``,
-   ``max_tokens``) where the defaults do not hold. Every ``option`` becomes a CLI flag
-   (``--heavy``); an option two policies share must have the same type and choices.
-2. Add the config class to ``_CONFIGS`` below.
-3. Tests: ``tests/test_policies.py`` runs every registered policy through its generic
-   checks (validation, to_dict, the CLI); add the policy's oracle and property tests in
-   its own test file.
-"""
+"""KV cache policies: one file per policy, one registry (``POLICIES``, the only list of
+policies: the CLI, benchmarks and tests read it), one factory. Adding a policy:
+docs/design.md#adding-a-cache-policy."""
 
 from __future__ import annotations
 

@@ -1,27 +1,9 @@
 """The sinks + ring storage behind the dense, window and streaming policies, and the
-interface the model sees (which any other policy's cache implements too).
+interface the model sees (plan, update, attend), which every other policy implements too.
 
-Storage is static: per layer, ``sink`` slots followed by a ring of ``ring`` slots, written
-by index. Each of those policies is three numbers on it (sinks S, window W,
-compress_every R) and a position mode; what is held after any number of tokens follows
-from those alone, so a step needs no host-side bookkeeping and no Python-side growth.
-
-Positions (see docs/design.md). Every key is rotated once, when it is written, at its position
-in the text. Window keys are contiguous in the text, so the query-to-window distance is the
-same in text and in cache positions: queries score the window rotated at their own text
-position. Only sinks differ: in ``cache`` mode a query scores the sinks rotated at its own
-*cache* slot (``min(t, S) + window tokens held``), which is exactly the paper's
-re-rotated cache at O(1) cost per token; in ``absolute`` mode at its text position.
-
-The model talks to a cache through three calls::
-
-    plan = cache.plan_prefill(t0, T)      # or cache.plan_decode(t) with t on the device
-    kv = cache.update(layer, k, v, plan)   # write new k/v, get what to attend over
-    attention.attend(q, q_sink, kv, plan, cache.sink)
-
-Lazy eviction (R > 1): once S + W + R tokens would be held, the window is cut back to W
-in one go, so at most S + W + R - 1 are held between steps; R = 1 is strict eviction.
-The ring holds W + R slots: room for the largest window a query can see, itself included.
+Every key is rotated once, when written, at its text position; in ``cache`` mode a query
+scores the sinks rotated at its own cache slot: the paper's re-rotated cache at O(1) cost
+per token (docs/design.md#the-position-trick, #adding-a-cache-policy).
 """
 
 from __future__ import annotations
@@ -74,9 +56,9 @@ class KVCache:
         self._sink_ar = torch.arange(self.sink, device=device)
         self._ring_ar = torch.arange(self.ring, device=device)
 
-    # ----- policy arithmetic (works on host ints and device tensors alike) -------------
     def window_held(self, m):
-        """Window (non-sink) tokens held after ``m`` non-sink tokens have been added."""
+        """Window (non-sink) tokens held after ``m`` non-sink tokens have been added (host
+        ints or device tensors)."""
         W, R = self.window, self.compress_every
         if isinstance(m, torch.Tensor):
             return torch.where(m <= W, m, W + torch.remainder(m - W, R))
@@ -112,7 +94,6 @@ class KVCache:
             return torch.where(t < S, t, S + torch.remainder(t - S, self.ring))
         return t if t < S else S + (t - S) % self.ring
 
-    # ----- the interface the model uses ------------------------------------------------
     def check_room(self, t_end: int) -> None:
         """Raise if feeding tokens up to position ``t_end`` (exclusive) cannot be held."""
 
@@ -145,10 +126,8 @@ class KVCache:
         )
 
     def plan_decode(self, t: torch.Tensor) -> Plan:
-        """Plan for one token at position ``t`` (int64 tensor [1], on the cache's device).
-
-        Pure tensor arithmetic: no host sync, same shapes every step (CUDA-graph safe).
-        """
+        """Plan for one token at position ``t`` (int64 tensor [1], on the cache's device):
+        no host sync, the same shapes every step (CUDA-graph safe)."""
         lo, pos_sink = self._query_bounds(t)
         return Plan(
             q_pos=t + self.position_offset,
@@ -159,11 +138,9 @@ class KVCache:
         )
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> KV:
-        """Store new keys/values ``[Hkv, T, D]`` and return what to attend over.
-
-        Decode writes first and reads the buffer (the ring has room for the new token);
-        prefill attends over [buffer, chunk] and then stores the chunk. Either way the new
-        tokens are seen exactly as stored (int8 storage: quantized)."""
+        """Store new keys/values ``[Hkv, T, D]`` and return what to attend over: decode
+        writes, then reads the buffer; prefill attends over [buffer, chunk], then stores the
+        chunk, so the new tokens are seen exactly as stored (int8: quantized)."""
         st = self.storage
         if plan.decode_slot is not None:
             st.write(layer, plan.decode_slot, k, v)
@@ -185,7 +162,6 @@ class KVCache:
     def reset(self) -> None:
         """Forget everything (the buffers are reused; stale slots are never visible)."""
 
-    # ----- introspection (host side; for tests, diagnostics and reports) ----------------
     def held_positions(self, t: int) -> list[int]:
         """Text positions held, in cache order, after ``t`` tokens have been fed."""
         if t <= 0:

@@ -1,12 +1,6 @@
-"""The base every policy's config derives from: the shared options, their validation, and
-the read-only facts generic code asks (so no caller special-cases a policy by name).
-
-A policy's config is a frozen, keyword-only dataclass. Its options are dataclass fields
-declared with :func:`option` (a default, a one-line help, and optionally ``choices`` or a
-``min``); :meth:`PolicyConfig.__post_init__` checks every field from that metadata (type,
-range, choices) and then calls the policy's own :meth:`check` for rules across fields.
-The CLI builds ``--option`` flags from the same fields, so an option is declared once.
-"""
+"""The base of every policy's config: the shared options, their validation from each
+field's :func:`option` metadata (so the CLI flags and the checks are declared once), and the
+read-only facts generic code asks, so no caller special-cases a policy by name."""
 
 from __future__ import annotations
 
@@ -30,13 +24,8 @@ def option(default, help: str, *, choices: tuple | None = None, min: int | None 
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyConfig:
-    """What a KV cache keeps and how it stores it; one subclass per policy.
-
-    Subclasses set ``policy`` (the registry name) and ``cache_class`` (built by
-    :func:`fastdecode.cache.make_cache` as ``cache_class(cfg, num_layers=..., ...)``) and
-    declare their own options. The read-only facts below have defaults that subclasses
-    override as properties where they differ.
-    """
+    """What a KV cache keeps and how it stores it; one subclass per policy, which sets
+    ``policy`` (the registry name) and ``cache_class`` and overrides the facts below."""
 
     policy: ClassVar[str] = "base"
     cache_class: ClassVar[type]
@@ -50,7 +39,6 @@ class PolicyConfig:
     kv_dtype: str = option("auto", "KV storage: the model dtype (auto), or int8 with "
                            "per-head, per-token scales", choices=KV_DTYPES)
 
-    # ----- validation ----------------------------------------------------------------
     def __post_init__(self):
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
@@ -74,7 +62,6 @@ class PolicyConfig:
     def _error(self, message: str) -> ConfigError:
         return ConfigError(f"{self.policy} cache: {message}")
 
-    # ----- construction from loose options (the CacheConfig factory, the CLI) ---------
     @classmethod
     def options(cls) -> tuple[str, ...]:
         """The option names, the policy's own first."""
@@ -100,7 +87,6 @@ class PolicyConfig:
                               f"options: {', '.join(cls.options())})")
         return cfg
 
-    # ----- read-only facts -----------------------------------------------------------
     @property
     def sink(self) -> int:
         """Tokens at the start of the stream that are never evicted."""

@@ -39,10 +39,16 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DenseStorage:
+    """Keys and values in the model dtype; ``buffers`` are what a layer's KV is read from."""
+
     def __init__(self, shape, dtype, device):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._layer_idx = torch.arange(shape[0], device=device)
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.v
 
     def _put(self, buf: torch.Tensor, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """``buf[layer][:, slots] = x`` (x: [H, n, ...]) as one index_put_ on the whole
@@ -51,59 +57,42 @@ class DenseStorage:
         and the whole cache back every step. An index_put_ on the buffer is done in place."""
         buf[self._layer_idx[layer:layer + 1], :, slots] = x.transpose(0, 1)
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._put(self.k, layer, slots, k)
-        self._put(self.v, layer, slots, v)
-
-    def read(self, layer: int) -> KV:
-        return KV(self.k[layer], self.v[layer])
-
     def encode(self, k, v) -> KV:
         return KV(k, v)
 
-    def write_encoded(self, layer, slots, new: KV, src: torch.Tensor) -> None:
-        self.write(layer, slots, new.k.index_select(1, src), new.v.index_select(1, src))
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.write_encoded(layer, slots, self.encode(k, v), None)
 
-    @staticmethod
-    def concat(a: KV, b: KV) -> KV:
-        return KV(torch.cat((a.k, b.k), 1), torch.cat((a.v, b.v), 1))
+    def write_encoded(self, layer, slots, new: KV, src: torch.Tensor | None) -> None:
+        """Store ``new`` (its tokens ``src``, all if None) in ``slots``."""
+        for buf, x in zip(self.buffers, new):
+            self._put(buf, layer, slots, x if src is None else x.index_select(1, src))
+
+    def read(self, layer: int) -> KV:
+        return KV(*(b[layer] for b in self.buffers))
+
+    def concat(self, a: KV, b: KV) -> KV:
+        return KV(*(torch.cat((x, y), 1) for x, y in zip(a[:len(self.buffers)], b)))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
+        return sum(t.numel() * t.element_size() for t in self.buffers)
 
 
 class Int8Storage(DenseStorage):
     """int8 codes plus a float32 scale per (layer, head, slot): half the bytes of bf16."""
 
     def __init__(self, shape, dtype, device):
-        self.k = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
+        super().__init__(shape, torch.int8, device)
         self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
         self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
-        self._layer_idx = torch.arange(shape[0], device=device)
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.v, self.k_scale, self.v_scale
 
     def encode(self, k, v) -> KV:
         (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
         return KV(kq, vq, ks, vs)
-
-    def write(self, layer, slots, k, v) -> None:
-        self.write_encoded(layer, slots, self.encode(k, v), None)
-
-    def write_encoded(self, layer, slots, new: KV, src) -> None:
-        pick = (lambda t: t) if src is None else (lambda t: t.index_select(1, src))
-        for buf, x in zip((self.k, self.v, self.k_scale, self.v_scale), new):
-            self._put(buf, layer, slots, pick(x))
-
-    def read(self, layer: int) -> KV:
-        return KV(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer])
-
-    @staticmethod
-    def concat(a: KV, b: KV) -> KV:
-        return KV(*(torch.cat((x, y), 1) for x, y in zip(a[:4], b[:4])))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.k, self.v, self.k_scale, self.v_scale))
 
 
 STORAGES = {"auto": DenseStorage, "int8": Int8Storage}

@@ -10,8 +10,7 @@ from .policy import PolicyConfig, option
 
 class WindowCache(KVCache):
     def __init__(self, cfg: WindowConfig, **shape):
-        super().__init__(cfg, sink=0, window=cfg.window, compress_every=cfg.compress_every,
-                         **shape)
+        super().__init__(cfg, sink=0, window=cfg.window, compress_every=cfg.compress_every, **shape)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,11 +1,5 @@
-"""`fastdecode diagnose`: `fastdecode ppl` with the NLL diagnosis on ("Phase A").
-
-Writes per-token NLL, attention span and tokens dropped per step, and summarises the NLL
-spikes around eviction events (peak, area, width; see fastdecode.eval.diagnose).
-
-    fastdecode diagnose --model smollm2-135m --data pg19-10146 --max-tokens 8192 \\
-        --mode window --window 1024 --json out/diag.json
-"""
+"""`fastdecode diagnose`: `fastdecode ppl` with the NLL diagnosis on ("Phase A"), paired
+with a dense run by default (docs/ppl.md)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""`fastdecode ppl`: perplexity of a long text through a KV-cache policy.
-
-    fastdecode ppl --model smollm2-135m --data pg19-10146 --max-tokens 16384 \\
-        --mode streaming --sink 4 --window 1020 --json out/ppl.json
-
-Modes: every cache policy of the registry (dense | window | streaming | h2o | tova | refresh)
-and recompute (see fastdecode.eval.ppl); the policies' options are the registry's flags, as
-for ``generate``. The exact parallel evaluator is the default; ``--method token`` feeds one
-token per step, as the paper does, and is the only method for h2o and tova (their eviction
-depends on attention scores).
-"""
+"""`fastdecode ppl`: perplexity of a long text through a KV-cache policy (every policy of
+the registry, with its flags, or recompute; docs/ppl.md)."""
 
 from __future__ import annotations
 
@@ -106,8 +97,7 @@ def run(args, with_diagnosis: bool | None = None) -> int:
             if v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
     check_eval_outputs(args)
-    if getattr(spec.cache_config(1) or object, "cache_class", None) and getattr(
-            spec.cache_config(1).cache_class, "score_based", False):
+    if getattr(getattr(spec.cache_config(1), "cache_class", None), "score_based", False):
         print(f"note: {spec.mode} evicts by attention score: evaluated token by token (the "
               "exact parallel evaluator does not apply)")
     load_text(args.data, text_column=args.text_column, split=args.split)

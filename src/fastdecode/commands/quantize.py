@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+
+from ..errors import InputError
 from .common import add_model_args, load
 from .outputs import check_checkpoint_out
 
@@ -33,16 +36,11 @@ def run(args) -> int:
     check_checkpoint_out(args)
     lm = load(args)
     if lm.quant is not None:
-        from ..errors import InputError
-
         raise InputError(f"{args.model} is already quantized ({lm.quant.name})")
     if cfg.method == "kd" and lm.model.device.type != "cuda":
-        import sys
-
         print("note: -kd distils on this device; on a CPU that takes hours for SmolLM2-135M "
               "(about 2.5 min on an H100): --device cuda", file=sys.stderr)
-    names = quantize_model(lm.model, cfg, calibration=calibration_for(lm, cfg),
-                           progress=True)
+    names = quantize_model(lm.model, cfg, calibration=calibration_for(lm, cfg), progress=True)
     out = save_quantized(lm, cfg, args.out, force=args.force)
     print(f"quantized {len(names)} linears with {cfg.name}; wrote {out}")
     return 0

@@ -1,6 +1,6 @@
-"""Calibration text for the quantizers that need it (GPTQ, distillation), read here at
-the eval layer and handed to ``quantize_model`` by its caller: the quantizers themselves
-take token ids and know nothing of text sources."""
+"""Calibration text for the quantizers that need it (GPTQ, distillation), read at the eval
+layer and handed to ``quantize_model`` by its caller, so the quantizers take token ids and
+know nothing of text sources."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ CALIBRATION = ("wikitext-2", "pg19-10321")
 
 def calibration_tokens(tokenizer, sources=CALIBRATION, n_tokens: int | None = None,
                        totals: tuple[int, ...] | None = None) -> torch.Tensor:
-    """LongTensor of token ids: ``n_tokens`` (default CALIB_TOKENS), an equal share from
-    the start of each source; then, with ``totals`` (tokens per source, in order), the
-    rest of each source up to its total (distillation's calibration: GPTQ reads its first
-    ``n_tokens``)."""
+    """Token ids: ``n_tokens`` (default CALIB_TOKENS) shared equally by the starts of the
+    sources, then each source's rest up to its ``totals`` entry (distillation's; GPTQ reads
+    the first ``n_tokens``)."""
     n_tokens = n_tokens or CALIB_TOKENS
     per = n_tokens // len(sources)
     totals = totals or (per,) * len(sources)
@@ -39,8 +38,7 @@ def calibration_tokens(tokenizer, sources=CALIBRATION, n_tokens: int | None = No
 
 
 def calibration_for(lm, cfg) -> torch.Tensor | None:
-    """The calibration tokens the recipe ``cfg`` (a QuantConfig) needs for the loaded model
-    ``lm`` (None if it needs none): GPTQ's CALIB_TOKENS, distillation's ``SHARES``."""
+    """The calibration tokens the recipe ``cfg`` needs for the loaded model ``lm``, or None."""
     if cfg.calibrates and lm.tokenizer is None:
         raise ConfigError(f"{cfg.name} calibrates on text and needs the model's tokenizer; "
                           f"{lm.source} has none (use -search or -rtn)")

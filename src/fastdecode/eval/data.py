@@ -1,31 +1,6 @@
-"""Text sources for perplexity: named copies under ``data/``, local files, HF datasets.
-
-A *source* is one string:
-
-- a name: ``wikitext-2`` (WikiText-2 raw, test split, the canonical ``wiki.test.raw``),
-  ``pg19-10146`` / ``pg19-10321`` (PG19 test books; any ``pg19-<id>`` whose
-  ``pg19/<id>.txt`` exists), looked up in the data directory (see :func:`data_dirs`);
-- a local text file (UTF-8, read as is);
-- a local ``.parquet`` / ``.arrow`` / ``.jsonl`` / ``.json`` / ``.csv`` file, or a directory
-  written by ``datasets``' ``save_to_disk``: read with the optional ``datasets`` package
-  (imported only then); rows of ``text_column`` are joined with ``"\\n\\n"`` (the
-  convention of the Hugging Face perplexity examples);
-- ``NAME:CONFIG:SPLIT`` (``wikitext:wikitext-2-raw-v1:test``; CONFIG and SPLIT may be left
-  out): a dataset already in the local ``datasets`` cache ($HF_DATASETS_CACHE, else
-  $HF_HOME/datasets, else ~/.cache/huggingface/datasets), loaded offline: nothing is
-  downloaded.
-
-Where ``data/`` is (first hit wins, each must contain the file asked for):
-
-1. ``$FASTDECODE_DATA`` (a directory laid out like ``data/``);
-2. ``data/`` at the root of the repository this package runs from (``src/``'s sibling,
-   for editable installs and checkouts);
-3. ``../shared/data`` beside that repository (the team's shared copy);
-4. ``./data`` in the current directory.
-
-Tokenised with the model's own tokenizer, without special tokens (``bos=True`` prepends
-the tokenizer's BOS id).
-"""
+"""Text sources for perplexity: named copies under ``data/``, local text and dataset files,
+datasets in the local cache; what a source string may be and where ``data/`` is looked up:
+docs/ppl.md#text-sources---data."""
 
 from __future__ import annotations
 
@@ -36,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FastdecodeError, InputError
+from ..models.weights import hf_cache
 
 
 class DataSourceError(InputError):
@@ -216,11 +192,7 @@ _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]*){0,2}$")
 
 def datasets_cache_dir() -> Path:
     """Where ``datasets`` keeps what it prepared (its own order of variables)."""
-    if os.environ.get("HF_DATASETS_CACHE"):
-        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "datasets"
+    return hf_cache("datasets", "HF_DATASETS_CACHE")
 
 
 def _load_cached_dataset(source: str, column: str, split: str | None) -> TextSource:

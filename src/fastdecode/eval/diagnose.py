@@ -1,35 +1,6 @@
 """NLL diagnosis ("Phase A"): per-token NLL, attention span and eviction events, and how
-much the NLL spikes around the events.
-
-Events come from the cache arithmetic alone (``PPLResult.kv_len``, from
-``KVCache.window_held``): step ``t`` is an *eviction event* when tokens that step ``t-1``
-attended to are no longer visible at step ``t`` (``dropped[t] = kv_len[t-1] + 1 -
-kv_len[t] > 0``). Strict eviction (R = 1) has one event per step once the cache is full;
-lazy eviction (R > 1) one every R steps, dropping R tokens at once; a window without sinks
-first loses the text's initial tokens at its first event.
-
-Spike metrics, for an event at step ``e`` with a horizon of ``after`` steps:
-
-- ``baseline``: mean NLL over the ``before`` steps before ``e``;
-- ``excess(o)``: NLL at step ``e + o`` minus the baseline, ``o = 0 .. after-1``;
-  ``smoothed(o)``: the mean of ``excess`` over ``[o, o + smooth)``;
-- ``peak``: the largest ``smoothed(o)`` (nats), at ``peak_offset``;
-- ``area``: the sum of ``excess(o)`` over the horizon (extra nats·tokens; signed, so noise
-  cancels rather than accumulates);
-- ``width``: the length of the contiguous run of offsets around the peak where
-  ``smoothed`` is at least half the peak (tokens, full width at half maximum);
-  ``persistent`` when that run reaches the end of the horizon, as when a window without
-  sinks loses the initial tokens and never recovers.
-
-With a ``reference`` run on the same tokens (dense attention, say), every "NLL" above is
-the paired difference ``nll - reference`` (see :func:`diagnose`).
-
-Two summaries: ``first_event`` (the first eviction, single event, smoothed), and
-``event_aligned`` for periodic events (lazy eviction): the NLL curves around every event
-averaged first (``after`` capped at the period, ``smooth`` = 1, since the averaging
-already removes the noise; the baseline is the last quarter-period before the event).
-Strict eviction has no isolated events to align on.
-"""
+much the NLL spikes around the events; the events and metrics (baseline, excess, peak,
+area, width, first_event, event_aligned) are defined in docs/ppl.md, Diagnosis."""
 
 from __future__ import annotations
 
@@ -53,11 +24,10 @@ def eviction_events(kv_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _curve_metrics(excess: np.ndarray, smooth: int) -> dict:
-    """peak / area / width of one excess curve (see the module doc)."""
+    """peak / area / width of one excess curve (docs/ppl.md)."""
     h = excess.size
     if h == 0:
-        return {"peak": None, "peak_offset": None, "area": 0.0, "width": 0,
-                "persistent": False}
+        return {"peak": None, "peak_offset": None, "area": 0.0, "width": 0, "persistent": False}
     k = max(1, min(smooth, h))
     csum = np.concatenate(([0.0], np.cumsum(excess)))
     # smoothed(o) = mean(excess[o : o + k]), truncated at the horizon's end
@@ -88,11 +58,8 @@ def spike_at(nll: np.ndarray, e: int, *, before: int, after: int, smooth: int) -
 
 
 def event_aligned(nll: np.ndarray, events: np.ndarray, *, before: int, after: int) -> dict | None:
-    """Metrics of the NLL curve averaged over every event (periodic events only).
-
-    The curve spans ``after`` steps from each event (capped at the period); its baseline is
-    the mean over the last quarter-period before the event (capped at ``before``): the steps
-    furthest from the previous eviction, holding the most context."""
+    """Metrics of the NLL curve averaged over every event (periodic events only); the
+    baseline is the last quarter-period before the event, furthest from the previous one."""
     if events.size < 2:
         return None
     period = int(np.min(np.diff(events)))
@@ -114,14 +81,9 @@ def event_aligned(nll: np.ndarray, events: np.ndarray, *, before: int, after: in
 def diagnose(result: PPLResult | None = None, *, nll=None, kv_len=None, reference=None,
              reference_label: str | None = None, before: int = 256, after: int = 512,
              smooth: int = 32) -> dict:
-    """The diagnosis summary of one evaluation (``result``, or its ``nll`` and ``kv_len``).
-
-    ``reference``: another run's per-token NLL on the same tokens (a PPLResult or an
-    array), e.g. dense attention. The metrics are then taken on the paired difference
-    ``nll - reference``, which removes how hard each token of the text is: before the first
-    eviction a bounded cache sees exactly what dense attention sees, so the difference is
-    0 up to rounding and a spike stands out from it. Without one, the raw NLL is used and
-    the baseline is the text's own recent NLL (noisier: text difficulty drifts)."""
+    """The diagnosis summary of one evaluation (``result``, or its ``nll`` and ``kv_len``);
+    with a ``reference`` run on the same tokens (a PPLResult or an array, e.g. dense), the
+    metrics are taken on ``nll - reference``, which removes how hard each token is."""
     for name, v in (("before", before), ("after", after), ("smooth", smooth)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")

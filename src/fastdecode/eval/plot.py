@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,6 @@ _SINKS = ("tab:blue", "tab:orange", "tab:olive", "tab:gray")
 
 
 def _style(label: str) -> dict:
-    import re
-
     if label == "dense":
         return {"color": "black", "lw": 2.0}
     if label.startswith("recompute"):

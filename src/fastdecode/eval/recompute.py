@@ -1,11 +1,6 @@
-"""Sliding window with re-computation: the quality oracle StreamingLLM compares against.
-
-The prediction at step ``t`` re-encodes, densely from position 0, ``tokens[0 : t+1]`` while
-``t <= S + W``, else ``tokens[0 : S] + tokens[t-W : t+1]``: the keys a strict ``S + W``
-streaming cache lets step ``t`` see, each computed afresh (``S = 0``: the paper's oracle).
-``token`` prefills each context; ``parallel`` takes the prefixes in one dense pass and
-batches the full-length contexts (tests hold the two together).
-"""
+"""Sliding window with re-computation, the quality oracle StreamingLLM compares against:
+each prediction re-encodes densely the tokens a strict ``S + W`` streaming cache lets it
+see (docs/ppl.md, Modes)."""
 
 from __future__ import annotations
 

@@ -69,8 +69,8 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
         state = None
     elif name == "smollm2-135m":
         spec, state, tok = weights.load_gguf(weights.smollm2_gguf_path())
-    elif Path(name).is_dir() and _is_quantized(name):
-        return _load_quantized(name, dtype, dev)
+    elif Path(name).is_dir() and (quantized := _load_quantized(name, dtype, dev)):
+        return quantized
     elif Path(name).suffix == ".gguf":
         spec, state, tok = weights.load_gguf(name)
     elif Path(name).is_dir():
@@ -94,15 +94,12 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
     return LoadedModel(spec, model, tok, source)
 
 
-def _is_quantized(path) -> bool:
-    from ..quant.checkpoint import is_quantized_dir
+def _load_quantized(path: str, dtype: torch.dtype, dev: torch.device) -> LoadedModel | None:
+    """The quantized checkpoint in ``path``; None if ``path`` is not one."""
+    from ..quant.checkpoint import is_quantized_dir, load_quantized_into, read_quantized
 
-    return is_quantized_dir(path)
-
-
-def _load_quantized(path: str, dtype: torch.dtype, dev: torch.device) -> LoadedModel:
-    from ..quant.checkpoint import load_quantized_into, read_quantized
-
+    if not is_quantized_dir(path):
+        return None
     spec, cfg, state, tok_file = read_quantized(path)
     with torch.device("meta"):
         model = Transformer(spec)

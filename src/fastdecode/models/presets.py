@@ -29,11 +29,9 @@ _LLAMA_LIKE = dict(num_kv_heads=2, tie_embeddings=True)  # grouped-query, tied h
 # Shape presets: random weights only (speed does not depend on values).
 SHAPE_PRESETS = {
     "pythia-2.8b": _pythia_2_8b,
-    "pythia-160m": lambda: ModelSpec(
-        family="gpt_neox", vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12,
-        num_kv_heads=12, intermediate_size=3072, rotary_dim=16, rope_theta=10000.0,
-        norm_eps=1e-5, max_position=2048, tie_embeddings=False, bos_token_id=0,
-        eos_token_id=0),
+    "pythia-160m": lambda: _tiny(
+        "gpt_neox", vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12,
+        num_kv_heads=12, intermediate_size=3072, rotary_dim=16, bos_token_id=0, eos_token_id=0),
     "tiny-neox": lambda: _tiny("gpt_neox"),
     "tiny-llama": lambda: _tiny("llama", **_LLAMA_LIKE),
     # Wide enough for every int4 group size (in_features a multiple of 256).

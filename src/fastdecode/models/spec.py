@@ -3,7 +3,7 @@ switches read through properties (``norm``, ``mlp``, ``parallel_residual``, ``ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..errors import ModelLoadError
 from . import families
@@ -51,9 +51,6 @@ class ModelSpec:
     @property
     def has_bias(self) -> bool:
         return self.arch.bias
-
-    def with_(self, **changes) -> ModelSpec:
-        return replace(self, **changes)
 
     def validate(self) -> ModelSpec:
         problems = []

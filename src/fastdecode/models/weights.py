@@ -7,14 +7,17 @@ Reading files is here; what the names and metadata keys mean is the family's
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..errors import ModelLoadError
 from . import families
 from .spec import ModelSpec
@@ -63,16 +66,18 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- Hugging Face hub cache
-def hub_cache_dir() -> Path:
-    """Where huggingface_hub keeps downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else
-    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (its own order)."""
-    import os
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+def hf_cache(sub: str, variable: str) -> Path:
+    """Where Hugging Face keeps ``sub`` (hub, datasets): $variable, else $HF_HOME/sub, else
+    $XDG_CACHE_HOME/huggingface/sub, else ~/.cache/huggingface/sub (its own order)."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable]).expanduser()
     home = os.environ.get("HF_HOME") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "hub"
+    return Path(home).expanduser() / sub
+
+
+def hub_cache_dir() -> Path:
+    return hf_cache("hub", "HF_HUB_CACHE")
 
 
 def is_hub_repo_dir(path: Path) -> bool:
@@ -95,8 +100,7 @@ def hub_snapshot(repo_dir: Path, revision: str | None = None) -> Path:
     hits = [h for h in have if h.startswith(rev)] if len(rev) >= 7 else []
     if len(hits) == 1:
         return snaps / hits[0]
-    refs = sorted(p.name for p in (repo_dir / "refs").glob("*")) if (repo_dir / "refs").is_dir() \
-        else []
+    refs = sorted(p.name for p in (repo_dir / "refs").glob("*"))  # none if there is no refs/
     raise ModelLoadError(f"{repo_dir}: no snapshot for revision {rev!r} (refs: "
                          f"{', '.join(refs) or 'none'}; snapshots: {', '.join(have) or 'none'}); "
                          "give one with --revision")
@@ -171,14 +175,10 @@ def smollm2_gguf_path() -> Path:
 
 
 def _cache_dir() -> Path:
-    import os
-
     return Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
 
 
 def _file_key(path: Path) -> str:
-    import hashlib
-
     st = path.stat()
     return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
@@ -202,8 +202,6 @@ def load_gguf(path: str | Path):
     spec, state = _read_gguf(path)
     try:
         from safetensors.torch import save_file
-
-        from .. import atomic
 
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(cached.with_suffix(".safetensors"), "GGUF cache") as tmp:
@@ -254,20 +252,15 @@ def _read_gguf(path: Path):
 def _gguf_tokenizer(path: Path, spec: ModelSpec) -> Tokenizer:
     """Build the tokenizer from GGUF metadata (via transformers, a few seconds), cached as a
     tokenizer.json next to the user's cache so later loads are instant."""
-    import hashlib
-    import os
-
-    cache_dir = _cache_dir()
     key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:16]
-    cached = cache_dir / f"tokenizer-{key}.json"
+    cached = _cache_dir() / f"tokenizer-{key}.json"
     if not cached.is_file():
         from transformers import AutoTokenizer
 
         hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        hf_tok.backend_tokenizer.save(str(tmp))
-        tmp.replace(cached)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(cached, "GGUF tokenizer cache") as tmp:
+            hf_tok.backend_tokenizer.save(str(tmp))
     return Tokenizer.from_file(cached, spec.eos_token_id, spec.bos_token_id)
 
 
@@ -284,11 +277,7 @@ def random_state(spec: ModelSpec, seed: int = 0, dtype=torch.float32, device="cp
     gen = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for name, shape in shapes.items():
-        if name.endswith(".bias"):
-            t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std
-        elif "norm" in name:
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        else:
-            t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std
-        state[name] = t.to(dtype)
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        is_norm_weight = "norm" in name and not name.endswith(".bias")
+        state[name] = (1.0 + 0.1 * t if is_norm_weight else t * std).to(dtype)
     return state

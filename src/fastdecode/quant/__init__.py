@@ -1,11 +1,6 @@
-"""Weight-only quantization: recipes (config) -> apply (pure function) -> storage modules.
-
-A recipe names the format, the linears it touches and, for int4, how the codes are chosen
-(the stored format is the same): ``int8``, ``int8-mlp``, ``int4-mlp-g128``,
-``int4-g64-gptq``, ``int4-attn-g128-kd+head`` (``+head``: the output head too). int4
-methods: ``search`` (default, data-free), ``rtn``, ``gptq`` and ``kd`` (calibration text;
-quant/gptq.py, quant/distill.py). ``QuantConfig.name`` always says which.
-"""
+"""Weight-only quantization: a recipe (``QuantConfig``, parsed from names such as
+``int4-mlp-g128-gptq``) applied by a pure function that swaps in storage modules
+(recipes and int4 methods: docs/quant.md)."""
 
 from __future__ import annotations
 

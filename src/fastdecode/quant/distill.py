@@ -1,11 +1,7 @@
-"""int4 distillation (recipe suffix ``-kd``): GPTQ, then tuned against the model itself.
-
-GPTQ's per-linear objective stops paying at g128 on the bundled (already 4-bit) SmolLM2,
-so here the objective is the whole model's KL to the unquantized teacher. Only each
-group's scale and zero (rounded straight through to the stored dtype) and one offset per
-code (in [-1, 1], rounded straight through) train; the format is unchanged. Settings
-chosen on the H100: experiments/kd_exp.py, perf/results/h100-kd-exp-*.json, docs/quant.md.
-"""
+"""int4 distillation (recipe suffix ``-kd``): GPTQ, then each group's scale and zero and one
+offset per code tuned against the whole model's KL to the unquantized teacher, because
+GPTQ's per-linear objective stops paying at g128 (docs/quant.md, records
+perf/results/h100-kd-exp-*.json)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""GPTQ for int4 groups (recipe suffix ``-gptq``): scale, zero and codes chosen with
-calibration text, stored as Int4Linear's format.
-
-Per linear it minimises the output error ``tr((W - Ŵ) H (W - Ŵ)ᵀ)``, ``H = E[x xᵀ]`` damped
-by ``DAMP · mean(diag H)``: groups from the diag(H)-weighted search, then ``ROUNDS`` of GPTQ
-(Frantar et al., 2022) with those groups fixed and a least-squares refit of (scale, zero);
-each row keeps its best. The caller passes the calibration tokens
-(``eval.calibration``; docs/quant.md).
-"""
+"""GPTQ for int4 groups (recipe suffix ``-gptq``): scale, zero and codes chosen against
+each linear's input moments on calibration tokens its caller passes, stored as
+Int4Linear's format (the algorithm and its settings: docs/quant.md)."""
 
 from __future__ import annotations
 
@@ -32,11 +26,10 @@ class _PassDone(Exception):  # raised by the hook of a pass's last linear
 
 @torch.no_grad()
 def input_moments(model, names: list[str], tokens: torch.Tensor,
-                  seq_len: int | None = None) -> dict[str, torch.Tensor]:
+                  seq_len: int = CALIB_SEQ) -> dict[str, torch.Tensor]:
     """E[x xᵀ] (float32 [in, in]) of the inputs of the linears ``names`` (in execution
     order) over ``tokens`` in sequences of ``seq_len`` through ``model.forward_batch``; a
     pass stops at the last of them."""
-    seq_len = seq_len or CALIB_SEQ
     if tokens.numel() < seq_len:
         raise ConfigError(f"calibration needs at least {seq_len} tokens, got {tokens.numel()}")
     mods = dict(model.named_modules())
@@ -85,11 +78,8 @@ def moment_batches(model, names: list[str], budget: int = MOMENT_BYTES) -> list[
 
 @torch.no_grad()
 def gptq_int4(w: torch.Tensor, moments: torch.Tensor, group_size: int, *,
-              damp: float | None = None, rounds: int | None = None,
-              param_dtype: torch.dtype | None = None):
+              damp: float = DAMP, rounds: int = ROUNDS, param_dtype: torch.dtype | None = None):
     """w [out, in], moments H [in, in] -> (packed, scale, zero) as ``quantize_int4``."""
-    damp = DAMP if damp is None else damp
-    rounds = ROUNDS if rounds is None else rounds
     out_f, in_f = w.shape
     p, g = padded_width(in_f, group_size), group_size
     dtype = param_dtype or w.dtype

@@ -1,11 +1,6 @@
-"""int4 weight-only linear: asymmetric groups of ``group_size`` along the input dim.
-
-Two codes a byte (low nibble first) and per group a scale and a zero, ``w = (q - 8) * scale
-+ zero``: tinygemm's convention (``_weight_int4pack_mm``), so the CUDA path repacks the same
-numbers. Widths that are not whole groups are padded with zero columns (inputs with zeros),
-which add nothing to any output. The codes come from ``quantize_int4`` (data-free) or
-``quant.gptq.gptq_int4``; the stored format is the same (docs/quant.md).
-"""
+"""int4 weight-only linear: asymmetric groups along the input dim, ``w = (q - 8) * scale +
+zero``, two codes a byte (low nibble first): tinygemm's convention, so the CUDA path repacks
+the same numbers; widths that are not whole groups are padded with zero columns."""
 
 from __future__ import annotations
 
@@ -25,7 +20,6 @@ def padded_width(in_features: int, group_size: int) -> int:
 
 METHODS = ("search", "rtn")
 # The search's starts (min-max range shrunk about its centre) and refinement rounds
-# (docs/quant.md has how they were chosen).
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 REFINE_STEPS = 2
 _CHUNK_ELEMENTS = 1 << 22  # rows are fitted in chunks of about this many weights
@@ -35,11 +29,8 @@ def quantize_int4(w: torch.Tensor, group_size: int, *, method: str = "search",
                   importance: torch.Tensor | None = None,
                   param_dtype: torch.dtype | None = None):
     """w [out, in] -> (packed uint8 [out, p/2], scale, zero [out, p/g] float32), p = in
-    padded to whole groups. ``rtn``: min-max range, nearest codes. ``search``: the least
-    squared error per group (weighted by ``importance`` [in] if given) over the
-    ``SHRINKS`` starts, each refined by alternating least squares; min-max is a candidate,
-    so no group is worse than ``rtn``. Candidates are judged with scale and zero rounded to
-    ``param_dtype`` (default: ``w``'s, what Int4Linear stores)."""
+    padded to whole groups; ``rtn`` or ``search`` (docs/quant.md), errors weighted by
+    ``importance`` [in] and judged with scale and zero rounded to ``param_dtype``."""
     if method not in METHODS:
         raise ConfigError(f"int4 method {method!r} is not one of {METHODS}")
     out_f, in_f = w.shape
@@ -112,6 +103,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)
 
 
+def to_tinygemm(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                inner_k_tiles: int | None = None):
+    """Our int4 storage -> (tinygemm-packed weight, scales_and_zeros [K/g, N, 2] bf16): the
+    same numbers with the even k in the high nibble; ``inner_k_tiles``: the largest that fits."""
+    if inner_k_tiles is None:
+        k = packed.shape[1] * 2
+        inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+    swapped = ((packed << 4) | (packed >> 4)).contiguous()
+    w = torch.ops.aten._convert_weight_to_int4pack(swapped, inner_k_tiles)
+    szs = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+    return w, szs
+
+
 def dequantize_int4(packed, scale, zero, group_size: int) -> torch.Tensor:
     q = unpack_int4(packed).float()
     out_f, in_f = q.shape
@@ -122,7 +126,7 @@ def dequantize_int4(packed, scale, zero, group_size: int) -> torch.Tensor:
 
 class Int4Linear(nn.Module):
     kind = "int4"
-    backend = "reference"  # or "tinygemm" (see quant/kernels.py)
+    backend = "reference"  # or "tinygemm" (CUDA: PyTorch's _weight_int4pack_mm)
     _tinygemm = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, group_size: int,
@@ -171,8 +175,6 @@ class Int4Linear(nn.Module):
         if backend == "tinygemm":
             if not self.weight.is_cuda:
                 raise ConfigError("the tinygemm int4 backend needs the model on CUDA")
-            from .kernels import to_tinygemm
-
             self._tinygemm = to_tinygemm(self.weight, self.scale, self.zero)
         self.backend = backend
 

@@ -26,7 +26,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class Int8Linear(nn.Module):
     kind = "int8"
-    backend = "reference"  # or "inductor" (see quant/kernels.py)
+    backend = "reference"  # or "inductor" (bfloat16: fuses under torch.compile, as torchao)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device=None):
         super().__init__()

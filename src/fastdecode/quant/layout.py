@@ -1,13 +1,5 @@
-"""The model's linears in the layout the fused GEMV reads, as the model's own storage.
-
-Batch-1 decode reads every weight once a token, so fewer, larger GEMVs run closer to the
-memory bandwidth: with GPT-NeoX's parallel residual, ``qkv`` and ``up`` stack by rows and
-``out`` and ``down`` side by side. As gpt-fast's load hook, the stacks become the model's
-canonical storage (:meth:`Transformer.adopt_layout`): one copy in memory, and nothing outside
-the model touches its modules. A layout's tensors are detached, so a later re-stacking
-leaves an earlier layout (and a graph captured over it) intact. Quantized linears stack
-when formats agree; side by side, int8 row scales become group scales (gcd of the widths).
-"""
+"""The model's linears stacked in the layout the fused GEMV reads, adopted as the model's
+own storage so memory holds one copy (docs/quant.md, the fused step's layout)."""
 
 from __future__ import annotations
 
