@@ -834,80 +834,112 @@ def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
 
 @triton.jit
 def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, cpos_ptr,
-                               score_ptr, newer_ptr, free_ptr, layer, NSPLIT, SLOTS, SINK,
-                               RECENT, HQ: tl.constexpr, HKV: tl.constexpr,
-                               D: tl.constexpr, TOVA: tl.constexpr, CACHE_MODE: tl.constexpr,
+                               score_ptr, free_ptr, pkey_ptr, pidx_ptr, layer, NSPLIT, SLOTS,
+                               SINK, RECENT, NT, HQ: tl.constexpr, HKV: tl.constexpr,
+                               D: tl.constexpr, TOVA: tl.constexpr,
                                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                                PDL: tl.constexpr):
-    """The combine of a score-based cache (``ScoredCache._observe_decode``), one program a KV
-    head hk: the outputs of its query heads (as :func:`attn_combine_kernel`), then per slot
-    the probability exp(logit - lse) each query head gave it, from the splits' partials
-    ([BLOCK_H heads, BLOCK_N slots] a tile); scores: H2O adds the sum over the group, TOVA
-    sets the mean over all the layer's heads (0 where nothing is held); then the argmin of
-    (score, text position) over the evictable slots (held, not a sink, not of the
-    ``RECENT`` newest), one min over both packed in an int64 (scores >= 0, so their float
-    bits order as they do; positions < 2**32). When every slot is held (budget + 1), that
-    token is evicted and its slot is ``free`` (the next token's), else the first empty slot
-    is. ``CACHE_MODE``: the held tokens older than the evicted one have one fewer newer."""
+    """The combine of a score-based cache (``ScoredCache._observe_decode``), a grid of (KV
+    head hk, NT slot tiles + G): programs j >= NT write the output of query head
+    hk G + j - NT (as :func:`attn_combine_kernel`); program j < NT takes slots
+    [j BLOCK_N, (j + 1) BLOCK_N): the probability exp(logit - lse) each query head gave
+    them, from the splits' partials; scores: H2O adds the sum over the group, TOVA sets the
+    mean over all the layer's heads (0 where nothing is held); then the tile's least
+    (score, text position) over its evictable slots (held, not a sink, not of the
+    ``RECENT`` newest) packed in an int64 (scores >= 0, so their float bits order as they
+    do; positions < 2**32) into ``pkey`` [layers, HKV, NT], its slot and first empty slot
+    into ``pidx`` [.., 2]: :func:`scored_evict_kernel` picks among the tiles. One tile a
+    program, not a serial loop over all slots per KV head: the loop was latency-bound,
+    ~10 us a layer on the H200 (perf/results/h200-h2o-vs-streaming-dd723c6.json)."""
     _pdl_start(PDL)
-    _pdl_wait(PDL)
     hk = tl.program_id(0)
+    j = tl.program_id(1)
     G: tl.constexpr = HQ // HKV
-    for g in range(G):
-        _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, hk * G + g, NSPLIT, D, BLOCK_S, BLOCK_D)
-    NH: tl.constexpr = HQ if TOVA else G
-    rh = tl.arange(0, BLOCK_H)
-    mh = rh < NH
-    heads = rh + (0 if TOVA else hk * G)
-    rs = tl.arange(0, BLOCK_S)
-    mm = mh[:, None] & (rs < NSPLIT)[None, :]
-    m = tl.load(m_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=-1e30)
-    l_ = tl.load(l_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=0.0)
-    mx = tl.max(m, axis=1)
-    z = tl.where(mh, tl.sum(tl.exp(m - mx[:, None]) * l_, axis=1), 1.0)
-    t = tl.load(t_ptr)
     row = (layer * HKV + hk) * SLOTS
-    big = 9223372036854775807
-    best_k = tl.full((), big, tl.int64)
-    best_i = tl.zeros((), tl.int32)
-    empty = tl.full((), 2147483647, tl.int32)
-    for n0 in range(0, SLOTS, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        mn = rn < SLOTS
-        p = tl.load(cpos_ptr + row + rn, mask=mn, other=-1)
-        held = p >= 0
+    rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < SLOTS  # none for the output programs
+    # before the wait (their latency hidden under the split kernel): the tile's positions
+    # and scores, which this step's launches leave as they were but in the new token's
+    # slot (rope_write's pos = t, score = 0, patched in); the previous step (and its
+    # evict launch, which wrote free) ended before this one's first launch began
+    t = tl.load(t_ptr)
+    slot = tl.load(free_ptr + layer * HKV + hk)
+    p = tl.where(rn == slot, t, tl.load(cpos_ptr + row + rn, mask=mn, other=-1))
+    old = tl.where(rn == slot, 0.0, tl.load(score_ptr + row + rn, mask=mn, other=0.0))
+    _pdl_wait(PDL)
+    if j >= NT:
+        _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, hk * G + j - NT, NSPLIT, D, BLOCK_S,
+                      BLOCK_D)
+    else:
+        NH: tl.constexpr = HQ if TOVA else G
+        rh = tl.arange(0, BLOCK_H)
+        mh = rh < NH
+        heads = rh + (0 if TOVA else hk * G)
+        rs = tl.arange(0, BLOCK_S)
+        mm = mh[:, None] & (rs < NSPLIT)[None, :]
+        m = tl.load(m_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=-1e30)
+        l_ = tl.load(l_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=0.0)
         lg = tl.load(logit_ptr + heads[:, None] * SLOTS + rn[None, :],
                      mask=mh[:, None] & mn[None, :], other=float("-inf"))
+        mx = tl.max(m, axis=1)
+        z = tl.where(mh, tl.sum(tl.exp(m - mx[:, None]) * l_, axis=1), 1.0)
+        held = p >= 0
         pr = tl.sum(tl.exp(lg - mx[:, None]) / z[:, None], axis=0)
         if TOVA:
             new = pr / HQ
         else:
-            new = tl.load(score_ptr + row + rn, mask=mn, other=0.0) + pr
+            new = old + pr
         new = tl.where(held, new, 0.0)
         tl.store(score_ptr + row + rn, new, mask=mn)
+        big = 9223372036854775807
         ev = held & (p >= SINK) & (p <= t - RECENT)
         key = tl.where(ev, (new.to(tl.int32, bitcast=True).to(tl.int64) << 32) | p, big)
         k = tl.min(key, axis=0)
-        i = tl.min(tl.where(key == k, rn, 2147483647), axis=0)
-        take = k < best_k
-        best_k = tl.where(take, k, best_k)
-        best_i = tl.where(take, i, best_i)
-        empty = tl.minimum(empty, tl.min(tl.where(mn & ~held, rn, 2147483647), axis=0))
-    if empty == 2147483647:  # budget + 1 held: evict
-        if CACHE_MODE:
-            best_p = best_k - ((best_k >> 32) << 32)  # its text position
-            for n0 in range(0, SLOTS, BLOCK_N):
-                rn = n0 + tl.arange(0, BLOCK_N)
-                mn = rn < SLOTS
-                p = tl.load(cpos_ptr + row + rn, mask=mn, other=-1)
-                nw = tl.load(newer_ptr + row + rn, mask=mn, other=0)
-                older = (p >= 0) & (p < best_p)
-                tl.store(newer_ptr + row + rn, nw - older.to(nw.dtype), mask=mn)
-        tl.store(cpos_ptr + row + best_i, -1)
-        tl.store(free_ptr + layer * HKV + hk, best_i.to(tl.int64))
-    else:
-        tl.store(free_ptr + layer * HKV + hk, empty.to(tl.int64))
+        o = (layer * HKV + hk) * NT + j
+        tl.store(pkey_ptr + o, k)
+        tl.store(pidx_ptr + 2 * o, tl.min(tl.where(key == k, rn, 2147483647), axis=0))
+        tl.store(pidx_ptr + 2 * o + 1, tl.min(tl.where(mn & ~held, rn, 2147483647), axis=0))
+
+
+@triton.jit
+def scored_evict_kernel(pkey_ptr, pidx_ptr, cpos_ptr, newer_ptr, free_ptr, SLOTS, NT,
+                        CACHE_MODE: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """The eviction of one step, every layer at once, after the last layer (on the side
+    stream, beside the head GEMV): per (layer, KV head) program the least of the NT tiles'
+    (score, position) keys of :func:`attn_combine_scored_kernel` (keys are distinct, so the
+    pick is the serial argmin's: lowest score, then oldest). When every slot is held
+    (budget + 1, no tile has an empty slot) that token's ``pos`` becomes -1 and its slot is
+    ``free`` (the next token's), else the first empty slot is. ``CACHE_MODE``: grid axis 1
+    over ``BLOCK_N`` slot tiles, the held tokens older than the evicted one get one fewer
+    newer (the victim's own count is untouched either way, so no tile waits for the write
+    of its ``pos``)."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    r = tl.program_id(0)  # layer * HKV + hk
+    rt = tl.arange(0, BLOCK_T)
+    mt = rt < NT
+    keys = tl.load(pkey_ptr + r * NT + rt, mask=mt, other=9223372036854775807)
+    idx = tl.load(pidx_ptr + 2 * (r * NT + rt), mask=mt, other=2147483647)
+    empty = tl.min(tl.load(pidx_ptr + 2 * (r * NT + rt) + 1, mask=mt, other=2147483647),
+                   axis=0)
+    k = tl.min(keys, axis=0)
+    best = tl.min(tl.where(keys == k, idx, 2147483647), axis=0)
+    full = empty == 2147483647
+    if CACHE_MODE:
+        if full:
+            best_p = k - ((k >> 32) << 32)  # its text position
+            rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mn = rn < SLOTS
+            p = tl.load(cpos_ptr + r * SLOTS + rn, mask=mn, other=-1)
+            nw = tl.load(newer_ptr + r * SLOTS + rn, mask=mn, other=0)
+            older = (p >= 0) & (p < best_p)
+            tl.store(newer_ptr + r * SLOTS + rn, nw - older.to(nw.dtype), mask=mn)
+    if tl.program_id(1) == 0:
+        if full:
+            tl.store(cpos_ptr + r * SLOTS + best, -1)
+        tl.store(free_ptr + r, tl.where(full, best, empty).to(tl.int64))
 
 
 # ----------------------------------------------------------------------------- greedy

@@ -385,6 +385,17 @@ def argmax(x, tok, pos, opts: FusedOptions) -> None:
                                 num_warps=16 if cuda else 1, **_launch_opts(x, opts))
 
 
+def scored_evict(sc, opts: FusedOptions) -> None:
+    """Every layer's eviction from the scored combine's tiles (kernels.scored_evict_kernel);
+    ``sc``: the step's ``ScoredArgs``."""
+    rows, slots = sc.free.numel(), sc.pos.shape[-1]
+    bn = 1024 if sc.pos.is_cuda else 4
+    kernels.scored_evict_kernel[(rows, triton.cdiv(slots, bn) if sc.cache_mode else 1)](
+        sc.pkey, sc.pidx, sc.pos, sc.newer, sc.free, slots, sc.ntiles,
+        CACHE_MODE=sc.cache_mode, BLOCK_T=triton.next_power_of_2(sc.ntiles), BLOCK_N=bn,
+        num_warps=4 if sc.pos.is_cuda else 1, **_launch_opts(sc.pos, opts))
+
+
 def max_splits(slots: int) -> int:
     return triton.cdiv(slots, MIN_PER)
 
@@ -411,14 +422,12 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
             kernels.attn_combine_kernel[(hq,)](m, l_, acc, out, nsplit, **common,
                                                num_warps=1 if nsplit <= 32 else 4, **launch)
             return
-        # a tile of [heads, slots] per iteration: <= 4096 values, at most 1024 slots
-        bh = triton.next_power_of_2(hq if sc.tova else hq // hkv)
-        kernels.attn_combine_scored_kernel[(hkv,)](
-            m, l_, acc, out, sc.logit, sc.t, sc.pos, sc.score, sc.newer, sc.free, layer,
-            nsplit, slots, sc.sink, sc.recent, HQ=hq, HKV=hkv, TOVA=sc.tova,
-            CACHE_MODE=sc.cache_mode, BLOCK_H=bh,
-            BLOCK_N=max(16, min(1024, 4096 // bh)) if q.is_cuda else 16,
-            num_warps=8 if q.is_cuda else 1, **common, **launch)
+        # (KV heads, slot tiles + the group's output heads): ScoredArgs sizes the tiles
+        kernels.attn_combine_scored_kernel[(hkv, sc.ntiles + hq // hkv)](
+            m, l_, acc, out, sc.logit, sc.t, sc.pos, sc.score, sc.free, sc.pkey, sc.pidx, layer,
+            nsplit, slots, sc.sink, sc.recent, sc.ntiles, HQ=hq, HKV=hkv, TOVA=sc.tova,
+            BLOCK_H=sc.block_h, BLOCK_N=sc.block_n, num_warps=4 if q.is_cuda else 1,
+            **common, **launch)
 
     if not q.is_cuda:
         run((MIN_PER, 16, 1), scored)
@@ -433,4 +442,4 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
 
 __all__ = ["gemv", "Workspace", "parts", "choose", "heuristic", "admissible", "candidates",
            "norm", "cos_sin", "decode_plan", "rope_write", "attention", "argmax", "chosen",
-           "max_splits"]
+           "max_splits", "scored_evict"]
