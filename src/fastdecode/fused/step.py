@@ -134,12 +134,11 @@ class ScoredArgs:
         self.block_n = max(16, min(256, 4096 // self.block_h)) if dev.type == "cuda" else 4
         self.ntiles = -(-cache.slots // self.block_n)
         lay = cache.free.shape
-        self.pkey = torch.empty(*lay, self.ntiles, dtype=torch.int64, device=dev)
+        self.pkey = torch.empty(*lay, self.ntiles + 1, dtype=torch.int64, device=dev)
         self.pidx = torch.empty(*lay, self.ntiles, 2, dtype=torch.int32, device=dev)
 
-    def flags(self, half: bool = False) -> dict:
-        return dict(SCORED=1, CACHE_MODE=self.cache_mode, **({"HALF": self.half} if half
-                                                             else {}))
+    def flags(self) -> dict:  # the split kernel's
+        return dict(SCORED=1, CACHE_MODE=self.cache_mode, HALF=self.half)
 
 
 class FusedStep:

@@ -367,15 +367,11 @@ def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, h
                kv_int8, opts: FusedOptions, scored=None) -> None:
     """``scored``: a score-based cache's :class:`fastdecode.fused.step.ScoredArgs` (then
     ``slot`` is its per-head ``free``), None for the others."""
-    extra = ((scored.t, scored.pos, scored.score, scored.newer) if scored is not None
-             else (slot,) * 4)
-    flags = scored.flags() if scored is not None else {}
-    if scored is not None and scored.cache_mode:  # the newer counts: slots per iteration
-        flags["BLOCK_SL"] = min(triton.next_power_of_2(slots), 1024) if buf.is_cuda else 16
+    extra = (scored.t, scored.pos, scored.score) if scored is not None else (slot,) * 3
     kernels.rope_write_kernel[(hq + hkv,)](
         buf, q, cs, slot, k, v, ks, vs, layer, slots, *extra, HQ=hq, HKV=hkv, D=d, HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
-        num_warps=1, **flags, **_launch_opts(buf, opts))
+        num_warps=1, SCORED=int(scored is not None), **_launch_opts(buf, opts))
 
 
 def argmax(x, tok, pos, opts: FusedOptions) -> None:
@@ -410,11 +406,12 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
     def run(cfg, sc=None):
         per, bn, warps = cfg
         nsplit = triton.cdiv(slots, per)
-        extra = (sc.t, sc.pos, sc.newer, sc.logit, sc.freqs) if sc is not None else (m,) * 5
+        extra = ((sc.t, sc.pos, sc.newer, sc.free, sc.logit, sc.freqs) if sc is not None
+                 else (m,) * 6)
         kernels.attn_split_kernel[(hq, nsplit)](
             q, k, v, ks, vs, mask, m, l_, acc, layer, slots, nsplit, per,
             scale, *extra, HQ=hq, HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8,
-            BLOCK_N=bn, num_warps=warps, **(sc.flags(half=True) if sc is not None else {}),
+            BLOCK_N=bn, num_warps=warps, **(sc.flags() if sc is not None else {}),
             **launch)
         common = dict(D=d, BLOCK_S=triton.next_power_of_2(nsplit),
                       BLOCK_D=triton.next_power_of_2(d))
