@@ -833,19 +833,17 @@ def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, c
                                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                                PDL: tl.constexpr):
-    """The combine of a score-based cache (``ScoredCache._observe_decode``), a grid of (KV
-    head hk, NT slot tiles + G): programs j >= NT write the output of query head
-    hk G + j - NT (as :func:`attn_combine_kernel`); program j < NT takes slots
-    [j BLOCK_N, (j + 1) BLOCK_N): the probability exp(logit - lse) each query head gave
-    them, from the splits' partials; scores: H2O adds the sum over the group, TOVA sets the
-    mean over all the layer's heads (0 where nothing is held); then the tile's least
-    (score, text position) over its evictable slots (held, not a sink, not of the
-    ``RECENT`` newest) packed in an int64 (scores >= 0, so their float bits order as they
-    do; positions < 2**32) into ``pkey`` [layers, HKV, NT + 1] (the last: the new token's
-    slot), its slot and first empty slot into ``pidx`` [.., NT, 2]:
-    :func:`scored_evict_kernel` picks among the tiles. One tile a
-    program, not a serial loop over all slots per KV head: the loop was latency-bound,
-    ~10 us a layer on the H200 (perf/results/h200-h2o-vs-streaming-dd723c6.json)."""
+    """The combine of a score-based cache (``ScoredCache._observe_decode``) on a grid (KV
+    head hk, j < NT + G): j >= NT writes query head hk G + j - NT's output (as
+    :func:`attn_combine_kernel`), j < NT slots [j BLOCK_N, (j + 1) BLOCK_N): each query
+    head's probability exp(logit - lse) from the splits' partials; H2O adds the group's sum
+    to the scores, TOVA sets the mean over the layer's heads (0 where nothing is held);
+    the tile's least (score, text position) over the evictable slots (held, not a sink,
+    not of the ``RECENT`` newest), packed in an int64 (scores >= 0 order as their float
+    bits; positions < 2**32), to ``pkey`` [layers, HKV, NT + 1] (last: the new slot), its
+    slot and first empty slot to ``pidx`` [.., NT, 2], for :func:`scored_evict_kernel`.
+    A tile a program: one program a KV head looping over every slot was latency-bound,
+    ~10 us a layer (perf/results/h200-h2o-vs-streaming-dd723c6.json)."""
     _pdl_start(PDL)
     hk = tl.program_id(0)
     j = tl.program_id(1)
@@ -853,10 +851,9 @@ def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, c
     row = (layer * HKV + hk) * SLOTS
     rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
     mn = rn < SLOTS  # none for the output programs
-    # before the wait (their latency hidden under the split kernel): the tile's positions
-    # and scores, which this step's launches leave as they were but in the new token's
-    # slot (rope_write's pos = t, score = 0, patched in); the previous step (and its
-    # evict launch, which wrote free) ended before this one's first launch began
+    # before the wait, hidden under the split kernel: positions and scores, which this
+    # step changed only in the new slot (rope_write: pos t, score 0, patched in here); the
+    # last step (its evict wrote free) ended before this one's first launch
     t = tl.load(t_ptr)
     slot = tl.load(free_ptr + layer * HKV + hk)
     p = tl.where(rn == slot, t, tl.load(cpos_ptr + row + rn, mask=mn, other=-1))
@@ -866,9 +863,8 @@ def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, c
         _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, hk * G + j - NT, NSPLIT, D, BLOCK_S,
                       BLOCK_D)
     else:
-        NH: tl.constexpr = HQ if TOVA else G
         rh = tl.arange(0, BLOCK_H)
-        mh = rh < NH
+        mh = rh < (HQ if TOVA else G)
         heads = rh + (0 if TOVA else hk * G)
         rs = tl.arange(0, BLOCK_S)
         mm = mh[:, None] & (rs < NSPLIT)[None, :]
@@ -880,11 +876,7 @@ def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, c
         z = tl.where(mh, tl.sum(tl.exp(m - mx[:, None]) * l_, axis=1), 1.0)
         held = p >= 0
         pr = tl.sum(tl.exp(lg - mx[:, None]) / z[:, None], axis=0)
-        if TOVA:
-            new = pr / HQ
-        else:
-            new = old + pr
-        new = tl.where(held, new, 0.0)
+        new = tl.where(held, pr / HQ if TOVA else old + pr, 0.0)
         tl.store(score_ptr + row + rn, new, mask=mn)
         big = 9223372036854775807
         ev = held & (p >= SINK) & (p <= t - RECENT)
@@ -902,15 +894,13 @@ def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, c
 def scored_evict_kernel(pkey_ptr, pidx_ptr, cpos_ptr, newer_ptr, free_ptr, SLOTS, NT,
                         CACHE_MODE: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """The eviction of one step, every layer at once, after the last layer (on the side
-    stream, beside the head GEMV): per (layer, KV head) program the least of the NT tiles'
-    (score, position) keys of :func:`attn_combine_scored_kernel` (keys are distinct, so the
-    pick is the serial argmin's: lowest score, then oldest). When every slot is held
-    (budget + 1, no tile has an empty slot) that token's ``pos`` becomes -1 and its slot is
-    ``free`` (the next token's), else the first empty slot is. ``CACHE_MODE``: grid axis 1
-    over ``BLOCK_N`` slot tiles, ``newer`` as ``ScoredCache`` leaves it: one more for every
-    token held before this step, one fewer for those older than the evicted one, 0 for the
-    new token (the victim counts as held whether or not its ``pos`` reads -1 yet)."""
+    """A step's eviction in every layer, after the last (beside the head GEMV): per (layer,
+    KV head) the least of the tiles' keys (:func:`attn_combine_scored_kernel`; distinct,
+    so the serial argmin's pick: lowest score, then oldest). With every slot held (budget
+    + 1) that token's ``pos`` becomes -1 and its slot ``free``, else the first empty slot
+    is. ``CACHE_MODE`` (grid axis 1: slot tiles): ``newer`` + 1 where held before this
+    step (the victim too, whether its ``pos`` reads -1 yet or not), - 1 where older than
+    the victim, 0 for the new token, as ``ScoredCache`` leaves it."""
     _pdl_start(PDL)
     _pdl_wait(PDL)
     r = tl.program_id(0)  # layer * HKV + hk
@@ -918,10 +908,9 @@ def scored_evict_kernel(pkey_ptr, pidx_ptr, cpos_ptr, newer_ptr, free_ptr, SLOTS
     mt = rt < NT
     keys = tl.load(pkey_ptr + r * (NT + 1) + rt, mask=mt, other=9223372036854775807)
     idx = tl.load(pidx_ptr + 2 * (r * NT + rt), mask=mt, other=2147483647)
-    empty = tl.min(tl.load(pidx_ptr + 2 * (r * NT + rt) + 1, mask=mt, other=2147483647),
-                   axis=0)
     k = tl.min(keys, axis=0)
     best = tl.min(tl.where(keys == k, idx, 2147483647), axis=0)
+    empty = tl.min(tl.load(pidx_ptr + 2 * (r * NT + rt) + 1, mask=mt, other=2147483647), 0)
     full = empty == 2147483647
     if CACHE_MODE:
         best_p = tl.where(full, k - ((k >> 32) << 32), -1)  # the victim's text position

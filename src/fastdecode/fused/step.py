@@ -308,17 +308,16 @@ class FusedStep:
             tune.decode_plan(pos, self.cache, self.model.freqs, self.cs, self.plan_mask,
                              self.plan_slot, self.model.dtype, self.opts)
             return self.plan_mask, self.plan_slot
-        if self.scored is not None and self.cache.position_offset == 0:  # q_pos is pos
-            tune.cos_sin(pos, pos, self.model.freqs, self.cs, self.model.dtype, self.opts)
+        if self.scored is not None:  # the slots: the cache's free [layers, KV heads]
+            off = self.cache.position_offset
+            q = pos + off if off else pos  # plan_decode's q_pos, without a launch at 0
+            tune.cos_sin(q, q, self.model.freqs, self.cs, self.model.dtype, self.opts)
             self.scored.t = pos
             return self.plan_mask, self.scored.free
         plan = self.cache.plan_decode(pos)
         sink_pos = plan.q_pos_sink if plan.q_pos_sink is not None else plan.q_pos
         tune.cos_sin(plan.q_pos, sink_pos, self.model.freqs, self.cs, self.model.dtype,
                      self.opts)
-        if self.scored is not None:  # the slots: the cache's free [layers, KV heads]
-            self.scored.t = pos
-            return self.plan_mask, self.scored.free
         return plan.mask.reshape(-1).view(torch.int8), plan.decode_slot
 
     @torch.no_grad()
