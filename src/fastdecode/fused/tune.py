@@ -389,7 +389,7 @@ def scored_evict(sc, opts: FusedOptions) -> None:
     kernels.scored_evict_kernel[(rows, triton.cdiv(slots, bn) if sc.cache_mode else 1)](
         sc.pkey, sc.pidx, sc.pos, sc.newer, sc.free, slots, sc.ntiles,
         CACHE_MODE=sc.cache_mode, BLOCK_T=triton.next_power_of_2(sc.ntiles), BLOCK_N=bn,
-        num_warps=4 if sc.pos.is_cuda else 1, **_launch_opts(sc.pos, opts))
+        num_warps=4 if sc.pos.is_cuda and sc.cache_mode else 1, **_launch_opts(sc.pos, opts))
 
 
 def max_splits(slots: int) -> int:
