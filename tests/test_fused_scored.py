@@ -100,6 +100,23 @@ def test_fused_scored_int8_kv(tiny_models):
     _run(_model(tiny_models["tiny-llama"]), cfg, cfg.budget + 3, 2, seed=3)
 
 
+@pytest.mark.parametrize("cfg", [TOVAConfig(budget=9, sink=2),
+                                 H2OConfig(heavy=4, recent=2, sink=1, position_mode="cache")],
+                         ids=["tova", "h2o-cache"])
+def test_ties_across_slot_tiles_go_to_the_oldest(tiny_models, cfg):
+    """Queries zeroed: every logit is 0, every held token gets the same probability, so
+    TOVA's scores all tie (and H2O's new ones): the victim is the oldest evictable token,
+    whichever of the combine's slot tiles holds it (the caches span several tiles)."""
+    model = _model(tiny_models["tiny-neox"])
+    D, H = model.spec.head_dim, model.spec.num_heads
+    for layer in model.layers:
+        layer.attn.qkv.weight.data[:H * D] = 0
+        layer.attn.qkv.bias.data[:H * D] = 0
+    from fastdecode.fused import FusedStep
+    assert FusedStep(Decoder.build(model, cfg), OPTS).scored.ntiles > 1 or CUDA
+    _run(model, cfg, cfg.budget + 2, 3, seed=1)
+
+
 def test_streaming_launches_carry_no_score_work(tiny_models):
     """The streaming step keeps its one-launch plan and the plain kernels (SCORED off,
     no logits buffer); a score cache switches its sinks off in the kernels (they are plain

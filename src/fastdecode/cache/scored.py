@@ -21,12 +21,11 @@ scatters the chunk's survivors into free slots (a data-dependent scatter: prefil
 Positions. ``absolute``: keys are stored rotated at their text position (as every cache
 stores them) and used as they are. ``cache`` (the authors' "position rolling": every key at
 its rank among the held keys, the query at its own rank): the distance from the query to a
-held key is then the number of held tokens newer than it, which ``newer`` tracks in O(slots)
-per step; at read time each stored key is rotated once more, by (that distance's target
-position minus its text position), in float64: an extra pass over the layer's keys per step
-(one rotation per slot), acceptable in the eager path; the fused step folds that angle
-into its score computation instead, and does the whole decode step above in its own
-launches on these buffers (:class:`fastdecode.fused.step.ScoredArgs`).
+held key is the number of held tokens newer than it (``newer``, O(slots) a step); at read
+time each stored key is rotated once more, by its target minus its text position, in
+float64 (an extra pass over the keys, in the eager path; the fused step folds that angle
+into its scores and runs this whole decode step, eviction included, in its own launches:
+:class:`fastdecode.fused.step.ScoredArgs`).
 """
 
 from __future__ import annotations
@@ -137,7 +136,9 @@ class ScoredCache(KVCache):
         held = pos >= 0
         score.copy_(torch.where(held, self._new_scores(score, probs), 0.0))
         evictable = held & (pos >= self.sink) & (pos <= t - self.recent)
-        victim = self._argmin(score, pos, evictable)  # [Hkv]
+        s = torch.where(evictable, score, float("inf"))  # the lowest score, then the oldest:
+        lowest = evictable & (s == s.amin(1, keepdim=True))
+        victim = torch.where(lowest, pos, torch.iinfo(torch.long).max).argmin(1)  # [Hkv]
         over = held.sum(1) > self.budget  # [Hkv]; the same for every head
         victim_pos = pos.gather(1, victim[:, None])
         if self.position_mode == "cache":  # older tokens have one fewer newer than them
@@ -145,13 +146,6 @@ class ScoredCache(KVCache):
         pos.scatter_(1, victim[:, None], torch.where(over[:, None], -1, victim_pos))
         first_empty = (~held).to(torch.int8).argmax(1)
         self.free[layer].copy_(torch.where(over, victim, first_empty))
-
-    @staticmethod
-    def _argmin(score: torch.Tensor, pos: torch.Tensor, evictable: torch.Tensor):
-        """Per head, the evictable slot of lowest score, of these the oldest."""
-        s = torch.where(evictable, score, float("inf"))
-        lowest = evictable & (s == s.amin(1, keepdim=True))
-        return torch.where(lowest, pos, torch.iinfo(torch.long).max).argmin(1)
 
     def _read(self, layer: int, target_minus_text: torch.Tensor) -> KV:
         """The layer's stored keys and values; in ``cache`` mode every key rotated once

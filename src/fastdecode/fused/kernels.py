@@ -528,12 +528,10 @@ def _finish(acc, y_ptr, r_ptr, r2_ptr, rows, mrow, seg2, OUT_GAP, HAS_RES: tl.co
 
 @triton.jit
 def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
-                      layer, SLOTS, t_ptr, cpos_ptr, score_ptr, newer_ptr,
-                      HQ: tl.constexpr, HKV: tl.constexpr,
-                      D: tl.constexpr,
-                      HALF: tl.constexpr, HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PDL: tl.constexpr, SCORED: tl.constexpr = 0,
-                      CACHE_MODE: tl.constexpr = 0, BLOCK_SL: tl.constexpr = 16):
+                      layer, SLOTS, t_ptr, cpos_ptr, score_ptr, HQ: tl.constexpr,
+                      HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                      HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PDL: tl.constexpr, SCORED: tl.constexpr = 0):
     """Rotate the new token's queries and keys and store its key/value.
 
     ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
@@ -545,8 +543,8 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
 
     ``SCORED`` (H2O, TOVA: :mod:`fastdecode.cache.scored`): key head h goes to its own slot
     ``slot[layer, h]`` (the cache's ``free``), whose text position becomes t (``t_ptr``) and
-    score 0; with ``CACHE_MODE`` every held token of the head gets one more newer than it
-    (``BLOCK_SL`` slots at a time).
+    score 0 (``cache`` positions: the newer counts are the split kernel's and
+    :func:`scored_evict_kernel`'s).
     """
     _pdl_start(PDL)
     _pdl_wait(PDL)
@@ -577,14 +575,6 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
         if SCORED:
             slot = tl.load(slot_ptr + layer * HKV + h)
             row = (layer * HKV + h) * SLOTS
-            if CACHE_MODE:  # newer += held; newer[slot] = 0 (its old token left)
-                for n0 in range(0, SLOTS, BLOCK_SL):
-                    rn = n0 + tl.arange(0, BLOCK_SL)
-                    mn = rn < SLOTS
-                    held = tl.load(cpos_ptr + row + rn, mask=mn, other=-1) >= 0
-                    nw = tl.load(newer_ptr + row + rn, mask=mn, other=0)
-                    tl.store(newer_ptr + row + rn, tl.where(rn == slot, 0, nw + held.to(nw.dtype)),
-                             mask=mn)
             tl.store(cpos_ptr + row + slot, tl.load(t_ptr))
             tl.store(score_ptr + row + slot, 0.0)
         else:
@@ -690,8 +680,8 @@ def _round(x):
 
 @triton.jit
 def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
-                      layer, SLOTS, NSPLIT, PER, scale, t_ptr, cpos_ptr, newer_ptr, logit_ptr,
-                      freq_ptr,
+                      layer, SLOTS, NSPLIT, PER, scale, t_ptr, cpos_ptr, newer_ptr, free_ptr,
+                      logit_ptr, freq_ptr,
                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       D0: tl.constexpr, D1: tl.constexpr, S: tl.constexpr,
                       KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
@@ -708,7 +698,8 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
     the scaled logits go to ``logit`` [HQ, SLOTS] (-inf where not visible) for
     :func:`attn_combine_scored_kernel`. ``CACHE_MODE`` (their position rolling): the key in
     a slot, stored at its text position p, is scored as if rotated to t - newer (its rank),
-    by rotating the query back by that difference instead (:func:`_rot_dot`).
+    by rotating the query back by that difference instead (:func:`_rot_dot`); ``newer``
+    is the last step's, so every held token but the new one (in ``free``) has one more.
     """
     _pdl_start(PDL)
     _pdl_wait(PDL)
@@ -726,6 +717,7 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
         qp1 = tl.load(q_ptr + h * D + _partner(r1, HALF), mask=(r1 < 2 * HALF) & (r1 < D),
                       other=0.0).to(tl.float32)
         t = tl.load(t_ptr)
+        slot = tl.load(free_ptr + layer * HKV + hk)
     m_i = tl.full((), -1e30, tl.float32)
     l_i = tl.zeros((), tl.float32)
     acc0 = tl.zeros((D0,), tl.float32)
@@ -752,6 +744,7 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
         k1 = k1.to(tl.float32)
         if CACHE_MODE:
             nw = tl.load(newer_ptr + base + rn, mask=mn, other=0)
+            nw = tl.where(rn == slot, 0, nw + vis.to(nw.dtype))
             dl = (t - nw - hp).to(tl.float64)  # the target position minus the text one
             sc = (_rot_dot(q0, qp0, tl.arange(0, D0), dl, k0, freq_ptr, HALF)
                   + _rot_dot(q1, qp1, r1, dl, k1, freq_ptr, HALF))
@@ -834,80 +827,105 @@ def attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NSPLIT, D: tl.constexpr,
 
 @triton.jit
 def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, cpos_ptr,
-                               score_ptr, newer_ptr, free_ptr, layer, NSPLIT, SLOTS, SINK,
-                               RECENT, HQ: tl.constexpr, HKV: tl.constexpr,
-                               D: tl.constexpr, TOVA: tl.constexpr, CACHE_MODE: tl.constexpr,
+                               score_ptr, free_ptr, pkey_ptr, pidx_ptr, layer, NSPLIT, SLOTS,
+                               SINK, RECENT, NT, HQ: tl.constexpr, HKV: tl.constexpr,
+                               D: tl.constexpr, TOVA: tl.constexpr,
                                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                                PDL: tl.constexpr):
-    """The combine of a score-based cache (``ScoredCache._observe_decode``), one program a KV
-    head hk: the outputs of its query heads (as :func:`attn_combine_kernel`), then per slot
-    the probability exp(logit - lse) each query head gave it, from the splits' partials
-    ([BLOCK_H heads, BLOCK_N slots] a tile); scores: H2O adds the sum over the group, TOVA
-    sets the mean over all the layer's heads (0 where nothing is held); then the argmin of
-    (score, text position) over the evictable slots (held, not a sink, not of the
-    ``RECENT`` newest), one min over both packed in an int64 (scores >= 0, so their float
-    bits order as they do; positions < 2**32). When every slot is held (budget + 1), that
-    token is evicted and its slot is ``free`` (the next token's), else the first empty slot
-    is. ``CACHE_MODE``: the held tokens older than the evicted one have one fewer newer."""
+    """The combine of a score-based cache (``ScoredCache._observe_decode``) on a grid (KV
+    head hk, j < NT + G): j >= NT writes query head hk G + j - NT's output (as
+    :func:`attn_combine_kernel`), j < NT slots [j BLOCK_N, (j + 1) BLOCK_N): each query
+    head's probability exp(logit - lse) from the splits' partials; H2O adds the group's sum
+    to the scores, TOVA sets the mean over the layer's heads (0 where nothing is held);
+    the tile's least (score, text position) over the evictable slots (held, not a sink,
+    not of the ``RECENT`` newest), packed in an int64 (scores >= 0 order as their float
+    bits; positions < 2**32), to ``pkey`` [layers, HKV, NT + 1] (last: the new slot), its
+    slot and first empty slot to ``pidx`` [.., NT, 2], for :func:`scored_evict_kernel`.
+    A tile a program: one program a KV head looping over every slot was latency-bound,
+    ~10 us a layer (perf/results/h200-h2o-vs-streaming-dd723c6.json)."""
     _pdl_start(PDL)
-    _pdl_wait(PDL)
     hk = tl.program_id(0)
+    j = tl.program_id(1)
     G: tl.constexpr = HQ // HKV
-    for g in range(G):
-        _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, hk * G + g, NSPLIT, D, BLOCK_S, BLOCK_D)
-    NH: tl.constexpr = HQ if TOVA else G
-    rh = tl.arange(0, BLOCK_H)
-    mh = rh < NH
-    heads = rh + (0 if TOVA else hk * G)
-    rs = tl.arange(0, BLOCK_S)
-    mm = mh[:, None] & (rs < NSPLIT)[None, :]
-    m = tl.load(m_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=-1e30)
-    l_ = tl.load(l_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=0.0)
-    mx = tl.max(m, axis=1)
-    z = tl.where(mh, tl.sum(tl.exp(m - mx[:, None]) * l_, axis=1), 1.0)
-    t = tl.load(t_ptr)
     row = (layer * HKV + hk) * SLOTS
-    big = 9223372036854775807
-    best_k = tl.full((), big, tl.int64)
-    best_i = tl.zeros((), tl.int32)
-    empty = tl.full((), 2147483647, tl.int32)
-    for n0 in range(0, SLOTS, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        mn = rn < SLOTS
-        p = tl.load(cpos_ptr + row + rn, mask=mn, other=-1)
-        held = p >= 0
+    rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < SLOTS  # none for the output programs
+    # before the wait, hidden under the split kernel: positions and scores, which this
+    # step changed only in the new slot (rope_write: pos t, score 0, patched in here); the
+    # last step (its evict wrote free) ended before this one's first launch
+    t = tl.load(t_ptr)
+    slot = tl.load(free_ptr + layer * HKV + hk)
+    p = tl.where(rn == slot, t, tl.load(cpos_ptr + row + rn, mask=mn, other=-1))
+    old = tl.where(rn == slot, 0.0, tl.load(score_ptr + row + rn, mask=mn, other=0.0))
+    _pdl_wait(PDL)
+    if j >= NT:
+        _combine_head(m_ptr, l_ptr, acc_ptr, o_ptr, hk * G + j - NT, NSPLIT, D, BLOCK_S,
+                      BLOCK_D)
+    else:
+        rh = tl.arange(0, BLOCK_H)
+        mh = rh < (HQ if TOVA else G)
+        heads = rh + (0 if TOVA else hk * G)
+        rs = tl.arange(0, BLOCK_S)
+        mm = mh[:, None] & (rs < NSPLIT)[None, :]
+        m = tl.load(m_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=-1e30)
+        l_ = tl.load(l_ptr + heads[:, None] * NSPLIT + rs[None, :], mask=mm, other=0.0)
         lg = tl.load(logit_ptr + heads[:, None] * SLOTS + rn[None, :],
                      mask=mh[:, None] & mn[None, :], other=float("-inf"))
+        mx = tl.max(m, axis=1)
+        z = tl.where(mh, tl.sum(tl.exp(m - mx[:, None]) * l_, axis=1), 1.0)
+        held = p >= 0
         pr = tl.sum(tl.exp(lg - mx[:, None]) / z[:, None], axis=0)
-        if TOVA:
-            new = pr / HQ
-        else:
-            new = tl.load(score_ptr + row + rn, mask=mn, other=0.0) + pr
-        new = tl.where(held, new, 0.0)
+        new = tl.where(held, pr / HQ if TOVA else old + pr, 0.0)
         tl.store(score_ptr + row + rn, new, mask=mn)
+        big = 9223372036854775807
         ev = held & (p >= SINK) & (p <= t - RECENT)
         key = tl.where(ev, (new.to(tl.int32, bitcast=True).to(tl.int64) << 32) | p, big)
         k = tl.min(key, axis=0)
-        i = tl.min(tl.where(key == k, rn, 2147483647), axis=0)
-        take = k < best_k
-        best_k = tl.where(take, k, best_k)
-        best_i = tl.where(take, i, best_i)
-        empty = tl.minimum(empty, tl.min(tl.where(mn & ~held, rn, 2147483647), axis=0))
-    if empty == 2147483647:  # budget + 1 held: evict
-        if CACHE_MODE:
-            best_p = best_k - ((best_k >> 32) << 32)  # its text position
-            for n0 in range(0, SLOTS, BLOCK_N):
-                rn = n0 + tl.arange(0, BLOCK_N)
-                mn = rn < SLOTS
-                p = tl.load(cpos_ptr + row + rn, mask=mn, other=-1)
-                nw = tl.load(newer_ptr + row + rn, mask=mn, other=0)
-                older = (p >= 0) & (p < best_p)
-                tl.store(newer_ptr + row + rn, nw - older.to(nw.dtype), mask=mn)
-        tl.store(cpos_ptr + row + best_i, -1)
-        tl.store(free_ptr + layer * HKV + hk, best_i.to(tl.int64))
-    else:
-        tl.store(free_ptr + layer * HKV + hk, empty.to(tl.int64))
+        o = (layer * HKV + hk) * NT + j
+        tl.store(pkey_ptr + o + layer * HKV + hk, k)  # pkey: [layers, HKV, NT + 1]
+        if j == 0:  # the new token's slot, for the evict launch (which rewrites free)
+            tl.store(pkey_ptr + (layer * HKV + hk + 1) * (NT + 1) - 1, slot)
+        tl.store(pidx_ptr + 2 * o, tl.min(tl.where(key == k, rn, 2147483647), axis=0))
+        tl.store(pidx_ptr + 2 * o + 1, tl.min(tl.where(mn & ~held, rn, 2147483647), axis=0))
+
+
+@triton.jit
+def scored_evict_kernel(pkey_ptr, pidx_ptr, cpos_ptr, newer_ptr, free_ptr, SLOTS, NT,
+                        CACHE_MODE: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """A step's eviction in every layer, after the last (beside the head GEMV): per (layer,
+    KV head) the least of the tiles' keys (:func:`attn_combine_scored_kernel`; distinct,
+    so the serial argmin's pick: lowest score, then oldest). With every slot held (budget
+    + 1) that token's ``pos`` becomes -1 and its slot ``free``, else the first empty slot
+    is. ``CACHE_MODE`` (grid axis 1: slot tiles): ``newer`` + 1 where held before this
+    step (the victim too, whether its ``pos`` reads -1 yet or not), - 1 where older than
+    the victim, 0 for the new token, as ``ScoredCache`` leaves it."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    r = tl.program_id(0)  # layer * HKV + hk
+    rt = tl.arange(0, BLOCK_T)
+    mt = rt < NT
+    keys = tl.load(pkey_ptr + r * (NT + 1) + rt, mask=mt, other=9223372036854775807)
+    idx = tl.load(pidx_ptr + 2 * (r * NT + rt), mask=mt, other=2147483647)
+    k = tl.min(keys, axis=0)
+    best = tl.min(tl.where(keys == k, idx, 2147483647), axis=0)
+    empty = tl.min(tl.load(pidx_ptr + 2 * (r * NT + rt) + 1, mask=mt, other=2147483647), 0)
+    full = empty == 2147483647
+    if CACHE_MODE:
+        best_p = tl.where(full, k - ((k >> 32) << 32), -1)  # the victim's text position
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = rn < SLOTS
+        p = tl.load(cpos_ptr + r * SLOTS + rn, mask=mn, other=-1)
+        nw = tl.load(newer_ptr + r * SLOTS + rn, mask=mn, other=0)
+        held = (p >= 0) | (full & (rn == best))
+        nw += held.to(nw.dtype) - ((p >= 0) & (p < best_p)).to(nw.dtype)
+        new_slot = tl.load(pkey_ptr + r * (NT + 1) + NT)
+        tl.store(newer_ptr + r * SLOTS + rn, tl.where(rn == new_slot, 0, nw), mask=mn)
+    if tl.program_id(1) == 0:
+        if full:
+            tl.store(cpos_ptr + r * SLOTS + best, -1)
+        tl.store(free_ptr + r, tl.where(full, best, empty).to(tl.int64))
 
 
 # ----------------------------------------------------------------------------- greedy

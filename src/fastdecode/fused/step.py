@@ -30,7 +30,7 @@ tensor ops (a cache class that overrides ``plan_decode`` gets those, then a cos/
 launch). Score-based caches (H2O, TOVA) keep their plan on the device: per KV head, the
 slot each layer writes next (chosen by the previous step's eviction) and the held
 positions; steps 2-4 store the token there, keep the logits and, in the combine, update
-the scores and evict (:class:`ScoredArgs`); no extra launch.
+the scores (:class:`ScoredArgs`); one launch after the last layer evicts in every layer.
 The step has ``greedy_step``'s contract (:mod:`fastdecode.compile`): it returns the
 logits (a static buffer) and writes the greedy next token into ``tok`` and ``pos + 1``
 into ``pos``, so it can be captured as one CUDA graph and replayed back to back.
@@ -111,8 +111,10 @@ class ScoredArgs:
     """A score-based cache's (H2O, TOVA: :mod:`fastdecode.cache.scored`) device buffers and
     rule, as the fused kernels take them: rope_write stores the new token in its head's
     ``free`` slot, the split kernel keeps its logits, the scored combine turns them into
-    probabilities (from the log-sum-exp of the splits), updates the scores and evicts by a
-    device-side argmin: the same launches as the other caches, one CUDA graph."""
+    probabilities (from the log-sum-exp of the splits) and updates the scores, a tile of
+    ``block_n`` slots a program, each tile keeping its eviction candidate (``pkey``,
+    ``pidx``); after the last layer one launch picks every layer's victim and next ``free``
+    (``tune.scored_evict``): one CUDA graph, no host sync."""
 
     def __init__(self, cache, num_heads: int, freqs: torch.Tensor):
         self.pos, self.score, self.newer, self.free = cache.pos, cache.score, cache.newer, \
@@ -122,13 +124,21 @@ class ScoredArgs:
         self.cache_mode = int(cache.position_mode == "cache")
         self.freqs = cache.freqs if self.cache_mode else freqs  # float64 [rotary_dim / 2]
         self.half = self.freqs.numel()
-        self.logit = torch.empty(num_heads, cache.slots, dtype=torch.float32,
-                                 device=cache.pos.device)
+        dev = cache.pos.device
+        self.logit = torch.empty(num_heads, cache.slots, dtype=torch.float32, device=dev)
         self.t: torch.Tensor | None = None  # the step's position buffer (set per call)
+        # [heads, slots] tiles of <= 4096 values, <= 256 slots (the interpreter: 4, so the
+        # tests' tiny caches span several tiles)
+        nh = num_heads if self.tova else num_heads // cache.num_kv_heads  # heads a tile
+        self.block_h = 1 << (nh - 1).bit_length()
+        self.block_n = max(16, min(256, 4096 // self.block_h)) if dev.type == "cuda" else 4
+        self.ntiles = -(-cache.slots // self.block_n)
+        lay = cache.free.shape
+        self.pkey = torch.empty(*lay, self.ntiles + 1, dtype=torch.int64, device=dev)
+        self.pidx = torch.empty(*lay, self.ntiles, 2, dtype=torch.int32, device=dev)
 
-    def flags(self, half: bool = False) -> dict:
-        return dict(SCORED=1, CACHE_MODE=self.cache_mode, **({"HALF": self.half} if half
-                                                             else {}))
+    def flags(self) -> dict:  # the split kernel's
+        return dict(SCORED=1, CACHE_MODE=self.cache_mode, HALF=self.half)
 
 
 class FusedStep:
@@ -298,13 +308,16 @@ class FusedStep:
             tune.decode_plan(pos, self.cache, self.model.freqs, self.cs, self.plan_mask,
                              self.plan_slot, self.model.dtype, self.opts)
             return self.plan_mask, self.plan_slot
+        if self.scored is not None:  # the slots: the cache's free [layers, KV heads]
+            off = self.cache.position_offset
+            q = pos + off if off else pos  # plan_decode's q_pos, without a launch at 0
+            tune.cos_sin(q, q, self.model.freqs, self.cs, self.model.dtype, self.opts)
+            self.scored.t = pos
+            return self.plan_mask, self.scored.free
         plan = self.cache.plan_decode(pos)
         sink_pos = plan.q_pos_sink if plan.q_pos_sink is not None else plan.q_pos
         tune.cos_sin(plan.q_pos, sink_pos, self.model.freqs, self.cs, self.model.dtype,
                      self.opts)
-        if self.scored is not None:  # the slots: the cache's free [layers, KV heads]
-            self.scored.t = pos
-            return self.plan_mask, self.scored.free
         return plan.mask.reshape(-1).view(torch.int8), plan.decode_slot
 
     @torch.no_grad()
@@ -313,8 +326,13 @@ class FusedStep:
         torch.index_select(self.model.embed.weight, 0, tok, out=self.x.view(1, -1))
         for i, lw in enumerate(self.layers):
             self._layer(i, lw, mask, slot)
+        if self.scored is not None:  # every layer's eviction, beside the head GEMV
+            with self._fork():
+                tune.scored_evict(self.scored, self.opts)
         self._gemv(self.head, y=self.logits, **self._normed(self.final_norm, self.head)[0])
         tune.argmax(self.logits, tok, pos, self.opts)  # tok = argmax, pos += 1
+        if self.scored is not None:
+            self._join()
         return self.logits
 
 

@@ -310,16 +310,13 @@ def decode_plan(pos, cache, freqs, cs, mask, slot, dtype, opts: FusedOptions) ->
 
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
                kv_int8, opts: FusedOptions, scored=None) -> None:
-    """``scored``: a score-based cache's ``step.ScoredArgs`` (``slot``: its ``free``)."""
-    extra = ((scored.t, scored.pos, scored.score, scored.newer) if scored is not None
-             else (slot,) * 4)
-    flags = scored.flags() if scored is not None else {}
-    if scored is not None and scored.cache_mode:  # the newer counts: slots per iteration
-        flags["BLOCK_SL"] = min(triton.next_power_of_2(slots), 1024) if buf.is_cuda else 16
+    """``scored``: a score-based cache's ``step.ScoredArgs`` (then ``slot`` is its per-head
+    ``free``), None for the others."""
+    extra = (scored.t, scored.pos, scored.score) if scored is not None else (slot,) * 3
     kernels.rope_write_kernel[(hq + hkv,)](
         buf, q, cs, slot, k, v, ks, vs, layer, slots, *extra, HQ=hq, HKV=hkv, D=d, HALF=half,
         HAS_SINK=has_sink, KV_INT8=kv_int8, BLOCK_D=triton.next_power_of_2(d),
-        num_warps=1, **flags, **_launch_opts(buf, opts))
+        num_warps=1, SCORED=int(scored is not None), **_launch_opts(buf, opts))
 
 
 def argmax(x, tok, pos, opts: FusedOptions) -> None:
@@ -327,6 +324,17 @@ def argmax(x, tok, pos, opts: FusedOptions) -> None:
     cuda = x.is_cuda
     kernels.argmax_kernel[(1,)](x, tok, pos, x.numel(), BLOCK=8192 if cuda else 1024,
                                 num_warps=16 if cuda else 1, **_launch_opts(x, opts))
+
+
+def scored_evict(sc, opts: FusedOptions) -> None:
+    """Every layer's eviction from the scored combine's tiles (kernels.scored_evict_kernel);
+    ``sc``: the step's ``ScoredArgs``."""
+    rows, slots = sc.free.numel(), sc.pos.shape[-1]
+    bn = 1024 if sc.pos.is_cuda else 4
+    kernels.scored_evict_kernel[(rows, triton.cdiv(slots, bn) if sc.cache_mode else 1)](
+        sc.pkey, sc.pidx, sc.pos, sc.newer, sc.free, slots, sc.ntiles,
+        CACHE_MODE=sc.cache_mode, BLOCK_T=triton.next_power_of_2(sc.ntiles), BLOCK_N=bn,
+        num_warps=4 if sc.pos.is_cuda and sc.cache_mode else 1, **_launch_opts(sc.pos, opts))
 
 
 def max_splits(slots: int) -> int:
@@ -342,11 +350,12 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
     def run(cfg, sc=None):
         per, bn, warps = cfg
         nsplit = triton.cdiv(slots, per)
-        extra = (sc.t, sc.pos, sc.newer, sc.logit, sc.freqs) if sc is not None else (m,) * 5
+        extra = ((sc.t, sc.pos, sc.newer, sc.free, sc.logit, sc.freqs) if sc is not None
+                 else (m,) * 6)
         kernels.attn_split_kernel[(hq, nsplit)](
             q, k, v, ks, vs, mask, m, l_, acc, layer, slots, nsplit, per,
             scale, *extra, HQ=hq, HKV=hkv, D=d, D0=d0, D1=d1, S=sink, KV_INT8=kv_int8,
-            BLOCK_N=bn, num_warps=warps, **(sc.flags(half=True) if sc is not None else {}),
+            BLOCK_N=bn, num_warps=warps, **(sc.flags() if sc is not None else {}),
             **launch)
         common = dict(D=d, BLOCK_S=triton.next_power_of_2(nsplit),
                       BLOCK_D=triton.next_power_of_2(d))
@@ -354,14 +363,12 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
             kernels.attn_combine_kernel[(hq,)](m, l_, acc, out, nsplit, **common,
                                                num_warps=1 if nsplit <= 32 else 4, **launch)
             return
-        # a tile of [heads, slots] per iteration: <= 4096 values, at most 1024 slots
-        bh = triton.next_power_of_2(hq if sc.tova else hq // hkv)
-        kernels.attn_combine_scored_kernel[(hkv,)](
-            m, l_, acc, out, sc.logit, sc.t, sc.pos, sc.score, sc.newer, sc.free, layer,
-            nsplit, slots, sc.sink, sc.recent, HQ=hq, HKV=hkv, TOVA=sc.tova,
-            CACHE_MODE=sc.cache_mode, BLOCK_H=bh,
-            BLOCK_N=max(16, min(1024, 4096 // bh)) if q.is_cuda else 16,
-            num_warps=8 if q.is_cuda else 1, **common, **launch)
+        # (KV heads, slot tiles + the group's output heads): ScoredArgs sizes the tiles
+        kernels.attn_combine_scored_kernel[(hkv, sc.ntiles + hq // hkv)](
+            m, l_, acc, out, sc.logit, sc.t, sc.pos, sc.score, sc.free, sc.pkey, sc.pidx, layer,
+            nsplit, slots, sc.sink, sc.recent, sc.ntiles, HQ=hq, HKV=hkv, TOVA=sc.tova,
+            BLOCK_H=sc.block_h, BLOCK_N=sc.block_n, num_warps=4 if q.is_cuda else 1,
+            **common, **launch)
 
     if not q.is_cuda:
         run((MIN_PER, 16, 1), scored)
@@ -376,4 +383,4 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
 
 __all__ = ["gemv", "Workspace", "parts", "choose", "heuristic", "admissible", "candidates",
            "norm", "cos_sin", "decode_plan", "rope_write", "attention", "argmax", "chosen",
-           "max_splits"]
+           "max_splits", "scored_evict"]
