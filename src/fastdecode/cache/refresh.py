@@ -190,6 +190,21 @@ class RefreshCache(KVCache):
         if self.score is not None:
             self.score.zero_()
 
+    def _state(self) -> list[torch.Tensor]:
+        st = self.storage
+        kv = [st.k, st.v] + ([st.k_scale, st.v_scale] if st.k.dtype == torch.int8 else [])
+        return kv + [self.rpos] + ([self.score] if self.score is not None else [])
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """The whole state, K/V included: compile.CompiledStep restores it after each
+        warm-up before a graph capture. A warm-up's write can land on a refresh candidate's
+        ring slot (read by the same step's refresh) and adds its scores."""
+        return [x.clone() for x in self._state()]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for x, saved in zip(self._state(), snap):
+            x.copy_(saved)
+
     # ----- introspection (host side) ----------------------------------------------------
     def held_by_head(self, t: int) -> list[list[list[int]]]:
         """Text positions held after ``t`` tokens, ascending, per layer and KV head."""
