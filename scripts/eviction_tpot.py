@@ -5,7 +5,7 @@ it; compile.resolve_kernels), and recompute as the time of re-encoding its B + 1
 (one flash prefill from an empty dense cache per token, median of ``--rounds``). One
 record, rows (policy, budget, tpot_ms, path) for the study's TPOT-PPL table and plot::
 
-    python scripts/eviction_tpot.py --json perf/results/eviction/h200-eviction-tpot.json
+    python scripts/eviction_tpot.py --json OUT/h200-eviction-tpot.json
 
 ``--refresh-budgets`` limits refresh (one torch.compile per row, ~tens of seconds each).
 CPU check at toy sizes: ``--model tiny-llama --device cpu --compile none``.

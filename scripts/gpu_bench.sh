@@ -51,7 +51,7 @@
 #                                      # GGUF halves: stage first; else random weights into
 #                                      # /tmp/fd, a check), PG19 10146 + 10321, 8,192 tokens,
 #                                      # fp32 + bf16, budgets 256..2048 (scripts/eviction_study.py,
-#                                      # resumable: records already in perf/results/eviction are
+#                                      # resumable: records already in perf/results are
 #                                      # skipped), then TPOT per policy and budget on Pythia
 #                                      # shapes (scripts/eviction_tpot.py); ONE tar of the
 #                                      # records under $OUT. EVICTION_ARGS / EVICTION_TPOT_ARGS
@@ -178,7 +178,7 @@ elif [ "$PHASE" = h2o ]; then
     --random-weights --dtype bfloat16 --device cuda --json "$OUT/$CLASS-h2o-team.json"
   echo "bench h2o-team rc=$?"
 elif [ "$PHASE" = eviction ]; then
-  if join_gguf; then EV=${EVICTION_OUT:-perf/results/eviction}; M=(--model /tmp/fd/smollm2.gguf)
+  if join_gguf; then EV=${EVICTION_OUT:-perf/results}; M=(--model /tmp/fd/smollm2.gguf)
   else EV=${EVICTION_OUT:-/tmp/fd/eviction-random}; M=(--random-weights); fi
   mkdir -p "$EV"
   # recompute (B + 1 tokens re-encoded per token) in bf16 only; fp32 would not fit (docs/eviction.md)
@@ -190,8 +190,8 @@ elif [ "$PHASE" = eviction ]; then
     --json "$EV/$CLASS-eviction-tpot.json" ${EVICTION_TPOT_ARGS:-}
   echo "eviction tpot rc=$?"
   python3 scripts/eviction_study.py --report-only --out "$EV" --plot "$OUT/eviction-ppl.png" | tail -40
-  tar czf "$OUT/$CLASS-eviction.tar.gz" -C "$(dirname "$EV")" "$(basename "$EV")"
-  echo "bundle: $OUT/$CLASS-eviction.tar.gz ($(ls "$EV" | wc -l) files)"
+  (cd "$EV" && tar czf "$OUT/$CLASS-eviction.tar.gz" ./*-eviction-*.json)  # only the study's
+  echo "bundle: $OUT/$CLASS-eviction.tar.gz ($(tar tzf "$OUT/$CLASS-eviction.tar.gz" | wc -l) records)"
 elif [ "$PHASE" = kd ]; then
   # KD_RECIPES: comma-separated (default int4-mlp-g128-kd)
   join_gguf || exit 3

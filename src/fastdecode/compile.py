@@ -40,10 +40,8 @@ def greedy_step(decoder, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def forced_step(inner: Callable, text: torch.Tensor, nll: torch.Tensor, tok: torch.Tensor,
                 pos: torch.Tensor) -> torch.Tensor:
-    """Teacher forcing for token-by-token perplexity (eval.ppl): ``tok`` is read from the
-    device text at ``pos``, ``inner`` (greedy_step's contract) runs the step, and the NLL of
-    ``text[pos + 1]`` goes into ``nll[pos]`` on the device: no host sync, so it is captured
-    as one CUDA graph like the greedy step."""
+    """Teacher forcing (eval.ppl's token method): ``tok = text[pos]``, ``inner`` (greedy_step's
+    contract), then the NLL of ``text[pos + 1]`` into ``nll[pos]``: no host sync, graphable."""
     tok.copy_(text[pos])
     logits = inner(tok, pos)  # pos is t + 1 from here
     target = text[pos]
@@ -156,8 +154,7 @@ class CompiledStep:
 
     def __init__(self, decoder, mode: str = "none", gemv: str = "auto", warmup: int = 3,
                  kernels: str = "auto", options=None, forced=None):
-        """``forced``: (text int64 [N + 1], nll float32 [N]) on the device: every step is
-        :func:`forced_step` over them instead of greedy (token-by-token perplexity)."""
+        """``forced``: (text int64 [N + 1], nll float32 [N]): :func:`forced_step` steps."""
         CompileConfig(mode, kernels)  # validates the mode
         wrap = ((lambda f: functools.partial(forced_step, f, *forced)) if forced is not None
                 else (lambda f: f))

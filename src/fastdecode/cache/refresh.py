@@ -196,9 +196,8 @@ class RefreshCache(KVCache):
         return kv + [self.rpos] + ([self.score] if self.score is not None else [])
 
     def snapshot(self) -> list[torch.Tensor]:
-        """The whole state, K/V included: compile.CompiledStep restores it after each
-        warm-up before a graph capture. A warm-up's write can land on a refresh candidate's
-        ring slot (read by the same step's refresh) and adds its scores."""
+        """All state, K/V too, for the warm-ups of a graph capture (compile.CompiledStep): a
+        warm-up adds scores and may overwrite a refresh candidate's ring slot."""
         return [x.clone() for x in self._state()]
 
     def restore(self, snap: list[torch.Tensor]) -> None:

@@ -7,11 +7,9 @@ A budget ``B`` is the tokens held between steps (the query sees ``B + 1``): stre
 ``B/2`` recent (the authors': no sinks), TOVA ``B``, and refresh ``4 + W + R`` with ``R``
 in ``B/4`` and ``B/16`` refreshed tokens, refilled every ``2R`` tokens, chosen uniformly
 or by score. ``run`` writes ``<out>/<class>-eviction-<book>-<tokens>-<dtype>-<label>.json``
-(``<class>``: ``cpu``, or the GPU's class, e.g. ``h200``; atomically, fastdecode.atomic) and
-skips every configuration whose record exists, so an interrupted study resumes with
-nothing finished lost or recomputed. H2O/TOVA run token by token, on CUDA as one CUDA graph
-per step with no host sync (eval.ppl._token_steps); TPOT rows (``tpot_rows``, measured by
-scripts/eviction_tpot.py on Pythia-2.8B shapes) put each point on a TPOT-PPL plot.
+(``<class>``: ``cpu`` or the GPU's, e.g. ``h200``; atomically) and skips every configuration
+whose record exists, so an interrupted study loses nothing finished. A TPOT record
+(scripts/eviction_tpot.py, Pythia-2.8B shapes) adds TPOT to the table and plot.
 """
 
 from __future__ import annotations
@@ -83,10 +81,9 @@ def run(lm, specs: list[EvalSpec], *, books: Iterable[str], tokens: int, out: Pa
         dtype: str, log: Callable[[str], None] = print, progress: bool = True,
         model_name: str = "smollm2-135m", deadline: float | None = None,
         ids_for: Callable | None = None, prefix: str | None = None) -> list[Path]:
-    """Evaluate every (book, spec) without a record yet; return every record's path.
-    ``deadline`` (time.monotonic): start no configuration after it (the rest stay to a
-    resumed run); ``ids_for(book)``: (ids, data) instead of tokenizing the book; ``prefix``:
-    the records' device class (default: the model's, :func:`device_prefix`)."""
+    """Evaluate every (book, spec) without a record yet; return every record's path. None
+    starts after ``deadline`` (time.monotonic); ``ids_for(book)``: (ids, data) instead of
+    the book's tokens; ``prefix``: the records' class (default :func:`device_prefix`)."""
     from .record import write_json
     from .run import prepare_tokens, run_one, summary_line
 
@@ -97,11 +94,10 @@ def run(lm, specs: list[EvalSpec], *, books: Iterable[str], tokens: int, out: Pa
         for spec in specs:
             path = record_path(out, book, tokens, dtype, spec, prefix)
             paths.append(path)
-            if path.exists():
-                log(f"{book} {spec.label}: done before ({path.name})")
-                continue
-            if deadline is not None and time.monotonic() > deadline:
-                log(f"{book} {spec.label}: past the time limit, left for a resumed run")
+            done = path.exists()
+            if done or (deadline is not None and time.monotonic() > deadline):
+                log(f"{book} {spec.label}: " + (f"done before ({path.name})" if done else
+                                                "past the time limit, left for a resumed run"))
                 continue
             result, record = run_one(lm, ids, data, spec, model_name=model_name,
                                      progress=progress,

@@ -289,13 +289,10 @@ STEPS = ("auto", "none", "default", "graphs")  # auto: graphs on CUDA, else none
 
 def _token_steps(dec: Decoder, ids: torch.Tensor, nll: torch.Tensor, step: str, bar,
                  kernels: str = "auto") -> dict:
-    """Method ``token``: every step teacher-forced on the device (compile.forced_step: the
-    input token read from ``ids`` at the step's position, its target's NLL stored into
-    ``nll``), so the loop never syncs. ``step`` is the compile mode: ``graphs`` (``auto`` on
-    CUDA) captures it as one CUDA graph, of the fused step where the cache runs there, else
-    torch.compile's (compile.resolve_kernels); ``none`` (``auto`` on the CPU) is
-    Decoder.eager_step, the same arithmetic as ``Decoder.step`` and a cross_entropy per
-    token (tests/test_eval_fast.py holds them equal)."""
+    """Method ``token``, teacher-forced on the device (compile.forced_step), no host sync:
+    ``step`` ``graphs`` (``auto`` on CUDA) is one CUDA graph a step (the fused step where
+    the cache runs there), ``none`` (``auto`` on the CPU) the eager step
+    (tests/test_eval_fast.py holds them to ``Decoder.step`` + cross_entropy)."""
     from ..compile import CompiledStep
 
     if step == "auto":
@@ -303,9 +300,8 @@ def _token_steps(dec: Decoder, ids: torch.Tensor, nll: torch.Tensor, step: str, 
     run = CompiledStep(dec, step, kernels=kernels, forced=(ids, nll))
     n = nll.numel()
     for s in range(0, n, 256):  # in pieces, for the progress bar (no sync)
-        e = min(s + 256, n)
-        run.greedy(ids[s:s + 1], e - s, record=False)
-        bar.update(e - s)
+        run.greedy(ids[s:s + 1], min(256, n - s), record=False)
+        bar.update(min(256, n - s))
     return {"step": step if step == "none" else f"{step}:{run.kernels}"}
 
 
