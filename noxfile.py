@@ -165,8 +165,9 @@ def size(session: nox.Session) -> None:
 @nox.session
 def eviction_study(session: nox.Session) -> None:
     """PPL of every eviction policy at equal cache budgets (SmolLM2-135M, PG19), one
-    record per configuration under perf/results/ (skipped when it exists), then the
-    table and docs/eviction-ppl.png. Arguments after ``--`` go to the script."""
+    record per configuration under perf/results/ (skipped when it exists), then
+    the table and docs/eviction-ppl.png. Arguments after ``--`` go to the script (e.g.
+    ``--device cuda --dtypes float32 bfloat16``; on the GPU machine: gpu_bench.sh eviction)."""
     _install(session)
     args = session.posargs or ["--budgets", "256", "512", "1024", "2048", "--tokens", "8192"]
     session.run("python", "scripts/eviction_study.py", *args, env=_env())

@@ -47,6 +47,15 @@
 #                                      # shapes, fused graphs, one process: streaming 4+2048
 #                                      # vs H2O 4+1024+1024 in bf16, int8, int4-mlp-g128
 #                                      # (target H2O <= 1.05x); the h2o-team bench preset
+#   bash scripts/gpu_bench.sh eviction # issues 20/23: the eviction Pareto study on SmolLM2 (both
+#                                      # GGUF halves: stage first; else random weights into
+#                                      # /tmp/fd, a check), PG19 10146 + 10321, 8,192 tokens,
+#                                      # fp32 + bf16, budgets 256..2048 (scripts/eviction_study.py,
+#                                      # resumable: records already in perf/results are
+#                                      # skipped), then TPOT per policy and budget on Pythia
+#                                      # shapes (scripts/eviction_tpot.py); ONE tar of the
+#                                      # records under $OUT. EVICTION_ARGS / EVICTION_TPOT_ARGS
+#                                      # add to (override) each script's options
 #   bash scripts/gpu_bench.sh suite    # SmolLM2 (real weights) graphed vs eager in float32 and
 #                                      # bf16, then `nox -s gpu` (gpu tests + the perf suite
 #                                      # with PPL, history saved) and `nox -s compare`;
@@ -168,6 +177,21 @@ elif [ "$PHASE" = h2o ]; then
   timeout 150 python3 -m fastdecode.cli bench --preset h2o-team --model pythia-2.8b \
     --random-weights --dtype bfloat16 --device cuda --json "$OUT/$CLASS-h2o-team.json"
   echo "bench h2o-team rc=$?"
+elif [ "$PHASE" = eviction ]; then
+  if join_gguf; then EV=${EVICTION_OUT:-perf/results}; M=(--model /tmp/fd/smollm2.gguf)
+  else EV=${EVICTION_OUT:-/tmp/fd/eviction-random}; M=(--random-weights); fi
+  mkdir -p "$EV"
+  # recompute (B + 1 tokens re-encoded per token) in bf16 only; fp32 would not fit (docs/eviction.md)
+  FASTDECODE_TUNE=0 timeout ${EVICTION_TIMEOUT:-330} python3 scripts/eviction_study.py "${M[@]}" \
+    --device cuda --no-progress --dtypes float32 bfloat16 --recompute-dtypes bfloat16 \
+    --time-limit ${EVICTION_TIME_LIMIT:-290} --out "$EV" --plot "$OUT/eviction-ppl.png" ${EVICTION_ARGS:-}
+  echo "eviction study rc=$?"
+  timeout ${EVICTION_TPOT_TIMEOUT:-240} python3 scripts/eviction_tpot.py \
+    --json "$EV/$CLASS-eviction-tpot.json" ${EVICTION_TPOT_ARGS:-}
+  echo "eviction tpot rc=$?"
+  python3 scripts/eviction_study.py --report-only --out "$EV" --plot "$OUT/eviction-ppl.png" | tail -40
+  (cd "$EV" && tar czf "$OUT/$CLASS-eviction.tar.gz" ./*-eviction-*.json)  # only the study's
+  echo "bundle: $OUT/$CLASS-eviction.tar.gz ($(tar tzf "$OUT/$CLASS-eviction.tar.gz" | wc -l) records)"
 elif [ "$PHASE" = kd ]; then
   # KD_RECIPES: comma-separated (default int4-mlp-g128-kd)
   join_gguf || exit 3

@@ -136,16 +136,22 @@ def test_study_configs_resume_and_table(monkeypatch, tmp_path):
     monkeypatch.setattr(run_mod, "prepare_tokens", lambda lm, book, n: ([1, 2], {}))
     monkeypatch.setattr(run_mod, "run_one", fake_run_one)
     paths = eviction.run(None, specs[:3], books=["book"], tokens=8, out=tmp_path,
-                         dtype="float32", log=lambda s: None)
+                         dtype="float32", log=lambda s: None, prefix="cpu")
     assert len(ran) == 3 and all(p.exists() for p in paths)
     eviction.run(None, specs[:4], books=["book"], tokens=8, out=tmp_path, dtype="float32",
-                 log=lambda s: None)
+                 log=lambda s: None, prefix="cpu")
     assert len(ran) == 4  # the first three were kept, only the new one ran
     table = eviction.table(eviction.load_records(paths + [eviction.record_path(
         tmp_path, "book", 8, "float32", specs[3])]))
-    assert "| streaming | 11.00 |" in table and "refresh uniform R=64/128" in table
+    assert "| streaming | 11.00 |" in table and "refresh uniform R=B/4" in table
+    # with a TPOT record (scripts/eviction_tpot.py): a TPOT column per budget
+    tpot = {"rows": [{"policy": "streaming", "budget": 256, "tpot_ms": 1.5},
+                     {"policy": "h2o", "budget": 256, "tpot_ms": None}]}
+    with_tpot = eviction.table(eviction.load_records(paths), tpot)
+    assert "| TPOT 256 |" in with_tpot and "| streaming | 11.00 | 1.500 |" in with_tpot
     pytest.importorskip("matplotlib")
     assert eviction.plot(eviction.load_records(paths), tmp_path / "p.png").stat().st_size
+    assert eviction.plot(eviction.load_records(paths), tmp_path / "q.png", tpot).stat().st_size
 
 
 def test_every_registry_ppl_cache_is_evaluated_as_itself():

@@ -175,3 +175,49 @@ def test_graphs_match_eager_cuda(tiny_model_factory):
                 assert ((a - b).norm() / a.norm()).item() < 1e-3
     finally:
         lm.model.to("cpu")
+
+
+REFRESH_FLAGS = ["--policy", "refresh", "--sink", "2", "--window", "12", "--refresh", "4",
+                 "--refresh-every", "8", "--refresh-select", "score"]
+
+
+def test_cli_commands_run_refresh(smollm2, monkeypatch, tmp_path, capsys):
+    """generate and bench run the policy from its flags (ppl and diagnose:
+    test_eval_policies.test_smollm2_commands; study: the registry's bf16-refresh-*
+    configurations, test_registry)."""
+    import json
+
+    from fastdecode import cli, registry
+    from fastdecode.commands import generate as gen_cmd
+
+    monkeypatch.setattr(gen_cmd, "load", lambda args: smollm2)
+    assert cli.main(["generate", "--model", "smollm2-135m", "--prompt", "The sink of " * 8,
+                     "--max-new-tokens", "12", "--device", "cpu", *REFRESH_FLAGS]) == 0
+    assert len(capsys.readouterr().out) > 24
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--model", "tiny-llama", "--device", "cpu", "--compile", "none",
+                     "--prompt-len", "24", "--decode-len", "8", "--warmup-tokens", "2",
+                     *REFRESH_FLAGS, "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert '"refresh_select": "score"' in json.dumps(rec) and '"refresh": 4' in json.dumps(rec)
+    assert {registry.get(f"bf16-refresh-{s}-graphs").speed_cache.refresh_select
+            for s in ("uniform", "score")} == {"uniform", "score"}
+
+
+@pytest.mark.parametrize("cmd", (["generate", "--prompt", "x"], ["bench"],
+                                 ["diagnose", "--data", "pg19-10146"]))
+def test_cli_bad_refresh_values(cmd, capsys):
+    """Bad values: one error line naming the option, status 2, before any model loads."""
+    from fastdecode import cli
+
+    base = [cmd[0], "--model", "no-such-model", *cmd[1:]]
+    pol = ["--policy", "refresh"] if cmd[0] != "diagnose" else ["--mode", "refresh"]
+    for bad, msg in ((["--refresh", "0"], "refresh must be >= 1"),
+                     (["--refresh", "9", "--refresh-every", "4"], "refresh_every"),
+                     (["--refresh-every", "0"], "refresh_every must be >= 1"),
+                     (["--heavy", "3"], "heavy")):
+        assert cli.main(base + pol + bad) == 2, bad
+        err = capsys.readouterr().err
+        assert msg in err and "no-such-model" not in err, (bad, err)
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        cli.main(base + pol + ["--refresh-select", "random"])

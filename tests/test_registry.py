@@ -24,6 +24,8 @@ def shrink(cache):
         return replace(cache, heavy=3, recent=2, sink=min(cache.sink, 2))
     if cache.policy == "tova":
         return replace(cache, budget=6)
+    if cache.policy == "refresh":
+        return replace(cache, window=4, refresh=2, refresh_every=3)
     return replace(cache, window=5 + cache.window % 3, compress_every=min(cache.compress_every, 4))
 
 
@@ -40,6 +42,12 @@ def reference_logits(model, toks, c):
             return h2o_logits(model, toks, heavy=c.heavy, recent=c.recent, sink=c.sink,
                               **kw).logits
         return tova_logits(model, toks, budget=c.budget, sink=c.sink, **kw).logits
+    if c.policy == "refresh":  # its prefill is exact: the oracle steps token by token
+        from fastdecode.reference.refresh import refresh_logits
+
+        return refresh_logits(model, toks, sink=c.sink, window=c.window, refresh=c.refresh,
+                              every=c.refresh_every, select=c.refresh_select,
+                              position_mode=c.position_mode)[0]
     window = None if c.max_tokens is not None else c.budget - c.sink
     return streaming_logits(model, toks, c.sink, window, c.compress_every, c.position_mode)
 

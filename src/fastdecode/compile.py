@@ -38,6 +38,18 @@ def greedy_step(decoder, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def forced_step(inner: Callable, text: torch.Tensor, nll: torch.Tensor, tok: torch.Tensor,
+                pos: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing (eval.ppl's token method): ``tok = text[pos]``, ``inner`` (greedy_step's
+    contract), then the NLL of ``text[pos + 1]`` into ``nll[pos]``: no host sync, graphable."""
+    tok.copy_(text[pos])
+    logits = inner(tok, pos)  # pos is t + 1 from here
+    target = text[pos]
+    nll.index_copy_(0, pos - 1, torch.nn.functional.cross_entropy(
+        logits.float()[None], target).reshape(1))
+    return logits
+
+
 def _is_one_row(x: torch.Tensor) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -141,8 +153,11 @@ class CompiledStep:
     :meth:`greedy` to decode on the device with no host sync."""
 
     def __init__(self, decoder, mode: str = "none", gemv: str = "auto", warmup: int = 3,
-                 kernels: str = "auto", options=None):
+                 kernels: str = "auto", options=None, forced=None):
+        """``forced``: (text int64 [N + 1], nll float32 [N]): :func:`forced_step` steps."""
         CompileConfig(mode, kernels)  # validates the mode
+        wrap = ((lambda f: functools.partial(forced_step, f, *forced)) if forced is not None
+                else (lambda f: f))
         self.decoder, self.mode = decoder, mode
         dev = decoder.model.device
         self.kernels = resolve_kernels(kernels, mode, decoder)
@@ -157,10 +172,13 @@ class CompiledStep:
             self.gemv = self.attention = "fused"
             self._fn = FusedStep(decoder, options if options is not None
                                  else FusedOptions.from_env())
+            self.priority = self._fn.priority
+            self._fn = wrap(self._fn)
             if mode == "graphs":
                 self._capture(warmup)
             return
-        self._fn = functools.partial(greedy_step, decoder)
+        self.priority = False
+        self._fn = wrap(functools.partial(greedy_step, decoder))
         if mode == "none":
             self.gemv = self.attention = "eager"
             return
@@ -213,13 +231,13 @@ class CompiledStep:
         """A high-priority capture stream where the fused step asks for one
         (fused.step.choose_priority): graph nodes keep their stream's priority, so the
         main chain's programs go ahead of the MLP's as SMs free up."""
-        if self.kernels != "fused" or not self._fn.priority:
+        if self.kernels != "fused" or not self.priority:
             return None
         return torch.cuda.Stream(dev, priority=-1)
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
-            if self.mode == "none":
+            if self.mode == "none" and self._fn.func is greedy_step:
                 return self.decoder.eager_step(tok, pos)
             out = self.fn(tok, pos)
             return out.clone() if self.kernels == "fused" else out  # a static buffer
@@ -275,5 +293,5 @@ def compile_decoder(decoder, mode: str = "none", *, gemv: str = "auto", warmup: 
     return step
 
 
-__all__ = ["CompiledStep", "compile_decoder", "greedy_step", "inductor_backend", "GEMV_MODES",
-           "KERNEL_MODES", "resolve_kernels", "resolve_gemv"]
+__all__ = ["CompiledStep", "compile_decoder", "greedy_step", "forced_step", "inductor_backend",
+           "GEMV_MODES", "KERNEL_MODES", "resolve_kernels", "resolve_gemv"]

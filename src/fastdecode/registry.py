@@ -95,6 +95,16 @@ def _configs() -> list[RunConfig]:
                          CacheConfig(policy="tova", budget=1024), graphs,
                          description="TOVA, 2052 tokens per layer, fused step captured as "
                                      "a CUDA graph"))
+    # Refresh (#23) in the eviction study's shape (R = B/4 every 2R) at 4 + 2048 and 1024
+    # tokens; torch.compile's graph (the fused step does not run it).
+    for select in ("uniform", "score"):
+        out.append(RunConfig(
+            f"bf16-refresh-{select}-graphs",
+            CacheConfig(policy="refresh", sink=4, window=1536, refresh=512,
+                        refresh_every=1024, refresh_select=select),
+            CacheConfig(policy="refresh", sink=4, window=764, refresh=256, refresh_every=512,
+                        refresh_select=select), graphs,
+            description=f"refresh ({select}) 4 + 1536 + 512 every 1024, compiled + graphed"))
     # The 2048 window is bf16-stream-graphs.
     for w, pw in ((512, 252), (1024, 508)):
         out.append(RunConfig(f"window-{w}-graphs", *_streaming(w, pw), graphs,
@@ -111,6 +121,3 @@ def get(name: str) -> RunConfig:
     except KeyError:
         raise ConfigError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}") from None
 
-
-def with_cache(cfg: RunConfig, **changes) -> RunConfig:
-    return replace(cfg, speed_cache=replace(cfg.speed_cache, **changes))

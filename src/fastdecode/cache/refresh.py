@@ -190,6 +190,20 @@ class RefreshCache(KVCache):
         if self.score is not None:
             self.score.zero_()
 
+    def _state(self) -> list[torch.Tensor]:
+        st = self.storage
+        kv = [st.k, st.v] + ([st.k_scale, st.v_scale] if st.k.dtype == torch.int8 else [])
+        return kv + [self.rpos] + ([self.score] if self.score is not None else [])
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """All state, K/V too, for the warm-ups of a graph capture (compile.CompiledStep): a
+        warm-up adds scores and may overwrite a refresh candidate's ring slot."""
+        return [x.clone() for x in self._state()]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for x, saved in zip(self._state(), snap):
+            x.copy_(saved)
+
     # ----- introspection (host side) ----------------------------------------------------
     def held_by_head(self, t: int) -> list[list[list[int]]]:
         """Text positions held after ``t`` tokens, ascending, per layer and KV head."""

@@ -6,16 +6,20 @@ A budget ``B`` is the tokens held between steps (the query sees ``B + 1``): stre
 ``4 + (B-4)``, window ``B``, recompute ``B`` (re-encoded each step), H2O ``B/2`` heavy +
 ``B/2`` recent (the authors': no sinks), TOVA ``B``, and refresh ``4 + W + R`` with ``R``
 in ``B/4`` and ``B/16`` refreshed tokens, refilled every ``2R`` tokens, chosen uniformly
-or by score. ``run`` writes ``<out>/cpu-eviction-<book>-<tokens>-<dtype>-<label>.json``
-(atomically, fastdecode.atomic) and skips every configuration whose record exists, so an
-interrupted study resumes with nothing finished lost or recomputed.
+or by score. ``run`` writes ``<out>/<class>-eviction-<book>-<tokens>-<dtype>-<label>.json``
+(``<class>``: ``cpu`` or the GPU's, e.g. ``h200``; atomically) and skips every configuration
+whose record exists, so an interrupted study loses nothing finished. A TPOT record
+(scripts/eviction_tpot.py, Pythia-2.8B shapes) adds TPOT to the table and plot.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import torch
 
 from .ppl import EvalSpec
 
@@ -58,31 +62,49 @@ def budget_of(spec: EvalSpec) -> int:
     return spec.sink + spec.window
 
 
-def record_path(out: Path, book: str, tokens: int, dtype: str, spec: EvalSpec) -> Path:
-    return Path(out) / f"cpu-eviction-{book}-{tokens}-{dtype}-{spec.label}.json"
+def device_prefix(device) -> str:
+    """``cpu`` for CPU runs, else the GPU's class (bench.history.gpu_class: ``h200``)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "cpu"
+    from ..bench.history import gpu_class
+
+    return gpu_class(torch.cuda.get_device_name(dev))
+
+
+def record_path(out: Path, book: str, tokens: int, dtype: str, spec: EvalSpec,
+                prefix: str = "cpu") -> Path:
+    return Path(out) / f"{prefix}-eviction-{book}-{tokens}-{dtype}-{spec.label}.json"
 
 
 def run(lm, specs: list[EvalSpec], *, books: Iterable[str], tokens: int, out: Path,
-        dtype: str, log: Callable[[str], None] = print, progress: bool = True) -> list[Path]:
-    """Evaluate every (book, spec) without a record yet; return every record's path."""
+        dtype: str, log: Callable[[str], None] = print, progress: bool = True,
+        model_name: str = "smollm2-135m", deadline: float | None = None,
+        ids_for: Callable | None = None, prefix: str | None = None) -> list[Path]:
+    """Evaluate every (book, spec) without a record yet; return every record's path. None
+    starts after ``deadline`` (time.monotonic); ``ids_for(book)``: (ids, data) instead of
+    the book's tokens; ``prefix``: the records' class (default :func:`device_prefix`)."""
     from .record import write_json
     from .run import prepare_tokens, run_one, summary_line
 
+    prefix = prefix or device_prefix(lm.model.device)
     paths = []
     for book in books:
-        ids, data = prepare_tokens(lm, book, tokens)
+        ids, data = ids_for(book) if ids_for else prepare_tokens(lm, book, tokens)
         for spec in specs:
-            path = record_path(out, book, tokens, dtype, spec)
+            path = record_path(out, book, tokens, dtype, spec, prefix)
             paths.append(path)
-            if path.exists():
-                log(f"{book} {spec.label}: done before ({path.name})")
+            done = path.exists()
+            if done or (deadline is not None and time.monotonic() > deadline):
+                log(f"{book} {spec.label}: " + (f"done before ({path.name})" if done else
+                                                "past the time limit, left for a resumed run"))
                 continue
-            result, record = run_one(lm, ids, data, spec, model_name="smollm2-135m",
+            result, record = run_one(lm, ids, data, spec, model_name=model_name,
                                      progress=progress,
                                      extra_config={"study": "eviction",
                                                    "budget": budget_of(spec)})
             write_json(record, path)
-            log(f"{book} {summary_line(result)} -> {path.name}")
+            log(f"{book} {dtype} {summary_line(result)} -> {path.name}")
     return paths
 
 
@@ -90,50 +112,77 @@ def load_records(paths: Iterable[Path]) -> list[dict]:
     return [json.loads(Path(p).read_text()) for p in paths if Path(p).exists()]
 
 
+def policy_name(mode: str, options: dict | None) -> str:
+    """The row name of a policy across budgets (records and TPOT rows alike)."""
+    o = options or {}
+    if mode == "refresh":
+        share = (o["sink"] + o["window"] + o["refresh"]) // o["refresh"]
+        return f"refresh {o['refresh_select']} R=B/{share}"
+    return mode
+
+
 def _row_name(rec: dict) -> str:
     ev = rec["config"]["eval"]
-    o = ev.get("options") or {}
-    if ev["mode"] == "refresh":
-        return f"refresh {o['refresh_select']} R={o['refresh']}/{o['refresh_every']}"
-    return ev["mode"]
+    return policy_name(ev["mode"], ev.get("options"))
 
 
-def table(records: list[dict]) -> str:
-    """Markdown: one row per policy, one column per budget (and book): PPL."""
-    cols = sorted({(r["config"]["budget"], r["data"]["source"]) for r in records})
+def _col(rec: dict) -> tuple:
+    return rec["config"]["budget"], rec["data"]["source"], rec["config"].get("dtype", "")
+
+
+def tpot_index(tpot: dict | None) -> dict[tuple[str, int], float]:
+    """(policy name, budget) -> median TPOT in ms, from an eviction_tpot record."""
+    return {(r["policy"], r["budget"]): r["tpot_ms"] for r in (tpot or {}).get("rows", [])
+            if r.get("tpot_ms") is not None}
+
+
+def table(records: list[dict], tpot: dict | None = None) -> str:
+    """Markdown: one row per policy, one column per budget, book and dtype: PPL; with a
+    TPOT record, a column per budget of TPOT (ms, Pythia-2.8B shapes) after them."""
+    cols = sorted({_col(r) for r in records})
     rows: dict[str, dict] = {}
     for r in records:
-        rows.setdefault(_row_name(r), {})[r["config"]["budget"], r["data"]["source"]] = \
-            r["result"]["ppl"]
-    head = "| policy | " + " | ".join(f"{b} {s}" for b, s in cols) + " |"
-    lines = [head, "|---" * (len(cols) + 1) + "|"]
-    for name, vals in rows.items():
+        rows.setdefault(_row_name(r), {})[_col(r)] = r["result"]["ppl"]
+    speed = tpot_index(tpot)
+    budgets = sorted({b for _, b in speed})
+    head = ("| policy | " + " | ".join(f"{b} {s} {d}".strip() for b, s, d in cols)
+            + "".join(f" | TPOT {b}" for b in budgets) + " |")
+    lines = [head, "|---" * (len(cols) + len(budgets) + 1) + "|"]
+    for name in sorted(set(rows) | {n for n, _ in speed}):
+        vals = rows.get(name, {})
         cells = [f"{vals[c]:.2f}" if c in vals else "" for c in cols]
+        cells += [f"{speed[name, b]:.3f}" if (name, b) in speed else "" for b in budgets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: str | Path) -> Path:
-    """Budget (log2) against PPL, one line per policy, one panel per book."""
+def plot(records: list[dict], path: str | Path, tpot: dict | None = None) -> Path:
+    """One panel per book and dtype, one line per policy: PPL against TPOT (ms, Pythia-2.8B
+    shapes) of the points a TPOT record holds, or without one against the budget."""
     from .plot import pyplot, save
 
     plt = pyplot()
-    books = sorted({r["data"]["source"] for r in records})
-    fig, axes = plt.subplots(1, len(books), figsize=(6 * len(books), 4.2), squeeze=False)
-    for ax, book in zip(axes[0], books):
+    speed = tpot_index(tpot)
+    panels = sorted({_col(r)[1:] for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (book, dtype) in zip(axes[0], panels):
         lines: dict[str, list] = {}
         for r in records:
-            if r["data"]["source"] == book:
-                lines.setdefault(_row_name(r), []).append((r["config"]["budget"],
-                                                           r["result"]["ppl"]))
+            if _col(r)[1:] == (book, dtype):
+                name, b = _row_name(r), r["config"]["budget"]
+                if speed and (name, b) not in speed:
+                    continue  # not timed: no point on the TPOT axis
+                lines.setdefault(name, []).append((speed.get((name, b), b), r["result"]["ppl"]))
         for name, pts in sorted(lines.items()):
             pts.sort()
             ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log", base=2)
+        if not speed:
+            ax.set_xscale("log", base=2)
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-        ax.set_xlabel("cache budget (tokens held)")
+        ax.set_xlabel("TPOT, ms (Pythia-2.8B shapes, H200)" if speed
+                      else "cache budget (tokens held)")
         ax.set_ylabel("perplexity")
-        ax.set_title(book)
+        ax.set_title(f"{book} {dtype}".strip())
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return save(fig, path)

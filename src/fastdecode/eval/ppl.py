@@ -284,10 +284,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+STEPS = ("auto", "none", "default", "graphs")  # auto: graphs on CUDA, else none
+
+
+def _token_steps(dec: Decoder, ids: torch.Tensor, nll: torch.Tensor, step: str, bar,
+                 kernels: str = "auto") -> dict:
+    """Method ``token``, teacher-forced on the device (compile.forced_step), no host sync:
+    ``step`` ``graphs`` (``auto`` on CUDA) is one CUDA graph a step (the fused step where
+    the cache runs there), ``none`` (``auto`` on the CPU) the eager step
+    (tests/test_eval_fast.py holds them to ``Decoder.step`` + cross_entropy)."""
+    from ..compile import CompiledStep
+
+    if step == "auto":
+        step = "graphs" if ids.device.type == "cuda" else "none"
+    run = CompiledStep(dec, step, kernels=kernels, forced=(ids, nll))
+    n = nll.numel()
+    for s in range(0, n, 256):  # in pieces, for the progress bar (no sync)
+        run.greedy(ids[s:s + 1], min(256, n - s), record=False)
+        bar.update(min(256, n - s))
+    return {"step": step if step == "none" else f"{step}:{run.kernels}"}
+
+
 @torch.no_grad()
 def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
-             desc: str | None = None) -> PPLResult:
-    """Feed ``ids[:-1]`` and score each next token (see the module doc)."""
+             desc: str | None = None, step: str = "auto", kernels: str = "auto",
+             ) -> PPLResult:
+    """Feed ``ids[:-1]`` and score each next token (see the module doc); ``step``: how
+    method ``token`` runs its steps (:func:`_token_steps`)."""
+    if step not in STEPS:
+        raise ConfigError(f"step {step!r} is not one of {STEPS}")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     if ids.numel() < 2:
         raise InputError(f"need at least 2 tokens to score one, got {ids.numel()}")
@@ -321,10 +346,7 @@ def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
                     nll[s:e] = F.cross_entropy(logits.float(), y[s:e], reduction="none")
                     bar.update(e - s)
             else:
-                for t in range(n):
-                    logits = dec.step(x[t:t + 1])
-                    nll[t] = F.cross_entropy(logits.float()[None], y[t:t + 1])
-                    bar.update(1)
+                info.update(_token_steps(dec, ids, nll, step, bar, kernels))
         _sync(dev)
     finally:
         bar.close()
