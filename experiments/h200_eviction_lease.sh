@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease, three back-to-back calls (the machine is released 30 s after a call; the GGUF
 # halves live in /tmp/fd only while it stays warm). Run from the repository root:
-#   call 1 (carry .carry/gguf.00 .carry/whl): bash experiments/h200_eviction_lease.sh one
+#   call 1 (carry .carry/gguf.00 .carry/whlmin: the gguf wheel): bash experiments/h200_eviction_lease.sh one
 #     the parallel-evaluator diagnosis (experiments/gpu_parallel_diag.py), TPOT of the
 #     eviction policies (scripts/eviction_tpot.py), int8 KV vs bf16 KV at 4+4096 (#22)
 #   call 2 (carry .carry/gguf.01): ... two     the eviction study, fp32 first (resumable)
@@ -16,8 +16,8 @@ export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/fd/triton TORCHINDUCTOR_CACHE_DI
 export PYTHONPATH=$PWD/src FASTDECODE_CACHE=/tmp/fd/cache
 [ -f .carry/commit ] && export FASTDECODE_GIT_COMMIT=$(cat .carry/commit)
 for part in 00 01; do [ -f .carry/gguf.$part ] && cp .carry/gguf.$part /tmp/fd/; done
-if [ -d .carry/whl ] || [ -d /tmp/site ]; then
-  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl
+if [ -d .carry/whlmin ] || [ -d /tmp/site ]; then
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whlmin/*.whl
   export PYTHONPATH=/tmp/site:$PYTHONPATH PATH=/tmp/site/bin:$PATH
 fi
 exec > >(tee -a "$OUT/log-$STEP.txt") 2>&1
