@@ -1,9 +1,7 @@
 """The one registry of named configurations: unit tests, benchmarks and budgets all read it.
 
-A configuration is what a user would switch on for one decode run: the cache policy, the
-weight quantization recipe, the KV storage, and the compile mode. Speed is measured on
-Pythia-2.8B shapes (``speed_cache``); perplexity on the bundled SmolLM2-135M with the
-same policy at the window the paper uses for a 1k cache (``ppl_cache``).
+A configuration is a cache policy, a weight recipe, a KV storage and a compile mode; speed
+on Pythia-2.8B shapes (``speed_cache``), perplexity on SmolLM2-135M (``ppl_cache``).
 """
 
 from __future__ import annotations
