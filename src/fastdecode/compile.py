@@ -215,18 +215,13 @@ class CompiledStep:
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         reset()
-        with torch.cuda.graph(graph, stream=self._capture_stream(dev)):
+        # graph nodes keep their stream's priority (fused.step.choose_priority)
+        prio = torch.cuda.Stream(dev, priority=-1) if self.priority else None  # fused only
+        with torch.cuda.graph(graph, stream=prio):
             out = self.fn(dec.tok_buf, dec.pos_buf)
         torch.cuda.synchronize(dev)
         reset()
         self.graph, self.static_logits = graph, out
-
-    def _capture_stream(self, dev) -> torch.cuda.Stream | None:
-        """A high-priority capture stream where the fused step asks for one (graph nodes keep
-        their stream's priority: fused.step.choose_priority)."""
-        if self.kernels != "fused" or not self.priority:
-            return None
-        return torch.cuda.Stream(dev, priority=-1)
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.graph is None:

@@ -25,9 +25,8 @@ class RunConfig:
 
     @property
     def speed_quant(self) -> str | None:
-        """The recipe for speed runs: the same stored format, with round-to-nearest codes
-        where the recipe calibrates (``-gptq``, ``-kd``). Speed does not depend on which codes a
-        method chose, and random weights give calibration nothing to fit."""
+        """The recipe for speed runs: the same stored format with round-to-nearest codes (speed
+        does not depend on the codes; random weights give calibration nothing to fit)."""
         if not self.quant:
             return None
         from .quant import QuantConfig

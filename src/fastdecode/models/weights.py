@@ -104,9 +104,8 @@ def hub_snapshot(repo_dir: Path, revision: str | None = None) -> Path:
 
 
 def resolve_source(name: str, revision: str | None = None) -> tuple[str, str | None]:
-    """A ``--model`` given as a hub-cache directory or as a repo id (``ORG/NAME``) found in
-    the local hub cache, resolved to its snapshot directory, offline; anything else is
-    returned as it is. Returns (path or name, the hub description or None)."""
+    """(path or name, hub description or None): a hub-cache directory or a repo id found in
+    the local hub cache resolved to its snapshot, offline; anything else as it is."""
     path = Path(name).expanduser()
     if is_hub_repo_dir(path):
         snap = hub_snapshot(path, revision)
