@@ -63,9 +63,7 @@ def _configs() -> list[RunConfig]:
                   description="4+2048 streaming, fused step captured as a CUDA graph"),
         RunConfig("int8-all-graphs", *_STREAM, graphs, quant="int8",
                   description="int8 weight-only, all linears"),
-        # int4: calibrated codes for perplexity (g128 MLP-only on SmolLM2: the search +20.8%,
-        # GPTQ +5.5%, GPTQ + distillation +2.7%; docs/quant.md), the same format timed with plain
-        # rounding
+        # int4: calibrated codes for perplexity (docs/quant.md), timed with plain rounding
         RunConfig("int4-mlp-g128-graphs", *_STREAM, graphs, quant="int4-mlp-g128-kd",
                   description="int4 g128 weight-only (GPTQ + distillation), MLP only"),
         RunConfig("int4-mlp-g64-graphs", *_STREAM, graphs, quant="int4-mlp-g64-gptq",
