@@ -1,15 +1,11 @@
 """Compiled and CUDA-graphed decode steps: ``--compile none|default|graphs`` and
 ``--kernels auto|fused|inductor`` (docs/gpu.md).
 
-``none`` runs :meth:`Decoder.eager_step`; ``default`` runs it through ``torch.compile``
-(``kernels="inductor"``, also on the CPU) or runs :class:`fastdecode.fused.FusedStep`
-(``kernels="fused"``, CUDA); ``graphs`` captures either by hand as one CUDA graph over the
-decoder's static buffers (``tok_buf``, ``pos_buf``, the cache, one logits output). By hand,
-not ``mode="reduce-overhead"``: cudagraph trees treat the caches as inputs they may copy
-and hand back outputs the next replay overwrites. The captured step writes the greedy next
-token into ``tok_buf`` and advances ``pos_buf`` on the device, so replays chain with no
-host work. Warm-up and capture run at the decoder's position ``t``, whose slot no later
-query sees (cache/base.py), so they never disturb the cache.
+``none`` runs :meth:`Decoder.eager_step`, ``default`` it through ``torch.compile`` (inductor)
+or :class:`fastdecode.fused.FusedStep` (fused), ``graphs`` captures either by hand as one
+CUDA graph over the decoder's static buffers (cudagraph trees would copy the caches), the
+greedy token and position advanced on the device. Warm-up and capture run at position ``t``,
+whose slot no later query sees (cache/base.py).
 """
 
 from __future__ import annotations
@@ -57,10 +53,8 @@ def _is_one_row(x: torch.Tensor) -> bool:
 
 
 def _gemv(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """[1, K] @ [K, N] as a float32 multiply + sum that inductor emits as one reduction
-    kernel with its consumers fused (gpt-fast's setting; inductor does it itself only for
-    bias-free ``mm``). The identity ``as_strided`` makes inductor realize ``x`` once
-    rather than recompute it for every output row (docs/gpu.md)."""
+    """[1, K] @ [K, N] as a float32 multiply + sum, one inductor reduction with its consumers
+    fused (gpt-fast's setting); the identity ``as_strided`` realizes ``x`` once (docs/gpu.md)."""
     x = aten.as_strided(x, x.shape, x.stride(), x.storage_offset())
     return (x.float().unsqueeze(2) * w_t.float().unsqueeze(0)).sum(dim=1)
 
@@ -221,19 +215,13 @@ class CompiledStep:
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         reset()
-        with torch.cuda.graph(graph, stream=self._capture_stream(dev)):
+        # graph nodes keep their stream's priority (fused.step.choose_priority)
+        prio = torch.cuda.Stream(dev, priority=-1) if self.priority else None  # fused only
+        with torch.cuda.graph(graph, stream=prio):
             out = self.fn(dec.tok_buf, dec.pos_buf)
         torch.cuda.synchronize(dev)
         reset()
         self.graph, self.static_logits = graph, out
-
-    def _capture_stream(self, dev) -> torch.cuda.Stream | None:
-        """A high-priority capture stream where the fused step asks for one
-        (fused.step.choose_priority): graph nodes keep their stream's priority, so the
-        main chain's programs go ahead of the MLP's as SMs free up."""
-        if self.kernels != "fused" or not self.priority:
-            return None
-        return torch.cuda.Stream(dev, priority=-1)
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
@@ -259,9 +247,8 @@ class CompiledStep:
     @torch.no_grad()
     def greedy(self, first_token: torch.Tensor | int, n: int, *, record: bool = True,
                events: list | None = None) -> torch.Tensor | None:
-        """Feed ``first_token``, then ``n - 1`` greedy successors; the ``n`` tokens that
-        follow (int64 [n] on the device), or None without ``record``. ``events`` (n + 1
-        CUDA events) are recorded around each step: per-token times on the device clock."""
+        """Feed ``first_token``, then ``n - 1`` greedy successors; the ``n`` tokens that follow
+        (None without ``record``); ``events`` (n + 1 CUDA events) are recorded around each step."""
         dec = self.decoder
         if n < 1:
             return torch.empty(0, dtype=torch.long, device=dec.model.device) if record else None
@@ -283,9 +270,8 @@ class CompiledStep:
 
 def compile_decoder(decoder, mode: str = "none", *, gemv: str = "auto", warmup: int = 3,
                     kernels: str = "auto", options=None) -> CompiledStep:
-    """Set ``decoder.step_fn`` for ``mode`` and ``kernels`` and return the step; ``gemv``
-    is the inductor path's GEMV, ``options`` the fused step's (None: from the environment).
-    ``graphs`` compiles and captures now; ``default`` compiles on the first step."""
+    """Set ``decoder.step_fn`` for ``mode`` and ``kernels`` and return the step (``options``:
+    the fused step's, None: from the environment); ``default`` compiles on the first step."""
     step = CompiledStep(decoder, mode, gemv=gemv, warmup=warmup, kernels=kernels,
                         options=options)
     decoder.step_fn = decoder.eager_step if mode == "none" else step

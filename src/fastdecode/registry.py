@@ -1,9 +1,7 @@
 """The one registry of named configurations: unit tests, benchmarks and budgets all read it.
 
-A configuration is what a user would switch on for one decode run: the cache policy, the
-weight quantization recipe, the KV storage, and the compile mode. Speed is measured on
-Pythia-2.8B shapes (``speed_cache``); perplexity on the bundled SmolLM2-135M with the
-same policy at the window the paper uses for a 1k cache (``ppl_cache``).
+A configuration is a cache policy, a weight recipe, a KV storage and a compile mode; speed
+on Pythia-2.8B shapes (``speed_cache``), perplexity on SmolLM2-135M (``ppl_cache``).
 """
 
 from __future__ import annotations
@@ -27,9 +25,8 @@ class RunConfig:
 
     @property
     def speed_quant(self) -> str | None:
-        """The recipe for speed runs: the same stored format, with round-to-nearest codes
-        where the recipe calibrates (``-gptq``, ``-kd``). Speed does not depend on which codes a
-        method chose, and random weights give calibration nothing to fit."""
+        """The recipe for speed runs: the same stored format with round-to-nearest codes (speed
+        does not depend on the codes; random weights give calibration nothing to fit)."""
         if not self.quant:
             return None
         from .quant import QuantConfig
@@ -66,9 +63,7 @@ def _configs() -> list[RunConfig]:
                   description="4+2048 streaming, fused step captured as a CUDA graph"),
         RunConfig("int8-all-graphs", *_STREAM, graphs, quant="int8",
                   description="int8 weight-only, all linears"),
-        # int4: calibrated codes for perplexity (g128 MLP-only on SmolLM2: the search +20.8%,
-        # GPTQ +5.5%, GPTQ + distillation +2.7%; docs/quant.md), the same format timed with plain
-        # rounding
+        # int4: calibrated codes for perplexity (docs/quant.md), timed with plain rounding
         RunConfig("int4-mlp-g128-graphs", *_STREAM, graphs, quant="int4-mlp-g128-kd",
                   description="int4 g128 weight-only (GPTQ + distillation), MLP only"),
         RunConfig("int4-mlp-g64-graphs", *_STREAM, graphs, quant="int4-mlp-g64-gptq",

@@ -1,6 +1,5 @@
-"""Compare the latest perf suite run with a baseline of its GPU class, failing on a
-regression beyond the noise margin, and read it against other classes in efficiencies
-(docs/gpu.md, "Budgets that hold on any GPU").
+"""The latest perf suite run against its GPU class's baseline (fails on a regression beyond
+the noise margin) and other classes in efficiencies (docs/gpu.md, "Budgets that hold on any GPU").
 
     python -m fastdecode.bench.compare --storage perf/history/h100 [--baseline FILE]
 """

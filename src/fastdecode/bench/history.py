@@ -1,7 +1,5 @@
-"""Benchmark history: the JSON files pytest-benchmark writes under perf/history/<gpu class>/,
-one benchmark a configuration with its figures in ``extra_info``, keyed by GPU class so that
-times are only compared within a class (docs/gpu.md, "The regression suite").
-"""
+"""Benchmark history: pytest-benchmark's JSON files under perf/history/<gpu class>/, figures in
+``extra_info``, compared within a class only (docs/gpu.md, "The regression suite")."""
 
 from __future__ import annotations
 

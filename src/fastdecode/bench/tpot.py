@@ -1,8 +1,5 @@
-"""Decode timing: TPOT at steady state, prefill, totals, memory and achieved bandwidth.
-
-One way for `fastdecode bench` and the perf suite alike (:func:`time_config`), so that their
-figures agree; how a figure is taken is in docs/design.md, "Measuring".
-"""
+"""Decode timing (TPOT at steady state, prefill, totals, memory, bandwidth), one way for
+`fastdecode bench` and the perf suite (:func:`time_config`); docs/design.md, "Measuring"."""
 
 from __future__ import annotations
 
@@ -30,8 +27,7 @@ WARMUP_TOKENS = 32
 
 # ----------------------------------------------------------------------------- clocks
 class Clock:
-    """CUDA events on a CUDA device, ``perf_counter`` on the CPU; ``reset_peak``: peak
-    memory counts from here."""
+    """CUDA events on CUDA, ``perf_counter`` on the CPU; ``reset_peak``: peak memory from here."""
 
     def __init__(self, device: torch.device, reset_peak: bool = False):
         self.cuda = torch.device(device).type == "cuda"
@@ -56,8 +52,7 @@ class Clock:
         return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
 
     def per_step(self, fn: Callable, n: int, carry=None) -> list[float]:
-        """Milliseconds of each of ``n`` calls ``carry = fn(carry)``: a mark before each call
-        and one after the last, no host sync between (the token stays on the device)."""
+        """Milliseconds of each of ``n`` calls ``carry = fn(carry)``, no host sync between."""
         marks = self.marks(n + 1)
         for i in range(n):
             self.record(marks, i)
@@ -154,9 +149,8 @@ class DecodeRun:
 def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_tokens: int,
             run_one=None, mode: str | None = None, gemv: str | None = None,
             compile_s: float = 0.0, reset_peak: bool = True) -> DecodeRun:
-    """Reset the decoder, prefill ``prompt`` (timed; on CUDA after one untimed prefill of the
-    same length, as the peers are timed after their warm-up), decode ``decode_len`` tokens
-    (timed per token) and gather the figures."""
+    """Reset the decoder, prefill ``prompt`` (timed; on CUDA after one untimed prefill), decode
+    ``decode_len`` tokens (timed per token) and gather the figures."""
     dev = decoder.model.device
     clock = Clock(dev, reset_peak)
     cache = decoder.cache
@@ -214,8 +208,7 @@ def measure(step, decoder, *, prompt: torch.Tensor, decode_len: int, warmup_toke
 
 
 def check_finite(decoder, prefill_logits: torch.Tensor, step, decode_len: int) -> None:
-    """Refuse a run that timed garbage: NaN/Inf in the prefill's logits, the last step's
-    logits or the KV cache, checked once at the end (the timed loop never syncs)."""
+    """Refuse a run that timed NaN/Inf (logits or KV cache), checked once after the clocks."""
     prompt_len = decoder.t - decode_len
     if not bool(torch.isfinite(prefill_logits).all()):
         raise NonFiniteError(f"non-finite logits (NaN/Inf) after the {prompt_len}-token "
@@ -238,8 +231,7 @@ def random_prompt(n: int, vocab: int, seed: int, device) -> torch.Tensor:
 
 def build_and_compile(lm, cache_cfg: PolicyConfig, mode: str, gemv: str = "auto",
                       chunk_size: int | None = None, kernels: str = "auto", options=None):
-    """A fresh decoder for ``cache_cfg`` and its compiled step; returns (decoder, step,
-    seconds spent compiling, tuning and capturing)."""
+    """(a fresh decoder for ``cache_cfg``, its compiled step, seconds compiling and capturing)."""
     from ..compile import compile_decoder
     from ..engine import Decoder
 
@@ -258,8 +250,7 @@ def build_and_compile(lm, cache_cfg: PolicyConfig, mode: str, gemv: str = "auto"
 
 
 def default_prompt_len(cache_cfg: PolicyConfig) -> int:
-    """The prompt that puts a cache at steady state: a bounded cache's budget (full from the
-    first decode step); half a dense cache's room, at most 2,048 tokens."""
+    """The prompt at steady state: a bounded cache's budget, else half the room (<= 2,048)."""
     if cache_cfg.max_tokens is None:
         return cache_cfg.budget
     return min(cache_cfg.max_tokens // 2, 2048)
@@ -270,9 +261,8 @@ def time_config(lm, cache_cfg: PolicyConfig, mode: str, *, gemv: str = "auto",
                 prompt_len: int | None = None, decode_len: int = DECODE_LEN,
                 warmup_tokens: int = WARMUP_TOKENS, seed: int = 0,
                 copy_gbps: float | None = None):
-    """(decoder, step, DecodeRun) of one configuration, the same way for `fastdecode bench`
-    and the perf suite: a fresh decoder compiled for ``mode``, a random prompt, then
-    :func:`measure`; peak memory counts the build too; ``copy_gbps`` adds floor and efficiency."""
+    """(decoder, step, DecodeRun) of one configuration: a fresh decoder compiled for ``mode``,
+    a random prompt, :func:`measure` (``copy_gbps``: with floor and efficiency)."""
     from .roofline import efficiency, floor_ms
 
     dev = lm.model.device
@@ -293,8 +283,7 @@ def time_config(lm, cache_cfg: PolicyConfig, mode: str, *, gemv: str = "auto",
 # ----------------------------------------------------------------------------- checks
 @torch.no_grad()
 def compare_steps(ref_dec, dec, prompt: torch.Tensor, n: int) -> dict:
-    """Teacher-forced comparison of two decoders over ``n`` steps after the same prefill:
-    both are fed the reference's greedy tokens; logits compared each step."""
+    """Two decoders' logits over ``n`` steps, both fed the reference's greedy tokens."""
     ref_dec.reset()
     dec.reset()
     a = ref_dec.prefill(prompt)
@@ -314,8 +303,7 @@ def compare_steps(ref_dec, dec, prompt: torch.Tensor, n: int) -> dict:
 
 # ----------------------------------------------------------------------------- profile
 def kernel_category(name: str) -> str:
-    """Rough grouping of a decode step's kernels (inductor names list the fused aten ops;
-    ours and cuBLAS's are matched by name)."""
+    """Rough grouping of a decode step's kernels, by name."""
     low = name.lower()
     if any(k in low for k in ("split_kernel", "combine_kernel", "bmm", "softmax", "sdpa",
                               "flash", "attention", "fmha")):
@@ -335,8 +323,7 @@ def kernel_category(name: str) -> str:
 
 def profile_steps(run_one: Callable[[], None], steps: int, trace_path: str | None,
                   device: torch.device) -> dict:
-    """torch.profiler over ``steps`` decode steps; exports a Chrome trace (``.json`` or
-    ``.json.gz``) and returns a kernel summary per step (top kernels, time by category)."""
+    """torch.profiler over ``steps`` decode steps: a Chrome trace and a per-step kernel summary."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU]

@@ -24,9 +24,8 @@ POLICIES: dict[str, type[PolicyConfig]] = {c.policy: c for c in _CONFIGS}
 
 
 def CacheConfig(policy: str = "streaming", **options) -> PolicyConfig:  # noqa: N802
-    """The config of ``policy`` from keyword options, e.g.
-    ``CacheConfig(policy="streaming", sink=4, window=1020)`` -> ``StreamingConfig``.
-    An option the policy does not have is a ConfigError naming the policy."""
+    """The config of ``policy`` from keyword options (``CacheConfig(policy="streaming",
+    sink=4, window=1020)`` -> ``StreamingConfig``); a foreign option is a ConfigError."""
     try:
         cls = POLICIES[policy]
     except (KeyError, TypeError):
@@ -46,9 +45,8 @@ def make_cache(cfg: PolicyConfig, spec, dtype=torch.float32, device="cpu",
 
 
 def policy_options() -> dict[str, dict]:
-    """Every option of every registered policy, the policies' own first, for the CLI:
-    name -> {type, choices, help, defaults: {policy: default}}. Raises if two policies
-    declare one name with different types or choices."""
+    """Every option of every registered policy for the CLI: name -> {type, choices, help,
+    defaults: {policy: default}}; two policies may not declare one name differently."""
     shared = {f.name for f in fields(PolicyConfig)}
     pairs = [(cls, f) for cls in POLICIES.values() for f in fields(cls)]
     out: dict[str, dict] = {}

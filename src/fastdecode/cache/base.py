@@ -1,9 +1,6 @@
 """The sinks + ring storage behind the dense, window and streaming policies, and the
-interface the model sees (plan, update, attend), which every other policy implements too.
-
-Every key is rotated once, when written, at its text position; in ``cache`` mode a query
-scores the sinks rotated at its own cache slot: the paper's re-rotated cache at O(1) cost
-per token (docs/design.md#the-position-trick, #adding-a-cache-policy).
+interface every policy implements (plan, update): keys rotated once, at their text position
+(docs/design.md#the-position-trick, #adding-a-cache-policy).
 """
 
 from __future__ import annotations
@@ -57,16 +54,14 @@ class KVCache:
         self._ring_ar = torch.arange(self.ring, device=device)
 
     def window_held(self, m):
-        """Window (non-sink) tokens held after ``m`` non-sink tokens have been added (host
-        ints or device tensors)."""
+        """Window tokens held after ``m`` non-sink tokens were added (ints or tensors)."""
         W, R = self.window, self.compress_every
         if isinstance(m, torch.Tensor):
             return torch.where(m <= W, m, W + torch.remainder(m - W, R))
         return m if m <= W else W + (m - W) % R
 
     def _query_bounds(self, ti: torch.Tensor):
-        """For queries at text positions ``ti``: lowest visible window position, and the
-        position at which they score the sinks."""
+        """(lowest visible window position, sink-scoring position) of queries at ``ti``."""
         held_before = self.window_held((ti - self.sink).clamp_min(0))
         lo = ti - held_before
         if self.position_mode == "cache":
@@ -98,8 +93,7 @@ class KVCache:
         """Raise if feeding tokens up to position ``t_end`` (exclusive) cannot be held."""
 
     def prefill_limit(self, t0: int) -> int:
-        """The most tokens one prefill chunk starting at ``t0`` may hold (the refresh
-        policy cuts chunks at its refresh points)."""
+        """The most tokens one prefill chunk starting at ``t0`` may hold (refresh's cut)."""
         return 1 << 62
 
     def plan_prefill(self, t0: int, T: int) -> Plan:
@@ -126,8 +120,7 @@ class KVCache:
         )
 
     def plan_decode(self, t: torch.Tensor) -> Plan:
-        """Plan for one token at position ``t`` (int64 tensor [1], on the cache's device):
-        no host sync, the same shapes every step (CUDA-graph safe)."""
+        """Plan for one token at position ``t`` (int64 [1]): no host sync, CUDA-graph safe."""
         lo, pos_sink = self._query_bounds(t)
         return Plan(
             q_pos=t + self.position_offset,
@@ -138,9 +131,8 @@ class KVCache:
         )
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> KV:
-        """Store new keys/values ``[Hkv, T, D]`` and return what to attend over: decode
-        writes, then reads the buffer; prefill attends over [buffer, chunk], then stores the
-        chunk, so the new tokens are seen exactly as stored (int8: quantized)."""
+        """Store new keys/values ``[Hkv, T, D]`` and return what to attend over, the new
+        tokens exactly as stored (int8: quantized)."""
         st = self.storage
         if plan.decode_slot is not None:
             st.write(layer, plan.decode_slot, k, v)

@@ -1,6 +1,5 @@
-"""How a cache stores keys and values: in the model dtype, or int8 with per-head,
-per-token scales. Every policy takes either (its ``kv_dtype`` option; the keys here are
-the option's choices)."""
+"""How a cache stores keys and values (every policy's ``kv_dtype`` option): in the model
+dtype, or int8 with per-head, per-token scales."""
 
 from __future__ import annotations
 
@@ -11,12 +10,8 @@ import torch
 
 
 class KV(NamedTuple):
-    """What attention reads: keys/values [Hkv, N, D], and for int8 storage their scales
-    [Hkv, N] (float32) such that ``key = k * k_scale[..., None]``.
-
-    Score-based caches (H2O, TOVA) hold different tokens per KV head, so they hand
-    attention a per-head ``mask`` [Hkv, T, N] (overriding ``Plan.mask``) and an
-    ``observe(probs)`` callback that receives the softmax probabilities [Hkv, G, T, N]."""
+    """What attention reads: keys/values [Hkv, N, D] (int8: and scales [Hkv, N]); score-based
+    caches add a per-head ``mask`` [Hkv, T, N] and an ``observe(probs)`` callback."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -51,10 +46,8 @@ class DenseStorage:
         return self.k, self.v
 
     def _put(self, buf: torch.Tensor, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
-        """``buf[layer][:, slots] = x`` (x: [H, n, ...]) as one index_put_ on the whole
-        buffer. Not index_copy_ on the view ``buf[layer]``: torch.compile cannot re-inplace a
-        mutation made through a view of a graph input: it would copy the layer's cache out
-        and the whole cache back every step. An index_put_ on the buffer is done in place."""
+        """``buf[layer][:, slots] = x`` as one index_put_ on the whole buffer: torch.compile
+        cannot re-inplace a write through the view ``buf[layer]`` and would copy the cache."""
         buf[self._layer_idx[layer:layer + 1], :, slots] = x.transpose(0, 1)
 
     def encode(self, k, v) -> KV:

@@ -1,8 +1,5 @@
-"""StreamingLLM: ``sink`` attention sinks plus the last ``window`` tokens.
-
-Strict (compress_every=1) evicts the oldest window token each step once full; lazy
-(compress_every=R) evicts back to ``window`` every R tokens. Positions per
-``position_mode`` (see base.py for how ``cache`` positions stay exact at O(1) cost).
+"""StreamingLLM: ``sink`` attention sinks plus the last ``window`` tokens, strict
+(compress_every=1) or lazy (evicting back to ``window`` every R tokens).
 """
 
 from __future__ import annotations

@@ -27,11 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_cache_args(p: argparse.ArgumentParser, policy: str | None = "streaming",
                    group=None) -> None:
-    """``--policy`` (unless ``policy`` is None: ppl names it ``--mode``) and one flag per
-    option of any registered policy (the registry's), in ``group`` if given.
-
-    Flags default to None: an option not given takes the policy's own default, and one
-    the chosen policy does not have is refused by :func:`cache_config`."""
+    """``--policy`` (unless ``policy`` is None) and one flag per option of any registered
+    policy, defaulting to None (the policy's own default; foreign ones refused later)."""
     g = group or p.add_argument_group("KV cache")
     if policy is not None:
         g.add_argument("--policy", choices=tuple(POLICIES), default=policy,

@@ -17,9 +17,8 @@ CALIBRATION = ("wikitext-2", "pg19-10321")
 
 def calibration_tokens(tokenizer, sources=CALIBRATION, n_tokens: int | None = None,
                        totals: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Token ids: ``n_tokens`` (default CALIB_TOKENS) shared equally by the starts of the
-    sources, then each source's rest up to its ``totals`` entry (distillation's; GPTQ reads
-    the first ``n_tokens``)."""
+    """Token ids: ``n_tokens`` shared equally by the sources' starts, then each source's rest
+    up to its ``totals`` entry (distillation's; GPTQ reads the first ``n_tokens``)."""
     n_tokens = n_tokens or CALIB_TOKENS
     per = n_tokens // len(sources)
     totals = totals or (per,) * len(sources)

@@ -249,9 +249,7 @@ def tokenize(src: TextSource, tokenizer, *, bos: bool = False) -> list[int]:
 
 
 def take_tokens(ids: list[int], n_scored: int, what: str) -> list[int]:
-    """The first ``n_scored + 1`` ids: ``n_scored`` tokens fed, each scored on the next one.
-
-    A clear error if the text is shorter."""
+    """The first ``n_scored + 1`` ids (``n_scored`` fed, each scored on the next one)."""
     if n_scored < 1:
         raise InputError(f"--max-tokens must be >= 1 (tokens scored), got {n_scored}")
     if len(ids) < n_scored + 1:

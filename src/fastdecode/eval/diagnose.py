@@ -81,9 +81,8 @@ def event_aligned(nll: np.ndarray, events: np.ndarray, *, before: int, after: in
 def diagnose(result: PPLResult | None = None, *, nll=None, kv_len=None, reference=None,
              reference_label: str | None = None, before: int = 256, after: int = 512,
              smooth: int = 32) -> dict:
-    """The diagnosis summary of one evaluation (``result``, or its ``nll`` and ``kv_len``);
-    with a ``reference`` run on the same tokens (a PPLResult or an array, e.g. dense), the
-    metrics are taken on ``nll - reference``, which removes how hard each token is."""
+    """The diagnosis summary of one evaluation; with a ``reference`` run on the same tokens
+    (e.g. dense) the metrics are taken on ``nll - reference``, removing token difficulty."""
     for name, v in (("before", before), ("after", after), ("smooth", smooth)):
         if v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")

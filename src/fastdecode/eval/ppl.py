@@ -1,35 +1,10 @@
 """Perplexity on long text through a KV-cache policy: token by token, and exact in parallel.
 
-Convention (the paper's ``eval_long_ppl``): ``N`` tokens are fed, one after the other, and
-after feeding token ``t`` the model is scored on token ``t + 1``: ``nll[t] = -log
-p(x[t+1] | what step t attends to)``; PPL = exp(mean nll). A text of ``N + 1`` tokens gives
-``N`` scores.
-
-Modes: every registered cache policy (``fastdecode.cache.POLICIES``) and ``recompute``:
-
-- ``dense``: full attention, nothing evicted (a dense cache of ``N`` tokens);
-- ``window``: the last ``W`` tokens (lazily with ``compress_every = R``), no sinks;
-- ``streaming``: ``S`` sinks + the last ``W`` tokens (StreamingLLM), strict or lazy;
-- ``recompute``: sliding window with re-computation (:mod:`.recompute`), the oracle;
-- any other policy (``h2o``, ``tova``, ``refresh``): its options in ``EvalSpec.options``.
-  Policies that evict by attention score (``score_based`` caches: H2O, TOVA) run token by
-  token: their chunked prefill evicts once per chunk, so the exact parallel evaluator does
-  not apply to them. ``refresh`` is exact in parallel (its prefill cuts chunks at the
-  refresh points).
-
-Methods, all exact (equal up to floating-point rounding; tests hold them within 1e-4
-relative in PPL):
-
-- ``token``: :meth:`Decoder.step` per token, as the paper's evaluation does;
-- ``parallel`` (default): the text fed in chunks through :meth:`Decoder.prefill` with
-  ``all_logits``. Each chunk attends over [cache buffer, chunk] with a per-query
-  banded-plus-sink mask and the exact cache/absolute positions (see ``cache/base.py``),
-  and leaves the cache as token-by-token feeding would; so every query sees exactly what
-  it would have seen at its own step. The NLL is taken per chunk in float32 (the logits of
-  all N tokens are never held at once). With the flash prefill kernel (CUDA) the chunk is
-  :data:`FLASH_EVAL_CHUNK` tokens unless ``chunk_size`` says otherwise (the limit is the
-  chunk's float32 logits, not attention), else 512. For ``recompute``, ``parallel``
-  batches contexts.
+As the paper's ``eval_long_ppl``: after feeding token ``t`` the model is scored on token
+``t + 1`` (``N + 1`` tokens give ``N`` scores). Modes: every registered cache policy and
+``recompute`` (the oracle, :mod:`.recompute`); methods ``token`` (:meth:`Decoder.step` per
+token) and ``parallel`` (chunks through :meth:`Decoder.prefill`, equal to it; not for
+score-based caches, whose prefill evicts once a chunk). docs/ppl.md has the details.
 """
 
 from __future__ import annotations
@@ -57,13 +32,10 @@ FLASH_EVAL_CHUNK = 4096  # float32 logits of a chunk: 4096 x 50k vocab = 0.8 GB
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What to evaluate: the mode, its cache numbers and the method.
-
-    Modes other than :data:`RING_MODES` take the policy's options in ``options`` (e.g.
-    ``EvalSpec(mode="h2o", options={"heavy": 124, "recent": 128})``); the fields ``sink``,
-    ``window``, ``position_mode`` and ``kv_dtype`` are then filled from the policy's config
-    (``window``: its window, or its non-sink budget) and ``options`` holds all its options.
-    ``method`` None: ``token`` for score-based policies, else ``parallel``."""
+    """What to evaluate: the mode, its cache numbers and the method (None: ``token`` for
+    score-based policies, else ``parallel``). Modes outside :data:`RING_MODES` take the
+    policy's options in ``options`` (``EvalSpec(mode="h2o", options={"heavy": 124})``); the
+    fields are then filled from the policy's config."""
 
     mode: str = "streaming"
     sink: int = 4
@@ -202,10 +174,8 @@ class EvalSpec:
 
 
 def attended(spec: EvalSpec, n: int, cache=None) -> np.ndarray:
-    """Keys the query of step ``t`` attends to (itself included), for t in 0..n-1.
-
-    Derived from the cache arithmetic (``KVCache.window_held``): before step ``t`` the
-    cache holds ``min(t, S)`` sinks and ``window_held(t - S)`` window tokens."""
+    """Keys the query of step ``t`` attends to (itself included), for t in 0..n-1, from the
+    cache arithmetic (``KVCache.window_held``)."""
     t = torch.arange(n, dtype=torch.long)
     if spec.mode == "dense":
         return (t + 1).numpy()
@@ -251,8 +221,7 @@ class PPLResult:
         return math.exp(self.mean_nll)
 
     def segment_ppl(self, size: int) -> list[float]:
-        """exp(mean nll) over consecutive segments of ``size`` scored tokens (the last
-        one may be shorter)."""
+        """exp(mean nll) over consecutive segments of ``size`` scored tokens."""
         return segment_ppl(self.nll, size)
 
     @property
@@ -289,10 +258,8 @@ STEPS = ("auto", "none", "default", "graphs")  # auto: graphs on CUDA, else none
 
 def _token_steps(dec: Decoder, ids: torch.Tensor, nll: torch.Tensor, step: str, bar,
                  kernels: str = "auto") -> dict:
-    """Method ``token``, teacher-forced on the device (compile.forced_step), no host sync:
-    ``step`` ``graphs`` (``auto`` on CUDA) is one CUDA graph a step (the fused step where
-    the cache runs there), ``none`` (``auto`` on the CPU) the eager step
-    (tests/test_eval_fast.py holds them to ``Decoder.step`` + cross_entropy)."""
+    """Method ``token``, teacher-forced on the device (compile.forced_step): ``step``
+    graphs, default or none (``auto``: graphs on CUDA)."""
     from ..compile import CompiledStep
 
     if step == "auto":
@@ -323,7 +290,6 @@ def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
     dev = model.device
     ids = ids.to(dev)
     n = ids.numel() - 1
-    x, y = ids[:-1], ids[1:]
     nll = torch.empty(n, dtype=torch.float32, device=dev)
     bar = _progress(n, progress, desc or spec.label)
     _sync(dev)
@@ -340,11 +306,7 @@ def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
             cache = dec.cache
             if spec.method == "parallel":
                 info["chunk_size"] = chunk
-                for s in range(0, n, chunk):
-                    e = min(s + chunk, n)
-                    logits = dec.prefill(x[s:e], all_logits=True)
-                    nll[s:e] = F.cross_entropy(logits.float(), y[s:e], reduction="none")
-                    bar.update(e - s)
+                _chunked_nll(dec, ids, n, chunk, nll, bar)
             else:
                 info.update(_token_steps(dec, ids, nll, step, bar, kernels))
         _sync(dev)
@@ -358,6 +320,15 @@ def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
                              f"weights hold NaN/Inf, or {model.dtype} overflowed (try "
                              "float32)")  # a FloatingPointError too, as it was
     return PPLResult(spec, out, attended(spec, n, cache).astype(np.int64), seconds, info)
+
+
+def _chunked_nll(dec: Decoder, ids, n: int, chunk: int, nll, bar) -> None:
+    """nll[:n] from ``ids[:n]`` fed through ``dec.prefill`` in chunks (float32 per chunk)."""
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        logits = dec.prefill(ids[s:e], all_logits=True)
+        nll[s:e] = F.cross_entropy(logits.float(), ids[s + 1:e + 1], reduction="none")
+        bar.update(e - s)
 
 
 def _recompute(model, ids, spec: EvalSpec, nll, bar) -> dict:
@@ -378,11 +349,7 @@ def _recompute(model, ids, spec: EvalSpec, nll, bar) -> dict:
     # Contexts of steps 0 .. L-1 are the prefixes of the text: one dense chunked pass.
     head = min(n, L)
     dec = Decoder.build(model, dense, chunk_size=chunk, prefill_kernel=spec.prefill_kernel)
-    for s in range(0, head, chunk):
-        e = min(s + chunk, head)
-        logits = dec.prefill(ids[s:e], all_logits=True)
-        nll[s:e] = F.cross_entropy(logits.float(), y[s:e], reduction="none")
-        bar.update(e - s)
+    _chunked_nll(dec, ids, head, chunk, nll, bar)
     # Steps L .. n-1: full-length contexts [0:S] + [t-W : t+1], batched.
     batch = spec.recompute_batch or rc.auto_batch(L, ids.device)
     sinks = ids[:S]

@@ -32,10 +32,8 @@ def run_one(lm, ids: list[int], data: dict, spec: EvalSpec, *, model_name: str,
             diagnose_kw: dict | None = None, extra_config: dict | None = None,
             env: dict | None = None, reference: PPLResult | None = None,
             ) -> tuple[PPLResult, dict]:
-    """Evaluate ``ids`` with ``spec``; write the per-token file and the record if asked.
-
-    ``reference``: a run on the same tokens the diagnosis is paired with (see
-    :func:`fastdecode.eval.diagnose.diagnose`)."""
+    """Evaluate ``ids`` with ``spec``; write the per-token file and the record if asked
+    (``reference``: the run the diagnosis is paired with)."""
     result = evaluate(lm.model, ids, spec, progress=progress)
     diag = (diagnose(result, reference=reference, **(diagnose_kw or {}))
             if with_diagnosis else None)

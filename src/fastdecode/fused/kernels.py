@@ -1,21 +1,12 @@
 """Triton kernels of the fused decode step (batch 1, one token): the norms, a GEMV with
 its activation, bias and residual fused in, rotary + cache write, and split-K attention.
 
-Every kernel mirrors a piece of the eager model (``models/transformer.py``,
-``attention.attend``) and is held equal to it by ``tests/test_fused.py`` (Triton's
-interpreter on the CPU, compiled on CUDA). They accumulate in float32 and round to the
-model dtype where the eager model rounds (after a norm, after a linear, after the
-activation), so the two paths differ by accumulation order only.
-
-Weight formats (``FMT``): 0 = float (the model dtype), 1 = int8 codes with a float scale per
-row and group of ``GROUP`` inputs (per-channel int8 is one group of K), 2 = int4, two codes
-per byte along K (low nibble first), ``w = (q - 8) * scale + zero`` per row and group.
-
-int4 has three code paths (``I4``): 0 = a dot product per group on the CUDA cores, then
-scale and zero; 1 = dequantise every weight and reduce once at the end; 2 = tensor cores:
-each group's codes, exact as (q - 8) in the model dtype, times x on ``tl.dot`` (mma), the
-group's products then scaled in float32, ``KSPLIT`` warps a program each taking a range of
-groups (a batched dot), summed at the end.
+Each mirrors a piece of the eager model, accumulating in float32 and rounding where it
+rounds, and is held equal to it by ``tests/test_fused.py``. Weight formats (``FMT``): 0 =
+float, 1 = int8 (a scale per row and group of ``GROUP`` inputs), 2 = int4 (two codes a byte
+along K, low nibble first, ``w = (q - 8) * scale + zero``). int4 code paths (``I4``): 0 = a
+dot product a group, 1 = dequantise then reduce, 2 = tensor cores (``tl.dot`` over each
+group's exact codes, ``KSPLIT`` warps a program).
 """
 
 from __future__ import annotations
@@ -35,13 +26,8 @@ def _gelu(x):
 @triton.jit
 def norm_kernel(x_ptr, nw_ptr, nb_ptr, out_ptr, eps, K: tl.constexpr, NORM: tl.constexpr,
                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """out[seg] = norm_seg(x), rounded to the model dtype like the eager norm module; one
-    program per norm (GPT-NeoX's parallel residual normalises the same x twice: LayerNorm
-    1 for attention, 2 for the MLP). NORM: 1 = LayerNorm (affine in float32, one rounding),
-    2 = RMSNorm (normalise, round, scale by the weight, round). Float32 sums in one pass.
-    Where x fits one block (BLOCK_K >= K) it is read once and the norm's weight and bias
-    are loaded before the PDL wait (they are never written), so the program waits on one
-    load, not on a pass for the statistics and another for the output."""
+    """out[seg] = norm_seg(x) as the eager module rounds it, one program a norm (NORM: 1 =
+    LayerNorm, 2 = RMSNorm); where x fits one block it is read once, after the weights."""
     _pdl_start(PDL)
     seg = tl.program_id(0)
     if K <= BLOCK_K:
@@ -91,9 +77,7 @@ def _stats(s, s2, eps, K: tl.constexpr, NORM: tl.constexpr):
 
 @triton.jit
 def _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K: tl.constexpr, NORM: tl.constexpr):
-    """float32 inputs kk of a GEMV: x itself (NORM 0), or x normalised by the norm whose
-    weight (and bias) rows are at nw_ptr (nb_ptr), rounded to the model dtype exactly as
-    :func:`norm_kernel` rounds them."""
+    """float32 inputs kk of a GEMV: x (NORM 0) or norm(x), rounded as :func:`norm_kernel`."""
     m = kk < K
     x = tl.load(x_ptr + kk, mask=m, other=0.0)
     if NORM == 0:
@@ -107,9 +91,7 @@ def _load_x(x_ptr, kk, nw_ptr, nb_ptr, mean, rstd, K: tl.constexpr, NORM: tl.con
 
 @triton.jit
 def _norm_apply(xf, w, b, mean, rstd, dt: tl.constexpr, NORM: tl.constexpr):
-    """norm(x) from x in float32 and its statistics, rounded to the model dtype ``dt`` as
-    the eager module rounds (LayerNorm: affine in float32, one rounding; RMSNorm: round,
-    scale by the weight, round); returned in float32. ``b`` is unused for RMSNorm."""
+    """norm(x) in float32, rounded to ``dt`` as the eager module rounds (``b``: LayerNorm)."""
     if NORM == 1:
         y = (xf - mean) * rstd * w.to(tl.float32) + b.to(tl.float32)
     else:
@@ -119,26 +101,22 @@ def _norm_apply(xf, w, b, mean, rstd, dt: tl.constexpr, NORM: tl.constexpr):
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
-    """Programmatic dependent launch (Hopper+): let the next kernel's programs be placed
-    now, so its launch and whatever it does before its own wait overlap this kernel."""
+    """Programmatic dependent launch (Hopper+): let the next kernel's programs be placed."""
     if PDL:
         gdc_launch_dependents()
 
 
 @triton.jit
 def _pdl_wait(PDL: tl.constexpr):
-    """Wait until the previous kernel has finished and its writes are visible. Nothing a
-    kernel reads that an earlier kernel writes may be read before this, and nothing may
-    be written before it."""
+    """Wait for the previous kernel's writes: nothing it writes is read, nothing written, before."""
     if PDL:
         gdc_wait()
 
 
 @triton.jit
 def _i8_to_f32(w, ASM: tl.constexpr):
-    """int8 codes -> float32. ASM: four bytes a register through the float32 magic number
-    (each byte + 128 placed in the mantissa of 2**23, then 2**23 + 128 subtracted): one
-    byte permute and one subtraction per code instead of an extract and a conversion."""
+    """int8 codes -> float32; ASM: through the float32 magic number 2**23 (a permute and a
+    subtraction a code)."""
     if ASM:
         return tl.inline_asm_elementwise(
             asm="""{
@@ -196,10 +174,8 @@ def _u4_to_f32(p, ASM: tl.constexpr):
 
 @triton.jit
 def _u4_to_dot(p, DT: tl.constexpr, ASM: tl.constexpr):
-    """Packed int4 bytes -> (low nibble - 8, high nibble - 8) in the dot's dtype ``DT``,
-    exact. ASM (bfloat16): each nibble placed in the mantissa of 128.0 (0x4300 | q is
-    128 + q), then 136 subtracted from two codes at once (fma.bf16x2, sm_80+): 11
-    instructions for 8 codes, the codes staying in the registers the mma reads."""
+    """Packed int4 bytes -> (low - 8, high - 8) in ``DT``, exact; ASM (bfloat16): nibbles in
+    the mantissa of 128.0, minus 136 two at a time (fma.bf16x2)."""
     if ASM and DT == tl.bfloat16:
         return tl.inline_asm_elementwise(
             asm="""{
@@ -228,8 +204,7 @@ def _u4_to_dot(p, DT: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _load_w(w_ptr, rows, mrow, k0, K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
             BLOCK_K: tl.constexpr):
-    """The raw weight tile of rows x inputs [k0, k0 + BLOCK_K): [BLOCK_N, BLOCK_K] (float,
-    int8) or int4's packed bytes as [BLOCK_N, BLOCK_K / GROUP, GROUP / 2]."""
+    """The raw weight tile of inputs [k0, k0 + BLOCK_K) (int4: [BLOCK_N, groups, GROUP / 2])."""
     if FMT == 2:
         NG: tl.constexpr = BLOCK_K // GROUP
         HG: tl.constexpr = GROUP // 2
@@ -249,10 +224,8 @@ def _load_w(w_ptr, rows, mrow, k0, K: tl.constexpr, FMT: tl.constexpr, GROUP: tl
 def _chunk(acc, acc2, w, k0, x_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, mean, rstd,
            K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
            ASM: tl.constexpr, I4: tl.constexpr, NORM: tl.constexpr):
-    """Add one tile's products: float into ``acc2`` [BLOCK_N, BLOCK_K] (summed at the end);
-    int8 into ``acc2``, flushed into ``acc`` [BLOCK_N] times the row scale at the end of
-    each group (BLOCK_K divides GROUP); int4 per group into ``acc``:
-    sum_k w_k x_k = sum_g [s_g * sum_k (q_k - 8) x_k + z_g * sum_k x_k]."""
+    """Add one tile's products (float: into ``acc2``; int8: ``acc2`` flushed into ``acc``
+    times the scale each group; int4: ``acc += s_g sum (q - 8) x + z_g sum x`` a group)."""
     NGRP: tl.constexpr = K // GROUP
     if FMT == 2:
         NG: tl.constexpr = BLOCK_K // GROUP
@@ -296,10 +269,8 @@ def _dot_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps,
               K: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, I4: tl.constexpr,
               NORM: tl.constexpr):
-    """float32 [BLOCK_N]: norm(x) . dequantised W[rows, :] (NORM 0: x itself). The first
-    weight tile is loaded before the PDL wait (weights are never written), so with
-    programmatic dependent launch the weight stream starts while the kernel before is
-    still finishing; the norm's statistics are taken after the wait, by every program."""
+    """float32 [BLOCK_N]: norm(x) . W[rows, :]; the first weight tile loaded before the PDL
+    wait (weights are never written)."""
     acc = tl.zeros((BLOCK_N,), tl.float32)
     if FMT == 2:
         if I4 == 1:
@@ -332,15 +303,9 @@ def _dot_rows_mma(x_ptr, w_ptr, s_ptr, z_ptr, rows, mrow, nw_ptr, nb_ptr, eps, p
                   K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                   KSPLIT: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
                   ASM: tl.constexpr, NORM: tl.constexpr):
-    """:func:`_dot_rows` for int4 on tensor cores (``I4`` = 2): split k of the program's
-    ``KSPLIT`` (a warp each, as one batched ``tl.dot``) takes groups [k GPS, (k + 1) GPS).
-    Per group: the codes as (q - 8) [BLOCK_N, GROUP / 2] even and odd inputs, in the dtype
-    of x, times x's even and odd inputs (x repeated over the 16 columns the mma needs),
-    summed in float32 by the mma; then ``acc += scale * dot + zero * sum(x)``. Triton
-    pipelines the weight and x loads through shared memory (``num_stages``) and converts
-    the codes after that, in the mma's register layout. Every column holds the same sums;
-    column 0 is returned, the splits added. With ``PARTS`` > 1 the program covers only
-    part ``part`` of the groups, [part GPP, (part + 1) GPP), and its splits share those."""
+    """:func:`_dot_rows` for int4 on tensor cores: each of ``KSPLIT`` warps takes a range of
+    groups (one batched ``tl.dot``, x repeated over the mma's 16 columns, column 0 kept),
+    ``acc += scale * dot + zero * sum(x)``; with ``PARTS`` > 1, part ``part`` of the groups."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     HG: tl.constexpr = GROUP // 2
     NGRP: tl.constexpr = K // GROUP
@@ -410,38 +375,17 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, r_ptr, r2_ptr, nw_ptr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PDL: tl.constexpr, ASM: tl.constexpr, I4: tl.constexpr,
                 KSPLIT: tl.constexpr, PARTS: tl.constexpr):
-    """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) [+ r2[row]] for ``BLOCK_N`` rows a
-    program.
+    """y[row'] = [r[row] +] act(x' . W[row] [+ b[row]]) [+ r2[row]], ``BLOCK_N`` rows a
+    program, rounded where the eager model rounds.
 
-    Rows ``>= NSPLIT`` form a second segment (GPT-NeoX's parallel residual computes q/k/v
-    and the MLP's up projection from the same x under two LayerNorms): they read their
-    input ``XSEG`` further on (the second norm's output), take the activation ``ACT2``
-    (1 = exact GELU) and are stored ``OUT_GAP`` further on. A program never straddles
-    NSPLIT (the host picks BLOCK_N to divide it). GLU (Llama's MLP): the output has N
-    rows, W has 2N (gate rows, then up rows), ``y = silu(gate) * up``. Residual: ``r`` may
-    be ``y`` itself (each program reads and writes only its own rows). A second addend
-    ``r2`` (GPT-NeoX's MLP output when the MLP ran on its own: ``x + attn + mlp``) is added
-    after the residual. Outputs are rounded to the model dtype where the eager model rounds
-    (after the linear, after the activation, after each add).
-
-    NORM (1 = LayerNorm, 2 = RMSNorm; 0 = none): x is the residual stream and every
-    program normalises it itself, as :func:`norm_kernel` would have (``nw``/``nb``:
-    [segments, K] weight and bias rows; the second segment takes row 1), so no norm launch
-    precedes the GEMV.
-
-    int4 (FMT 2) takes the code path ``I4`` (module docstring); with tensor cores (2) a
-    program is ``KSPLIT`` warps over ``BLOCK_N`` (16 or more) rows and BLOCK_K is unused.
-    Its programs let the next kernel's be placed only when their loop is done: placed at
-    the start, the next kernel's programs took the SMs that freed first, and a GEMV of few
-    large programs after another ran unbalanced (graphed on the H100, int4 [out | down]
-    15.4 us without PDL, 19.2 with).
-
-    ``PARTS`` > 1 (tensor-core path, no GLU): the inputs are cut into PARTS parts, one
-    program each (grid axis 1), so a GEMV of few rows still fills the GPU with warps. Each
-    program stores its float32 partial sums (``part``: [PARTS, N]) and counts itself in its
-    row block's counter (``count``, int32, zero between launches); the last to arrive adds
-    the parts in their order (the same sums whichever arrives last), sets the counter back
-    to zero and finishes the rows (bias, activation, residual).
+    Rows ``>= NSPLIT`` (a program never straddles it) are a second segment: input ``XSEG``
+    further on, activation ``ACT2`` (1 = GELU), stored ``OUT_GAP`` further on. GLU: W holds
+    2N rows (gate, up), ``y = silu(gate) * up``. ``r`` may be ``y``. NORM (1 = LayerNorm,
+    2 = RMSNorm): every program normalises x itself (``nw``/``nb``: [segments, K]). The
+    tensor-core path lets the next kernel be placed only after its loop (placed earlier, it
+    ran unbalanced: docs/gpu.md). ``PARTS`` > 1: one program a part of the inputs (grid axis
+    1) storing float32 partials; the last of a row block to count itself in ``count`` adds
+    them in order, resets the counter and finishes the rows.
     """
     MMA: tl.constexpr = FMT == 2 and I4 == 2
     tl.static_assert(PARTS == 1 or (MMA and not GLU), "input parts: tensor-core path, no GLU")
@@ -532,19 +476,10 @@ def rope_write_kernel(qkv_ptr, q_ptr, cs_ptr, slot_ptr, k_ptr, v_ptr, ks_ptr, vs
                       HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                       HAS_SINK: tl.constexpr, KV_INT8: tl.constexpr, BLOCK_D: tl.constexpr,
                       PDL: tl.constexpr, SCORED: tl.constexpr = 0):
-    """Rotate the new token's queries and keys and store its key/value.
-
-    ``qkv``: [HQ + 2 HKV, D] (q heads, k heads, v heads). ``cs``: float32 [2, 2, HALF]:
-    (window, sink) x (cos, sin), rounded to the model dtype (:func:`cos_sin_kernel`).
-    Programs ``< HQ`` write ``q[0, h]`` (rotated at the token's text position) and, with
-    sinks, ``q[1, h]`` (rotated where it scores the sinks); the next HKV programs rotate key
-    head h at the text position and write it and value head h into ``slot`` of ``layer``
-    (int8 storage: codes and one scale per head, as ``cache.storage.quantize_int8``).
-
-    ``SCORED`` (H2O, TOVA: :mod:`fastdecode.cache.scored`): key head h goes to its own slot
-    ``slot[layer, h]`` (the cache's ``free``), whose text position becomes t (``t_ptr``) and
-    score 0 (``cache`` positions: the newer counts are the split kernel's and
-    :func:`scored_evict_kernel`'s).
+    """Rotate the new token's queries (``q[0]``; with sinks also ``q[1]``, at the sink
+    position) and keys, and store its key/value in ``slot`` of ``layer`` (int8: codes and a
+    scale a head, as ``cache.storage.quantize_int8``). ``cs``: float32 (window, sink) x (cos,
+    sin). ``SCORED``: key head h goes to ``slot[layer, h]``, position t, score 0.
     """
     _pdl_start(PDL)
     _pdl_wait(PDL)
@@ -610,9 +545,7 @@ def cos_sin_kernel(pos_ptr, spos_ptr, freq_ptr, cs_ptr, HALF: tl.constexpr,
 @triton.jit
 def _cos_sin(pos, spos, freq_ptr, cs_ptr, HALF: tl.constexpr, DT: tl.constexpr,
              BLOCK: tl.constexpr):
-    """cs = [cos, sin] at ``pos``, then at ``spos``, as :func:`fastdecode.rope.cos_sin`
-    computes them: angle = position x frequency in float64, rounded to the model dtype
-    ``DT`` through float32 (as torch's cast does)."""
+    """cs = [cos, sin] at ``pos``, then at ``spos``, as :func:`fastdecode.rope.cos_sin`."""
     r = tl.arange(0, BLOCK)
     m = r < HALF
     f = tl.load(freq_ptr + r, mask=m, other=0.0)
@@ -630,19 +563,10 @@ def decode_plan_kernel(pos_ptr, freq_ptr, cs_ptr, mask_ptr, slot_ptr, SLOTS, W, 
                        S: tl.constexpr, CACHE_MODE: tl.constexpr, HALF: tl.constexpr,
                        DT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
-    """One decode step's plan, as ``KVCache.plan_decode`` computes it with a dozen tensor
-    ops, in one launch (``BLOCK`` slots a program; program 0 also the slot and cos/sin):
-    for the token at text position t (``pos``), sinks S, window W, ring C = W + R (R =
-    evict every R tokens):
-
-    - ``mask`` int8 [SLOTS]: 1 where the slot's token is visible (sink slot s holds token
-      s once t >= s; ring slot S + r holds t - ((t - S - r) mod C), if >= S; visible:
-      not in the future, and a sink or no older than t - held, held = the window tokens
-      kept after t - S of them were added);
-    - ``slot`` int64: where the token is stored (t < S: t; else S + (t - S) mod C);
-    - ``cs``: cos/sin at t + OFFSET and where the query scores the sinks (``CACHE_MODE``:
-      min(t, S) + held, the sinks' cache positions; else, or without sinks, t), + OFFSET
-      (:func:`_cos_sin`).
+    """One decode step's plan as ``KVCache.plan_decode`` computes it, in one launch
+    (``BLOCK`` slots a program): ``mask`` int8 [SLOTS] (the visible slots), and in program 0
+    ``slot`` (where token t goes) and ``cs`` (cos/sin at t and at the sinks' query position,
+    + OFFSET); sinks S, window W, ring W + R.
     """
     _pdl_start(PDL)
     _pdl_wait(PDL)
@@ -687,19 +611,11 @@ def attn_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, m_ptr, l_pt
                       KV_INT8: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
                       SCORED: tl.constexpr = 0, CACHE_MODE: tl.constexpr = 0,
                       HALF: tl.constexpr = 1):
-    """Partial softmax attention of query head h over slots [sp*PER, sp*PER + PER).
-
-    The head dim is read as two power-of-two chunks (D0 + D1 >= D; 80 = 64 + 16) so no
-    lane is wasted. Slots ``< S`` are the sinks, scored with the sink-position query
-    ``q[1, h]``; the rest with ``q[0, h]``. ``mask``: int8 [SLOTS], 1 = visible. Writes the
-    running max, the sum of exp and the unnormalised output for the combine kernel.
-
-    ``SCORED`` (H2O, TOVA): visibility is per KV head, ``cpos[layer, hk, slot] >= 0``, and
-    the scaled logits go to ``logit`` [HQ, SLOTS] (-inf where not visible) for
-    :func:`attn_combine_scored_kernel`. ``CACHE_MODE`` (their position rolling): the key in
-    a slot, stored at its text position p, is scored as if rotated to t - newer (its rank),
-    by rotating the query back by that difference instead (:func:`_rot_dot`); ``newer``
-    is the last step's, so every held token but the new one (in ``free``) has one more.
+    """Partial softmax attention of query head h over slots [sp*PER, sp*PER + PER): the
+    running max, sum of exp and unnormalised output. The head dim is read as D0 + D1 (80 =
+    64 + 16); sinks (slots < S) are scored with ``q[1, h]``. ``SCORED``: visibility from
+    ``cpos >= 0``, the logits kept in ``logit``; ``CACHE_MODE``: the query rotated back by
+    each key's rank offset instead of re-rotating the key (:func:`_rot_dot`).
     """
     _pdl_start(PDL)
     _pdl_wait(PDL)
@@ -785,10 +701,8 @@ def _partner(r, HALF: tl.constexpr):
 
 @triton.jit
 def _rot_dot(q, qp, r, dl, k, freq_ptr, HALF: tl.constexpr):
-    """[BLOCK_N] dot products of keys ``k`` [BLOCK_N, len(r)] rotated by ``dl`` [BLOCK_N]
-    positions (float64) with the query ``q`` (``qp``: q at the partner dims), over dims
-    ``r``: q . R(dl) k = (R(-dl) q) . k, so the keys are read as stored. Angles in float64,
-    as ``ScoredCache._rotate``."""
+    """q . R(dl) k = (R(-dl) q) . k for keys ``k`` [BLOCK_N, len(r)] over dims ``r``
+    (``qp``: q at the partner dims), angles in float64 as ``ScoredCache._rotate``."""
     rot = r < 2 * HALF
     f = tl.load(freq_ptr + tl.where(r < HALF, r, r - HALF), mask=rot, other=0.0)
     a = dl[:, None] * f.to(tl.float64)[None, :]
@@ -833,17 +747,11 @@ def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, c
                                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                                PDL: tl.constexpr):
-    """The combine of a score-based cache (``ScoredCache._observe_decode``) on a grid (KV
-    head hk, j < NT + G): j >= NT writes query head hk G + j - NT's output (as
-    :func:`attn_combine_kernel`), j < NT slots [j BLOCK_N, (j + 1) BLOCK_N): each query
-    head's probability exp(logit - lse) from the splits' partials; H2O adds the group's sum
-    to the scores, TOVA sets the mean over the layer's heads (0 where nothing is held);
-    the tile's least (score, text position) over the evictable slots (held, not a sink,
-    not of the ``RECENT`` newest), packed in an int64 (scores >= 0 order as their float
-    bits; positions < 2**32), to ``pkey`` [layers, HKV, NT + 1] (last: the new slot), its
-    slot and first empty slot to ``pidx`` [.., NT, 2], for :func:`scored_evict_kernel`.
-    A tile a program: one program a KV head looping over every slot was latency-bound,
-    ~10 us a layer (perf/results/h200-h2o-vs-streaming-dd723c6.json)."""
+    """A score-based cache's combine (``ScoredCache._observe_decode``), grid (KV head, j):
+    j >= NT writes a query head's output, j < NT a tile of slots: the probabilities update
+    the scores (H2O: sum, TOVA: mean) and the tile's least evictable (score, position),
+    packed in an int64, goes to ``pkey``, its slot and first empty slot to ``pidx``. One
+    tile a program (perf/results/h200-h2o-vs-streaming-dd723c6.json)."""
     _pdl_start(PDL)
     hk = tl.program_id(0)
     j = tl.program_id(1)
@@ -894,13 +802,9 @@ def attn_combine_scored_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, logit_ptr, t_ptr, c
 def scored_evict_kernel(pkey_ptr, pidx_ptr, cpos_ptr, newer_ptr, free_ptr, SLOTS, NT,
                         CACHE_MODE: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """A step's eviction in every layer, after the last (beside the head GEMV): per (layer,
-    KV head) the least of the tiles' keys (:func:`attn_combine_scored_kernel`; distinct,
-    so the serial argmin's pick: lowest score, then oldest). With every slot held (budget
-    + 1) that token's ``pos`` becomes -1 and its slot ``free``, else the first empty slot
-    is. ``CACHE_MODE`` (grid axis 1: slot tiles): ``newer`` + 1 where held before this
-    step (the victim too, whether its ``pos`` reads -1 yet or not), - 1 where older than
-    the victim, 0 for the new token, as ``ScoredCache`` leaves it."""
+    """Every layer's eviction after the last: per (layer, KV head) the least tile key (lowest
+    score, then oldest) is evicted when every slot is held, its slot (else the first empty
+    one) becomes ``free``; ``CACHE_MODE`` updates ``newer`` as ``ScoredCache`` does."""
     _pdl_start(PDL)
     _pdl_wait(PDL)
     r = tl.program_id(0)  # layer * HKV + hk
@@ -933,10 +837,8 @@ def scored_evict_kernel(pkey_ptr, pidx_ptr, cpos_ptr, newer_ptr, free_ptr, SLOTS
 
 @triton.jit
 def argmax_kernel(x_ptr, tok_ptr, pos_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """tok = argmax(x) (the first index of the maximum, as torch.argmax), pos += 1: the
-    greedy token and the position advance of one step, in one program. Each lane keeps its
-    own best (value, first index) over the blocks, so the loop has no cross-lane reduction;
-    then the maximum, and the least index holding it."""
+    """tok = argmax(x) (the first index of the maximum, as torch.argmax), pos += 1, in one
+    program: each lane keeps its best (value, first index), reduced once at the end."""
     _pdl_start(PDL)
     _pdl_wait(PDL)
     r = tl.arange(0, BLOCK)

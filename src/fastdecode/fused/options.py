@@ -1,7 +1,5 @@
-"""The fused step's options, one frozen object passed from the caller down to every launch.
-
-Environment variables are read only by :meth:`FusedOptions.from_env`, at the edge. No option
-changes a result beyond accumulation order (tests/test_fused.py); they exist for measurement.
+"""The fused step's options, one frozen object passed down to every launch; the environment
+is read only by :meth:`FusedOptions.from_env`. No option changes a result beyond rounding.
 """
 
 from __future__ import annotations

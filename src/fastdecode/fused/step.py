@@ -1,46 +1,11 @@
 """The fused decode step: one token through the model as a fixed list of Triton launches
-over static buffers, with no torch.compile.
+over static buffers (no torch.compile), with ``greedy_step``'s contract
+(:mod:`fastdecode.compile`) so it can be captured as one CUDA graph.
 
-Per GPT-NeoX layer (parallel residual), bf16/fp16/fp32 weights, on two CUDA streams (the
-two branches of the captured graph; ``choose_branches``):
-
-1. main: GEMV over qkv with LayerNorm 1 and the bias fused (every program normalises x
-   itself, see ``_normed``); side, at the same time: GEMV over the MLP's up projection
-   with LayerNorm 2, the bias and GELU fused,
-2. main: rotary on q and k + the cache write (and int8 KV quantization),
-3. main: split-K attention over every slot (sinks scored at their own query position),
-4. main: the combine of the splits (-> the attention output, next to the MLP activation),
-5. after both: GEMV over [out | down] with the bias and the residual add fused.
-
-Where the down projection is int8 or of another format than out, the side stream runs
-the down projection too (into its own buffer) and step 5 is the out GEMV, adding x, the
-attention output and the MLP's output. A GEMV of int8/int4 weights reads its norm's
-output from one norm launch before the branches (both LayerNorms, one program each).
-``FusedOptions.branches=0`` runs one stream with [qkv; up] stacked as one GEMV, 1 or 2
-pins the layout. Llama layers (sequential residual, SwiGLU) take seven launches (float): qkv
-(RMSNorm fused), rotary/cache, attention, combine, out + residual, gate/up (RMSNorm and
-SiLU gating fused), down + residual. Then the head GEMV (final norm fused), the greedy
-argmax and the position advance. ``FusedOptions.norm_in_gemv=0`` gives every norm its own
-launch.
-
-Setup work per step, shared by all layers: one launch computes the cache's plan (slot
-visibility, the new token's slot) and cos/sin at both query positions (float64, as
-:func:`fastdecode.rope.cos_sin`), exactly as ``KVCache.plan_decode`` does with a dozen
-tensor ops (a cache class that overrides ``plan_decode`` gets those, then a cos/sin
-launch). Score-based caches (H2O, TOVA) keep their plan on the device: per KV head, the
-slot each layer writes next (chosen by the previous step's eviction) and the held
-positions; steps 2-4 store the token there, keep the logits and, in the combine, update
-the scores (:class:`ScoredArgs`); one launch after the last layer evicts in every layer.
-The step has ``greedy_step``'s contract (:mod:`fastdecode.compile`): it returns the
-logits (a static buffer) and writes the greedy next token into ``tok`` and ``pos + 1``
-into ``pos``, so it can be captured as one CUDA graph and replayed back to back.
-
-Kernel launch parameters come from the card's launch table, else a fixed heuristic
-(:mod:`fastdecode.fused.tune`), never timed; under Triton's interpreter (CPU tests) a fixed
-small configuration is used. Every option comes in one :class:`FusedOptions` object.
-
-The weights are the model's own, in the layout of :mod:`fastdecode.quant.layout` (read
-from ``model.layout``, built there when absent): the step holds no copy.
+The launches per layer, the two-stream layouts and the options are described in docs/gpu.md
+("What the fast path is"); launch parameters come from :mod:`fastdecode.fused.tune`, every
+option from one :class:`FusedOptions`. The weights are the model's own, in the layout of
+:mod:`fastdecode.quant.layout`: the step holds no copy.
 """
 
 from __future__ import annotations
@@ -80,11 +45,9 @@ def unsupported_reason(decoder) -> str | None:
 
 
 def choose_branches(model, opts: FusedOptions) -> int:
-    """How a parallel-residual layer splits over two streams (``opts.branches`` pins it):
-    the whole MLP beside attention (2) when its down projection is int8, int4 on tensor
-    cores, or cannot sit beside the out projection in one GEMV (formats differ), else its
-    up projection only (1); each the faster in an A/B of both on Pythia-2.8B shapes
-    (perf/results/h100-fused-ab-branches-1v2*.json)."""
+    """How a parallel-residual layer splits over two streams: the whole MLP beside attention
+    (2) or its up projection only (1), the faster of the two
+    (perf/results/h100-fused-ab-branches-1v2*.json); ``opts.branches`` pins it."""
     if not model.spec.parallel_residual:
         return 0
     if opts.branches is not None:
@@ -98,10 +61,8 @@ def choose_branches(model, opts: FusedOptions) -> int:
 
 
 def choose_priority(model, branches: int, opts: FusedOptions) -> bool:
-    """Whether the graph's main chain (q/k/v, rotary, attention, out) runs at a higher
-    stream priority than the side branch (``opts.priority`` pins it): where the whole MLP
-    is int8 beside attention, whose GEMVs fill every SM and made attention wait for them
-    to drain (perf/results/h100-fused-ab-priority-*.json; no gain elsewhere)."""
+    """Whether the main chain runs at a higher stream priority than the side branch: beside
+    an int8 MLP (perf/results/h100-fused-ab-priority-*.json); ``opts.priority`` pins it."""
     if opts.priority is not None:
         return opts.priority
     return branches == 2 and pack(model.layers[0].mlp.down).fmt == INT8
@@ -109,12 +70,7 @@ def choose_priority(model, branches: int, opts: FusedOptions) -> bool:
 
 class ScoredArgs:
     """A score-based cache's (H2O, TOVA: :mod:`fastdecode.cache.scored`) device buffers and
-    rule, as the fused kernels take them: rope_write stores the new token in its head's
-    ``free`` slot, the split kernel keeps its logits, the scored combine turns them into
-    probabilities (from the log-sum-exp of the splits) and updates the scores, a tile of
-    ``block_n`` slots a program, each tile keeping its eviction candidate (``pkey``,
-    ``pidx``); after the last layer one launch picks every layer's victim and next ``free``
-    (``tune.scored_evict``): one CUDA graph, no host sync."""
+    rule as the fused kernels take them (docs/eviction.md, the fused step)."""
 
     def __init__(self, cache, num_heads: int, freqs: torch.Tensor):
         self.pos, self.score, self.newer, self.free = cache.pos, cache.score, cache.newer, \
@@ -145,8 +101,6 @@ class FusedStep:
     """``step(tok, pos) -> logits`` for one decoder (its model, cache and buffers)."""
 
     def __init__(self, decoder, options: FusedOptions | None = None):
-        """``options``: None for the defaults (the caller reads the environment, if at
-        all: ``FusedOptions.from_env()``)."""
         self.opts = opts = options if options is not None else FusedOptions()
         reason = unsupported_reason(decoder)
         if reason:
@@ -216,21 +170,16 @@ class FusedStep:
     # ------------------------------------------------------------------ launches
     def _gemv(self, p: Packed, x, y, *, nsplit=None, gap=0, xseg=0, act2=0, glu=False,
               res=None, norm=None, res2=None, side=False):
-        """A GEMV launch; ``side``: on the side stream (inside ``_fork``), with its own
-        workspace."""
+        """A GEMV launch; ``side``: on the side stream, with its own workspace."""
         n = p.n // 2 if glu else p.n
         tune.gemv(x, p, y, res, n=n, nsplit=n if nsplit is None else nsplit, opts=self.opts,
                   gap=gap, xseg=xseg, act2=act2, glu=glu, norm=norm, res2=res2,
                   ws=self.ws_side if side else self.ws_main)
 
     def _normed(self, norms, *packs: Packed) -> list[dict]:
-        """For each GEMV in ``packs`` that reads norm(x) (x the residual stream, ``norms`` =
-        (weight, bias or None), [segments, K]; a GEMV's second segment, rows >= nsplit,
-        takes row 1): their input arguments. If all of them are float GEMVs, each
-        normalises x in its own programs (norm_in_gemv); else one norm kernel launch writes
-        ``xn`` and all of them read it (the launch is not saved, so nothing is fused; and
-        quantized GEMVs are bound by instruction latency:
-        experiments/results/h100-fused-ab-norm_in_gemv-6d5352a.json)."""
+        """The input arguments of GEMVs reading norm(x): the norm inside each float GEMV,
+        else one norm launch into ``xn``
+        (experiments/results/h100-fused-ab-norm_in_gemv-6d5352a.json)."""
         if self.norm_in_gemv == 2 or (self.norm_in_gemv == 1 and
                                       all(p.fmt == FLOAT for p in packs)):
             return [{"x": self.x, "xseg": 0,
@@ -250,8 +199,7 @@ class FusedStep:
                        self.scale, self.opts, scored=self.scored)
 
     def _fork(self):
-        """Context whose launches go to the side stream, after everything launched so far
-        (on the CPU, where there are no streams, they just run in order)."""
+        """Launches inside go to the side stream, after everything so far (CPU: in order)."""
         if self.side is None:
             return contextlib.nullcontext()
         self.side.wait_stream(torch.cuda.current_stream())
@@ -301,9 +249,7 @@ class FusedStep:
         self._gemv(lw.down, act, x, res=x)
 
     def _plan(self, pos: torch.Tensor):
-        """(visibility mask int8 [slots], the new token's slot) and cos/sin into ``cs``: one
-        launch for the caches whose plan is KVCache's arithmetic, else the cache's own
-        ``plan_decode`` (tensor ops) and a cos/sin launch."""
+        """(visibility mask int8 [slots], the new token's slot), cos/sin into ``cs``."""
         if self.plan_slot is not None:
             tune.decode_plan(pos, self.cache, self.model.freqs, self.cs, self.plan_mask,
                              self.plan_slot, self.model.dtype, self.opts)

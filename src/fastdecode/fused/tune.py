@@ -1,8 +1,5 @@
-"""Launching the fused kernels, with launch parameters chosen per card and shape, untimed.
-
-A GEMV's launch comes from the launch table of the card's class (:mod:`.table`), else from
-:func:`heuristic`; nothing is timed at run time, so two processes choose the same launches
-(docs/gpu.md, "H200: launches from a table"). :func:`chosen` reports them for bench records.
+"""Launching the fused kernels: a GEMV's launch from the card's table (:mod:`.table`), else
+:func:`heuristic`, never timed (docs/gpu.md, "H200: launches from a table").
 """
 
 from __future__ import annotations
@@ -109,9 +106,8 @@ MIN_PROGRAMS_PER_SM = 3
 
 
 def parts(n: int, block_n: int, sms: int, opts: FusedOptions) -> int:
-    """Input parts of a tensor-core GEMV where no table says: as pinned, else the fewest of
-    :data:`PARTS` giving MIN_PROGRAMS_PER_SM programs an SM (latency-bound GEMVs want
-    more warps; perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)."""
+    """Input parts of a tensor-core GEMV: as pinned, else the fewest giving
+    MIN_PROGRAMS_PER_SM programs an SM (perf/results/h100-gemv-sweep-int4-parts-871e4c3.json)."""
     if opts.parts is not None:
         return opts.parts
     blocks = triton.cdiv(n, block_n)

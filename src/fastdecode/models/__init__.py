@@ -52,10 +52,8 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | None = "cpu",
                random_weights: bool = False, seed: int = 0,
                revision: str | None = None) -> LoadedModel:
-    """Load ``name``: a shape preset (random weights), ``smollm2-135m``, a GGUF file, a local
-    Hugging Face directory (sharded or not), a hub-cache directory ``models--ORG--NAME`` or a
-    repo id in the local hub cache (``revision``: a ref or commit; default ``main``).
-    ``random_weights`` keeps the shapes and randomises values."""
+    """Load ``name``: a shape preset (random weights), ``smollm2-135m``, a GGUF file, a Hugging
+    Face directory, a hub-cache directory or repo id (``revision``: default ``main``)."""
     dev = resolve_device(device)
     check_dtype(dtype, dev)
     name, hub = weights.resolve_source(name, revision)

@@ -1,8 +1,5 @@
-"""Weight loaders, each returning (ModelSpec, canonical state dict, Tokenizer | None).
-
-Reading files is here; what the names and metadata keys mean is the family's
-(:mod:`fastdecode.models.families`). Canonical names and layouts are those of
-:mod:`fastdecode.models.transformer`.
+"""Weight loaders, each returning (ModelSpec, canonical state dict, Tokenizer | None); what
+the names and metadata keys mean is the family's (:mod:`fastdecode.models.families`).
 """
 
 from __future__ import annotations
@@ -107,9 +104,8 @@ def hub_snapshot(repo_dir: Path, revision: str | None = None) -> Path:
 
 
 def resolve_source(name: str, revision: str | None = None) -> tuple[str, str | None]:
-    """A ``--model`` given as a hub-cache directory or as a repo id (``ORG/NAME``) found in
-    the local hub cache, resolved to its snapshot directory, offline; anything else is
-    returned as it is. Returns (path or name, the hub description or None)."""
+    """(path or name, hub description or None): a hub-cache directory or a repo id found in
+    the local hub cache resolved to its snapshot, offline; anything else as it is."""
     path = Path(name).expanduser()
     if is_hub_repo_dir(path):
         snap = hub_snapshot(path, revision)
@@ -184,9 +180,8 @@ def _file_key(path: Path) -> str:
 
 
 def load_gguf(path: str | Path):
-    """GGUF metadata -> spec, tensors dequantized to float32. Parsing and dequantizing take
-    tens of seconds on a small CPU, so the result is cached (safetensors + spec JSON beside
-    the tokenizer's, keyed by the file's path, size and mtime) and later loads read that."""
+    """GGUF metadata -> spec, tensors dequantized to float32, cached (keyed by the file's path,
+    size and mtime) since that takes tens of seconds on a small CPU."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")

@@ -27,9 +27,8 @@ class _PassDone(Exception):  # raised by the hook of a pass's last linear
 @torch.no_grad()
 def input_moments(model, names: list[str], tokens: torch.Tensor,
                   seq_len: int = CALIB_SEQ) -> dict[str, torch.Tensor]:
-    """E[x xᵀ] (float32 [in, in]) of the inputs of the linears ``names`` (in execution
-    order) over ``tokens`` in sequences of ``seq_len`` through ``model.forward_batch``; a
-    pass stops at the last of them."""
+    """E[x xᵀ] (float32 [in, in]) of the inputs of the linears ``names`` over ``tokens`` in
+    sequences of ``seq_len``; a pass stops at the last of them."""
     if tokens.numel() < seq_len:
         raise ConfigError(f"calibration needs at least {seq_len} tokens, got {tokens.numel()}")
     mods = dict(model.named_modules())

@@ -1,8 +1,5 @@
-"""int8 weight-only linear: symmetric per-output-channel scales.
-
-The reference dequantizes *before* the matmul: scaling after sums values up to 127x too
-large and overflows float16 (the users' NaNs).
-"""
+"""int8 weight-only linear, symmetric per-output-channel scales; dequantized *before* the
+matmul (scaling after overflows float16)."""
 
 from __future__ import annotations
 

@@ -104,9 +104,8 @@ def stack_cols(a: Packed, b: Packed) -> tuple[Packed, dict, dict]:
 
 @dataclass
 class LayerWeights:
-    """A layer's GEMVs: ``qkv`` and ``up`` always (row views of ``a`` = [qkv; up] when
-    stacked); ``b`` = [out | down], or else ``out`` and ``down`` (views of ``b`` are not
-    row-contiguous, so not GEMV operands)."""
+    """A layer's GEMVs: ``qkv`` and ``up`` (row views of ``a`` = [qkv; up] when stacked);
+    ``b`` = [out | down], or else ``out`` and ``down``."""
     qkv: Packed | None = None
     up: Packed | None = None
     a: Packed | None = None

@@ -1,9 +1,7 @@
 """StreamingLLM as the paper's code does it: the oracle for every cache policy.
 
-Keys are cached *before* RoPE, the cache grows by concatenation and is evicted by slicing,
-and every step re-rotates the whole cache (keys at cache slots 0..n-1 and the query at its
-own, or all at text positions in ``absolute`` mode): O(cache) per token. It shares the
-model's linears, norms and residual, not its rotary or attention.
+Keys cached *before* RoPE, grown by concatenation, evicted by slicing, and the whole cache
+re-rotated every step; only the model's linears, norms and residual are shared.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Model families, one file each, chosen by the Hugging Face ``model_type``: the decoder
-reads a family's switches through the spec, the loaders its mappings. A third family is one
-:class:`~.base.Family` subclass in a new file, its entry in ``_FAMILIES`` and its tests
-(tests/test_families.py).
+"""Model families, one file each, chosen by the Hugging Face ``model_type``; a third family is
+one :class:`~.base.Family` subclass, its entry in ``_FAMILIES`` and its tests.
 """
 
 from __future__ import annotations
