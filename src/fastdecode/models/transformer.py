@@ -53,18 +53,21 @@ class Attention(nn.Module):
         T, D = x.shape[0], s.head_dim
         qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D)
         if flash:
-            # Prefill on the flash path: rotary and layout in one Triton pass. (Imported
+            # Prefill on the flash path: keys rotated and laid out in one Triton pass, the
+            # queries read raw from qkv and rotated inside the attention kernel. (Imported
             # here: Triton reads TRITON_INTERPRET when a kernel is defined.)
             from ..kernels.prefill_rope import prefill_rope
 
-            q_win, q_sink, k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot,
-                                               rot_sink)
-        else:
-            q, k, v = qkv.transpose(0, 1).split((s.num_heads, s.num_kv_heads,
-                                                 s.num_kv_heads), dim=0)
-            q_win = rope.apply(q, *rot)
-            q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
-            k, v = rope.apply(k, *rot), v.contiguous()
+            k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot)
+            kv = cache.update(layer, k, v, plan)
+            o = attend(qkv[:, :s.num_heads].transpose(0, 1), None, kv, plan, cache.sink,
+                       flash, rot=rot, rot_sink=rot_sink)
+            return self.out(o.transpose(0, 1).reshape(T, s.num_heads * D))
+        q, k, v = qkv.transpose(0, 1).split((s.num_heads, s.num_kv_heads, s.num_kv_heads),
+                                            dim=0)
+        q_win = rope.apply(q, *rot)
+        q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
+        k, v = rope.apply(k, *rot), v.contiguous()
         kv = cache.update(layer, k, v, plan)
         o = attend(q_win, q_sink, kv, plan, cache.sink, flash)
         return self.out(o.transpose(0, 1).reshape(T, s.num_heads * D))
