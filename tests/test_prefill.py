@@ -105,9 +105,10 @@ def flash_calls(monkeypatch):
 
 
 def _both(q, q_sink, kv, plan, S, calls):
-    before = calls.n
+    before, built = calls.n, plan._mask is not None
     out = A.attend(q, q_sink, kv, plan, S, flash=True)
     assert calls.n == before + 1, "the flash kernel did not run"
+    assert built or plan._mask is None, "the flash path built the dense mask"
     ref = A.attend(q, q_sink, kv, plan, S)
     assert calls.n == before + 1, "the reference ran the flash kernel"
     return out, ref
@@ -294,6 +295,20 @@ def test_decoder_prefill_flash_equals_reference(tiny_models, flash_calls, family
             assert _rel(x, y) < 1e-5 or float(y.abs().max()) == 0.0
         elif isinstance(x, torch.Tensor):
             assert (x.long() - y.long()).abs().max() <= 1  # int8 codes: a rounding apart
+
+
+@on_interpreter
+def test_flash_prefill_builds_no_dense_mask(tiny_neox, flash_calls, monkeypatch):
+    """The plan's [T, Nk] mask is built on first read only, and the flash path never reads
+    it (the kernel takes key_pos, q_lo, q_ti); the reference path still gets it."""
+    cfg = CacheConfig(policy="streaming", sink=2, window=6, compress_every=3)
+    dec = Decoder.build(tiny_neox.model, cfg, chunk_size=9, prefill_kernel="flash")
+    monkeypatch.setattr(dec.cache, "_mask", lambda *a: pytest.fail("dense mask built"))
+    dec.prefill(list(range(1, 30)))
+    assert flash_calls.n > 0
+    ref = Decoder.build(tiny_neox.model, cfg, chunk_size=9, prefill_kernel="reference")
+    plan = ref.cache.plan_prefill(0, 9)
+    assert plan._mask is None and plan.mask.shape == (9, ref.cache.slots + 9)
 
 
 @on_interpreter
