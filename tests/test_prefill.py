@@ -35,7 +35,9 @@ from fastdecode.engine import FLASH_CHUNK, REFERENCE_CHUNK, Decoder  # noqa: E40
 from fastdecode.errors import ConfigError, DeviceError  # noqa: E402
 from fastdecode.eval.ppl import EvalSpec, evaluate  # noqa: E402
 from fastdecode.kernels import flash_prefill as FP  # noqa: E402
+from fastdecode.kernels import prefill_norm as PN  # noqa: E402
 from fastdecode.kernels.flash_prefill import block_table, head_split  # noqa: E402
+from fastdecode.kernels.prefill_norm import dual_layer_norm  # noqa: E402
 from fastdecode.kernels.prefill_rope import prefill_rope  # noqa: E402
 
 FAMILIES = ("tiny-neox", "tiny-llama")
@@ -266,6 +268,52 @@ def test_flash_kernel_rotates_q_like_rope_apply(flash_calls, cfg, shape, t0, T, 
         assert _rel(wrong, ref) > 1e-4  # the sink rotation is checked, not passed by
 
 
+def _norms(N, bias, gen, dtype=torch.float32, device="cpu"):
+    norms = [torch.nn.LayerNorm(N, eps=1e-5, bias=bias) for _ in range(2)]
+    with torch.no_grad():
+        for n in norms:
+            n.weight.copy_(1 + torch.randn(N, generator=gen))
+            if bias:
+                n.bias.copy_(torch.randn(N, generator=gen))
+    return [n.to(device, dtype) for n in norms]
+
+
+@settings(max_examples=10)
+@given(N=st.sampled_from([8, 20, 96, 160, 2560 // 8, 1000]), T=st.integers(1, 9),
+       bias=st.booleans(), rb=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
+       seed=st.integers(0, 2**16))
+def test_dual_layer_norm_equals_two_layer_norms(N, T, bias, rb, scale, seed):
+    """Both LayerNorms from one pass equal ``nn.LayerNorm`` twice (widths not a power of
+    two, with and without biases, large and small inputs, a strided x), and the residual
+    output is x plus the given bias."""
+    gen = torch.Generator().manual_seed(seed)
+    n1, n2 = _norms(N, bias, gen)
+    x = (scale * (torch.randn(T, N + 3, generator=gen) + 2))[:, :N]  # row stride N + 3
+    b = torch.randn(N, generator=gen) if rb else None
+    y1, y2, r = dual_layer_norm(x, n1, n2, b)
+    torch.testing.assert_close(y1, n1(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y2, n2(x), rtol=1e-5, atol=1e-5)
+    assert (r is None) == (b is None)
+    if rb:
+        torch.testing.assert_close(r, x + b, rtol=0, atol=0)
+
+
+@on_interpreter
+def test_parallel_block_takes_the_fused_norm_and_addmm(tiny_neox, monkeypatch):
+    """On the flash path a GPT-NeoX block (parallel residual, LayerNorm) runs the dual norm
+    and the addmm residual; the whole-model property test checks its logits and cache."""
+    calls = []
+    fn = PN.dual_layer_norm
+    monkeypatch.setattr(PN, "dual_layer_norm", lambda *a: calls.append(1) or fn(*a))
+    cfg = CacheConfig(policy="streaming", sink=2, window=6)
+    out = Decoder.build(tiny_neox.model, cfg, prefill_kernel="flash").prefill(
+        list(range(1, 20)), all_logits=True)
+    assert len(calls) == tiny_neox.spec.num_layers
+    ref = Decoder.build(tiny_neox.model, cfg, prefill_kernel="reference").prefill(
+        list(range(1, 20)), all_logits=True)
+    assert _rel(out, ref) < 1e-5
+
+
 # ------------------------------------------------------------------ whole model
 @on_interpreter
 @settings(max_examples=4)  # the kernel-level property above covers the policies more widely
@@ -398,6 +446,18 @@ def test_flash_kernel_on_cuda_bf16(flash_calls, cfg, shape):
                   torch.randn(Hkv, T, D, generator=gen).bfloat16().cuda(), plan)
     out, ref = _both(q, qs if c.sink else None, kv, plan, c.sink, flash_calls)
     assert _rel(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_dual_layer_norm_on_cuda_bf16():
+    gen = torch.Generator().manual_seed(0)
+    n1, n2 = _norms(2560, True, gen, torch.bfloat16, "cuda")
+    x = torch.randn(3000, 2560, generator=gen).bfloat16().cuda()
+    b = torch.randn(2560, generator=gen).bfloat16().cuda()
+    y1, y2, r = dual_layer_norm(x, n1, n2, b)
+    assert _rel(y1, n1(x)) < 1e-2 and _rel(y2, n2(x)) < 1e-2
+    assert _rel(r, x + b) < 1e-2
 
 
 # ------------------------------------------------------------------ the bench's TTFT / total
