@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"  # where the tests that run on both put their tensors
 # Tests that run the kernel on CPU tensors under the interpreter; on a CUDA machine the
 # interpreter is off (the GPU tests below run the kernel itself).
 on_interpreter = pytest.mark.skipif(CUDA, reason="runs the kernel under Triton's interpreter "
@@ -218,9 +219,9 @@ def test_prefill_rope_equals_rope_apply(shape, T, t0, seed):
     give (partial rotary, GQA, positions up to 10^7)."""
     H, Hkv, D, rd = shape
     gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(T, H + 2 * Hkv, D, generator=gen)
-    f = rope.inv_freq(rd, 10000.0)
-    rot = rope.cos_sin(torch.arange(t0, t0 + T), f, torch.float32)
+    qkv = torch.randn(T, H + 2 * Hkv, D, generator=gen).to(DEV)
+    f = rope.inv_freq(rd, 10000.0, device=DEV)
+    rot = rope.cos_sin(torch.arange(t0, t0 + T, device=DEV), f, torch.float32)
     k, v = prefill_rope(qkv, H, Hkv, rot)
     _, rk, rv = qkv.transpose(0, 1).split((H, Hkv, Hkv))
     torch.testing.assert_close(k, rope.apply(rk, *rot), rtol=1e-6, atol=1e-6)
@@ -287,9 +288,9 @@ def test_dual_layer_norm_equals_two_layer_norms(N, T, bias, rb, scale, seed):
     two, with and without biases, large and small inputs, a strided x), and the residual
     output is x plus the given bias."""
     gen = torch.Generator().manual_seed(seed)
-    n1, n2 = _norms(N, bias, gen)
-    x = (scale * (torch.randn(T, N + 3, generator=gen) + 2))[:, :N]  # row stride N + 3
-    b = torch.randn(N, generator=gen) if rb else None
+    n1, n2 = _norms(N, bias, gen, device=DEV)
+    x = (scale * (torch.randn(T, N + 3, generator=gen) + 2)).to(DEV)[:, :N]  # row stride N+3
+    b = torch.randn(N, generator=gen).to(DEV) if rb else None
     y1, y2, r = dual_layer_norm(x, n1, n2, b)
     torch.testing.assert_close(y1, n1(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y2, n2(x), rtol=1e-5, atol=1e-5)
