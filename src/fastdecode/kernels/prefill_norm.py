@@ -32,13 +32,14 @@ def _dual_layer_norm(X, W1, B1, W2, B2, RB, Y1, Y2, R, N, sx, eps,
     tl.store(Y1 + row * N + cols, y1.to(Y1.dtype.element_ty), mask=m)
     tl.store(Y2 + row * N + cols, y2.to(Y2.dtype.element_ty), mask=m)
     if HAS_RB:
-        r = x + tl.load(RB + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(R + row * N + cols, r.to(R.dtype.element_ty), mask=m)
+        x += tl.load(RB + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(R + row * N + cols, x.to(R.dtype.element_ty), mask=m)
 
 
 def dual_layer_norm(x: torch.Tensor, norm1, norm2, residual_bias: torch.Tensor | None = None):
     """``x`` [T, N] and two ``nn.LayerNorm`` of width N (same eps) -> (norm1(x), norm2(x),
-    x + residual_bias or None), each [T, N] contiguous in x's dtype."""
+    x + residual_bias, or a copy of x), each [T, N] contiguous in x's dtype: the residual
+    is a fresh tensor the projections may add into in place."""
     T, N = x.shape
     if x.stride(-1) != 1 or norm1.weight.numel() != N or norm2.weight.numel() != N \
             or norm1.eps != norm2.eps:
@@ -46,13 +47,12 @@ def dual_layer_norm(x: torch.Tensor, norm1, norm2, residual_bias: torch.Tensor |
     has_bias = norm1.bias is not None and norm2.bias is not None
     if (norm1.bias is None) != (norm2.bias is None):
         raise InputError("dual_layer_norm: one norm has a bias, the other not")
-    y1, y2 = (torch.empty((T, N), dtype=x.dtype, device=x.device) for _ in range(2))
+    y1, y2, r = (torch.empty((T, N), dtype=x.dtype, device=x.device) for _ in range(3))
     has_rb = residual_bias is not None
-    r = torch.empty_like(y1) if has_rb else y1
     block = triton.next_power_of_2(N)
     _dual_layer_norm[(T,)](x, norm1.weight, norm1.bias if has_bias else norm1.weight,
                            norm2.weight, norm2.bias if has_bias else norm2.weight,
                            residual_bias if has_rb else norm1.weight, y1, y2, r, N,
                            x.stride(0), norm1.eps, BLOCK=block, HAS_BIAS=has_bias,
                            HAS_RB=has_rb, num_warps=8 if block >= 2048 else 4)
-    return y1, y2, (r if has_rb else None)
+    return y1, y2, r

@@ -125,7 +125,8 @@ class Block(nn.Module):
 
     def _parallel_prefill(self, x, cache, plan, rot, rot_sink):
         """:meth:`residual` (parallel) with both norms in one Triton pass that also writes
-        x + both output biases, into which the projections add (addmm): no separate
+        x + both output biases, into which the projections add in place (``addmm_``: the
+        GEMM reads it as C; an out-of-place addmm would copy it first): no separate
         LayerNorm, bias or residual passes over [T, hidden]."""
         from ..kernels.prefill_norm import dual_layer_norm  # Triton: imported when used
 
@@ -133,8 +134,8 @@ class Block(nn.Module):
         rb = out.bias + down.bias if out.bias is not None else None
         h1, h2, r = dual_layer_norm(x, self.norm1, self.norm2, rb)
         a = self.attn.context(h1, self.index, cache, plan, rot, rot_sink, True)
-        r = torch.addmm(x if r is None else r, a, out.weight.t())
-        return torch.addmm(r, self.mlp.hidden(h2), down.weight.t())
+        r.addmm_(a, out.weight.t())
+        return r.addmm_(self.mlp.hidden(h2), down.weight.t())
 
     def residual(self, x, a):
         """x plus the attention output ``a`` and the MLP (parallel or sequential)."""
