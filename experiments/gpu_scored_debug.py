@@ -40,8 +40,9 @@ def run(cfg, mode, pdl, steps=12, preset="small-neox", prompt_len=60):
                 lay = [j for j in range(x.shape[0]) if not torch.equal(x[j], y[j])]
             if lay:
                 bad.append(f"{name} layers {lay[:6]}")
-        print(f"  {cfg.policy} {mode} pdl={pdl} step {i}: logits rel "
-              f"{rel(b.float(), a.float()):.2e} {'; '.join(bad) or 'buffers equal'}", flush=True)
+        err = rel(b.float(), a.float())
+        print(f"  {cfg.policy} {mode} pdl={pdl} step {i}: logits rel {err:.2e}"
+              f" {'; '.join(bad) or 'buffers equal'}", flush=True)
         if bad:
             j = int(bad[0].split("[")[1].split(",")[0].rstrip("]"))
             print("   eager pos", e.pos[j, 0].tolist()[:70],

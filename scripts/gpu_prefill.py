@@ -15,10 +15,14 @@ On Pythia-2.8B shapes (random weights, bf16):
     attention, 512-token chunks) against the new one (the kernel, default chunks);
 (e) one JSON record (``--json``, default ``$OUT/gpu_prefill.json``) and a short table.
 
-Also a few launch configurations of the kernel on the 4,096-token prefill (the fastest is
-used for the rest and recorded), and a torch.profiler breakdown of one 16k prefill.
+Also launch configurations of the kernel (``--sweep``: the default few, ``wide``, or a
+list ``BM/BN/warps/stages,...``) on the ``--sweep-lengths`` prefills beside the card's
+default (``flash_prefill.launch_config``; ``--config`` overrides it for the whole run), and
+a torch.profiler breakdown of one 16k prefill. ``--parts`` picks the sections.
 
     PYTHONPATH=src python scripts/gpu_prefill.py
+    PYTHONPATH=src python scripts/gpu_prefill.py --parts sweep --sweep wide \
+        --sweep-lengths 4096,16384
 """
 
 from __future__ import annotations
@@ -33,13 +37,21 @@ import traceback
 import torch
 
 LENGTHS = (2048, 4096, 8192, 16384)
-SWEEP = [  # kernel launch configurations tried on the 4k prefill
-    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
-]
+PARTS = ("checks", "sweep", "ours", "profile", "ppl", "hf")
+SWEEPS = {  # kernel launch configurations, BM/BN/warps/stages
+    "default": "128/64/8/3,128/64/4/3,128/128/8/2,64/64/4/3,128/32/4/4",
+    "wide": "128/64/4/3,128/64/8/3,128/64/4/2,128/64/4/4,128/32/4/4,128/128/8/2,"
+            "64/64/4/3,64/128/4/3,64/32/4/4",
+}
+
+
+def parse_configs(text: str) -> list[dict]:
+    """``BM/BN/warps/stages,...`` (or a name in SWEEPS) -> launch configurations."""
+    out = []
+    for item in SWEEPS.get(text, text).split(","):
+        bm, bn, w, st = (int(x) for x in item.split("/"))
+        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st})
+    return out
 
 
 def rel(a, b) -> float:
@@ -119,8 +131,8 @@ def kernel_checks(spec_heads):
                    "rel_err": rel(o, r), "flash_ms": t_flash, "reference_ms": t_ref,
                    "flash_nan": bool(o.isnan().any()), "reference_nan": bool(r.isnan().any())}
             out.append(row)
-            print(f"check {Hq}/{Hkv}x{D} {cfg.policy} S{c.sink} W{cfg.window} "
-                  f"R{cfg.compress_every} {cfg.kv_dtype} {cfg.position_mode} t0={t0} T={T}: "
+            print(f"check {Hq}/{Hkv}x{D} {cfg.policy} S{c.sink} W{c.window} "
+                  f"R{c.compress_every} {cfg.kv_dtype} {cfg.position_mode} t0={t0} T={T}: "
                   f"rel {row['rel_err']:.2e}  flash {t_flash:.3f} ms  ref {t_ref:.3f} ms",
                   flush=True)
     return out
@@ -131,10 +143,22 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"sections, of {PARTS}")
+    ap.add_argument("--sweep", default="default",
+                    help=f"launch configurations to sweep: {sorted(SWEEPS)} or BM/BN/W/S,...")
+    ap.add_argument("--sweep-lengths", default="4096")
+    ap.add_argument("--config", default=None, help="BM/BN/W/S: the kernel's launch config")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
+    parts = set(args.parts.split(","))
+    if args.no_sweep:
+        parts.discard("sweep")
+    if args.no_hf:
+        parts.discard("hf")
+    if parts - set(PARTS):
+        ap.error(f"unknown parts {sorted(parts - set(PARTS))}")
     path = args.json or os.path.join(os.environ.get("OUT", "."), "gpu_prefill.json")
 
     from fastdecode.bench import tpot
@@ -145,7 +169,12 @@ def main():
     from fastdecode.models import load_model
 
     t_all = time.perf_counter()
-    rec: dict = {"kind": "fastdecode.gpu_prefill", "env": tpot.env_info(torch.device("cuda"))}
+    rec: dict = {"kind": "fastdecode.gpu_prefill", "env": tpot.env_info(torch.device("cuda")),
+                 "parts": sorted(parts)}
+    config = FP.launch_config("cuda")  # the dict the kernel reads: updated in place
+    if args.config:
+        config.update(parse_configs(args.config)[0])
+    default_config = dict(config)
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -172,7 +201,8 @@ def main():
     print(f"bf16 matmul rate {rate / 1e12:.0f} TFLOP/s", flush=True)
 
     # (a) correctness
-    section("kernel_checks", rec, lambda: kernel_checks([(32, 32, 80), (32, 8, 64)]))
+    if "checks" in parts:
+        section("kernel_checks", rec, lambda: kernel_checks([(32, 32, 80), (32, 8, 64)]))
 
     def model_check():
         prompt = tpot.random_prompt(2048, spec.vocab_size, 1, "cuda")
@@ -187,8 +217,9 @@ def main():
                 "cache_k_rel_err": rel(out["flash_k"], out["reference_k"]),
                 "argmax_agree": float((out["flash"].argmax(-1) ==
                                        out["reference"].argmax(-1)).float().mean())}
-    section("model_check", rec, model_check)
-    print(f"model check: {rec['model_check']}", flush=True)
+    if "checks" in parts:
+        section("model_check", rec, model_check)
+        print(f"model check: {rec['model_check']}", flush=True)
     save()
 
     def prefill_fn(cfg, prompt):
@@ -199,24 +230,35 @@ def main():
             return dec.prefill(prompt)
         return run
 
-    # launch configurations
+    # launch configurations: each against the card's default, per length; the run keeps
+    # the default (what users get), the record says which was fastest
     def sweep():
-        prompt = tpot.random_prompt(4096, spec.vocab_size, 2, "cuda")
-        rows = []
-        for c in SWEEP:
-            FP.CONFIG.update(c)
-            try:
-                t = time_ms(prefill_fn(stream, prompt), args.reps)
-                rows.append({"config": dict(c), "ms": t["median"]})
-                print(f"config {c}: 4k prefill {t['median']:.2f} ms", flush=True)
-            except Exception as e:  # noqa: BLE001
-                rows.append({"config": dict(c), "error": str(e)[:500]})
-        best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
-        FP.CONFIG.update(best["config"])
-        return {"rows": rows, "best": best}
-    if not args.no_sweep:
+        out = {"default": default_config, "lengths": {}}
+        cands = [default_config] + [c for c in parse_configs(args.sweep) if c != default_config]
+        for T in (int(x) for x in args.sweep_lengths.split(",")):
+            prompt = tpot.random_prompt(T, spec.vocab_size, 2, "cuda")
+            rows = []
+            for c in cands:
+                config.update(c)
+                try:
+                    t = time_ms(prefill_fn(stream, prompt), args.reps)
+                    rows.append({"config": dict(c), "ms": t["median"]})
+                    tag = "/".join(str(v) for v in c.values())
+                    print(f"sweep T={T} {tag}: {t['median']:.2f} ms", flush=True)
+                except Exception as e:  # noqa: BLE001 - a config the card cannot run
+                    rows.append({"config": dict(c), "error": f"{type(e).__name__}: {e}"[:500]})
+                    print(f"sweep T={T} {c}: FAILED {type(e).__name__}", flush=True)
+            config.update(default_config)
+            ok = [r for r in rows if "ms" in r]
+            best = min(ok, key=lambda r: r["ms"]) if ok else None
+            out["lengths"][T] = {"rows": rows, "best": best}
+            if best:
+                print(f"SWEEP T={T}: best {best['config']} {best['ms']:.2f} ms, default "
+                      f"{rows[0].get('ms', float('nan')):.2f} ms", flush=True)
+        return out
+    if "sweep" in parts:
         section("sweep", rec, sweep)
-    rec["config"] = dict(FP.CONFIG)
+    rec["config"] = dict(config)
     save()
 
     # (b) prefill times
@@ -238,7 +280,8 @@ def main():
                       f"(floor {r.get('floor_ms', float('nan')):.1f})", flush=True)
                 torch.cuda.empty_cache()
         return rows
-    section("ours", rec, ours)
+    if "ours" in parts:
+        section("ours", rec, ours)
     save()
 
     def profile16k():
@@ -268,6 +311,10 @@ def main():
                 return "matmul"
             if "layer_norm" in low:
                 return "norm"
+            if "prefill_rope" in low:
+                return "rotary"
+            if "gelu" in low:
+                return "gelu"
             if any(s in low for s in ("cat", "index", "scatter", "copy")):
                 return "copy/cache"
             return "elementwise/other"
@@ -278,8 +325,10 @@ def main():
         return {"T": T, "by_category_ms": cats,
                 "kernel_ms": sum(v[0] for v in kern.values()),
                 "top": [{"name": n[:120], "ms": ms, "calls": c} for n, (ms, c) in top]}
-    section("profile", rec, profile16k)
-    print(f"profile 16k by category (ms): {rec['profile'].get('by_category_ms')}", flush=True)
+    if "profile" in parts:
+        section("profile", rec, profile16k)
+        print(f"profile 16k by category (ms): {rec['profile'].get('by_category_ms')}",
+              flush=True)
     save()
 
     # (d) PPL evaluator
@@ -297,8 +346,9 @@ def main():
         out["speedup"] = out["old"]["seconds"] / out["new"]["seconds"]
         out["ppl_rel_diff"] = abs(out["new"]["ppl"] / out["old"]["ppl"] - 1)
         return out
-    section("ppl", rec, ppl)
-    print(f"ppl: {rec['ppl']}", flush=True)
+    if "ppl" in parts:
+        section("ppl", rec, ppl)
+        print(f"ppl: {rec['ppl']}", flush=True)
     save()
 
     # HF SDPA forward
@@ -325,12 +375,13 @@ def main():
         del model
         torch.cuda.empty_cache()
         return rows
-    if not args.no_hf:
+    if "hf" in parts:
         section("hf", rec, hf)
     save()
 
     # table
-    hf_ms = {r["T"]: r["ms"] for r in rec.get("hf", []) if isinstance(r, dict) and "ms" in r}
+    hf_rows = rec["hf"] if isinstance(rec.get("hf"), list) else []
+    hf_ms = {r["T"]: r["ms"] for r in hf_rows if "T" in r and "ms" in r}
     ours_rows = rec["ours"] if isinstance(rec.get("ours"), list) else []
     print(f"\n{'T':>6s} {'stream 4+2048':>14s} {'dense':>9s} {'HF SDPA':>9s} {'floor':>8s}  (ms)")
     summary = []

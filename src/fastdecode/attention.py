@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from . import rope
 from .cache.base import Plan
 from .cache.storage import KV
 from .errors import ConfigError, DeviceError
@@ -40,19 +41,25 @@ def flash_prefill_enabled(kernel: str, device) -> bool:
 
 
 def attend(q: torch.Tensor, q_sink: torch.Tensor | None, kv: KV, plan: Plan,
-           num_sink: int, flash: bool = False) -> torch.Tensor:
+           num_sink: int, flash: bool = False, rot=None, rot_sink=None) -> torch.Tensor:
     """Softmax attention [Hq, T, D] of q (and q_sink, rotated at the sink position) over
     kv [Hkv, Nk, D], GQA when Hq > Hkv; int8 scales apply to scores and probabilities. In
     decode (``plan.key_is_sink`` None) the sinks are the first ``num_sink`` keys.
     ``kv.mask`` (score-based caches) replaces ``plan.mask`` per KV head, ``kv.observe`` sees
-    the probabilities. ``flash``: a prefill on an unscored cache takes the flash kernel."""
+    the probabilities. ``flash``: a prefill on an unscored cache takes the flash kernel.
+    ``rot`` (cos, sin): q is not rotated yet (``q_sink`` None): it is rotated here at the
+    text positions and, with ``rot_sink``, at the sink positions (the kernel: in registers)."""
     keys, values = kv.k, kv.v
     if flash and plan.key_pos is not None and q.shape[1] > 1 and kv.mask is None \
             and kv.observe is None:
         from .kernels.flash_prefill import flash_prefill
 
         return flash_prefill(q, q_sink, kv.k, kv.v, kv.k_scale, kv.v_scale, plan.key_pos,
-                             plan.q_lo, plan.q_ti, num_sink, memo=plan.memo)
+                             plan.q_lo, plan.q_ti, num_sink, memo=plan.memo, rot=rot,
+                             rot_sink=rot_sink)
+    if rot is not None:
+        q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
+        q = rope.apply(q, *rot)
     if kv.k_scale is not None:
         keys, values = keys.to(q.dtype), values.to(q.dtype)
     Hq, T, D = q.shape

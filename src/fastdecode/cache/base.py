@@ -5,6 +5,7 @@ interface every policy implements (plan, update): keys rotated once, at their te
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ class Plan:
 
     q_pos: torch.Tensor  # int64 [T]: text positions of the new tokens (queries and new keys)
     q_pos_sink: torch.Tensor | None  # int64 [T]: where queries score sink keys; None if S=0
-    mask: torch.Tensor  # bool [T, Nk]: key visible to query
+    mask: torch.Tensor | None  # bool [T, Nk]: key visible to query (prefill: see mask_fn)
     key_is_sink: torch.Tensor | None  # bool [Nk] (prefill); None in decode (first S columns)
     write_src: torch.Tensor | None = None  # prefill: which new tokens are stored...
     write_dst: torch.Tensor | None = None  # ...and in which slots
@@ -30,6 +31,24 @@ class Plan:
     q_lo: torch.Tensor | None = None  # int64 [T]: lowest visible window position
     q_ti: torch.Tensor | None = None  # int64 [T]: the queries' text positions (no offset)
     memo: dict | None = None  # per-plan scratch shared by the layers (kernel block tables)
+    # Prefill: builds ``mask`` on first read, so the flash path (which reads key_pos, q_lo
+    # and q_ti only) never materialises the [T, Nk] mask.
+    mask_fn: Callable[[], torch.Tensor] | None = None
+
+
+def _get_mask(plan: Plan) -> torch.Tensor:
+    if plan._mask is None and plan.mask_fn is not None:
+        plan._mask = plan.mask_fn()
+    return plan._mask
+
+
+def _set_mask(plan: Plan, mask: torch.Tensor | None) -> None:
+    plan._mask = mask
+
+
+# ``mask`` stays an ordinary field for the constructor and dataclasses.replace; reads go
+# through mask_fn when it was not given.
+Plan.mask = property(_get_mask, _set_mask)
 
 
 class KVCache:
@@ -112,11 +131,12 @@ class KVCache:
         return Plan(
             q_pos=ti + self.position_offset,
             q_pos_sink=pos_sink if self.sink else None,
-            mask=self._mask(keys_j, ti, lo),
+            mask=None,
             key_is_sink=(keys_j >= 0) & (keys_j < self.sink) if self.sink else None,
             write_src=src,
             write_dst=self.slot_of(ti[src]),
             key_pos=keys_j, q_lo=lo, q_ti=ti, memo={},
+            mask_fn=lambda: self._mask(keys_j, ti, lo),
         )
 
     def plan_decode(self, t: torch.Tensor) -> Plan:

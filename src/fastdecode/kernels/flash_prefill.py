@@ -6,7 +6,10 @@ is visible to query i iff ``0 <= kj <= ti`` and (``kj < S`` or ``kj >= lo``), fr
 ``key_pos``, ``q_lo``, ``q_ti``; sink keys are scored by the sink query in the same softmax;
 int8 scales apply to scores and probabilities, as in ``attend``. A per-plan block table
 skips unseen key blocks. Head dims like 80 split as 64 + 16 (no multiply wasted on
-padding); fp32 inputs use IEEE products, what the CPU interpreter (tests) runs.
+padding); fp32 inputs use IEEE products, what the CPU interpreter (tests) runs. Given the
+rotary cos/sin, the kernel rotates the raw queries itself (at the text and the sink
+positions) as they are loaded: no rotated copy of q is written
+(perf/results/h200-prefill-0e1f695.json: the rotary pass was 9.3 ms of a 16k prefill).
 """
 
 from __future__ import annotations
@@ -19,9 +22,16 @@ import triton.language as tl
 
 from ..errors import InputError
 
-# CUDA: the sweep of scripts/gpu_prefill.py (perf/results/h200-prefill-0e1f695.json); the
-# interpreter runs every program in numpy, so small blocks.
-CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+# Launch configurations by CUDA capability. sm_90 (H100/H200): the sweep of
+# scripts/gpu_prefill.py (perf/results/h200-prefill-0e1f695.json). sm_80 (A100/A800: no
+# wgmma/TMA, Triton emits mma.sync) and other GPUs: unmeasured, with fewer stages so the
+# shared memory of smaller parts suffices. The interpreter runs every program in numpy, so
+# small blocks.
+CONFIGS = {
+    (9, 0): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    (8, 0): {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+}
+DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 
 _LOG2E = 1.4426950408889634
@@ -39,14 +49,48 @@ def head_split(D: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(D)), 0
 
 
+def launch_config(device) -> dict:
+    """The launch configuration for ``device`` (the interpreter's on the CPU); the dict
+    itself, so a sweep may update it in place."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return INTERPRET_CONFIG
+    return CONFIGS.get(torch.cuda.get_device_capability(device), DEFAULT_CONFIG)
+
+
+@triton.jit
+def _load_q(Q, COS, SIN, sq_t, sc_t, rows, rmask, cols, cmask, HALF: tl.constexpr):
+    """q's columns ``cols`` of ``rows``; with HALF > 0 the first 2 * HALF dims rotated
+    (rotate-half) in float32, as kernels/prefill_rope.py does."""
+    m = rmask[:, None] & cmask[None, :]
+    x = tl.load(Q + rows[:, None] * sq_t + cols[None, :], mask=m, other=0.0)
+    if HALF > 0:
+        rot = cols < 2 * HALF
+        first = cols < HALF
+        partner = tl.where(first, cols + HALF, tl.where(rot, cols - HALF, cols))
+        xp = tl.load(Q + rows[:, None] * sq_t + partner[None, :], mask=m,
+                     other=0.0).to(tl.float32)
+        ci = tl.where(first, cols, cols - HALF)
+        cm = rmask[:, None] & rot[None, :]
+        c = tl.load(COS + rows[:, None] * sc_t + ci[None, :], mask=cm, other=1.0)
+        s = tl.load(SIN + rows[:, None] * sc_t + ci[None, :], mask=cm, other=0.0)
+        sign = tl.where(first, -1.0, 1.0)[None, :]
+        xf = x.to(tl.float32)
+        xr = xf * c.to(tl.float32) + sign * xp * s.to(tl.float32)
+        x = tl.where(rot[None, :], xr, xf).to(x.dtype)
+    return x
+
+
 @triton.jit
 def _flash_prefill(Q, QS, K, V, KS, VS, KPOS, QLO, QTI, BIDX, BCNT, OUT,
+                   COS, SIN, COSS, SINS,
                    T, NK, S, G, n_qb, n_kb,
-                   sq_h, sq_t, sqs_h, sqs_t, sk_h, sk_n, sv_h, sv_n, ss_h, so_h, so_t,
+                   sq_h, sq_t, sqs_h, sqs_t, sk_h, sk_n, sv_h, sv_n, ss_h, so_h, so_t, sc_t,
                    qk_scale,
                    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_SINK: tl.constexpr, INT8: tl.constexpr, PREC: tl.constexpr):
+                   HAS_SINK: tl.constexpr, INT8: tl.constexpr, PREC: tl.constexpr,
+                   HALF: tl.constexpr):
     # Heaviest query blocks (last in the text: most keys) first.
     qb = n_qb - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -57,18 +101,17 @@ def _flash_prefill(Q, QS, K, V, KS, VS, KPOS, QLO, QTI, BIDX, BCNT, OUT,
     rmask = rows < T
     da = tl.arange(0, DA)
     dam = da < D
-    q_a = tl.load(Q + h * sq_h + rows[:, None] * sq_t + da[None, :],
-                  mask=rmask[:, None] & dam[None, :], other=0.0)
+    # HALF > 0: QS is Q (the raw queries), rotated at the sink positions (COSS, SINS).
+    q_a = _load_q(Q + h * sq_h, COS, SIN, sq_t, sc_t, rows, rmask, da, dam, HALF)
     if HAS_SINK:
-        qs_a = tl.load(QS + h * sqs_h + rows[:, None] * sqs_t + da[None, :],
-                       mask=rmask[:, None] & dam[None, :], other=0.0)
+        qs_a = _load_q(QS + h * sqs_h, COSS, SINS, sqs_t, sc_t, rows, rmask, da, dam, HALF)
     if DB > 0:
         db = DA + tl.arange(0, DB)
-        q_b = tl.load(Q + h * sq_h + rows[:, None] * sq_t + db[None, :],
-                      mask=rmask[:, None], other=0.0)
+        dbm = db < D
+        q_b = _load_q(Q + h * sq_h, COS, SIN, sq_t, sc_t, rows, rmask, db, dbm, HALF)
         if HAS_SINK:
-            qs_b = tl.load(QS + h * sqs_h + rows[:, None] * sqs_t + db[None, :],
-                           mask=rmask[:, None], other=0.0)
+            qs_b = _load_q(QS + h * sqs_h, COSS, SINS, sqs_t, sc_t, rows, rmask, db, dbm,
+                           HALF)
     lo = tl.load(QLO + rows, mask=rmask, other=0)
     ti = tl.load(QTI + rows, mask=rmask, other=-1)  # padding rows see nothing
 
@@ -173,10 +216,12 @@ def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
                   v: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
                   key_pos: torch.Tensor, q_lo: torch.Tensor, q_ti: torch.Tensor,
                   num_sink: int, *, memo: dict | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, rot=None, rot_sink=None) -> torch.Tensor:
     """``attend``'s prefill: [Hq, T, D] in q's dtype, a transposed view of a [T, Hq, D]
     buffer (the output projection needs no copy). ``memo`` (one per plan) keeps the block
-    table for every layer."""
+    table for every layer. ``rot`` (cos, sin) [T, rotary_dim // 2]: q is not rotated yet;
+    the kernel rotates it at the text positions and, with ``rot_sink``, at the sink
+    positions (then ``q_sink`` must be None: the sink queries are q itself)."""
     Hq, T, D = q.shape
     Hkv, NK, Dk = k.shape
     if Dk != D or v.shape != k.shape or Hq % Hkv:
@@ -184,8 +229,9 @@ def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
                          f" / v {tuple(v.shape)}")
     if key_pos.numel() != NK or q_lo.numel() != T or q_ti.numel() != T:
         raise InputError("flash_prefill: positions do not match the keys / queries")
-    interp = not q.is_cuda
-    cfg = dict(INTERPRET_CONFIG if interp else CONFIG, **(config or {}))
+    if rot is not None and q_sink is not None:
+        raise InputError("flash_prefill: give raw q with rot/rot_sink, or q and q_sink rotated")
+    cfg = dict(launch_config(q.device), **(config or {}))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     key = ("flash_blocks", bm, bn, num_sink)
     table = memo.get(key) if memo is not None else None
@@ -194,6 +240,14 @@ def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
         if memo is not None:
             memo[key] = table
     bidx, bcnt = table
+    if rot is not None:
+        q_sink = q if rot_sink is not None else None
+        cos, sin = (t.contiguous() for t in rot)
+        cos_s, sin_s = (t.contiguous() for t in rot_sink) if rot_sink is not None else (cos, sin)
+        half = cos.shape[-1]
+    else:
+        cos = sin = cos_s = sin_s = key_pos  # unused (HALF = 0)
+        half = 0
     has_sink = q_sink is not None and num_sink > 0
     q, qs, k, v = (t if t.stride(-1) == 1 else t.contiguous()
                    for t in (q, q_sink if has_sink else q, k, v))
@@ -208,12 +262,12 @@ def flash_prefill(q: torch.Tensor, q_sink: torch.Tensor | None, k: torch.Tensor,
     DA, DB = head_split(D) if not int8 else (max(16, triton.next_power_of_2(D)), 0)
     n_qb, n_kb = bidx.shape
     _flash_prefill[(n_qb, Hq)](
-        q, qs, k, v, ks, vs, key_pos, q_lo, q_ti, bidx, bcnt, o,
+        q, qs, k, v, ks, vs, key_pos, q_lo, q_ti, bidx, bcnt, o, cos, sin, cos_s, sin_s,
         T, NK, num_sink, Hq // Hkv, n_qb, n_kb,
         q.stride(0), q.stride(1), qs.stride(0), qs.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), ks.stride(0) if int8 else 0, o.stride(0), o.stride(1),
-        _LOG2E / math.sqrt(D),
+        cos.stride(0) if half else 0, _LOG2E / math.sqrt(D),
         D=D, DA=DA, DB=DB, BLOCK_M=bm, BLOCK_N=bn, HAS_SINK=has_sink, INT8=int8,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", HALF=half,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o

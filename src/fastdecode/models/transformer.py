@@ -49,25 +49,33 @@ class Attention(nn.Module):
 
     def forward(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink,
                 flash: bool = False):
+        return self.out(self.context(x, layer, cache, plan, rot, rot_sink, flash))
+
+    def context(self, x, layer: int, cache: KVCache, plan: Plan, rot, rot_sink,
+                flash: bool = False):
+        """The attention output before the output projection, [T, heads * head_dim]."""
         s = self.spec
         T, D = x.shape[0], s.head_dim
         qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D)
         if flash:
-            # Prefill on the flash path: rotary and layout in one Triton pass. (Imported
+            # Prefill on the flash path: keys rotated and laid out in one Triton pass, the
+            # queries read raw from qkv and rotated inside the attention kernel. (Imported
             # here: Triton reads TRITON_INTERPRET when a kernel is defined.)
             from ..kernels.prefill_rope import prefill_rope
 
-            q_win, q_sink, k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot,
-                                               rot_sink)
-        else:
-            q, k, v = qkv.transpose(0, 1).split((s.num_heads, s.num_kv_heads,
-                                                 s.num_kv_heads), dim=0)
-            q_win = rope.apply(q, *rot)
-            q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
-            k, v = rope.apply(k, *rot), v.contiguous()
+            k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot)
+            kv = cache.update(layer, k, v, plan)
+            o = attend(qkv[:, :s.num_heads].transpose(0, 1), None, kv, plan, cache.sink,
+                       flash, rot=rot, rot_sink=rot_sink)
+            return o.transpose(0, 1).reshape(T, s.num_heads * D)
+        q, k, v = qkv.transpose(0, 1).split((s.num_heads, s.num_kv_heads, s.num_kv_heads),
+                                            dim=0)
+        q_win = rope.apply(q, *rot)
+        q_sink = rope.apply(q, *rot_sink) if rot_sink is not None else None
+        k, v = rope.apply(k, *rot), v.contiguous()
         kv = cache.update(layer, k, v, plan)
         o = attend(q_win, q_sink, kv, plan, cache.sink, flash)
-        return self.out(o.transpose(0, 1).reshape(T, s.num_heads * D))
+        return o.transpose(0, 1).reshape(T, s.num_heads * D)
 
 
 class MLP(nn.Module):
@@ -79,13 +87,15 @@ class MLP(nn.Module):
         self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.has_bias)
 
     def forward(self, x):
+        return self.down(self.hidden(x))
+
+    def hidden(self, x):
+        """The activation before the down projection."""
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.down(h)
+            return F.silu(gate) * up
+        return F.gelu(h)
 
 
 class Block(nn.Module):
@@ -99,8 +109,33 @@ class Block(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(self, x, cache, plan, rot, rot_sink, flash=False):
+        if flash and self._fused_residual(x):
+            return self._parallel_prefill(x, cache, plan, rot, rot_sink)
         return self.residual(x, self.attn(self.norm1(x), self.index, cache, plan, rot,
                                           rot_sink, flash))
+
+    def _fused_residual(self, x) -> bool:
+        """Whether the flash prefill may take :meth:`_parallel_prefill`: a parallel block
+        with LayerNorms and unquantized output projections in x's dtype."""
+        out, down = self.attn.out, self.mlp.down
+        return (self.parallel and isinstance(self.norm1, nn.LayerNorm)
+                and isinstance(self.norm2, nn.LayerNorm) and type(out) is nn.Linear
+                and type(down) is nn.Linear and out.weight.dtype == x.dtype
+                and down.weight.dtype == x.dtype and (out.bias is None) == (down.bias is None))
+
+    def _parallel_prefill(self, x, cache, plan, rot, rot_sink):
+        """:meth:`residual` (parallel) with both norms in one Triton pass that also writes
+        x + both output biases, into which the projections add in place (``addmm_``: the
+        GEMM reads it as C; an out-of-place addmm would copy it first): no separate
+        LayerNorm, bias or residual passes over [T, hidden]."""
+        from ..kernels.prefill_norm import dual_layer_norm  # Triton: imported when used
+
+        out, down = self.attn.out, self.mlp.down
+        rb = out.bias + down.bias if out.bias is not None else None
+        h1, h2, r = dual_layer_norm(x, self.norm1, self.norm2, rb)
+        a = self.attn.context(h1, self.index, cache, plan, rot, rot_sink, True)
+        r.addmm_(a, out.weight.t())
+        return r.addmm_(self.mlp.hidden(h2), down.weight.t())
 
     def residual(self, x, a):
         """x plus the attention output ``a`` and the MLP (parallel or sequential)."""
