@@ -9,7 +9,9 @@ scripts/eviction_tpot.py: TPOT-PPL).
         --dtypes float32 bfloat16 --time-limit 280      # the whole study on a GPU
 
 Run it again after an interruption: finished configurations are skipped (their records
-exist); ``--report-only`` makes the table and plot from the records without evaluating.
+exist); ``--report-only`` makes the table and plots from the records without evaluating
+(``--plot`` PPL against the budget; with a TPOT record also ``<plot>-tpot.png``, PPL
+against TPOT for the policies it timed).
 ``--random-weights``: a SmolLM2-135M-shaped model with random weights and the book's
 GPT-NeoX token ids modulo its vocabulary (a timing check where the GGUF is not at hand).
 """
@@ -150,8 +152,11 @@ def main() -> None:
     tpots = [Path(a.tpot)] if a.tpot else sorted(out.glob("*-eviction-tpot*.json"))
     tpot = json.loads(tpots[-1].read_text()) if tpots else None
     print(eviction.table(records, tpot))
-    if records and a.plot:
-        print(f"plot: {eviction.plot(records, a.plot, tpot)}")
+    if records and a.plot:  # PPL against the budget (every policy), and against TPOT
+        print(f"plot: {eviction.plot(records, a.plot)}")
+        if tpot:
+            tp = Path(a.plot).with_name(Path(a.plot).stem + "-tpot.png")
+            print(f"plot: {eviction.plot(records, tp, tpot)}")
 
 
 if __name__ == "__main__":

@@ -157,32 +157,47 @@ def table(records: list[dict], tpot: dict | None = None) -> str:
 
 
 def plot(records: list[dict], path: str | Path, tpot: dict | None = None) -> Path:
-    """One panel per book and dtype, one line per policy: PPL against TPOT (ms, Pythia-2.8B
-    shapes) of the points a TPOT record holds, or without one against the budget."""
+    """One panel per book and dtype, one line per policy (one colour each across panels).
+    With a TPOT record: PPL against TPOT (ms, Pythia-2.8B shapes) of the points it holds.
+    Without: PPL relative to streaming at the same budget (%) against the budget, where the
+    policies' differences are visible; the window without sinks (tens of % above) is left
+    to the table."""
     from .plot import pyplot, save
 
     plt = pyplot()
     speed = tpot_index(tpot)
     panels = sorted({_col(r)[1:] for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    names = sorted({_row_name(r) for r in records})
+    colour = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    base = {_col(r): r["result"]["ppl"] for r in records if _row_name(r) == "streaming"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (book, dtype) in zip(axes[0], panels):
         lines: dict[str, list] = {}
         for r in records:
-            if _col(r)[1:] == (book, dtype):
-                name, b = _row_name(r), r["config"]["budget"]
-                if speed and (name, b) not in speed:
-                    continue  # not timed: no point on the TPOT axis
-                lines.setdefault(name, []).append((speed.get((name, b), b), r["result"]["ppl"]))
+            name, col = _row_name(r), _col(r)
+            if col[1:] != (book, dtype):
+                continue
+            if speed:
+                if (name, col[0]) in speed:
+                    lines.setdefault(name, []).append((speed[name, col[0]], r["result"]["ppl"]))
+            elif name != "window" and col in base:
+                lines.setdefault(name, []).append(
+                    (col[0], 100 * (r["result"]["ppl"] / base[col] - 1)))
         for name, pts in sorted(lines.items()):
             pts.sort()
-            ax.plot(*zip(*pts), marker="o", label=name)
-        if not speed:
+            ax.plot(*zip(*pts), marker="o", label=name, color=colour[name])
+        if speed:
+            ax.set_yscale("log")  # the window without sinks sits ~2x above the rest
+            ax.yaxis.set_major_formatter("{x:g}")
+            ax.yaxis.set_minor_formatter("{x:g}")
+            ax.set_xlabel("TPOT, ms (Pythia-2.8B shapes, H200)")
+            ax.set_ylabel("perplexity")
+        else:
             ax.set_xscale("log", base=2)
-        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-        ax.set_xlabel("TPOT, ms (Pythia-2.8B shapes, H200)" if speed
-                      else "cache budget (tokens held)")
-        ax.set_ylabel("perplexity")
+            ax.axhline(0, color="k", lw=0.6)
+            ax.set_xlabel("cache budget (tokens held)")
+            ax.set_ylabel("PPL vs streaming at the budget, %")
         ax.set_title(f"{book} {dtype}".strip())
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     return save(fig, path)
