@@ -41,9 +41,12 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # (a) the prefill tests on CUDA (the kernels compiled, bf16 checks, the gpu-marked ones)
 step tests 50 python3 -m pytest -q -p no:cacheprovider tests/test_prefill.py \
   -rs --junitxml="$OUT/pytest-prefill.xml"
-# (b) launch configurations of the flash kernel at 4k and 16k, each beside the default
+# (b) launch configurations of the flash kernel at 4k and 16k, each beside the default;
+#     then the A/B of the queries rotated inside the kernel or by prefill_rope
 step sweep 60 python3 scripts/gpu_prefill.py --parts sweep --sweep wide \
   --sweep-lengths 4096,16384 --reps 3 --json "$OUT/h200-prefill-sweep.json"
+step ab 40 python3 scripts/gpu_prefill.py --parts ab --lengths 4096,16384 --reps 3 \
+  --json "$OUT/h200-prefill-ab.json"
 # (c) the measurement: CUDA checks, all lengths (streaming 4+2048 and dense), the floor,
 #     HF SDPA, the 16k profile (the default launch config)
 step prefill 60 python3 scripts/gpu_prefill.py --parts checks,ours,profile,hf --reps 3 \

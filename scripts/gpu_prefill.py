@@ -37,7 +37,7 @@ import traceback
 import torch
 
 LENGTHS = (2048, 4096, 8192, 16384)
-PARTS = ("checks", "sweep", "ours", "profile", "ppl", "hf")
+PARTS = ("checks", "sweep", "ours", "ab", "profile", "ppl", "hf")
 SWEEPS = {  # kernel launch configurations, BM/BN/warps/stages
     "default": "128/64/8/3,128/64/4/3,128/128/8/2,64/64/4/3,128/32/4/4",
     "wide": "128/64/4/3,128/64/8/3,128/64/4/2,128/64/4/4,128/32/4/4,128/128/8/2,"
@@ -222,8 +222,8 @@ def main():
         print(f"model check: {rec['model_check']}", flush=True)
     save()
 
-    def prefill_fn(cfg, prompt):
-        dec = Decoder.build(lm.model, cfg)
+    def prefill_fn(cfg, prompt, kernel="auto"):
+        dec = Decoder.build(lm.model, cfg, prefill_kernel=kernel)
 
         def run():
             dec.reset()
@@ -282,6 +282,30 @@ def main():
         return rows
     if "ours" in parts:
         section("ours", rec, ours)
+    save()
+
+    # (b') A/B in one process: queries rotated inside the flash kernel ("flash") or by
+    # prefill_rope before it ("flash-q-rope"), streaming 4+2048, interleaved rounds
+    def ab():
+        rows = []
+        for T in lengths:
+            prompt = tpot.random_prompt(T, spec.vocab_size, T, "cuda")
+            runs = {k: prefill_fn(stream, prompt, k) for k in ("flash", "flash-q-rope")}
+            times = {k: [] for k in runs}
+            for _ in range(3):
+                for k, fn in runs.items():
+                    times[k].append(time_ms(fn, args.reps)["median"])
+            r = {"T": T, **{k: statistics.median(v) for k, v in times.items()},
+                 "rounds": times}
+            r["q_rope_over_kernel"] = r["flash-q-rope"] / r["flash"]
+            rows.append(r)
+            print(f"ab T={T}: q in kernel {r['flash']:.1f} ms, q by prefill_rope "
+                  f"{r['flash-q-rope']:.1f} ms (x{r['q_rope_over_kernel']:.3f})", flush=True)
+            del runs
+            torch.cuda.empty_cache()
+        return rows
+    if "ab" in parts:
+        section("ab", rec, ab)
     save()
 
     def profile16k():

@@ -223,10 +223,18 @@ def test_prefill_rope_equals_rope_apply(shape, T, t0, seed):
     f = rope.inv_freq(rd, 10000.0, device=DEV)
     rot = rope.cos_sin(torch.arange(t0, t0 + T, device=DEV), f, torch.float32)
     k, v = prefill_rope(qkv, H, Hkv, rot)
-    _, rk, rv = qkv.transpose(0, 1).split((H, Hkv, Hkv))
+    rq, rk, rv = qkv.transpose(0, 1).split((H, Hkv, Hkv))
     torch.testing.assert_close(k, rope.apply(rk, *rot), rtol=1e-6, atol=1e-6)
     assert torch.equal(v, rv)
     assert all(t.is_contiguous() for t in (k, v))
+    # queries=True (the flash-q-rope layout): q at the text positions, q_sink at others
+    sink = rope.cos_sin(torch.arange(T, device=DEV) % 4, f, torch.float32)
+    q, qs, k2, v2 = prefill_rope(qkv, H, Hkv, rot, sink, queries=True)
+    torch.testing.assert_close(q, rope.apply(rq, *rot), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qs, rope.apply(rq, *sink), rtol=1e-6, atol=1e-6)
+    assert torch.equal(k2, k) and torch.equal(v2, v)
+    q1, none, _, _ = prefill_rope(qkv, H, Hkv, rot, None, queries=True)
+    assert none is None and torch.equal(q1, q)
 
 
 @on_interpreter
@@ -328,7 +336,7 @@ def test_decoder_prefill_flash_equals_reference(tiny_models, flash_calls, family
     lm = tiny_models[family]
     ids = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed))
     out = {}
-    for kernel in ("flash", "reference"):
+    for kernel in ("flash", "flash-q-rope", "reference"):  # q rotated in the kernel / before
         before = flash_calls.n
         dec = Decoder.build(lm.model, cfg, chunk_size=chunk, prefill_kernel=kernel)
         out[kernel] = (dec.prefill(ids, all_logits=True), dec.cache)
@@ -336,18 +344,19 @@ def test_decoder_prefill_flash_equals_reference(tiny_models, flash_calls, family
             assert flash_calls.n == before
         elif n > 1 and (chunk is None or chunk > 1):
             assert flash_calls.n > before
-    (a, ca), (b, cb) = out["flash"], out["reference"]
-    flipped = False
-    for x, y in zip(ca.storage.__dict__.values(), cb.storage.__dict__.values()):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            assert _rel(x, y) < 1e-5 or float(y.abs().max()) == 0.0
-        elif isinstance(x, torch.Tensor) and x.dtype == torch.int8:
-            diff = (x.long() - y.long()).abs().max()
-            assert diff <= 1  # int8 codes: a rounding apart
-            flipped |= bool(diff)
-    # a code one step off (fp32 sums in another order, at a rounding boundary) moves the
-    # later logits by ~1e-5; with every code equal they agree to fp32 rounding
-    assert _rel(a, b) < (1e-3 if flipped else 1e-5)
+    b, cb = out.pop("reference")
+    for a, ca in out.values():
+        flipped = False
+        for x, y in zip(ca.storage.__dict__.values(), cb.storage.__dict__.values()):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                assert _rel(x, y) < 1e-5 or float(y.abs().max()) == 0.0
+            elif isinstance(x, torch.Tensor) and x.dtype == torch.int8:
+                diff = (x.long() - y.long()).abs().max()
+                assert diff <= 1  # int8 codes: a rounding apart
+                flipped |= bool(diff)
+        # a code one step off (fp32 sums in another order, at a rounding boundary) moves
+        # the later logits by ~1e-5; with every code equal they agree to fp32 rounding
+        assert _rel(a, b) < (1e-3 if flipped else 1e-5)
 
 
 @on_interpreter

@@ -19,7 +19,7 @@ from .cache.base import Plan
 from .cache.storage import KV
 from .errors import ConfigError, DeviceError
 
-PREFILL_KERNELS = ("auto", "flash", "reference")
+PREFILL_KERNELS = ("auto", "flash", "flash-q-rope", "reference")
 
 
 def check_prefill_kernel(kernel: str) -> str:
@@ -34,10 +34,10 @@ def flash_prefill_enabled(kernel: str, device) -> bool:
         return False
     if torch.device(device).type == "cuda":
         return True
-    if kernel == "flash" and os.environ.get("TRITON_INTERPRET") != "1":
+    if kernel != "auto" and os.environ.get("TRITON_INTERPRET") != "1":
         raise DeviceError("the flash prefill kernel runs on CUDA (on the CPU only under "
                           "TRITON_INTERPRET=1, for tests)")
-    return kernel == "flash"
+    return kernel != "auto"
 
 
 def attend(q: torch.Tensor, q_sink: torch.Tensor | None, kv: KV, plan: Plan,

@@ -63,6 +63,12 @@ class Attention(nn.Module):
             # here: Triton reads TRITON_INTERPRET when a kernel is defined.)
             from ..kernels.prefill_rope import prefill_rope
 
+            if flash == "q-rope":  # the queries rotated here instead (prefill_rope's doc)
+                q_win, q_sink, k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot,
+                                                   rot_sink, queries=True)
+                o = attend(q_win, q_sink, cache.update(layer, k, v, plan), plan,
+                           cache.sink, True)
+                return o.transpose(0, 1).reshape(T, s.num_heads * D)
             k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot)
             kv = cache.update(layer, k, v, plan)
             o = attend(qkv[:, :s.num_heads].transpose(0, 1), None, kv, plan, cache.sink,
@@ -110,7 +116,7 @@ class Block(nn.Module):
 
     def forward(self, x, cache, plan, rot, rot_sink, flash=False):
         if flash and self._fused_residual(x):
-            return self._parallel_prefill(x, cache, plan, rot, rot_sink)
+            return self._parallel_prefill(x, cache, plan, rot, rot_sink, flash)
         return self.residual(x, self.attn(self.norm1(x), self.index, cache, plan, rot,
                                           rot_sink, flash))
 
@@ -123,7 +129,7 @@ class Block(nn.Module):
                 and type(down) is nn.Linear and out.weight.dtype == x.dtype
                 and down.weight.dtype == x.dtype and (out.bias is None) == (down.bias is None))
 
-    def _parallel_prefill(self, x, cache, plan, rot, rot_sink):
+    def _parallel_prefill(self, x, cache, plan, rot, rot_sink, flash=True):
         """:meth:`residual` (parallel) with both norms in one Triton pass that also writes
         x + both output biases, into which the projections add in place (``addmm_``: the
         GEMM reads it as C; an out-of-place addmm would copy it first): no separate
@@ -133,7 +139,7 @@ class Block(nn.Module):
         out, down = self.attn.out, self.mlp.down
         rb = out.bias + down.bias if out.bias is not None else None
         h1, h2, r = dual_layer_norm(x, self.norm1, self.norm2, rb)
-        a = self.attn.context(h1, self.index, cache, plan, rot, rot_sink, True)
+        a = self.attn.context(h1, self.index, cache, plan, rot, rot_sink, flash)
         r.addmm_(a, out.weight.t())
         return r.addmm_(self.mlp.hidden(h2), down.weight.t())
 
@@ -201,6 +207,8 @@ class Transformer(nn.Module):
         ``prefill_kernel``: see :func:`fastdecode.attention.flash_prefill_enabled`."""
         flash = (flash_prefill_enabled(prefill_kernel, self.device) and tokens.numel() > 1
                  and plan.key_pos is not None)
+        if flash and prefill_kernel == "flash-q-rope":
+            flash = "q-rope"  # truthy: the flash path, with the queries rotated first
         x = self.embed(tokens)
         rot = rope.cos_sin(plan.q_pos, self.freqs, x.dtype)
         rot_sink = (rope.cos_sin(plan.q_pos_sink, self.freqs, x.dtype)
