@@ -2,9 +2,9 @@
 [Hkv, T, D] contiguous: the eager path's strided copies and elementwise kernels were a
 large share of a long prefill (perf/results/h200-prefill-*.json). The queries are rotated
 inside the flash kernel (kernels/flash_prefill.py), or here with ``queries=True`` (the
-``flash-q-rope`` prefill kernel: 44 ms of attention against 57 at 16k in
-perf/results/h200-prefill-25d3383.json's profile, kept for the A/B). The same float32
-arithmetic as ``rope.apply``.
+``flash-q-rope`` prefill kernel, kept for the A/B: at 16k the attention kernel took 44 ms
+with this layout, perf/results/h200-prefill-20e625b.json, and 57 with the rotation inside
+it, perf/results/h200-prefill-25d3383.json). The same float32 arithmetic as ``rope.apply``.
 """
 
 from __future__ import annotations
