@@ -12,6 +12,7 @@ STEP=$1
 OUT=${OUT:-/tmp/fd-out}
 EV=/tmp/fd/ev
 mkdir -p "$OUT" "$EV" /tmp/fd
+cp -n perf/results/h200-eviction-pg19-*.json "$EV"/ 2>/dev/null || true  # resume: done ones skipped
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/fd/triton TORCHINDUCTOR_CACHE_DIR=/tmp/fd/inductor
 export PYTHONPATH=$PWD/src FASTDECODE_CACHE=/tmp/fd/cache
 [ -f .carry/commit ] && export FASTDECODE_GIT_COMMIT=$(cat .carry/commit)

@@ -79,20 +79,31 @@ def main(argv=None) -> int:
             rows.append((label, None, cfg))
             meta[label] = (eviction.policy_name(spec.mode, spec.options), B)
     rows.sort(key=lambda r: r[2].policy == "refresh")  # the compiled ones last
-    out = {}
+    out, recs = {}, []
+
+    def save(partial: bool) -> dict:  # after every row: a timeout keeps the rows so far
+        record = {"kind": "fastdecode.eviction_tpot", "version": 1,
+                  "command": " ".join(["python", *sys.argv]), "args": vars(a),
+                  "env": tpot.env_info(lm.model.device), "rows": recs, "bench": out,
+                  "wall_s": round(time.perf_counter() - start, 1), "partial": partial}
+        if a.json:
+            tpot.write_json(a.json, record)
+        return record
+
     for label, q, cfg in rows:  # one row at a time: each its own prompt (its steady state)
         extra = 2 * cfg.refresh_every if cfg.policy == "refresh" else 0
-        out.update(team.run_rows(lm, [(label, q, cfg)], mode=a.compile, kernels="auto",
-                                 prompt_len=cfg.budget + extra, decode_len=a.decode_len,
-                                 warmup_tokens=a.warmup_tokens, seed=a.seed, rounds=1))
+        res = team.run_rows(lm, [(label, q, cfg)], mode=a.compile, kernels="auto",
+                            prompt_len=cfg.budget + extra, decode_len=a.decode_len,
+                            warmup_tokens=a.warmup_tokens, seed=a.seed, rounds=1)
+        out.update(res)
+        for lab, r in res.items():
+            name, B = meta[lab]
+            recs.append({"policy": name, "budget": B, "label": lab,
+                         "tpot_ms": r.get("tpot_ms", {}).get("median"),
+                         "path": f"{r.get('mode', '')}:{r.get('kernels', '')}",
+                         "compile_s": r.get("compile_s"), "error": r.get("error")})
+        save(partial=True)
         print(f"  {time.perf_counter() - start:.0f} s so far", flush=True)
-    recs = []
-    for label, r in out.items():
-        name, B = meta[label]
-        recs.append({"policy": name, "budget": B, "label": label,
-                     "tpot_ms": r.get("tpot_ms", {}).get("median"),
-                     "path": f"{r.get('mode', '')}:{r.get('kernels', '')}",
-                     "compile_s": r.get("compile_s"), "error": r.get("error")})
     if "recompute" in a.policies:
         for B in a.budgets:
             try:
@@ -102,15 +113,11 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - keep the others
                 recs.append({"policy": "recompute", "budget": B, "tpot_ms": None,
                              "error": f"{type(e).__name__}: {e}"[:500]})
+            save(partial=True)
     for r in recs:
         tp = f"{r['tpot_ms']:.3f} ms" if r["tpot_ms"] is not None else r.get("error")
         print(f"{r['label'] if 'label' in r else r['policy']}: {tp} ({r.get('path')})")
-    record = {"kind": "fastdecode.eviction_tpot", "version": 1,
-              "command": " ".join(["python", *sys.argv]), "args": vars(a),
-              "env": tpot.env_info(lm.model.device), "rows": recs, "bench": out,
-              "wall_s": round(time.perf_counter() - start, 1)}
-    if a.json:
-        tpot.write_json(a.json, record)
+    record = save(partial=False)
     print(f"eviction tpot wall {record['wall_s']} s")
     return 1 if any(r.get("error") for r in recs) else 0
 
