@@ -12,7 +12,7 @@ import torch
 
 from fastdecode.cli import main
 from fastdecode.errors import ModelLoadError
-from fastdecode.models import load_model, weights
+from fastdecode.models import hub, load_model, weights
 from fastdecode.reference.streaming import dense_logits
 
 transformers = pytest.importorskip("transformers")
@@ -127,7 +127,7 @@ def test_repo_id_from_the_local_cache_offline(hf, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     hub_repo(tmp_path / "home" / "hub", hf)
-    assert weights.hub_cache_dir() == tmp_path / "home" / "hub"
+    assert hub.hub_cache_dir() == tmp_path / "home" / "hub"
     assert_matches(load_model("EleutherAI/pythia-tiny"), hf)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
     with pytest.raises(ModelLoadError, match=r"has no models--EleutherAI--pythia-2\.8b in "

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import DeviceError, ModelLoadError
 from . import presets, weights
+from .hub import resolve_source
 from .spec import ModelSpec
 from .tokenizer import Tokenizer
 from .transformer import Transformer
@@ -56,7 +57,7 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
     Face directory, a hub-cache directory or repo id (``revision``: default ``main``)."""
     dev = resolve_device(device)
     check_dtype(dtype, dev)
-    name, hub = weights.resolve_source(name, revision)
+    name, hub = resolve_source(name, revision)
     tok = None
     if name in presets.SHAPE_PRESETS:
         spec = presets.SHAPE_PRESETS[name]()
