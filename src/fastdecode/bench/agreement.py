@@ -1,6 +1,5 @@
-"""`fastdecode bench` records of a lease against the perf suite's run (#22 item 2): each
-record's TPOT beside the suite's for the registry configuration it matches
-(``python -m fastdecode.bench.compare --bench``; fails beyond ``[meta].bench_agreement``)."""
+"""`compare --bench` (#22 item 2): `fastdecode bench` records' TPOT against the perf suite
+run's for the registry configuration each matches, within ``[meta].bench_agreement``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The figures that hold across GPU classes (#24, budgets that hold on any GPU): efficiency,
-the TPOT ratio to the same run's reference step, PPL; ``compare --against`` reads a run
-against another class in them (docs/gpu.md, "Budgets that hold on any GPU")."""
+"""The figures that hold across GPU classes (#24): efficiency, the TPOT ratio to the same
+run's reference step, PPL (docs/gpu.md, "Budgets that hold on any GPU")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The team's StreamingLLM as a transformers peer (issue 20): keys held before RoPE and
-re-rotated at their slots each step, start + recent by concatenation; ``team_nll`` is their
-token-by-token perplexity loop (docs/study.md, "Peers"; ``tests/test_study_peers.py``)."""
+"""The team's StreamingLLM as a transformers peer (#26, the study): keys held before
+RoPE and re-rotated at their slots each step, start + recent by concatenation; ``team_nll``
+is their token-by-token perplexity loop (docs/study.md, "Peers"; tests/test_study_peers.py)."""
 
 from __future__ import annotations
 

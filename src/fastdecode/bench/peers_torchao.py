@@ -1,5 +1,5 @@
-"""The torchao peers (issue 20): the transformers model quantized in place by torchao's
-``quantize_``, then timed as the static-cache + compile peer (:mod:`fastdecode.bench.peers`)."""
+"""The torchao peers (#26, the study): the transformers model quantized in place by
+torchao's ``quantize_``, then timed as the static-cache + compile peer (bench/peers.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The fused step for score-based caches (H2O, TOVA: issue 20): their device buffers as the
-kernels take them, and the launches of the scored combine and of the eviction
-(:mod:`fastdecode.fused.scored_kernels`; docs/eviction.md, the fused step)."""
+"""The fused step for score-based caches (H2O, TOVA: #20): their buffers as the kernels take
+them, the scored combine's and the eviction's launches (docs/eviction.md, the fused step)."""
 
 from __future__ import annotations
 

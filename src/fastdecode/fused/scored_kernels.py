@@ -1,8 +1,5 @@
-"""The fused step's Triton kernels for score-based caches (H2O, TOVA: issue 20): the
-scored combine, which updates the scores and finds each tile's eviction candidate, and the
-eviction after the last layer. The split kernel's ``SCORED`` path stays in
-:mod:`fastdecode.fused.kernels`; ``tests/test_fused.py`` holds both equal to the eager cache.
-"""
+"""The fused step's kernels for score-based caches (#20): the scored combine (scores, each
+tile's eviction candidate) and the eviction; tests/test_fused_scored.py holds them equal."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Models from the local Hugging Face hub cache (issue 20: the study's real checkpoints): a
+"""Models from the local Hugging Face hub cache (#26, the study's real checkpoints): a
 ``models--ORG--NAME`` directory or a repo id resolved to its snapshot, offline (nothing is
 downloaded); ``hf_cache`` also locates the datasets cache (:mod:`fastdecode.eval.data`)."""
 
