@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -109,39 +108,6 @@ def smollm2_gguf_path() -> Path:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
-
-
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
-def load_gguf(path: str | Path):
-    """GGUF metadata -> spec, tensors dequantized to float32, cached (keyed by the file's path,
-    size and mtime) since that takes tens of seconds on a small CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file {path} does not exist")
-    cached = _cache_dir() / f"gguf-{_file_key(path)}"
-    try:
-        from safetensors.torch import load_file
-
-        spec = ModelSpec(**json.loads(cached.with_suffix(".json").read_text())).validate()
-        state = load_file(str(cached.with_suffix(".safetensors")))
-        return spec, state, _gguf_tokenizer(path, spec)
-    except Exception:  # noqa: BLE001 - not cached yet, or unreadable: read the GGUF file
-        pass
-    spec, state = _read_gguf(path)
-    try:
-        from safetensors.torch import save_file
-
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.atomic_path(cached.with_suffix(".safetensors"), "GGUF cache") as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        atomic.write_json(cached.with_suffix(".json"), asdict(spec), "GGUF cache")
-    except OSError:
-        pass  # a read-only cache costs time, not correctness
-    return spec, state, _gguf_tokenizer(path, spec)
 
 
 def _read_gguf(path: Path):
