@@ -12,7 +12,7 @@ import torch
 
 from fastdecode.bench import budgets as bud
 from fastdecode.bench import compare as cmp
-from fastdecode.bench import roofline, tpot
+from fastdecode.bench import cross_figures, roofline, tpot
 from fastdecode.bench.history import read_run
 from fastdecode.cache import CacheConfig
 from fastdecode.engine import Decoder
@@ -82,12 +82,12 @@ def test_efficiency_from_recorded_runs(tmp_path):
     run = read_run(write_run(tmp_path, 1, {
         "bf16-stream-graphs": {"tpot_ms": 2.0, "bytes_per_token": 6e9, "copy_gbps": 4000.0},
         "bf16-stream-eager": {"tpot_ms": 30.0, "bytes_per_token": 6e9, "copy_gbps": 4000.0}}))
-    fig = cmp.cross_figures(run.results, "h200", BUDGETS)
+    fig = cross_figures.cross_figures(run.results, "h200", BUDGETS)
     assert fig["bf16-stream-graphs"]["efficiency"] == pytest.approx(6e9 / 4000e9 / 2e-3)
     assert fig["bf16-stream-eager"]["ref_ratio"] == pytest.approx(15.0)
     # An H100 run from before the efficiency budgets: [meta.copy_gbps] h100 = 3004.
     old = read_run(H100_RUN)
-    fig = cmp.cross_figures(old.results, "h100", BUDGETS)
+    fig = cross_figures.cross_figures(old.results, "h100", BUDGETS)
     m = old.results["bf16-stream-graphs"]
     assert fig["bf16-stream-graphs"]["efficiency"] == pytest.approx(
         m["bytes_per_token"] / 3004e9 / (m["tpot_ms"] / 1e3))
@@ -98,7 +98,7 @@ def test_recorded_h100_run_meets_the_any_class_budgets():
     """The any-class budgets were set from this run (and the H200's) with a margin: every
     configuration of H100 run 0011 meets them, with headroom, on an unnamed class too."""
     run = read_run(H100_RUN)
-    fig = cmp.cross_figures(run.results, "h100", BUDGETS)
+    fig = cross_figures.cross_figures(run.results, "h100", BUDGETS)
     for config, m in run.results.items():
         checks = bud.evaluate(BUDGETS, "new-card", config, {**m, **fig[config]})
         kinds = {c.kind for c in checks}

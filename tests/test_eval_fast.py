@@ -1,4 +1,4 @@
-"""The teacher-forced token-by-token evaluator (eval.ppl._token_steps, compile.forced_step):
+"""The teacher-forced token-by-token evaluator (eval.token_steps.token_steps, compile.forced_step):
 input tokens read from the device text, each target's NLL stored on the device, no host
 sync, so the step is captured as one CUDA graph (the fused step for H2O/TOVA, torch.compile
 for refresh). Held equal to the evaluator it replaced (``Decoder.step`` + a cross_entropy

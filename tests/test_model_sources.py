@@ -12,7 +12,7 @@ import torch
 
 from fastdecode.cli import main
 from fastdecode.errors import ModelLoadError
-from fastdecode.models import load_model, weights
+from fastdecode.models import gguf_cache, hub, load_model, weights
 from fastdecode.reference.streaming import dense_logits
 
 transformers = pytest.importorskip("transformers")
@@ -127,7 +127,7 @@ def test_repo_id_from_the_local_cache_offline(hf, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     hub_repo(tmp_path / "home" / "hub", hf)
-    assert weights.hub_cache_dir() == tmp_path / "home" / "hub"
+    assert hub.hub_cache_dir() == tmp_path / "home" / "hub"
     assert_matches(load_model("EleutherAI/pythia-tiny"), hf)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
     with pytest.raises(ModelLoadError, match=r"has no models--EleutherAI--pythia-2\.8b in "
@@ -152,10 +152,10 @@ def test_gguf_loads_are_cached_and_identical(tmp_path):
     """The GGUF read (tens of seconds on a small CPU) is cached as safetensors + spec JSON;
     a cached load gives the same spec, tensors and tokenizer as a read of the file."""
     path = weights.smollm2_gguf_path()
-    spec, state, tok = weights.load_gguf(path)  # writes the cache if it was not there
-    cached = weights._cache_dir() / f"gguf-{weights._file_key(path)}"
+    spec, state, tok = gguf_cache.load_gguf(path)  # writes the cache if it was not there
+    cached = weights._cache_dir() / f"gguf-{gguf_cache._file_key(path)}"
     assert cached.with_suffix(".json").is_file() and cached.with_suffix(".safetensors").is_file()
-    spec2, state2, tok2 = weights.load_gguf(path)
+    spec2, state2, tok2 = gguf_cache.load_gguf(path)
     assert spec2 == spec and state2.keys() == state.keys()
     assert all(torch.equal(state[k], state2[k]) for k in state)
     assert tok2.encode("attention sinks") == tok.encode("attention sinks")

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdecode.bench import peers
+from fastdecode.bench import peers, peers_team, peers_torchao
 from fastdecode.cache import CacheConfig
 from fastdecode.engine import Decoder
 from fastdecode.eval.ppl import EvalSpec, evaluate
@@ -57,7 +57,7 @@ def test_team_streaming_is_our_cache_position_streaming(pair, lazy_every):
     S, W, P = 2, 6, 5  # evictions from step 4 on (lazy: every 4th step)
     dec = Decoder.build(ours.model, CacheConfig(policy="streaming", sink=S, window=W,
                                                 compress_every=lazy_every), chunk_size=4)
-    team = peers.TeamStreaming(hf, S, W, lazy_every)
+    team = peers_team.TeamStreaming(hf, S, W, lazy_every)
     pairs = [(dec.prefill(IDS[:P]), team.step(IDS[:P]))]
     pairs += [(dec.step(IDS[t:t + 1]), team.step(IDS[t:t + 1])) for t in range(P, len(IDS))]
     for t, (a, b) in enumerate(pairs):
@@ -74,7 +74,7 @@ def test_team_streaming_is_our_cache_position_streaming(pair, lazy_every):
 
 def test_team_perplexity_loop_is_our_streaming_ppl(pair):
     hf, ours = pair
-    nll = peers.team_nll(hf, IDS, sink=2, window=6, lazy_every=1)
+    nll = peers_team.team_nll(hf, IDS, sink=2, window=6, lazy_every=1)
     ref = evaluate(ours.model, IDS, EvalSpec(mode="streaming", sink=2, window=6, chunk_size=8))
     assert nll.shape == ref.nll.shape
     assert abs(nll.mean() - ref.mean_nll) < 1e-5 * abs(ref.mean_nll)
@@ -94,8 +94,8 @@ def test_torchao_missing_is_a_skip_with_a_message(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
-    with pytest.raises(peers.PeerUnavailable, match=r"torchao is not installed"):
-        peers.torchao_quantize(torch.nn.Linear(4, 4), "int8")
+    with pytest.raises(peers_torchao.PeerUnavailable, match=r"torchao is not installed"):
+        peers_torchao.torchao_quantize(torch.nn.Linear(4, 4), "int8")
     spec = presets.SHAPE_PRESETS["tiny-neox"]()
     out = peers.run_peers(["hf-torchao-int8", "hf-eager"], spec, torch.float32, "cpu",
                           IDS[:8] % spec.vocab_size, 4, 1, log=lambda *a: None)
@@ -111,7 +111,7 @@ def test_torchao_int8_peer_keeps_the_logits():
     ids = IDS[None, :16]
     with torch.no_grad():
         before = hf(ids).logits
-        peers.torchao_quantize(hf, "int8")
+        peers_torchao.torchao_quantize(hf, "int8")
         after = hf(ids).logits
     assert float((after - before).norm() / before.norm()) < 0.05
 
@@ -127,7 +127,7 @@ def test_team_streaming_matches_on_random_windows(pair, sink, window, lazy_every
                                           max_size=prompt + 12), label="ids"))
     dec = Decoder.build(ours.model, CacheConfig(policy="streaming", sink=sink, window=window,
                                                 compress_every=lazy_every), chunk_size=3)
-    team = peers.TeamStreaming(hf, sink, window, lazy_every)
+    team = peers_team.TeamStreaming(hf, sink, window, lazy_every)
     a, b = dec.prefill(ids[:prompt]), team.step(ids[:prompt])
     for t in range(prompt, len(ids) + 1):
         assert float((a - b).norm() / a.norm()) < 1e-5, t

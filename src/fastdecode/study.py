@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 
 from . import atomic, registry
-from .bench import peers, tpot
+from .bench import peers, peers_team, tpot
 from .bench.history import Run, gpu_class
 from .config import parse_dtype
 from .errors import ConfigError, FastdecodeError
 from .eval.data import DataSourceError, load_text, take_tokens, tokenize
 from .models import load_model, presets, resolve_device, weights
+from .models.hub import resolve_source
 
 PEER = "peer:"
 DEFAULT_DATA = ("pg19-10146", "wikitext-2")
@@ -108,7 +109,7 @@ def model_identity(name: str, revision: str | None, random_weights: bool, seed: 
     files' names and sizes (or the preset and seed for random weights)."""
     if name in presets.SHAPE_PRESETS:
         return {"model": f"random:{name}", "seed": seed}
-    path, hub = weights.resolve_source(name, revision)
+    path, hub = resolve_source(name, revision)
     p = Path(weights.smollm2_gguf_path() if name == "smollm2-135m" else path)
     files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file())
     out = {"model": hub or str(p.resolve()),
@@ -233,7 +234,7 @@ class Context:
         on the CPU; a copy on the device."""
         if self._hf is None or self._hf.dtype != dtype:
             s = self.s
-            path = weights.resolve_source(ppl_source(s), s.revision if self.same_model
+            path = resolve_source(ppl_source(s), s.revision if self.same_model
                                           else None)[0]
             self._hf = peers.hf_from_source(path, dtype, torch.device("cpu"))
         return self._hf if self.dev.type == "cpu" else copy.deepcopy(self._hf).to(self.dev)
@@ -300,7 +301,7 @@ def measure_peer_speed(ctx: Context, peer: str) -> dict:
     dtype = ctx.dtype()
     real = s.model not in presets.SHAPE_PRESETS and not s.random_weights
     if real:
-        model = peers.hf_from_source(weights.resolve_source(s.model, s.revision)[0], dtype, dev)
+        model = peers.hf_from_source(resolve_source(s.model, s.revision)[0], dtype, dev)
     else:
         spec = (presets.SHAPE_PRESETS[s.model]() if s.model in presets.SHAPE_PRESETS else
                 load_model(s.model, revision=s.revision, random_weights=True).spec)
@@ -361,7 +362,7 @@ def measure_ppl(ctx: Context, name: str) -> dict:
         for src in s.sources:
             ids = torch.tensor(ctx.tokens(base, src))
             t0 = time.perf_counter()
-            nll = peers.team_nll(hf, ids, sink=S, window=W, lazy_every=R)
+            nll = peers_team.team_nll(hf, ids, sink=S, window=W, lazy_every=R)
             out[src.name] = {"ppl": math.exp(float(nll.mean())), "tokens": len(nll),
                              "method": f"token (team pos-shift {S}+{W}, R={R})",
                              "seconds": time.perf_counter() - t0}

@@ -16,11 +16,9 @@ from pathlib import Path
 from ..atomic import check_output_file, write_json
 from ..errors import FastdecodeError, InputError
 from . import budgets as bud
+from .agreement import agreement
+from .cross_figures import CROSS_METRICS, cross_figures
 from .history import METRICS, Run, load_history, read_json
-from .roofline import efficiency
-
-# What holds across GPU classes: metric -> lower is better.
-CROSS_METRICS = {"efficiency": False, "ref_ratio": True, "ppl": True}
 
 
 @dataclass
@@ -58,24 +56,6 @@ def mean_baseline(runs: list[Run]) -> dict[str, dict[str, float]]:
         names = sorted({m for r in runs for m in r.results.get(c, {})})
         out[c] = {m: statistics.fmean(r.results[c][m] for r in runs
                                       if m in r.results.get(c, {})) for m in names}
-    return out
-
-
-def cross_figures(results: dict[str, dict[str, float]], gpu: str,
-                  budgets: dict) -> dict[str, dict[str, float]]:
-    """The figures that hold across classes, per configuration: efficiency (runs that did
-    not measure it: at ``[meta.copy_gbps]``), the TPOT ratio to the same run's reference, PPL."""
-    ref = results.get(bud.reference(budgets), {}).get("tpot_ms")
-    fallback = bud.copy_gbps_of(budgets, gpu)
-    out = {}
-    for config, m in results.items():
-        row = {k: m[k] for k in CROSS_METRICS if k in m}
-        bw = m.get("copy_gbps") or fallback
-        if "efficiency" not in row and bw and "bytes_per_token" in m and "tpot_ms" in m:
-            row["efficiency"] = efficiency(m["bytes_per_token"], m["tpot_ms"], bw)
-        if "ref_ratio" not in row and ref and "tpot_ms" in m:
-            row["ref_ratio"] = m["tpot_ms"] / ref
-        out[config] = row
     return out
 
 
@@ -146,52 +126,6 @@ def cross_class(latest: Run, others: list[str], root: Path, baselines: Path,
                      f"{margin:.0%}; a reading, not a gate):")
         lines += ["  " + f.line() for f in findings]
     return lines
-
-
-def _stored_format(recipe: str | None):
-    """What TPOT depends on in a quantization recipe: the stored format, not the method."""
-    from ..quant import QuantConfig
-
-    if not recipe:
-        return None
-    q = QuantConfig.parse(recipe)
-    return q.kind, q.filter, q.group_size if q.kind == "int4" else None, q.head
-
-
-def bench_agreement(latest: Run, records: dict[str, dict]) -> list[tuple]:
-    """Rows (record name, matching registry config or None, suite TPOT, bench TPOT) of
-    `fastdecode bench` records beside the suite run (same model, cache, compile, format)."""
-    from .. import registry
-
-    rows = []
-    for name, rec in records.items():
-        c = rec.get("config", {})
-        match = next((n for n, cfg in registry.CONFIGS.items()
-                      if c.get("model") == "pythia-2.8b" and c.get("compile") == cfg.compile.mode
-                      and c.get("cache") == cfg.speed_cache.to_dict()
-                      and _stored_format(c.get("quant")) == _stored_format(cfg.quant)), None)
-        suite = latest.results.get(match, {}).get("tpot_ms") if match else None
-        rows.append((name, match, suite, rec.get("result", {}).get("tpot_ms", {}).get("median")))
-    return rows
-
-
-def _agreement(latest: Run, paths: list[str], budgets: dict) -> int:
-    limit = budgets.get("meta", {}).get("bench_agreement", 0.03)
-    records = {p: read_json(p, "bench record") for p in paths}
-    bad = 0
-    print(f"bench records vs suite run {latest.path.name} (TPOT, ms; limit {limit:.0%})")
-    for name, config, suite, bench in bench_agreement(latest, records):
-        if config is None or suite is None or bench is None:
-            bad += 1
-            why = "no registry configuration matches" if config is None else \
-                f"{config} is not in the suite run" if suite is None else "no TPOT in it"
-            print(f"UNMATCHED   {name}: {why}")
-            continue
-        diff = bench / suite - 1
-        bad += abs(diff) > limit
-        print(f"{'AGREE' if abs(diff) <= limit else 'DISAGREE':11s} {config:24s} suite "
-              f"{suite:.3f} bench {bench:.3f} ({diff:+.1%}) {name}")
-    return 1 if bad else 0
 
 
 def main(argv=None) -> int:
@@ -269,7 +203,7 @@ def main(argv=None) -> int:
             print(bud.toml_block(args.derive, rows, f"derived at {args.copy_gbps:g} GB/s"))
             return 0
         if args.bench:
-            return _agreement(runs[-1], args.bench.split(","), budgets)
+            return agreement(runs[-1], args.bench.split(","), budgets)
         base_path = Path(args.baseline) if args.baseline else default_base
         if args.baseline and not base_path.is_file():
             raise InputError(f"baseline {base_path} does not exist")

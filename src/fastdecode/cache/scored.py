@@ -25,7 +25,7 @@ held key is the number of held tokens newer than it (``newer``, O(slots) a step)
 time each stored key is rotated once more, by its target minus its text position, in
 float64 (an extra pass over the keys, in the eager path; the fused step folds that angle
 into its scores and runs this whole decode step, eviction included, in its own launches:
-:class:`fastdecode.fused.step.ScoredArgs`).
+:class:`fastdecode.fused.scored.ScoredArgs`).
 """
 
 from __future__ import annotations

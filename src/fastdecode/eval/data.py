@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FastdecodeError, InputError
-from ..models.weights import hf_cache
+from ..models.hub import hf_cache
 
 
 class DataSourceError(InputError):

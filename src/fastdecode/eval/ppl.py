@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -22,7 +22,9 @@ from ..cache import KV_DTYPES, POLICIES, POSITION_MODES, CacheConfig, PolicyConf
 from ..engine import REFERENCE_CHUNK, Decoder
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..models.transformer import Transformer
+from . import policy_modes
 from . import recompute as rc
+from .token_steps import STEPS, token_steps
 
 RING_MODES = ("dense", "window", "streaming", "recompute")  # the fields below describe them
 MODES = tuple(POLICIES) + ("recompute",)
@@ -53,7 +55,7 @@ class EvalSpec:
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not one of {MODES}")
         if self.mode not in RING_MODES:
-            return self._policy_mode()
+            return policy_modes.fill(self, METHODS)
         if self.options:
             raise ConfigError(f"mode {self.mode} takes its numbers in the fields (sink, "
                               f"window, ...), not options {sorted(self.options)}")
@@ -100,31 +102,6 @@ class EvalSpec:
         return cls(mode=c.policy, sink=c.sink, compress_every=c.compress_every,
                    position_mode=c.position_mode, kv_dtype=c.kv_dtype, **window, **kw)
 
-    def _policy_mode(self) -> None:
-        cfg = CacheConfig(policy=self.mode, **self.options)
-        derived = {"sink": cfg.sink, "window": getattr(cfg, "window", cfg.budget - cfg.sink),
-                   "compress_every": cfg.compress_every, "position_mode": cfg.position_mode,
-                   "kv_dtype": cfg.kv_dtype}
-        defaults = {f.name: f.default for f in fields(EvalSpec)}
-        moved = [n for n, v in derived.items() if getattr(self, n) not in (defaults[n], v)]
-        if moved:
-            raise ConfigError(f"mode {self.mode} takes its cache options in options=, not "
-                              f"the fields {moved}")
-        scored = getattr(cfg.cache_class, "score_based", False)
-        method = self.method or ("token" if scored else "parallel")
-        if method not in METHODS:
-            raise ConfigError(f"method {method!r} is not one of {METHODS}")
-        if scored and method == "parallel":
-            raise ConfigError(f"the exact parallel evaluator does not apply to {self.mode}: "
-                              "it evicts by attention score, and a prefill chunk evicts once "
-                              "per chunk; use method token (one step per token)")
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int)
-                                            or self.chunk_size < 1):
-            raise ConfigError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
-        opts = {k: v for k, v in cfg.to_dict().items() if k != "policy"}
-        for name, value in {"options": opts, "method": method, **derived}.items():
-            object.__setattr__(self, name, value)
-
     def cache_config(self, n_tokens: int) -> PolicyConfig | None:
         """The cache this mode runs through (``None`` for recompute)."""
         if self.mode not in RING_MODES:
@@ -145,11 +122,7 @@ class EvalSpec:
         if self.mode == "dense":
             return "dense"
         if self.mode not in RING_MODES:
-            own = POLICIES[self.mode].options()
-            return "-".join([self.mode] + [f"{k}{v}" if isinstance(v, int) else str(v)
-                                           for k, v in self.options.items() if k in own[:-2]]
-                            + [self.position_mode]
-                            + ([f"kv{self.kv_dtype}"] if self.kv_dtype != "auto" else []))
+            return policy_modes.label(self)
         if self.mode == "window" or (self.mode == "recompute" and not self.sink):
             base = f"{self.mode}-{self.window}"
         else:
@@ -253,31 +226,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-STEPS = ("auto", "none", "default", "graphs")  # auto: graphs on CUDA, else none
-
-
-def _token_steps(dec: Decoder, ids: torch.Tensor, nll: torch.Tensor, step: str, bar,
-                 kernels: str = "auto") -> dict:
-    """Method ``token``, teacher-forced on the device (compile.forced_step): ``step``
-    graphs, default or none (``auto``: graphs on CUDA)."""
-    from ..compile import CompiledStep
-
-    if step == "auto":
-        step = "graphs" if ids.device.type == "cuda" else "none"
-    run = CompiledStep(dec, step, kernels=kernels, forced=(ids, nll))
-    n = nll.numel()
-    for s in range(0, n, 256):  # in pieces, for the progress bar (no sync)
-        run.greedy(ids[s:s + 1], min(256, n - s), record=False)
-        bar.update(min(256, n - s))
-    return {"step": step if step == "none" else f"{step}:{run.kernels}"}
-
-
 @torch.no_grad()
 def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
              desc: str | None = None, step: str = "auto", kernels: str = "auto",
              ) -> PPLResult:
     """Feed ``ids[:-1]`` and score each next token (see the module doc); ``step``: how
-    method ``token`` runs its steps (:func:`_token_steps`)."""
+    method ``token`` runs its steps (:func:`.token_steps.token_steps`)."""
     if step not in STEPS:
         raise ConfigError(f"step {step!r} is not one of {STEPS}")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
@@ -308,7 +262,7 @@ def evaluate(model: Transformer, ids, spec: EvalSpec, *, progress: bool = False,
                 info["chunk_size"] = chunk
                 _chunked_nll(dec, ids, n, chunk, nll, bar)
             else:
-                info.update(_token_steps(dec, ids, nll, step, bar, kernels))
+                info.update(token_steps(dec, ids, nll, step, bar, kernels))
         _sync(dev)
     finally:
         bar.close()

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..quant.layout import FLOAT, INT4, INT8, LayerWeights, Packed, ensure_layout, pack
 from . import tune
 from .options import FusedOptions
+from .scored import ScoredArgs
 
 NORM_LAYER, NORM_RMS = 1, 2
 
@@ -66,35 +67,6 @@ def choose_priority(model, branches: int, opts: FusedOptions) -> bool:
     if opts.priority is not None:
         return opts.priority
     return branches == 2 and pack(model.layers[0].mlp.down).fmt == INT8
-
-
-class ScoredArgs:
-    """A score-based cache's (H2O, TOVA: :mod:`fastdecode.cache.scored`) device buffers and
-    rule as the fused kernels take them (docs/eviction.md, the fused step)."""
-
-    def __init__(self, cache, num_heads: int, freqs: torch.Tensor):
-        self.pos, self.score, self.newer, self.free = cache.pos, cache.score, cache.newer, \
-            cache.free
-        self.sink, self.recent = cache.sink, cache.recent
-        self.tova = int(cache.rule == "mean")
-        self.cache_mode = int(cache.position_mode == "cache")
-        self.freqs = cache.freqs if self.cache_mode else freqs  # float64 [rotary_dim / 2]
-        self.half = self.freqs.numel()
-        dev = cache.pos.device
-        self.logit = torch.empty(num_heads, cache.slots, dtype=torch.float32, device=dev)
-        self.t: torch.Tensor | None = None  # the step's position buffer (set per call)
-        # [heads, slots] tiles of <= 4096 values, <= 256 slots (the interpreter: 4, so the
-        # tests' tiny caches span several tiles)
-        nh = num_heads if self.tova else num_heads // cache.num_kv_heads  # heads a tile
-        self.block_h = 1 << (nh - 1).bit_length()
-        self.block_n = max(16, min(256, 4096 // self.block_h)) if dev.type == "cuda" else 4
-        self.ntiles = -(-cache.slots // self.block_n)
-        lay = cache.free.shape
-        self.pkey = torch.empty(*lay, self.ntiles + 1, dtype=torch.int64, device=dev)
-        self.pidx = torch.empty(*lay, self.ntiles, 2, dtype=torch.int32, device=dev)
-
-    def flags(self) -> dict:  # the split kernel's
-        return dict(SCORED=1, CACHE_MODE=self.cache_mode, HALF=self.half)
 
 
 class FusedStep:
@@ -274,7 +246,7 @@ class FusedStep:
             self._layer(i, lw, mask, slot)
         if self.scored is not None:  # every layer's eviction, beside the head GEMV
             with self._fork():
-                tune.scored_evict(self.scored, self.opts)
+                self.scored.evict(self.opts)
         self._gemv(self.head, y=self.logits, **self._normed(self.final_norm, self.head)[0])
         tune.argmax(self.logits, tok, pos, self.opts)  # tok = argmax, pos += 1
         if self.scored is not None:

@@ -306,7 +306,7 @@ def decode_plan(pos, cache, freqs, cs, mask, slot, dtype, opts: FusedOptions) ->
 
 def rope_write(buf, q, cs, slot, k, v, ks, vs, layer, slots, hq, hkv, d, half, has_sink,
                kv_int8, opts: FusedOptions, scored=None) -> None:
-    """``scored``: a score-based cache's ``step.ScoredArgs`` (then ``slot`` is its per-head
+    """``scored``: a score-based cache's ``scored.ScoredArgs`` (then ``slot`` is its per-head
     ``free``), None for the others."""
     extra = (scored.t, scored.pos, scored.score) if scored is not None else (slot,) * 3
     kernels.rope_write_kernel[(hq + hkv,)](
@@ -320,17 +320,6 @@ def argmax(x, tok, pos, opts: FusedOptions) -> None:
     cuda = x.is_cuda
     kernels.argmax_kernel[(1,)](x, tok, pos, x.numel(), BLOCK=8192 if cuda else 1024,
                                 num_warps=16 if cuda else 1, **_launch_opts(x, opts))
-
-
-def scored_evict(sc, opts: FusedOptions) -> None:
-    """Every layer's eviction from the scored combine's tiles (kernels.scored_evict_kernel);
-    ``sc``: the step's ``ScoredArgs``."""
-    rows, slots = sc.free.numel(), sc.pos.shape[-1]
-    bn = 1024 if sc.pos.is_cuda else 4
-    kernels.scored_evict_kernel[(rows, triton.cdiv(slots, bn) if sc.cache_mode else 1)](
-        sc.pkey, sc.pidx, sc.pos, sc.newer, sc.free, slots, sc.ntiles,
-        CACHE_MODE=sc.cache_mode, BLOCK_T=triton.next_power_of_2(sc.ntiles), BLOCK_N=bn,
-        num_warps=4 if sc.pos.is_cuda and sc.cache_mode else 1, **_launch_opts(sc.pos, opts))
 
 
 def max_splits(slots: int) -> int:
@@ -359,12 +348,8 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
             kernels.attn_combine_kernel[(hq,)](m, l_, acc, out, nsplit, **common,
                                                num_warps=1 if nsplit <= 32 else 4, **launch)
             return
-        # (KV heads, slot tiles + the group's output heads): ScoredArgs sizes the tiles
-        kernels.attn_combine_scored_kernel[(hkv, sc.ntiles + hq // hkv)](
-            m, l_, acc, out, sc.logit, sc.t, sc.pos, sc.score, sc.free, sc.pkey, sc.pidx, layer,
-            nsplit, slots, sc.sink, sc.recent, sc.ntiles, HQ=hq, HKV=hkv, TOVA=sc.tova,
-            BLOCK_H=sc.block_h, BLOCK_N=sc.block_n, num_warps=4 if q.is_cuda else 1,
-            **common, **launch)
+        sc.combine(m, l_, acc, out, layer, nsplit, slots, hq, hkv, common, launch,
+                   q.is_cuda)
 
     if not q.is_cuda:
         run((MIN_PER, 16, 1), scored)
@@ -379,4 +364,4 @@ def attention(q, k, v, ks, vs, mask, m, l_, acc, out, layer, slots, hq, hkv, d, 
 
 __all__ = ["gemv", "Workspace", "parts", "choose", "heuristic", "admissible", "candidates",
            "norm", "cos_sin", "decode_plan", "rope_write", "attention", "argmax", "chosen",
-           "max_splits", "scored_evict"]
+           "max_splits"]

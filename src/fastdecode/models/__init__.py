@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DeviceError, ModelLoadError
-from . import presets, weights
+from . import gguf_cache, presets, weights
+from .hub import resolve_source
 from .spec import ModelSpec
 from .tokenizer import Tokenizer
 from .transformer import Transformer
@@ -56,7 +57,7 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
     Face directory, a hub-cache directory or repo id (``revision``: default ``main``)."""
     dev = resolve_device(device)
     check_dtype(dtype, dev)
-    name, hub = weights.resolve_source(name, revision)
+    name, hub = resolve_source(name, revision)
     tok = None
     if name in presets.SHAPE_PRESETS:
         spec = presets.SHAPE_PRESETS[name]()
@@ -66,11 +67,11 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | N
                                       spec.bos_token_id)
         state = None
     elif name == "smollm2-135m":
-        spec, state, tok = weights.load_gguf(weights.smollm2_gguf_path())
+        spec, state, tok = gguf_cache.load_gguf(weights.smollm2_gguf_path())
     elif Path(name).is_dir() and (quantized := _load_quantized(name, dtype, dev)):
         return quantized
     elif Path(name).suffix == ".gguf":
-        spec, state, tok = weights.load_gguf(name)
+        spec, state, tok = gguf_cache.load_gguf(name)
     elif Path(name).is_dir():
         spec, state, tok = weights.load_hf_dir(name)
     elif Path(name).exists():

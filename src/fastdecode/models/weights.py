@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -62,69 +61,6 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# ---------------------------------------------------------------- Hugging Face hub cache
-def hf_cache(sub: str, variable: str) -> Path:
-    """Where Hugging Face keeps ``sub`` (hub, datasets): $variable, else $HF_HOME/sub, else
-    $XDG_CACHE_HOME/huggingface/sub, else ~/.cache/huggingface/sub (its own order)."""
-    if os.environ.get(variable):
-        return Path(os.environ[variable]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / sub
-
-
-def hub_cache_dir() -> Path:
-    return hf_cache("hub", "HF_HUB_CACHE")
-
-
-def is_hub_repo_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "snapshots").is_dir() and not (path / "config.json").exists()
-
-
-def hub_snapshot(repo_dir: Path, revision: str | None = None) -> Path:
-    """The snapshot of a hub-cache repo directory (``models--ORG--NAME``): ``refs/<revision>``
-    (default ``main``) names a commit, or ``revision`` is a commit (or its prefix)."""
-    rev = revision or "main"
-    snaps = repo_dir / "snapshots"
-    have = sorted(p.name for p in snaps.iterdir() if p.is_dir())
-    ref = repo_dir / "refs" / rev
-    if ref.is_file():
-        commit = ref.read_text().strip()
-        if (snaps / commit).is_dir():
-            return snaps / commit
-        raise ModelLoadError(f"{ref} points at commit {commit}, which has no snapshot in "
-                             f"{snaps} (have: {', '.join(have) or 'none'})")
-    hits = [h for h in have if h.startswith(rev)] if len(rev) >= 7 else []
-    if len(hits) == 1:
-        return snaps / hits[0]
-    refs = sorted(p.name for p in (repo_dir / "refs").glob("*"))  # none if there is no refs/
-    raise ModelLoadError(f"{repo_dir}: no snapshot for revision {rev!r} (refs: "
-                         f"{', '.join(refs) or 'none'}; snapshots: {', '.join(have) or 'none'}); "
-                         "give one with --revision")
-
-
-def resolve_source(name: str, revision: str | None = None) -> tuple[str, str | None]:
-    """(path or name, hub description or None): a hub-cache directory or a repo id found in
-    the local hub cache resolved to its snapshot, offline; anything else as it is."""
-    path = Path(name).expanduser()
-    if is_hub_repo_dir(path):
-        snap = hub_snapshot(path, revision)
-        repo = path.name.removeprefix("models--").replace("--", "/")
-        return str(snap), f"{repo}@{snap.name}"
-    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        if revision is not None:
-            raise ModelLoadError(f"--revision applies to a hub-cache model; {name} is not one")
-        return name, None
-    cache = hub_cache_dir()
-    repo_dir = cache / ("models--" + name.replace("/", "--"))
-    if not repo_dir.is_dir():
-        raise ModelLoadError(f"model {name!r} is not a local path, and the Hugging Face cache "
-                             f"has no {repo_dir.name} in {cache} (set HF_HUB_CACHE or HF_HOME; "
-                             "nothing is downloaded)")
-    snap = hub_snapshot(repo_dir, revision)
-    return str(snap), f"{name}@{snap.name}"
-
-
 def load_hf_dir(path: str | Path):
     path = Path(path)
     if not path.is_dir():
@@ -172,39 +108,6 @@ def smollm2_gguf_path() -> Path:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("FASTDECODE_CACHE", Path.home() / ".cache" / "fastdecode"))
-
-
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
-def load_gguf(path: str | Path):
-    """GGUF metadata -> spec, tensors dequantized to float32, cached (keyed by the file's path,
-    size and mtime) since that takes tens of seconds on a small CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"GGUF file {path} does not exist")
-    cached = _cache_dir() / f"gguf-{_file_key(path)}"
-    try:
-        from safetensors.torch import load_file
-
-        spec = ModelSpec(**json.loads(cached.with_suffix(".json").read_text())).validate()
-        state = load_file(str(cached.with_suffix(".safetensors")))
-        return spec, state, _gguf_tokenizer(path, spec)
-    except Exception:  # noqa: BLE001 - not cached yet, or unreadable: read the GGUF file
-        pass
-    spec, state = _read_gguf(path)
-    try:
-        from safetensors.torch import save_file
-
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.atomic_path(cached.with_suffix(".safetensors"), "GGUF cache") as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        atomic.write_json(cached.with_suffix(".json"), asdict(spec), "GGUF cache")
-    except OSError:
-        pass  # a read-only cache costs time, not correctness
-    return spec, state, _gguf_tokenizer(path, spec)
 
 
 def _read_gguf(path: Path):

@@ -19,7 +19,8 @@ import math
 import torch
 
 from ..models.transformer import Transformer
-from .scored import _fake_int8, _rotate_rows
+from .scored import _fake_int8
+from .streaming import _rotate
 
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def refresh_logits(model: Transformer, tokens, *, sink: int, window: int, refres
 
     def rot(x, positions):  # x [Hkv, n, D] at positions [Hkv, n] (or broadcastable ints)
         p = torch.as_tensor(positions, dtype=torch.long).expand(x.shape[:-1])
-        return _rotate_rows(x, p, spec.rotary_dim, spec.rope_theta)
+        return _rotate(x, p, spec.rotary_dim, spec.rope_theta)
 
     layers = [dict(sink=sink, kv={}, window=[], pool=[], score={}, rk={},
                    refreshed=[[] for _ in range(Hkv)]) for _ in model.layers]

@@ -32,6 +32,7 @@ import torch
 
 from ..cache.storage import quantize_int8
 from ..models.transformer import Transformer
+from .streaming import _rotate
 
 
 def h2o_rule(held_scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ def scored_logits(model: Transformer, tokens, *, rule: str, budget: int, sink: i
         raise ValueError(f"chunks {chunks} do not split {N} tokens")
 
     def rotate(x, positions):
-        return _rotate_rows(x, positions, spec.rotary_dim, spec.rope_theta)
+        return _rotate(x, positions, spec.rotary_dim, spec.rope_theta)
 
     layers = [ScoredLayer(Hkv, rule, budget, sink, recent, position_mode, rotate,
                           position_offset) for _ in model.layers]
@@ -191,15 +192,3 @@ def scored_logits(model: Transformer, tokens, *, rule: str, budget: int, sink: i
         t0 += T
     return ScoredRun(torch.cat(out), layers, states)
 
-
-def _rotate_rows(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float):
-    """x [H, N, D] rotated at int positions [H, N] (one row of positions per head);
-    angles and products in float64, as :func:`fastdecode.reference.streaming._rotate`."""
-    half = rotary_dim // 2
-    freqs = 1.0 / theta ** (torch.arange(half, dtype=torch.float64) * 2 / rotary_dim)
-    ang = positions.to(torch.float64)[..., None] * freqs
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    xd = x.to(torch.float64)
-    x1, x2 = xd[..., :half], xd[..., half:rotary_dim]
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, xd[..., rotary_dim:]), -1)
-    return rotated.to(x.dtype)

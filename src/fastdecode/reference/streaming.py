@@ -15,10 +15,11 @@ from ..models.transformer import Transformer
 
 
 def _rotate(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float):
-    """x [H, N, D] rotated at int positions [N]; angles and products in float64."""
+    """x [H, N, D] rotated at int positions [N] (or [H, N]: a row of positions per head);
+    angles and products in float64."""
     half = rotary_dim // 2
     freqs = 1.0 / theta ** (torch.arange(half, dtype=torch.float64) * 2 / rotary_dim)
-    ang = positions.to(torch.float64)[:, None] * freqs[None, :]
+    ang = positions.to(torch.float64)[..., None] * freqs
     cos, sin = torch.cos(ang), torch.sin(ang)
     xd = x.to(torch.float64)
     x1, x2 = xd[..., :half], xd[..., half:rotary_dim]
