@@ -59,20 +59,20 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(T, s.num_heads + 2 * s.num_kv_heads, D)
         if flash:
             # Prefill on the flash path: keys rotated and laid out in one Triton pass, the
-            # queries read raw from qkv and rotated inside the attention kernel. (Imported
-            # here: Triton reads TRITON_INTERPRET when a kernel is defined.)
+            # queries read raw from qkv and rotated inside the attention kernel, or with
+            # "q-rope" in that pass too (prefill_rope's doc). (Imported here: Triton reads
+            # TRITON_INTERPRET when a kernel is defined.)
             from ..kernels.prefill_rope import prefill_rope
 
-            if flash == "q-rope":  # the queries rotated here instead (prefill_rope's doc)
-                q_win, q_sink, k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot,
-                                                   rot_sink, queries=True)
-                o = attend(q_win, q_sink, cache.update(layer, k, v, plan), plan,
-                           cache.sink, True)
-                return o.transpose(0, 1).reshape(T, s.num_heads * D)
-            k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot)
-            kv = cache.update(layer, k, v, plan)
-            o = attend(qkv[:, :s.num_heads].transpose(0, 1), None, kv, plan, cache.sink,
-                       flash, rot=rot, rot_sink=rot_sink)
+            if flash == "q-rope":
+                q, q_sink, k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot,
+                                               rot_sink, queries=True)
+                rot = rot_sink = None  # already rotated
+            else:
+                k, v = prefill_rope(qkv, s.num_heads, s.num_kv_heads, rot)
+                q, q_sink = qkv[:, :s.num_heads].transpose(0, 1), None
+            o = attend(q, q_sink, cache.update(layer, k, v, plan), plan, cache.sink, True,
+                       rot=rot, rot_sink=rot_sink)
             return o.transpose(0, 1).reshape(T, s.num_heads * D)
         q, k, v = qkv.transpose(0, 1).split((s.num_heads, s.num_kv_heads, s.num_kv_heads),
                                             dim=0)
