@@ -308,24 +308,39 @@ def main():
         section("ab", rec, ab)
     save()
 
-    def profile16k():
+    def profile16k(kernel="auto"):
         from torch.profiler import ProfilerActivity, profile
 
         T = max(lengths)
         prompt = tpot.random_prompt(T, spec.vocab_size, T, "cuda")
-        run = prefill_fn(stream, prompt)
+        run = prefill_fn(stream, prompt, kernel)
         run()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             run()
             torch.cuda.synchronize()
         kern: dict = {}
+        spans = []
         for ev in prof.events():
             if "CUDA" not in str(getattr(ev, "device_type", "")):
                 continue
             k = kern.setdefault(ev.name, [0.0, 0])
             k[0] += ev.time_range.elapsed_us() / 1e3
             k[1] += 1
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name[:60]))
+        # the device timeline: its span, and the idle gaps between kernels (launch-bound
+        # stretches or host syncs), the largest with the kernels either side
+        spans.sort()
+        gaps, end, last = [], spans[0][1] if spans else 0, spans[0][2] if spans else ""
+        for s1, e1, n1 in spans[1:]:
+            if s1 > end:
+                gaps.append(((s1 - end) / 1e3, last, n1))
+            if e1 > end:
+                end, last = e1, n1
+        timeline = {"span_ms": (end - spans[0][0]) / 1e3 if spans else 0.0,
+                    "idle_ms": sum(g[0] for g in gaps), "gaps": len(gaps),
+                    "largest": [{"ms": g, "after": a, "before": b}
+                                for g, a, b in sorted(gaps, reverse=True)[:12]]}
 
         def cat(n):
             low = n.lower()
@@ -346,13 +361,18 @@ def main():
         for n, (ms, _) in kern.items():
             cats[cat(n)] = cats.get(cat(n), 0.0) + ms
         top = sorted(kern.items(), key=lambda kv: -kv[1][0])[:15]
-        return {"T": T, "by_category_ms": cats,
+        return {"T": T, "kernel": kernel, "by_category_ms": cats, "timeline": timeline,
                 "kernel_ms": sum(v[0] for v in kern.values()),
                 "top": [{"name": n[:120], "ms": ms, "calls": c} for n, (ms, c) in top]}
     if "profile" in parts:
         section("profile", rec, profile16k)
-        print(f"profile 16k by category (ms): {rec['profile'].get('by_category_ms')}",
-              flush=True)
+        print(f"profile 16k by category (ms): {rec['profile'].get('by_category_ms')}; "
+              f"timeline {rec['profile'].get('timeline')}", flush=True)
+    if "ab" in parts:  # the other query layout's profile beside the default's
+        section("profile_q_rope", rec, lambda: profile16k("flash-q-rope"))
+        print(f"profile 16k flash-q-rope (ms): "
+              f"{rec['profile_q_rope'].get('by_category_ms')}; "
+              f"timeline {rec['profile_q_rope'].get('timeline')}", flush=True)
     save()
 
     # (d) PPL evaluator
